@@ -1,0 +1,75 @@
+"""`llmc.compile`: model in, passes run, CompiledModel out."""
+
+from __future__ import annotations
+
+import typing
+
+from torch import nn
+
+from llmc.compiled import CompiledModel
+from llmc.errors import ConfigError
+from llmc.models import SourceModel, load_model
+from llmc.passes_base import PassContext, PassManager
+from llmc.program import Program
+from llmc.progress import log
+from llmc.trace import trace
+
+
+def _eos_ids(model: nn.Module) -> tuple[int, ...]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def _source(model, tokenizer=None) -> SourceModel:
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, SourceModel):
+        return model
+    if isinstance(model, nn.Module) and hasattr(model, "config"):
+        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        return SourceModel(model, tokenizer, name, "")
+    raise ConfigError(f"cannot compile a {type(model).__name__}: pass a model spec, llmc.load_model(...) "
+                      "or a Hugging Face causal LM")
+
+
+def to_program(model, tokenizer=None) -> Program:
+    """Trace a model (a SourceModel, a spec string for load_model, or an HF causal LM) into a Program."""
+    src = _source(model, tokenizer)
+    log(f"tracing {src.name} ({src.model.config.model_type})")
+    traced = trace(src.model)
+    log(f"traced in {traced.seconds:.1f} s")
+    return Program.from_traced(traced, src.model.config, tokenizer or src.tokenizer, src.name, src.source,
+                               _eos_ids(src.model))
+
+
+def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=None, backend: str = "torch",
+            seed: int = 0, progress: bool = True, dump_dir: str | None = None, teacher=None) -> CompiledModel:
+    """Trace `model`, run `passes` (Pass objects or spec strings) and return a CompiledModel.
+
+    calibration: a data set name/path (tokenized with the model's tokenizer) or a list of LongTensor
+    batches. teacher: `(input_ids, attention_mask) -> logits`; by default the source model itself.
+    The pass pipeline is checked for order before anything is loaded or traced.
+    """
+    if backend != "torch":
+        raise ConfigError(f"unknown backend '{backend}'; available: torch")
+    manager = PassManager(passes)
+    manager.check(extra_facts={"teacher"} | ({"calibration"} if calibration is not None else set()))
+    src = _source(model, tokenizer)
+    program = to_program(src, tokenizer)
+    if teacher is None:
+        def teacher(input_ids, attention_mask=None):
+            return src.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    ctx = PassContext(seed=seed, progress=progress, dump_dir=dump_dir, teacher=teacher)
+    if isinstance(calibration, str) or hasattr(calibration, "__fspath__"):
+        from llmc.data import calibration_batches
+
+        ctx.calibration = calibration_batches(program.tokenizer, str(calibration), seed=seed)
+    elif calibration is not None:
+        ctx.calibration = list(calibration)
+    manager.run(program, ctx)
+    return CompiledModel(program, backend=backend)

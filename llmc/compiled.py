@@ -1,0 +1,270 @@
+"""CompiledModel: a Program ready to run, generate, evaluate, save and load."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import torch
+
+from llmc.errors import ArtifactError, ConfigError
+from llmc.generation import SamplingConfig, generate_tokens
+from llmc.program import PassRecord, Program
+from llmc.trace import CacheTensor
+
+FORMAT = "llmc-program"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_FILE = "graph.pt2"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def versions() -> dict:
+    """Versions of the packages an artifact depends on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llmc", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class CompiledModel:
+    """A compiled model: call it, `generate()` text, `save()` it, `report()` on it.
+
+    `step(input_ids, attention_mask, position_ids, past) -> (logits, present)` is the traced decode
+    step; `__call__` is the same with defaults (full attention mask, positions after the past).
+    """
+
+    def __init__(self, program: Program, backend: str = "torch"):
+        if backend != "torch":
+            raise ConfigError(f"backend '{backend}' is not available here; use backend='torch'")
+        self.program = program
+        self.backend = backend
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.program.tokenizer
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        """One decode step of the traced graph (no autograd)."""
+        with torch.inference_mode():
+            return self.program.gm(input_ids, attention_mask, position_ids, list(past))
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        return self.program.empty_cache(batch, 0)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, S = input_ids.shape
+        past = past if past is not None else self.empty_cache(B)
+        past_len = past[0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + S, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + S).expand(B, S)
+        return self.step(input_ids, attention_mask, position_ids, past)
+
+    def _stop_ids(self, stop) -> set[int]:
+        """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""
+        ids = set(self.program.eos_ids)
+        if not ids and isinstance(getattr(self.tokenizer, "eos_token_id", None), int):
+            ids.add(self.tokenizer.eos_token_id)
+        for s in stop or ():
+            if isinstance(s, int):
+                ids.add(s)
+                continue
+            toks = self.tokenizer.encode(s, add_special_tokens=False)
+            if len(toks) != 1:
+                raise ConfigError(f"stop string {s!r} is {len(toks)} tokens; stop strings must be one token")
+            ids.add(toks[0])
+        return ids
+
+    def generate(self, prompts, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, stop=None, seed: int | None = None,
+                 return_tokens: bool = False):
+        """Continue one prompt (str) or a batch (list of str, or lists of token ids).
+
+        Greedy by default; `do_sample=True` samples with temperature / top_k / top_p (seeded by
+        `seed`). Stops at the tokenizer's EOS and at `stop` (token ids or single-token strings).
+        Returns the continuation text (a str for one prompt, else a list), or the new token ids
+        with `return_tokens=True`.
+        """
+        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None) or 0
+        rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop))
+        out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        return out[0] if single else out
+
+    # -- reporting -------------------------------------------------------------------------
+    def report(self) -> dict:
+        """Name, source, pass history, cache layout, op histogram and size report."""
+        from llmc.testing import count_ops
+
+        return {
+            "name": self.program.name,
+            "source": self.program.source,
+            "backend": self.backend,
+            "architecture": getattr(self.program.config, "model_type", "?"),
+            "layers": self.program.num_layers,
+            "history": [h.to_json() for h in self.program.history],
+            "cache_layout": [c.to_json() for c in self.program.cache_layout],
+            "ops": dict(count_ops(self.program.gm).most_common()),
+            "size": self.program.size_report(),
+        }
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(self, directory: str, overwrite: bool = False) -> str:
+        """Save to `directory`: weights.safetensors, graph.pt2, config, tokenizer, manifest.json.
+
+        Written to a temporary sibling folder and renamed at the end, so a failure leaves nothing.
+        """
+        directory = os.path.abspath(directory)
+        if os.path.exists(directory) and not overwrite:
+            raise ArtifactError(f"{directory} already exists; choose another folder or pass overwrite=True "
+                                "(--overwrite on the command line)")
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        try:
+            self._write(tmp)
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def _write(self, folder: str) -> None:
+        from safetensors.torch import save_file
+
+        ep = self.program.exported()
+        state = {k: v for k, v in ep.state_dict.items()}
+        state.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+        # Tied tensors are stored once; the manifest records the aliases.
+        unique, aliases, seen = {}, {}, {}
+        for k, v in state.items():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+            if key in seen:
+                aliases[k] = seen[key]
+            else:
+                seen[key] = k
+                unique[k] = v.detach().contiguous()
+        save_file(unique, os.path.join(folder, WEIGHTS_FILE))
+        # The graph without its weights: every state tensor is swapped for a stride-0 placeholder.
+        light = copy.copy(ep)
+        light._state_dict = {k: _placeholder(v) for k, v in ep.state_dict.items()}
+        light._constants = {k: _placeholder(v) if isinstance(v, torch.Tensor) else v for k, v in ep.constants.items()}
+        torch.export.save(light, os.path.join(folder, GRAPH_FILE))
+        self.program.config.to_json_file(os.path.join(folder, "config.json"))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        files = {name: _sha256(os.path.join(folder, name)) for name in (WEIGHTS_FILE, GRAPH_FILE)}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "name": self.program.name,
+            "source": self.program.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions(), "files": files, "aliases": aliases,
+            "cache_layout": [c.to_json() for c in self.program.cache_layout],
+            "linear_shapes": {k: list(v) for k, v in self.program.linear_shapes.items()},
+            "eos_ids": list(self.program.eos_ids),
+            "history": [h.to_json() for h in self.program.history],
+        }
+        with open(os.path.join(folder, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    p = torch.zeros((), dtype=t.dtype).expand(t.shape)
+    return torch.nn.Parameter(p, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else p
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load(directory: str) -> CompiledModel:
+    """Load a folder written by `CompiledModel.save`, refusing a corrupt or incompatible one."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from llmc.tokenizer import load_tokenizer
+
+    import llmc.ops  # noqa: F401  (registers llmc custom ops the graph may call)
+
+    directory = os.path.abspath(directory)
+    mpath = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise ArtifactError(f"no such folder: {directory}")
+    if not os.path.isfile(mpath):
+        raise ArtifactError(f"{directory} is not a compiled llmc model (no {MANIFEST}); "
+                            "compile one with `llmc compile MODEL -o DIR`")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupt ({e}); recompile the model") from e
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{directory} is not an llmc program folder (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{directory} has format version {manifest.get('format_version')}, this llmc reads "
+                            f"{FORMAT_VERSION}; recompile it with this version")
+    saved_torch = manifest.get("versions", {}).get("torch", "")
+    if saved_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
+        raise ArtifactError(f"{directory} was saved with torch {saved_torch}, this is torch {torch.__version__}: "
+                            "exported graphs are not portable across torch releases; recompile it")
+    for name, digest in manifest.get("files", {}).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise ArtifactError(f"{directory} is incomplete: {name} is missing; recompile the model")
+        if _sha256(path) != digest:
+            raise ArtifactError(f"{directory} is corrupt: {name} does not match its checksum; recompile the model")
+    try:
+        ep = torch.export.load(os.path.join(directory, GRAPH_FILE))
+        state = load_file(os.path.join(directory, WEIGHTS_FILE))
+        for alias, target in manifest.get("aliases", {}).items():
+            state[alias] = state[target]
+        gm = ep.module()
+        result = gm.load_state_dict(state, strict=False, assign=True)
+        if result.missing_keys:
+            raise ArtifactError(f"{directory} is corrupt: weights missing for {', '.join(result.missing_keys[:5])}")
+        for name in result.unexpected_keys:  # non-persistent buffers (e.g. rotary inv_freq) and constants
+            module_name, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(module_name) if module_name else gm
+            if not hasattr(owner, leaf):
+                raise ArtifactError(f"{directory} is corrupt: the graph has no tensor {name}")
+            setattr(owner, leaf, state[name])
+        config = AutoConfig.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(f"cannot load {directory}: {type(e).__name__}: {e}") from e
+    program = Program(
+        gm, config, [CacheTensor.from_json(c) for c in manifest["cache_layout"]], tokenizer,
+        manifest.get("name", "model"),
+        [PassRecord(h["name"], h["spec"], h["config"], h["stats"], h["seconds"]) for h in manifest.get("history", [])],
+        {k: tuple(v) for k, v in manifest.get("linear_shapes", {}).items()}, manifest.get("source", ""),
+        eos_ids=tuple(manifest.get("eos_ids", ())))
+    return CompiledModel(program)

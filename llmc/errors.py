@@ -1,0 +1,51 @@
+"""The errors llmc raises. Each one tells the user what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class LlmcError(Exception):
+    """Base class of every error llmc raises on purpose (the CLI prints these as one line)."""
+
+
+class ConfigError(LlmcError, ValueError):
+    """A pass, protocol or command option has a bad value."""
+
+
+class ModelLoadError(LlmcError):
+    """A model spec could not be resolved or loaded."""
+
+
+class UnsupportedArchitectureError(LlmcError):
+    """The model's architecture cannot be traced by llmc."""
+
+
+class TraceError(LlmcError):
+    """torch.export failed on a supported architecture."""
+
+
+class PassOrderError(LlmcError):
+    """A pass pipeline is ordered so that a pass lacks what it requires."""
+
+
+class PassError(LlmcError):
+    """A pass failed while running; the message names the pass and the passes run before it."""
+
+
+class UnsupportedOpError(LlmcError):
+    """A backend cannot lower some op of the program."""
+
+
+class ExportError(LlmcError):
+    """Writing an artifact failed."""
+
+
+class ParityError(LlmcError):
+    """A lowered artifact disagrees with the torch program."""
+
+
+class ArtifactError(LlmcError):
+    """A saved folder is missing, corrupt, or was written by an incompatible version."""
+
+
+class DataError(LlmcError):
+    """A data set could not be found or read."""

@@ -1,0 +1,117 @@
+"""Token generation over any decode step `(input_ids, attention_mask, position_ids, past) -> (logits, present)`.
+
+Shared by every runtime: prompts are left-padded into one batch, prefilled with an empty cache,
+then decoded one token per step. Greedy decoding reproduces Hugging Face's `generate` exactly
+(same position ids for left padding, same padding of finished rows).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmc.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. `do_sample=False` is greedy; otherwise temperature / top-k / top-p."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into input_ids [B, S] and attention_mask [B, S]."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ConfigError("every prompt must have at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """Positions counting only real tokens, as Hugging Face computes them for left padding."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def _filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: list[list[int]],
+                    cfg: SamplingConfig, pad_id: int, stop_ids: typing.Iterable[int] = ()) -> list[list[int]]:
+    """Generate up to cfg.max_new_tokens for each prompt; returns only the new tokens of each row.
+
+    A row stops after emitting a stop id (the stop id is kept); finished rows are fed `pad_id`.
+    """
+    ids, mask = left_pad(prompts, pad_id)
+    pos = position_ids_from_mask(mask)
+    batch = ids.shape[0]
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    out = torch.empty(batch, 0, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    if cfg.max_new_tokens == 0:
+        return [[] for _ in prompts]
+    with torch.inference_mode():
+        logits, cache = step(ids, mask, pos, empty_cache(batch))
+        for t in range(cfg.max_new_tokens):
+            last = logits[:, -1, :].float()
+            if cfg.do_sample:
+                probs = _filter_logits(last, cfg).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            else:
+                nxt = last.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if stop.numel():
+                done = done | torch.isin(nxt, stop)
+            if bool(done.all()) or t == cfg.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+            logits, cache = step(nxt[:, None], mask, pos, cache)
+    rows = []
+    for i in range(batch):
+        row = out[i].tolist()
+        if stop.numel():
+            for j, tok in enumerate(row):
+                if tok in set(stop.tolist()):
+                    row = row[: j + 1]
+                    break
+        rows.append(row)
+    return rows

@@ -1,0 +1,67 @@
+"""Small helpers for rewriting FX GraphModules produced by torch.export (`ep.module()`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+
+def module_fqn(node: fx.Node) -> str:
+    """FQN of the innermost module a node was traced in (`model.layers.3.mlp.down_proj`), or ''."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a `get_attr` node reads."""
+    module, _, leaf = node.target.rpartition(".")
+    return getattr(gm.get_submodule(module) if module else gm, leaf)
+
+
+def set_attr_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, parameter: bool | None = None) -> None:
+    """Replace (never mutate in place: the source model may share storage) the tensor at `target`.
+
+    A parameter stays a parameter unless `parameter` says otherwise; new names become buffers.
+    """
+    module_name, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(module_name) if module_name else gm
+    was_param = isinstance(getattr(module, leaf, None), nn.Parameter)
+    if parameter is None:
+        parameter = was_param
+    if hasattr(module, leaf):
+        delattr(module, leaf)
+    if parameter:
+        module.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        module.register_buffer(leaf, value.detach())
+
+
+def shares_storage(gm: fx.GraphModule, target: str) -> list[str]:
+    """Other state names of `gm` that alias the tensor at `target` (tied weights)."""
+    module_name, _, leaf = target.rpartition(".")
+    t = getattr(gm.get_submodule(module_name) if module_name else gm, leaf)
+    ptr = t.untyped_storage().data_ptr()
+    out = []
+    for name, other in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name != target and other.untyped_storage().data_ptr() == ptr:
+            out.append(name)
+    return out
+
+
+def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:
+    """Erase get_attr nodes without users and delete the tensors no node reads any more."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    removed = []
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            module_name, _, leaf = name.rpartition(".")
+            module = gm.get_submodule(module_name) if module_name else gm
+            if hasattr(module, leaf):
+                delattr(module, leaf)
+                removed.append(name)
+    return removed

@@ -1,0 +1,1 @@
+"""Custom ops (`llmc::*`): the contract between passes and backends. Importing this registers them."""
