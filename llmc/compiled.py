@@ -10,6 +10,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -173,7 +174,9 @@ class CompiledModel:
         light = copy.copy(ep)
         light._state_dict = {k: _placeholder(v) for k, v in ep.state_dict.items()}
         light._constants = {k: _placeholder(v) if isinstance(v, torch.Tensor) else v for k, v in ep.constants.items()}
-        torch.export.save(light, os.path.join(folder, GRAPH_FILE))
+        with warnings.catch_warnings():  # the placeholders are not "complete tensors"; that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            torch.export.save(light, os.path.join(folder, GRAPH_FILE))
         self.program.config.to_json_file(os.path.join(folder, "config.json"))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)

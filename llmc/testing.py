@@ -86,8 +86,6 @@ def count_ops(gm: torch.fx.GraphModule) -> collections.Counter:
 
 def op_name(target) -> str:
     """A readable name of an FX call_function target: `aten.linear.default`, `llmc.vq_linear.default`."""
-    name = getattr(target, "_name", None)  # OpOverload: "aten::linear" + overload
-    if name is not None and hasattr(target, "_overloadname"):
-        ns, base = name.split("::")
-        return f"{ns}.{base}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # "aten.mul.Tensor"
     return getattr(target, "__name__", str(target))

@@ -27,9 +27,11 @@ class ByteTokenizer:
 
 
 def load_tokenizer(directory: str):
-    """Load the tokenizer saved in `directory` (a Hugging Face tokenizer or llmc's byte tokenizer)."""
+    """Load the tokenizer saved in `directory` (HF or llmc's byte tokenizer), or None if it has none."""
     if os.path.exists(os.path.join(directory, BYTE_TOKENIZER_FILE)):
         return ByteTokenizer()
+    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory)

@@ -32,7 +32,7 @@ class FoldNormScales(Pass):
     Emits: nothing (the mul is removed; the readers' weights are rescaled). Numerics: exact.
     """
 
-    norms: str = r"(input_layernorm|post_attention_layernorm|norm)$"
+    norms: str = r"(^|\.)(input_layernorm|post_attention_layernorm|norm)$"
 
     requires = ("dense_linear_weights",)
     provides = ("unit_norm_gains",)

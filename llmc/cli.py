@@ -1,0 +1,179 @@
+"""The `llmc` command line: compile, eval, generate, inspect, passes.
+
+Bad input prints one line `llmc: error: ...` and exits with status 2; an llmc failure while
+working exits with status 1. Output folders are written atomically (see CompiledModel.save).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from llmc.errors import LlmcError
+
+
+def _open_model(spec: str):
+    """A compiled folder (manifest.json) is loaded; anything else is loaded and traced."""
+    import llmc
+
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
+        return llmc.load(spec)
+    return llmc.compile(spec)
+
+
+def cmd_compile(args) -> int:
+    import llmc
+    from llmc.passes_base import PassManager
+
+    out = os.path.abspath(args.output)
+    if os.path.exists(out) and not args.overwrite:
+        raise LlmcError(f"{args.output} already exists; choose another folder or pass --overwrite")
+    PassManager(args.passes).check(extra_facts={"teacher"} | ({"calibration"} if args.calib else set()))
+    cm = llmc.compile(args.model, passes=args.passes, calibration=args.calib, seed=args.seed)
+    cm.save(out, overwrite=args.overwrite)
+    size = cm.program.size_report()
+    print(f"wrote {args.output}: {len(cm.program.history)} pass(es), {size['total_bytes'] / 1e6:.1f} MB, "
+          f"{size['decoder_linear_bits_per_param']:.2f} bits/param over decoder linears")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from llmc import data
+    from llmc.eval import Protocol, perplexity
+
+    proto = Protocol.parse(args.protocol)  # validate before loading anything
+    data.resolve(args.data)
+    model = _open_model(args.model)
+    ids = data.tokenize(model.tokenizer, data.text(args.data))
+    result = perplexity(model, ids, proto, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(dict(result.to_json(), model=args.model, data=args.data)))
+    else:
+        print(f"{result.protocol} ({result.windows} windows, {result.tokens} predicted tokens): "
+              f"ppl {result.ppl:.2f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from llmc.generation import SamplingConfig
+
+    SamplingConfig(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p, args.seed)
+    model = _open_model(args.model)
+    outs = model.generate(args.prompt, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
+    for prompt, text in zip(args.prompt, outs):
+        print(prompt + text)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    model = _open_model(args.model)
+    rep = model.report()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"{rep['name']} ({rep['architecture']}, {rep['layers']} layers, backend {rep['backend']})")
+    print("passes:", ", ".join(h["spec"] for h in rep["history"]) or "none")
+    print("cache layout:")
+    for c in rep["cache_layout"][:2]:
+        print(f"  past_key_values.{{i}}.{c['kind']}: {c['dtype']} {c['shape']} ({c['meaning']})")
+    print(f"  ... {len(rep['cache_layout'])} tensors in all")
+    print("ops:")
+    for name, n in rep["ops"].items():
+        print(f"  {n:6d}  {name}")
+    size = rep["size"]
+    print("size:")
+    for comp, c in size["components"].items():
+        print(f"  {comp:16s} {c['bytes'] / 1e6:10.3f} MB  {c['numel']:>12,d} elements  {c['bits_per_element']:6.2f} bits")
+    print(f"  total {size['total_bytes'] / 1e6:.3f} MB; decoder linears {size['decoder_linear_bits_per_param']:.2f} "
+          f"bits/param over {size['decoder_linear_params']:,d} weights")
+    for t in size["tied"]:
+        print(f"  tied: {t}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from llmc.passes_base import pass_options, registered_passes
+
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for opt, tp, default, help_ in pass_options(cls):
+            print(f"    {opt} ({tp}, default {default!r}){': ' + help_ if help_ else ''}")
+        if cls.requires or cls.provides or cls.invalidates:
+            print(f"    requires {list(cls.requires)}, provides {list(cls.provides)}, "
+                  f"invalidates {list(cls.invalidates)}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"llmc: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llmc", description="Model-transformation compiler for LLMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="trace a model, run passes, save the compiled folder")
+    c.add_argument("model", help="smollm2-135m, a Hugging Face folder, a .gguf file or a hub id")
+    c.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                   help="name[:key=value,...]; repeat for a pipeline (see `llmc passes`)")
+    c.add_argument("--calib", help="calibration data set name or file (e.g. wikitext2-valid)")
+    c.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(fn=cmd_compile)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="metric", required=True, parser_class=_Parser)
+    ppl = esub.add_parser("ppl", help="perplexity (protocols of BENCHMARKS.md)")
+    ppl.add_argument("model", help="a compiled folder or anything `compile` accepts")
+    ppl.add_argument("--protocol", default="ppl-512x40", help="ppl-512x40 | ppl-512x5 | ppl-512xN-kv")
+    ppl.add_argument("--data", default="wikitext2-test", help="data set name or file")
+    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="continue prompts")
+    g.add_argument("model")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
+    g.add_argument("--max-new-tokens", type=int, default=20)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a single-token stop string (repeatable)")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("inspect", help="op histogram, layers, cache layout, size report")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    ps = sub.add_parser("passes", help="list registered passes and their options")
+    ps.set_defaults(fn=cmd_passes)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LlmcError as e:
+        from llmc.errors import ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
+
+        print(f"llmc: error: {e}", file=sys.stderr)
+        bad_input = (ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError)
+        return 2 if isinstance(e, bad_input) or type(e) is LlmcError else 1
+    except KeyboardInterrupt:
+        print("llmc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The llmc command line, in-process: each command, and one clear line for each bad input."""
+
+import json
+import os
+
+import pytest
+
+from llmc.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder with a real (GPT-2 style) byte-level tokenizer."""
+    from llmc.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    _byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[2], pad_token=sorted(alphabet)[0])
+
+
+@pytest.fixture(scope="module")
+def compiled_dir(hf_folder, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("c") / "out")
+    assert main(["compile", hf_folder, "--pass", "fold_norm_scales", "-o", out]) == 0
+    return out
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    f = tmp_path / "eval.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return str(f)
+
+
+def test_compile_writes_a_loadable_folder(compiled_dir, capsys):
+    manifest = json.load(open(os.path.join(compiled_dir, "manifest.json")))
+    assert [h["spec"] for h in manifest["history"]] == ["fold_norm_scales"]
+    assert main(["inspect", compiled_dir]) == 0
+    out = capsys.readouterr().out
+    assert "aten.linear.default" in out and "past_key_values.{i}.key" in out and "bits/param" in out
+
+
+def test_inspect_json(compiled_dir, capsys):
+    assert main(["inspect", compiled_dir, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ops"]["aten.linear.default"] == 15 and rep["layers"] == 2
+
+
+def test_eval_ppl_compiled_and_source_agree(compiled_dir, hf_folder, text_file, capsys):
+    assert main(["eval", "ppl", compiled_dir, "--data", text_file, "--protocol", "ppl-64x4", "--json"]) == 0
+    a = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "ppl", hf_folder, "--data", text_file, "--protocol", "ppl-64x4", "--json"]) == 0
+    b = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert a["windows"] == 4 and abs(a["ppl"] - b["ppl"]) < 1e-3 * b["ppl"]
+
+
+def test_generate_matches_api(compiled_dir, capsys):
+    import llmc
+
+    assert main(["generate", compiled_dir, "Hello", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == "Hello" + llmc.load(compiled_dir).generate("Hello", 8)
+
+
+def test_passes_lists_options(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "fold_norm_scales" in out and "norms (str" in out
+
+
+def _one_line_error(capsys, argv, code, message):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmc: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compile", "./nope", "-o", "{tmp}/o"], "no such model"),
+    (["compile", "{hf}", "--pass", "nonexistent_pass", "-o", "{tmp}/o"], "unknown pass 'nonexistent_pass'"),
+    (["compile", "{hf}", "--pass", "fold_norm_scales:bogus=1", "-o", "{tmp}/o"], "has no option 'bogus'"),
+    (["eval", "ppl", "{hf}", "--protocol", "ppl-5", ], "unknown protocol"),
+    (["eval", "ppl", "{hf}", "--data", "no-such-data"], "no such data set"),
+    (["generate", "{hf}", "hi", "--top-p", "2"], "top_p"),
+    (["inspect", "{tmp}/missing-dir"], "no such model"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, hf_folder, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, hf=hf_folder) for a in argv]
+    _one_line_error(capsys, argv, 2, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_without_overwrite(hf_folder, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    _one_line_error(capsys, ["compile", hf_folder, "-o", str(tmp_path / "o")], 2, "already exists")
+    assert main(["compile", hf_folder, "-o", str(tmp_path / "o"), "--overwrite"]) == 0
+    assert (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_corrupt_folder_is_one_line(compiled_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(compiled_dir, bad)
+    (bad / "weights.safetensors").write_bytes(b"garbage")
+    _one_line_error(capsys, ["generate", str(bad), "hi"], 1, "corrupt")
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("llmc: error:")
