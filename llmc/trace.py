@@ -206,13 +206,20 @@ class DecoderStep(nn.Module):
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             present += [k, v]
-            if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
-                k = k[:, :, None].expand(B, self.num_kv_heads, groups, k.shape[2], self.head_dim).reshape(
-                    B, self.num_heads, k.shape[2], self.head_dim)
-                v = v[:, :, None].expand(B, self.num_kv_heads, groups, v.shape[2], self.head_dim).reshape(
-                    B, self.num_heads, v.shape[2], self.head_dim)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=biases[w], scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+            if groups > 1:
+                # Grouped-query attention without copying the cache: fold each KV head's query heads
+                # into the sequence dim, q [B, Hkv, groups*S, D], and repeat the (small) mask instead.
+                # Query head h uses KV head h // groups, so heads split as (Hkv, groups).
+                qg = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)
+                bias = biases[w]
+                T = bias.shape[-1]
+                bias = bias[:, :, None].expand(B, 1, groups, S, T).reshape(B, 1, groups * S, T)
+                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=attn.scaling)
+                o = o.unflatten(2, (groups, S)).permute(0, 3, 1, 2, 4)  # [B, S, Hkv, groups, D]
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=biases[w], scale=attn.scaling)
+                o = o.transpose(1, 2)  # [B, S, H, D]
+            h = h + attn.o_proj(o.reshape(B, S, self.num_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.lm_head(self.model.norm(h))
         return logits, present

@@ -9,40 +9,10 @@ from llmc.cli import main
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A tiny Llama saved as a Hugging Face folder with a real (GPT-2 style) byte-level tokenizer."""
-    from llmc.testing import tiny_model
-
-    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    _byte_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[2], pad_token=sorted(alphabet)[0])
-
-
-@pytest.fixture(scope="module")
 def compiled_dir(hf_folder, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("c") / "out")
     assert main(["compile", hf_folder, "--pass", "fold_norm_scales", "-o", out]) == 0
     return out
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "eval.txt"
-    f.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    return str(f)
 
 
 def test_compile_writes_a_loadable_folder(compiled_dir, capsys):

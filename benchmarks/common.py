@@ -1,0 +1,54 @@
+"""Shared pieces of the benchmark scripts: the result file format of BENCHMARKS.md, timing, memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(RESULTS), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_time(fn, repeats: int = 3) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, data_sha256: str,
+                 extra: dict | None = None) -> str:
+    """Write benchmarks/results/<name>.json in the format of BENCHMARKS.md and return its path."""
+    from llmc.compiled import versions
+
+    os.makedirs(RESULTS, exist_ok=True)
+    doc = {"benchmark": name, "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+           "commit": commit(), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
+           "machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()},
+           "model": model, "model_sha256": model_sha256, "data_sha256": data_sha256, "rows": rows}
+    if extra:
+        doc.update(extra)
+    path = os.path.join(RESULTS, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,49 @@
+"""Regenerate the results table in README.md from benchmarks/results/*.json (between the markers)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _fmt(v, nd=2):
+    return "—" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def table() -> str:
+    lines = ["| benchmark | row | protocol / measure | value | FP / baseline (same run) | commit |",
+             "|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
+        doc = json.load(open(path))
+        name, com = doc["benchmark"], doc.get("commit", "?")
+        for r in doc["rows"]:
+            if "ppl" in r:
+                lines.append(f"| {name} | {r['method']} {' '.join(r.get('passes') or [])} | {r['protocol']} "
+                             f"({r['windows']} windows) | ppl {_fmt(r['ppl'])} | {_fmt(r.get('fp_ppl'))} | {com} |")
+            elif r.get("tokens_per_s") is not None:
+                ratio = r["tokens_per_s"] / r["fp_tokens_per_s"] if r.get("fp_tokens_per_s") else None
+                lines.append(f"| {name} | {r['method']} | tokens/s, median of {r.get('repeats')} | "
+                             f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(ratio)}× eager) | "
+                             f"{_fmt(r.get('fp_tokens_per_s'), 1)} | {com} |")
+            elif "seconds" in r and "median" in r["seconds"]:
+                lines.append(f"| {name} | {r['method']} | seconds, median of {r.get('repeats')} | "
+                             f"{_fmt(r['seconds']['median'], 3)} | {_fmt(r.get('fp_seconds'), 3)} | {com} |")
+        for k, v in (doc.get("seconds") or {}).items():
+            lines.append(f"| {name} | {k} time | seconds | {_fmt(v, 1)} | — | {com} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    open(path, "w").write(text[:start] + "\n" + table() + "\n" + text[end:])
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The main job on the built-in default: load SmolLM2-135M, compile, generate, save, evaluate, report.
+
+    python examples/quickstart.py [--model smollm2-135m] [--out out/smollm2] [--protocol ppl-512x5]
+"""
+
+import argparse
+import json
+
+import llmc
+from llmc import data
+from llmc.eval import perplexity
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default="out/smollm2")
+    ap.add_argument("--protocol", default="ppl-512x5")
+    ap.add_argument("--data", default="wikitext2-test")
+    args = ap.parse_args(argv)
+
+    cm = llmc.compile(args.model, passes=["fold_norm_scales"])
+    prompt = "The capital of France is"
+    print(f"{prompt!r} -> {cm.generate(prompt, max_new_tokens=20)!r}")
+    cm.save(args.out, overwrite=True)
+    loaded = llmc.load(args.out)
+    ids = data.tokenize(loaded.tokenizer, data.text(args.data))
+    result = perplexity(loaded, ids, args.protocol)
+    report = loaded.report()
+    print(json.dumps({"saved": args.out, "history": report["history"], "size": report["size"],
+                      "perplexity": result.to_json()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
