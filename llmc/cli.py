@@ -25,12 +25,10 @@ def _open_model(spec: str):
 
 def cmd_compile(args) -> int:
     import llmc
-    from llmc.passes_base import PassManager
 
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not args.overwrite:
         raise LlmcError(f"{args.output} already exists; choose another folder or pass --overwrite")
-    PassManager(args.passes).check(extra_facts={"teacher"} | ({"calibration"} if args.calib else set()))
     cm = llmc.compile(args.model, passes=args.passes, calibration=args.calib, seed=args.seed)
     cm.save(out, overwrite=args.overwrite)
     size = cm.program.size_report()

@@ -105,13 +105,9 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
             pos = pos[:, -1:] + 1
             logits, cache = step(nxt[:, None], mask, pos, cache)
+    stop_set = set(stop.tolist())
     rows = []
-    for i in range(batch):
-        row = out[i].tolist()
-        if stop.numel():
-            for j, tok in enumerate(row):
-                if tok in set(stop.tolist()):
-                    row = row[: j + 1]
-                    break
-        rows.append(row)
+    for row in out.tolist():
+        cut = next((j for j, tok in enumerate(row) if tok in stop_set), None)
+        rows.append(row if cut is None else row[: cut + 1])
     return rows

@@ -8,7 +8,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,7 +36,6 @@ class SourceModel:
     name: str
     source: str
     fingerprint: str = ""  # sha256 of the weights file(s) when known
-    extra: dict = field(default_factory=dict)
 
 
 def cache_dir() -> str:
@@ -98,6 +97,7 @@ def _load_gguf(path: str, name: str, use_cache: bool = True) -> SourceModel:
     except Exception as e:
         raise ModelLoadError(f"cannot load GGUF file {path}: {type(e).__name__}: {e}") from e
     if use_cache:
+        tmp = None
         try:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cached))
@@ -105,7 +105,8 @@ def _load_gguf(path: str, name: str, use_cache: bool = True) -> SourceModel:
             os.replace(tmp, cached)
         except (OSError, ValueError) as e:  # an unwritable cache only costs time
             log(f"could not cache the converted model in {cached}: {e}")
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
     return SourceModel(model, tok, name, path, digest)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from llmc.graph import get_attr_tensor
 from llmc.trace import CacheTensor, dynamic_shapes
 
 
@@ -157,7 +158,5 @@ def linear_weight_shapes(gm: fx.GraphModule) -> dict:
         if n.op == "call_function" and n.target is torch.ops.aten.linear.default:
             w = n.args[1]
             if isinstance(w, fx.Node) and w.op == "get_attr":
-                module = w.target.rpartition(".")[0]
-                t = gm.get_parameter(w.target) if hasattr(gm, "get_parameter") else None
-                shapes[module] = tuple(t.shape)
+                shapes[w.target.rpartition(".")[0]] = tuple(get_attr_tensor(gm, w).shape)
     return shapes
