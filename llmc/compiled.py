@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -16,6 +15,7 @@ import torch
 
 from llmc.errors import ArtifactError, ConfigError
 from llmc.generation import SamplingConfig, generate_tokens
+from llmc.models import sha256_file as _sha256
 from llmc.program import PassRecord, Program
 from llmc.trace import CacheTensor
 
@@ -197,14 +197,6 @@ class CompiledModel:
 def _placeholder(t: torch.Tensor) -> torch.Tensor:
     p = torch.zeros((), dtype=t.dtype).expand(t.shape)
     return torch.nn.Parameter(p, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else p
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load(directory: str) -> CompiledModel:
