@@ -155,11 +155,12 @@ class DecoderStep(nn.Module):
             return attn.sliding_window
         return getattr(self.config, "sliding_window", None)
 
-    def _attention_bias(self, attention_mask: Tensor, past_len, seq_len, window, dtype) -> Tensor:
-        """Additive mask [B, 1, S, P+S]: causal, padding (0 in attention_mask), optional window.
+    def _attention_bias(self, attention_mask: Tensor, past_len, seq_len, window, dtype, groups: int) -> Tensor:
+        """Additive mask [B, 1, groups*S, P+S]: causal, padding (0 in attention_mask), optional window.
 
         The padding row is gathered from attention_mask by key index rather than used whole, so
-        the traced graph does not tie the mask's length to P+S by a shape guard.
+        the traced graph does not tie the mask's length to P+S by a shape guard. With grouped-query
+        attention the rows repeat once per query head of a KV head (see `forward`).
         """
         dev = attention_mask.device
         kv_idx = torch.arange(past_len + seq_len, device=dev)
@@ -171,7 +172,10 @@ class DecoderStep(nn.Module):
         allowed = allowed[None, :, :] & pad[:, None, :]
         # A finite minimum, not -inf: fully masked rows (left padding) stay finite instead of NaN.
         bias = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-        return bias[:, None, :, :]
+        if groups == 1:
+            return bias[:, None, :, :]
+        B, T = bias.shape[0], bias.shape[-1]
+        return bias[:, None, None].expand(B, 1, groups, seq_len, T).reshape(B, 1, groups * seq_len, T)
 
     def _qkv(self, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, S, _ = x.shape
@@ -199,7 +203,7 @@ class DecoderStep(nn.Module):
             attn = layer.self_attn
             w = self.windows[i]
             if w not in biases:
-                biases[w] = self._attention_bias(attention_mask, past_len, S, w, h.dtype)
+                biases[w] = self._attention_bias(attention_mask, past_len, S, w, h.dtype, groups)
             q, k, v = self._qkv(attn, layer.input_layernorm(h))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # The cache write: keys after RoPE, values as projected.  [B, Hkv, P+S, D]
@@ -208,13 +212,10 @@ class DecoderStep(nn.Module):
             present += [k, v]
             if groups > 1:
                 # Grouped-query attention without copying the cache: fold each KV head's query heads
-                # into the sequence dim, q [B, Hkv, groups*S, D], and repeat the (small) mask instead.
+                # into the sequence dim, q [B, Hkv, groups*S, D]; the mask was built repeated to match.
                 # Query head h uses KV head h // groups, so heads split as (Hkv, groups).
                 qg = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)
-                bias = biases[w]
-                T = bias.shape[-1]
-                bias = bias[:, :, None].expand(B, 1, groups, S, T).reshape(B, 1, groups * S, T)
-                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=attn.scaling)
+                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=biases[w], scale=attn.scaling)
                 o = o.unflatten(2, (groups, S)).permute(0, 3, 1, 2, 4)  # [B, S, Hkv, groups, D]
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=biases[w], scale=attn.scaling)
