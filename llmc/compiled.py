@@ -15,8 +15,10 @@ import torch
 
 from llmc.errors import ArtifactError, ConfigError
 from llmc.generation import SamplingConfig, generate_tokens
+from llmc.graph import strip_runtime_noops
 from llmc.models import sha256_file as _sha256
 from llmc.program import PassRecord, Program
+from llmc.runner import TorchRunner
 from llmc.trace import CacheTensor
 
 FORMAT = "llmc-program"
@@ -51,6 +53,7 @@ class CompiledModel:
             raise ConfigError(f"backend '{backend}' is not available here; use backend='torch'")
         self.program = program
         self.backend = backend
+        self._runner = TorchRunner(program)
 
     # -- running ---------------------------------------------------------------------------
     @property
@@ -59,8 +62,7 @@ class CompiledModel:
 
     def step(self, input_ids, attention_mask, position_ids, past):
         """One decode step of the traced graph (no autograd)."""
-        with torch.inference_mode():
-            return self.program.gm(input_ids, attention_mask, position_ids, list(past))
+        return self._runner.step(input_ids, attention_mask, position_ids, past)
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         return self.program.empty_cache(batch, 0)
@@ -241,6 +243,7 @@ def load(directory: str) -> CompiledModel:
         for alias, target in manifest.get("aliases", {}).items():
             state[alias] = state[target]
         gm = ep.module()
+        strip_runtime_noops(gm)
         result = gm.load_state_dict(state, strict=False, assign=True)
         if result.missing_keys:
             raise ArtifactError(f"{directory} is corrupt: weights missing for {', '.join(result.missing_keys[:5])}")

@@ -65,3 +65,28 @@ def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:
                 delattr(module, leaf)
                 removed.append(name)
     return removed
+
+
+def strip_runtime_noops(gm: fx.GraphModule) -> int:
+    """Remove nodes that do nothing at run time; returns how many were removed.
+
+    torch.export leaves an `_assert_tensor_metadata` check beside every dtype conversion and keeps
+    conversions to the dtype a tensor already has. Each costs a Python-level op call per decode
+    step (about 250 of them in SmolLM2's graph). Re-exporting the graph puts the checks back.
+    """
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            gm.graph.erase_node(node)
+            removed += 1
+        elif node.target is torch.ops.aten.to.dtype and not node.kwargs:
+            src, out = node.args[0].meta.get("val"), node.meta.get("val")
+            if src is not None and out is not None and src.dtype == out.dtype:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                removed += 1
+    if removed:
+        gm.recompile()
+    return removed

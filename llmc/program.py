@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from llmc.graph import get_attr_tensor
+from llmc.graph import get_attr_tensor, strip_runtime_noops
 from llmc.trace import CacheTensor, dynamic_shapes
 
 
@@ -69,6 +69,7 @@ class Program:
     @classmethod
     def from_traced(cls, traced, config, tokenizer=None, name="model", source="", eos_ids=()) -> "Program":
         gm = traced.exported.module()
+        strip_runtime_noops(gm)
         return cls(gm, config, traced.cache_layout, tokenizer, name, [], linear_weight_shapes(gm), source,
                    tuple(eos_ids))
 

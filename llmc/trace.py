@@ -114,19 +114,28 @@ def _check_supported(model: nn.Module) -> None:
         raise UnsupportedArchitectureError(f"cannot trace architecture '{arch}': logit soft-capping is not supported")
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-step RoPE tables for `apply_rope`, from the rotary embedding's cos/sin [B, S, Drot].
+
+    rotate_half(x) * sin == roll(x, Drot/2) * [-sin_1, sin_2] (halves of the last dim), so the
+    sign goes into the table once per step instead of a chunk/neg/cat per head tensor per layer.
+    Returns cos, signed sin as [B, 1, S, Drot].
+    """
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(1), signed.unsqueeze(1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first cos.shape[-1] channels of x [B, H, S, D] (partial rotary keeps the rest)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, Drot]
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate the first Drot channels of x [B, H, S, D] with tables from `rope_tables`.
+
+    Partial rotary (Drot < D) keeps the remaining channels as they are.
+    """
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + x.roll(rot // 2, dims=-1) * signed_sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + x_rot.roll(rot // 2, dims=-1) * signed_sin, x_pass), dim=-1)
 
 
 class DecoderStep(nn.Module):
@@ -195,7 +204,7 @@ class DecoderStep(nn.Module):
         B, S = input_ids.shape
         past_len = past[0].shape[2]
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(h, position_ids)  # [B, S, Drot]
+        cos, sin = rope_tables(*self.model.rotary_emb(h, position_ids))  # [B, 1, S, Drot] each
         biases: dict = {}
         present: list[Tensor] = []
         groups = self.num_heads // self.num_kv_heads
