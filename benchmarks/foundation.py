@@ -23,7 +23,6 @@ from common import median_time, peak_rss_mb, write_result  # noqa: E402
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
 from llmc.eval import perplexity  # noqa: E402
-from llmc.generation import SamplingConfig, generate_tokens  # noqa: E402
 
 
 def main() -> None:
@@ -66,11 +65,10 @@ def main() -> None:
 
     # -- greedy decode: 128-token prompt, 128 new tokens, interleaved rounds ------------------------
     prompt = ids[:128].tolist()
-    cfg = SamplingConfig(max_new_tokens=128)
     traced_tps, eager_tps, same = [], [], True
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        ours = generate_tokens(cm.step, cm.empty_cache, [prompt], cfg, pad_id=0, stop_ids=())
+        ours = [cm.generate(prompt, 128, ignore_eos=True, return_tokens=True)]
         traced_tps.append(128 / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -80,10 +80,10 @@ class CompiledModel:
             position_ids = torch.arange(past_len, past_len + S).expand(B, S)
         return self.step(input_ids, attention_mask, position_ids, past)
 
-    def _stop_ids(self, stop) -> set[int]:
+    def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
         """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""
-        ids = set(self.program.eos_ids)
-        if not ids and isinstance(getattr(self.tokenizer, "eos_token_id", None), int):
+        ids = set() if ignore_eos else set(self.program.eos_ids)
+        if not ids and not ignore_eos and isinstance(getattr(self.tokenizer, "eos_token_id", None), int):
             ids.add(self.tokenizer.eos_token_id)
         for s in stop or ():
             if isinstance(s, int):
@@ -97,11 +97,12 @@ class CompiledModel:
 
     def generate(self, prompts, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, stop=None, seed: int | None = None,
-                 return_tokens: bool = False):
+                 return_tokens: bool = False, ignore_eos: bool = False):
         """Continue one prompt (str) or a batch (list of str, or lists of token ids).
 
         Greedy by default; `do_sample=True` samples with temperature / top_k / top_p (seeded by
-        `seed`). Stops at the tokenizer's EOS and at `stop` (token ids or single-token strings).
+        `seed`). Stops at the model's EOS (unless `ignore_eos`) and at `stop` (token ids or
+        single-token strings).
         Returns the continuation text (a str for one prompt, else a list), or the new token ids
         with `return_tokens=True`.
         """
@@ -112,7 +113,8 @@ class CompiledModel:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(self.tokenizer, "eos_token_id", None) or 0
-        rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop))
+        rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop, ignore_eos),
+                               prefill_step=self._runner.step_last)
         out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         return out[0] if single else out
 

@@ -73,10 +73,12 @@ def _filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
 
 
 def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: list[list[int]],
-                    cfg: SamplingConfig, pad_id: int, stop_ids: typing.Iterable[int] = ()) -> list[list[int]]:
+                    cfg: SamplingConfig, pad_id: int, stop_ids: typing.Iterable[int] = (),
+                    prefill_step: typing.Callable | None = None) -> list[list[int]]:
     """Generate up to cfg.max_new_tokens for each prompt; returns only the new tokens of each row.
 
     A row stops after emitting a stop id (the stop id is kept); finished rows are fed `pad_id`.
+    `prefill_step`, if given, runs the prompt and may return logits of the last position only.
     """
     ids, mask = left_pad(prompts, pad_id)
     pos = position_ids_from_mask(mask)
@@ -88,7 +90,7 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
     with torch.inference_mode():
-        logits, cache = step(ids, mask, pos, empty_cache(batch))
+        logits, cache = (prefill_step or step)(ids, mask, pos, empty_cache(batch))
         for t in range(cfg.max_new_tokens):
             last = logits[:, -1, :].float()
             if cfg.do_sample:

@@ -10,6 +10,7 @@ generated function is small, and calls it with flat arguments.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -40,23 +41,59 @@ def split_by_layer(gm: fx.GraphModule) -> fx.GraphModule:
     return split_module(gm, gm, lambda n: partition[n], keep_original_order=True)
 
 
+def last_position_variant(gm: fx.GraphModule, final_norm: str = "model.norm") -> fx.GraphModule | None:
+    """A copy of `gm` that computes logits for the last position only (for generation's prefill).
+
+    The final norm and lm_head are per-token, so slicing their input to the last position gives
+    exactly the last row of the full logits while skipping an lm_head matmul per prompt token.
+    Returns None when the graph has no `final_norm` nodes to anchor the slice on.
+    """
+    graph = copy.deepcopy(gm.graph)
+    norm_nodes = [n for n in graph.nodes if module_fqn(n) == final_norm]
+    if not norm_nodes:
+        return None
+    inside = set(norm_nodes)
+    hidden = next((a for a in norm_nodes[0].all_input_nodes if a not in inside and a.op == "call_function"), None)
+    if hidden is None:
+        return None
+    with graph.inserting_after(hidden):
+        last = graph.call_function(torch.ops.aten.slice.Tensor, (hidden, 1, -1, 9223372036854775807))
+    last.meta = {k: v for k, v in hidden.meta.items() if k != "val"}
+    for user in list(hidden.users):
+        if user in inside:
+            user.replace_input_with(hidden, last)
+    graph.lint()
+    return fx.GraphModule(gm, graph)
+
+
 class TorchRunner:
     """Calls a Program's decode step through a per-layer split of its graph."""
 
     def __init__(self, program):
         self.program = program
         self._source = None
-        self._module = None
+        self._full = self._last = None
 
-    def _module_for_current_graph(self) -> fx.GraphModule:
+    def _modules(self):
         if self._source is not self.program.gm:  # passes may have replaced the graph
-            self._module = split_by_layer(self.program.gm)
-            self._source = self.program.gm
-        return self._module
+            gm = self.program.gm
+            self._full = split_by_layer(gm)
+            variant = last_position_variant(gm)
+            self._last = split_by_layer(variant) if variant is not None else self._full
+            self._source = gm
+        return self._full, self._last
 
     def step(self, input_ids, attention_mask, position_ids, past):
         """`(input_ids, attention_mask, position_ids, past) -> (logits, present)`, without autograd."""
-        module = self._module_for_current_graph()
+        module = self._modules()[0]
         with torch.inference_mode():
             out = module(input_ids, attention_mask, position_ids, *past)
         return out[0], list(out[1:])
+
+    def step_last(self, input_ids, attention_mask, position_ids, past):
+        """Like `step`, but logits [B, 1, V] of the last position only (cheaper prefill)."""
+        module = self._modules()[1]
+        with torch.inference_mode():
+            out = module(input_ids, attention_mask, position_ids, *past)
+        logits = out[0]
+        return logits[:, -1:], list(out[1:])

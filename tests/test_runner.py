@@ -34,3 +34,21 @@ def test_runner_follows_a_replaced_graph(tiny_compiled):
         program.gm.lm_head.weight.mul_(2.0)
     second = runner.step(ids, mask, pos, program.empty_cache(1))[0]
     torch.testing.assert_close(second, 2 * first)
+
+
+def test_last_position_variant_gives_the_last_row(tiny_models):
+    import llmc
+    from llmc.testing import tiny_tokenizer
+
+    for arch in ("llama", "phi3"):
+        cm = llmc.compile(tiny_models[arch], passes=["fold_norm_scales"], tokenizer=tiny_tokenizer())
+        runner = TorchRunner(cm.program)
+        ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, :3] = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        full, present = runner.step(ids, mask, pos, cm.empty_cache(2))
+        last, present_last = runner.step_last(ids, mask, pos, cm.empty_cache(2))
+        assert last.shape == (2, 1, 256)
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(present, present_last))
