@@ -54,6 +54,7 @@ class CompiledModel:
         self.program = program
         self.backend = backend
         self._runner = TorchRunner(program)
+        self._runner.prepare()
 
     # -- running ---------------------------------------------------------------------------
     @property

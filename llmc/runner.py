@@ -1,11 +1,18 @@
 """Running a Program's graph in eager PyTorch, fast enough for token-by-token decoding.
 
-The traced decode step is one GraphModule whose generated `forward` has a local variable per
-node (about 1,700 for SmolLM2). CPython 3.11 keeps frames on a data stack of 16 KiB chunks; a
-frame that large does not fit, so every call maps a fresh chunk and unmaps it on return, and
-the new pages fault in again on every decode step. `TorchRunner` splits the graph per decoder
-layer (`torch.fx.passes.split_module`, weights shared, same ops in the same order), so each
-generated function is small, and calls it with flat arguments.
+Two things make the traced graph slower than it needs to be, and `TorchRunner` fixes both:
+
+- Frame size. The traced decode step is one GraphModule whose generated `forward` has a local
+  variable per node (about 1,700 for SmolLM2). CPython 3.11 keeps frames on a data stack of
+  16 KiB chunks; a frame that large does not fit, so every call maps a fresh chunk and unmaps
+  it on return, and its pages fault in again on every decode step. The runner splits the graph
+  per decoder layer (`torch.fx.passes.split_module`: weights shared, same ops in the same
+  order), so each generated function is small.
+- Weight layout. `linear(x, W)` with W stored row-major [out, in] runs as x @ Wᵀ through a
+  transposed GEMM, which on this CPU reads a cold weight at about half the memory bandwidth
+  for one-row inputs. Storing W in-major (W = Wtᵀ, Wt contiguous [in, out]) keeps every value and
+  every graph node as they are and makes decode-size matmuls about 30% faster (lm_head 7.5 →
+  4.3 ms), and prefill-size ones no slower.
 """
 
 from __future__ import annotations
@@ -66,6 +73,31 @@ def last_position_variant(gm: fx.GraphModule, final_norm: str = "model.norm") ->
     return fx.GraphModule(gm, graph)
 
 
+def use_in_major_weights(gm: fx.GraphModule) -> int:
+    """Re-store every linear weight of `gm` in-major (see the module docstring); returns how many.
+
+    Values are unchanged. Tied tensors (an lm_head sharing the embedding) stay tied: every name
+    aliasing a weight gets the same new tensor. One weight is copied at a time.
+    """
+    from llmc.graph import get_attr_tensor, set_attr_tensor, shares_storage
+
+    done = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        w = node.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr") or w.target in done:
+            continue
+        weight = get_attr_tensor(gm, w)
+        if weight.dim() != 2 or not weight.is_floating_point() or not weight.is_contiguous():
+            continue
+        in_major = weight.detach().t().contiguous().t()
+        for name in [w.target, *shares_storage(gm, w.target)]:
+            set_attr_tensor(gm, name, in_major)
+            done.add(name)
+    return len(done)
+
+
 class TorchRunner:
     """Calls a Program's decode step through a per-layer split of its graph."""
 
@@ -74,9 +106,14 @@ class TorchRunner:
         self._source = None
         self._full = self._last = None
 
+    def prepare(self) -> None:
+        """Lay out the weights and split the graph now rather than on the first call."""
+        self._modules()
+
     def _modules(self):
         if self._source is not self.program.gm:  # passes may have replaced the graph
             gm = self.program.gm
+            use_in_major_weights(gm)
             self._full = split_by_layer(gm)
             variant = last_position_variant(gm)
             self._last = split_by_layer(variant) if variant is not None else self._full

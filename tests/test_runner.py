@@ -52,3 +52,23 @@ def test_last_position_variant_gives_the_last_row(tiny_models):
         assert last.shape == (2, 1, 256)
         torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
         assert all(torch.equal(a, b) for a, b in zip(present, present_last))
+
+
+def test_in_major_weights_keep_values_and_ties():
+    import llmc
+    from llmc.runner import use_in_major_weights
+    from llmc.testing import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    program = llmc.to_program(model)
+    ids = torch.randint(3, 256, (1, 5))
+    mask, pos = torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None]
+    with torch.inference_mode():
+        before = program.gm(ids, mask, pos, program.empty_cache(1))[0]
+    assert use_in_major_weights(program.gm) == 2 * 7 + 2  # every linear, plus the embedding tied to lm_head
+    w = program.gm.get_parameter("model.layers.0.mlp.up_proj.weight")
+    assert w.t().is_contiguous() and not w.is_contiguous()
+    assert program.gm.lm_head.weight.data_ptr() == program.gm.model.embed_tokens.weight.data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(program.gm(ids, mask, pos, program.empty_cache(1))[0], before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, w)  # the source is untouched, same values
