@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import torch
 from torch import fx
@@ -55,7 +56,9 @@ def last_position_variant(gm: fx.GraphModule, final_norm: str = "model.norm") ->
     exactly the last row of the full logits while skipping an lm_head matmul per prompt token.
     Returns None when the graph has no `final_norm` nodes to anchor the slice on.
     """
-    graph = copy.deepcopy(gm.graph)
+    with warnings.catch_warnings():  # pytree's deprecation notice, raised while copying node metadata
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
     norm_nodes = [n for n in graph.nodes if module_fqn(n) == final_norm]
     if not norm_nodes:
         return None
