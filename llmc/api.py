@@ -27,7 +27,7 @@ def _eos_ids(model: nn.Module) -> tuple[int, ...]:
 
 def _source(model, tokenizer=None) -> SourceModel:
     if isinstance(model, str):
-        return load_model(model)
+        return load_model(model, traceable=True)
     if isinstance(model, SourceModel):
         return model
     if isinstance(model, nn.Module) and hasattr(model, "config"):

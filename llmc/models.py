@@ -120,11 +120,13 @@ def _save_dequantized(model: nn.Module, tokenizer, folder: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_model(spec: str) -> SourceModel:
+def load_model(spec: str, traceable: bool = False) -> SourceModel:
     """Load a causal LM and its tokenizer from `spec`.
 
     `spec` is a built-in name (`smollm2-135m`), a local Hugging Face folder, a `.gguf` file, or a
-    Hugging Face hub id (`org/name`, only where a hub is reachable). Weights are float32.
+    Hugging Face hub id (`org/name`, only where a hub is reachable). Weights are float32. With
+    `traceable=True` a local folder whose architecture llmc cannot trace is refused before its
+    weights are loaded.
     """
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
@@ -141,6 +143,8 @@ def load_model(spec: str) -> SourceModel:
             raise ModelLoadError(f"{spec} is a compiled llmc folder; open it with llmc.load() instead")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelLoadError(f"{spec} is a folder without config.json: not a Hugging Face model folder")
+        if traceable:
+            _check_folder_architecture(path)
         try:
             model, tok = _load_hf_folder(path)
         except Exception as e:
@@ -152,6 +156,22 @@ def load_model(spec: str) -> SourceModel:
         raise ModelLoadError(f"no such model: '{spec}' is not a file, a folder, a built-in name ({names}) "
                              "or a hub id of the form org/name")
     return _load_hub(spec)
+
+
+def _check_folder_architecture(path: str) -> None:
+    """Refuse an untraceable architecture from config.json alone (unknown model types included)."""
+    import json
+    import types
+
+    from llmc.trace import check_architecture
+
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
+    check_architecture(types.SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
 
 
 def _load_hub(repo_id: str) -> SourceModel:

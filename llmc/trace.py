@@ -76,16 +76,26 @@ class CacheTensor:
         return cls(d["layer"], d["kind"], d["dtype"], tuple(d["shape"]), d["meaning"])
 
 
-def _check_supported(model: nn.Module) -> None:
-    """Raise UnsupportedArchitectureError naming the architecture and the first thing missing."""
-    config = getattr(model, "config", None)
-    arch = getattr(config, "model_type", type(model).__name__)
-    archs = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
+def check_architecture(config, fallback_name: str = "model") -> None:
+    """Raise UnsupportedArchitectureError unless `config.model_type` is one llmc can trace.
+
+    Needs only the config, so a model folder can be refused before its weights are loaded.
+    """
+    arch = getattr(config, "model_type", None) or fallback_name
     if arch not in SUPPORTED_ARCHITECTURES:
+        archs = ", ".join(getattr(config, "architectures", None) or [fallback_name])
         raise UnsupportedArchitectureError(
             f"cannot trace architecture '{arch}' ({archs}): llmc traces "
             f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}; a new architecture needs an entry in "
             "llmc.trace.SUPPORTED_ARCHITECTURES and parity tests")
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedArchitectureError naming the architecture and the first thing missing."""
+    config = getattr(model, "config", None)
+    check_architecture(config, type(model).__name__)
+    arch = config.model_type
+    archs = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
     inner = getattr(model, "model", None)
     missing = [name for name, ok in [
         ("model.embed_tokens", hasattr(inner, "embed_tokens")),

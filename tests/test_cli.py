@@ -93,3 +93,14 @@ def test_usage_errors_exit_2(capsys):
         main(["compile"])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("llmc: error:")
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    _one_line_error(capsys, ["compile", str(tmp_path / "gpt2"), "-o", str(tmp_path / "o")], 2,
+                    "cannot trace architecture 'gpt2'")
+    assert not (tmp_path / "o").exists()
