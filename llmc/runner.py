@@ -102,7 +102,12 @@ def use_in_major_weights(gm: fx.GraphModule) -> int:
 
 
 class TorchRunner:
-    """Calls a Program's decode step through a per-layer split of its graph."""
+    """Calls a Program's decode step through a per-layer split of its graph.
+
+    Preparing re-stores the program's linear weights in-major (same values) and splits the graph.
+    The split shares the program's tensors but is a snapshot of its graph: it is rebuilt when
+    `program.gm` is replaced, not when a graph is edited in place after the runner has run.
+    """
 
     def __init__(self, program):
         self.program = program
@@ -123,17 +128,16 @@ class TorchRunner:
             self._source = gm
         return self._full, self._last
 
-    def step(self, input_ids, attention_mask, position_ids, past):
-        """`(input_ids, attention_mask, position_ids, past) -> (logits, present)`, without autograd."""
-        module = self._modules()[0]
+    def _run(self, module, input_ids, attention_mask, position_ids, past):
         with torch.inference_mode():
             out = module(input_ids, attention_mask, position_ids, *past)
         return out[0], list(out[1:])
 
+    def step(self, input_ids, attention_mask, position_ids, past):
+        """`(input_ids, attention_mask, position_ids, past) -> (logits, present)`, without autograd."""
+        return self._run(self._modules()[0], input_ids, attention_mask, position_ids, past)
+
     def step_last(self, input_ids, attention_mask, position_ids, past):
         """Like `step`, but logits [B, 1, V] of the last position only (cheaper prefill)."""
-        module = self._modules()[1]
-        with torch.inference_mode():
-            out = module(input_ids, attention_mask, position_ids, *past)
-        logits = out[0]
-        return logits[:, -1:], list(out[1:])
+        logits, present = self._run(self._modules()[1], input_ids, attention_mask, position_ids, past)
+        return logits[:, -1:], present
