@@ -7,17 +7,23 @@ working exits with status 1. Output folders are written atomically (see Compiled
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
-from llmc.errors import LlmcError
+from llmc.errors import ConfigError, LlmcError
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 def _open_model(spec: str):
-    """A compiled folder (manifest.json) is loaded; anything else is loaded and traced."""
+    """A compiled folder is loaded, an ONNX folder opened in ONNX Runtime; anything else is traced."""
     import llmc
+    from llmc.runtime import OrtModel, is_onnx_folder
 
+    if os.path.isdir(spec) and is_onnx_folder(spec):
+        return OrtModel(spec)
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
         return llmc.load(spec)
     return llmc.compile(spec)
@@ -29,10 +35,17 @@ def cmd_compile(args) -> int:
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not args.overwrite:
         raise LlmcError(f"{args.output} already exists; choose another folder or pass --overwrite")
+    if args.backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{args.backend}'; available: {', '.join(BACKENDS)}")
     cm = llmc.compile(args.model, passes=args.passes, calibration=args.calib, seed=args.seed)
-    cm.save(out, overwrite=args.overwrite)
+    if args.backend == "onnxruntime":
+        backend = importlib.import_module("llmc.backends.onnxruntime")
+        backend.lower(cm.program, out, parity=not args.no_parity, overwrite=args.overwrite)
+    else:
+        cm.save(out, overwrite=args.overwrite)
     size = cm.program.size_report()
-    print(f"wrote {args.output}: {len(cm.program.history)} pass(es), {size['total_bytes'] / 1e6:.1f} MB, "
+    print(f"wrote {args.output} ({args.backend}): {len(cm.program.history)} pass(es), "
+          f"{size['total_bytes'] / 1e6:.1f} MB of weights, "
           f"{size['decoder_linear_bits_per_param']:.2f} bits/param over decoder linears")
     return 0
 
@@ -85,8 +98,11 @@ def cmd_inspect(args) -> int:
     print("size:")
     for comp, c in size["components"].items():
         print(f"  {comp:16s} {c['bytes'] / 1e6:10.3f} MB  {c['numel']:>12,d} elements  {c['bits_per_element']:6.2f} bits")
-    print(f"  total {size['total_bytes'] / 1e6:.3f} MB; decoder linears {size['decoder_linear_bits_per_param']:.2f} "
-          f"bits/param over {size['decoder_linear_params']:,d} weights")
+    if "decoder_linear_bits_per_param" in size:
+        print(f"  total {size['total_bytes'] / 1e6:.3f} MB; decoder linears {size['decoder_linear_bits_per_param']:.2f} "
+              f"bits/param over {size['decoder_linear_params']:,d} weights")
+    for name, nbytes in size.get("files", {}).items():
+        print(f"  file {name}: {nbytes / 1e6:.3f} MB")
     for t in size["tied"]:
         print(f"  tied: {t}")
     return 0
@@ -124,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--backend", default="torch", help=f"{' | '.join(BACKENDS)} (onnxruntime writes an ONNX folder)")
+    c.add_argument("--no-parity", action="store_true", help="skip the ONNX-vs-torch parity check")
     c.set_defaults(fn=cmd_compile)
 
     e = sub.add_parser("eval", help="evaluate a model")

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from llmc.errors import ArtifactError, ConfigError
-from llmc.generation import SamplingConfig, generate_tokens
+from llmc.generation import TextGenerator
 from llmc.graph import strip_runtime_noops
 from llmc.models import sha256_file as _sha256
 from llmc.program import PassRecord, Program
@@ -41,7 +41,7 @@ def versions() -> dict:
     return out
 
 
-class CompiledModel:
+class CompiledModel(TextGenerator):
     """A compiled model: call it, `generate()` text, `save()` it, `report()` on it.
 
     `step(input_ids, attention_mask, position_ids, past) -> (logits, present)` is the traced decode
@@ -81,43 +81,13 @@ class CompiledModel:
             position_ids = torch.arange(past_len, past_len + S).expand(B, S)
         return self.step(input_ids, attention_mask, position_ids, past)
 
-    def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
-        """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""
-        ids = set() if ignore_eos else set(self.program.eos_ids)
-        if not ids and not ignore_eos and isinstance(getattr(self.tokenizer, "eos_token_id", None), int):
-            ids.add(self.tokenizer.eos_token_id)
-        for s in stop or ():
-            if isinstance(s, int):
-                ids.add(s)
-                continue
-            toks = self.tokenizer.encode(s, add_special_tokens=False)
-            if len(toks) != 1:
-                raise ConfigError(f"stop string {s!r} is {len(toks)} tokens; stop strings must be one token")
-            ids.add(toks[0])
-        return ids
+    @property
+    def eos_ids(self) -> tuple:
+        return self.program.eos_ids
 
-    def generate(self, prompts, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop=None, seed: int | None = None,
-                 return_tokens: bool = False, ignore_eos: bool = False):
-        """Continue one prompt (str) or a batch (list of str, or lists of token ids).
-
-        Greedy by default; `do_sample=True` samples with temperature / top_k / top_p (seeded by
-        `seed`). Stops at the model's EOS (unless `ignore_eos`) and at `stop` (token ids or
-        single-token strings).
-        Returns the continuation text (a str for one prompt, else a list), or the new token ids
-        with `return_tokens=True`.
-        """
-        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
-        batch = [prompts] if single else list(prompts)
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(self.tokenizer, "eos_token_id", None) or 0
-        rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop, ignore_eos),
-                               prefill_step=self._runner.step_last)
-        out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-        return out[0] if single else out
+    def prefill_step(self, input_ids, attention_mask, position_ids, past):
+        """A decode step returning logits of the last position only (generation's prefill)."""
+        return self._runner.step_last(input_ids, attention_mask, position_ids, past)
 
     # -- reporting -------------------------------------------------------------------------
     def report(self) -> dict:

@@ -1,0 +1,223 @@
+"""`lower(program, out_dir)`: a Program as an ONNX folder that ONNX Runtime (and onnxruntime-genai) run.
+
+The folder holds `model.onnx` + `model.onnx.data` (external weights), Optimum-named I/O
+(`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value` -> `logits`,
+`present.{i}.key/value`), the tokenizer and config, `genai_config.json`, and `llmc_onnx.json`
+(cache layout, pass history, versions, parity report); the pass history is also in the ONNX
+metadata. It is written to a temporary sibling folder, checked against the torch program
+(logits on a padded batch and a greedy decode), and renamed into place only if it agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+
+import torch
+
+from llmc.backends.onnxruntime.translations import TRANSLATIONS
+from llmc.errors import ExportError, ParityError, UnsupportedOpError
+from llmc.progress import log
+from llmc.testing import op_name
+from llmc.trace import INPUT_NAMES
+
+ONNX_MANIFEST = "llmc_onnx.json"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+FORMAT = "llmc-onnx"
+FORMAT_VERSION = 1
+
+
+def unsupported_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the llmc custom ops in `gm` that have no ONNX translation."""
+    missing = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if node.target.namespace == "llmc" and node.target not in TRANSLATIONS:
+                missing.add(op_name(node.target))
+    return sorted(missing)
+
+
+def _rename_dims(model_path: str, program) -> None:
+    """Give the exporter's symbolic dims (s10, s70, ...) the names Optimum and genai use."""
+    import onnx
+
+    model = onnx.load(model_path, load_external_data=False)
+    graph = model.graph
+    inputs = {v.name: v for v in graph.input}
+    names = {}
+
+    def dim(value, i):
+        return inputs[value].type.tensor_type.shape.dim[i].dim_param
+
+    names[dim("input_ids", 0)] = "batch_size"
+    names[dim("input_ids", 1)] = "sequence_length"
+    names[dim("attention_mask", 1)] = "total_sequence_length"
+    names[dim(program.cache_layout[0].input_name, 2)] = "past_sequence_length"
+    names.pop("", None)
+    token = re.compile(r"\bs\d+\b")
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                renamed = token.sub(lambda m: names.get(m.group(0), m.group(0)), d.dim_param)
+                if value.name.startswith("present.") and "+" in renamed:
+                    renamed = "total_sequence_length"
+                d.dim_param = renamed
+    onnx.save(model, model_path)
+
+
+def _genai_config(program) -> dict:
+    cfg = program.config
+    layout = program.cache_layout
+    eos = list(program.eos_ids) or [getattr(cfg, "eos_token_id", 0)]
+    pad = getattr(program.tokenizer, "pad_token_id", None)
+    return {
+        "model": {
+            "bos_token_id": getattr(cfg, "bos_token_id", None) if getattr(cfg, "bos_token_id", None) is not None else 0,
+            "context_length": getattr(cfg, "max_position_embeddings", 2048),
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": pad if pad is not None else eos[0],
+            "type": cfg.model_type,
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": layout[0].shape[3],
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": program.num_layers,
+                "num_key_value_heads": layout[0].shape[1],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": min(getattr(cfg, "max_position_embeddings", 2048), 4096),
+                   "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def _export(program, folder: str) -> float:
+    """torch.onnx.export of the re-exported program into `folder`; returns seconds."""
+    t0 = time.perf_counter()
+    ep = program.exported()
+    input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]
+    output_names = ["logits"] + [c.output_name for c in program.cache_layout]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(
+            ep, args=program.example_inputs(), dynamo=True, input_names=input_names, output_names=output_names,
+            custom_translation_table=dict(TRANSLATIONS) or None, external_data=True, optimize=True, verbose=False)
+    history = json.dumps([h.to_json() for h in program.history])
+    onnx_program.model.metadata_props.update({"llmc.history": history, "llmc.source": program.source or program.name})
+    path = os.path.join(folder, MODEL_FILE)
+    onnx_program.save(path, external_data=True)
+    written = {f for f in os.listdir(folder) if f != MODEL_FILE}
+    if written != {DATA_FILE}:  # the exporter names the data file after the model file
+        raise ExportError(f"unexpected files beside {MODEL_FILE}: {sorted(written)}")
+    _rename_dims(path, program)
+    return time.perf_counter() - t0
+
+
+def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e-3) -> dict:
+    """Compare the ONNX folder with the torch program: logits on a padded batch, then a greedy decode.
+
+    Raises ParityError with the max difference (or the first diverging step) on a mismatch.
+    """
+    from llmc.generation import SamplingConfig, generate_tokens, left_pad, position_ids_from_mask
+    from llmc.runner import TorchRunner
+    from llmc.runtime import OrtModel
+
+    ort_model = OrtModel(folder)
+    runner = TorchRunner(program)
+    vocab = program.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (11, 6)]
+    ids, mask = left_pad(prompts, pad_id=0)
+    pos = position_ids_from_mask(mask)
+    t_logits, _ = runner.step(ids, mask, pos, program.empty_cache(2, 0))
+    o_logits, _ = ort_model.step(ids, mask, pos, ort_model.empty_cache(2))
+    real = mask.bool()
+    diff = float((t_logits[real] - o_logits[real]).abs().max())
+    if not diff <= atol:
+        raise ParityError(f"ONNX logits differ from torch by {diff:.3g} (max |diff| on a padded batch of 2, "
+                          f"tolerance {atol}); the export is not written")
+    cfg = SamplingConfig(max_new_tokens=decode_tokens)
+    t_tokens = generate_tokens(runner.step, lambda b: program.empty_cache(b, 0), prompts, cfg, pad_id=0)
+    o_tokens = generate_tokens(ort_model.step, ort_model.empty_cache, prompts, cfg, pad_id=0)
+    for row, (a, b) in enumerate(zip(t_tokens, o_tokens)):
+        if a != b:
+            k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            raise ParityError(f"ONNX greedy decode diverges from torch at token {k} of row {row} "
+                              f"(torch {a[k]}, onnx {b[k]}; logits max |diff| {diff:.3g}); the export is not written")
+    return {"logits_max_abs_diff": diff, "atol": atol, "greedy_tokens": decode_tokens, "greedy_identical": True,
+            "batch": 2, "prompt_lengths": [len(p) for p in prompts]}
+
+
+def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False, atol: float = 1e-3) -> str:
+    """Write `program` as an ONNX folder at `out_dir` and return its path.
+
+    Raises UnsupportedOpError (naming every op) before writing anything if some llmc op has no
+    translation, ExportError if `out_dir` exists (unless `overwrite`) or the export fails, and
+    ParityError if ONNX Runtime disagrees with torch (unless `parity=False`). On any failure
+    nothing is left at `out_dir`.
+    """
+    from llmc.compiled import versions
+
+    missing = unsupported_ops(program.gm)
+    if missing:
+        raise UnsupportedOpError(f"the onnxruntime backend cannot lower {', '.join(missing)}: no ONNX translation "
+                                 "in llmc.backends.onnxruntime.TRANSLATIONS")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another folder or pass overwrite=True (--overwrite)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        log(f"exporting ONNX ({program.num_layers} layers)")
+        try:
+            seconds = _export(program, tmp)
+        except (ExportError, UnsupportedOpError):
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
+        log(f"exported in {seconds:.1f} s")
+        program.config.to_json_file(os.path.join(tmp, "config.json"))
+        if program.tokenizer is not None:
+            program.tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "genai_config.json"), "w") as f:
+            json.dump(_genai_config(program), f, indent=2)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "name": program.name, "source": program.source,
+            "versions": versions(), "model_file": MODEL_FILE, "data_file": DATA_FILE,
+            "export_seconds": round(seconds, 2),
+            "cache_layout": [c.to_json() for c in program.cache_layout], "eos_ids": list(program.eos_ids),
+            "history": [h.to_json() for h in program.history], "parity": None,
+        }
+        _write_json(os.path.join(tmp, ONNX_MANIFEST), manifest)
+        if parity:
+            log("checking ONNX Runtime against torch")
+            manifest["parity"] = check_parity(program, tmp, atol=atol)
+            _write_json(os.path.join(tmp, ONNX_MANIFEST), manifest)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -1,0 +1,116 @@
+"""`OrtModel`: run an ONNX folder written by the onnxruntime backend (generate, evaluate, step)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from llmc.errors import ArtifactError
+from llmc.generation import TextGenerator
+from llmc.trace import INPUT_NAMES, CacheTensor
+
+ONNX_MANIFEST = "llmc_onnx.json"  # same name as llmc.backends.onnxruntime.ONNX_MANIFEST (core must not import it)
+
+
+def is_onnx_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ONNX_MANIFEST))
+
+
+class OrtModel(TextGenerator):
+    """An exported folder in an ONNX Runtime session, with the same step/generate API as CompiledModel.
+
+    `step(input_ids, attention_mask, position_ids, past) -> (logits, present)` takes and returns
+    torch tensors (shared with ORT's numpy buffers, no copies on the way out).
+    """
+
+    def __init__(self, folder: str, threads: int | None = None):
+        import onnxruntime as ort
+
+        from llmc.tokenizer import load_tokenizer
+
+        folder = os.path.abspath(folder)
+        if not is_onnx_folder(folder):
+            raise ArtifactError(f"{folder} is not an llmc ONNX folder (no {ONNX_MANIFEST}); "
+                                "export one with `llmc compile MODEL --backend onnxruntime -o DIR`")
+        try:
+            with open(os.path.join(folder, ONNX_MANIFEST)) as f:
+                self.manifest = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{folder}/{ONNX_MANIFEST} is corrupt ({e}); export the model again") from e
+        model_path = os.path.join(folder, self.manifest.get("model_file", "model.onnx"))
+        for name in (self.manifest.get("model_file", "model.onnx"), self.manifest.get("data_file", "model.onnx.data")):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise ArtifactError(f"{folder} is incomplete: {name} is missing; export the model again")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(model_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"ONNX Runtime cannot load {model_path}: {type(e).__name__}: {e}") from e
+        self.folder = folder
+        self.cache_layout = [CacheTensor.from_json(c) for c in self.manifest["cache_layout"]]
+        self.eos_ids = tuple(self.manifest.get("eos_ids", ()))
+        self.tokenizer = load_tokenizer(folder)
+        self.output_names = ["logits"] + [c.output_name for c in self.cache_layout]
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        out = []
+        for c in self.cache_layout:
+            shape = [batch if d == "batch" else 0 if d == "past_sequence_length" else d for d in c.shape]
+            out.append(torch.zeros(shape, dtype=getattr(torch, c.dtype)))
+        return out
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        """One decode step in ONNX Runtime."""
+        feeds = {name: np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
+                 for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, position_ids))}
+        for c, t in zip(self.cache_layout, past):
+            feeds[c.input_name] = t.numpy() if isinstance(t, torch.Tensor) else t
+        outs = self.session.run(self.output_names, feeds)
+        tensors = [torch.from_numpy(o) for o in outs]
+        return tensors[0], tensors[1:]
+
+    def report(self) -> dict:
+        """History, cache layout, ONNX op histogram and initializer sizes by dtype and file size."""
+        import collections
+
+        import onnx
+
+        model = onnx.load(os.path.join(self.folder, self.manifest.get("model_file", "model.onnx")),
+                          load_external_data=False)
+        ops = collections.Counter(f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in model.graph.node)
+        comps: dict = collections.defaultdict(lambda: {"bytes": 0, "numel": 0, "tensors": 0})
+        for init in model.graph.initializer:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            numel = int(np.prod(init.dims)) if init.dims else 1
+            c = comps[f"initializers {dtype}"]
+            c["numel"] += numel
+            c["bytes"] += numel * dtype.itemsize
+            c["tensors"] += 1
+        for c in comps.values():
+            c["bits_per_element"] = round(8 * c["bytes"] / max(c["numel"], 1), 4)
+        files = {f: os.path.getsize(os.path.join(self.folder, f)) for f in sorted(os.listdir(self.folder))}
+        return {"name": self.manifest.get("name", "model"), "source": self.manifest.get("source", ""),
+                "backend": "onnxruntime", "architecture": json.load(open(os.path.join(self.folder, "config.json")))
+                .get("model_type", "?"), "layers": len(self.cache_layout) // 2,
+                "history": self.manifest.get("history", []), "cache_layout": self.manifest["cache_layout"],
+                "ops": dict(ops.most_common()), "parity": self.manifest.get("parity"),
+                "size": {"components": dict(comps), "total_bytes": sum(c["bytes"] for c in comps.values()),
+                         "files": files, "tied": []}}
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, S = input_ids.shape
+        past = past if past is not None else self.empty_cache(B)
+        past_len = past[0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + S, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + S).expand(B, S)
+        return self.step(input_ids, attention_mask, position_ids, past)
