@@ -1,0 +1,117 @@
+"""ONNX Runtime backend on SmolLM2-135M: export time, file size, session load, decode speed, ppl.
+
+    python benchmarks/onnxruntime_decode.py [--repeats 3] [--out /tmp/llmc-bench-onnx]
+
+Decode: batch 1, 128-token prompt from the test text, 128 new greedy tokens, medians of
+interleaved rounds, for llmc's ORT FP32 export, llmc's torch runtime and HF eager (the
+`fp_tokens_per_s` baseline), all in the same process; with --genai-python also llmc's export
+and (--genai-builder-dir) genai's own FP32 build under onnxruntime-genai, in a subprocess per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import peak_rss_mb, write_result  # noqa: E402
+
+import llmc  # noqa: E402
+from llmc import data  # noqa: E402
+from llmc.backends.onnxruntime import lower  # noqa: E402
+from llmc.eval import perplexity  # noqa: E402
+from llmc.runtime import OrtModel  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/llmc-bench-onnx")
+    ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: also decode llmc's export under genai")
+    ap.add_argument("--genai-builder-dir", help="an FP32 model built by onnxruntime-genai's builder, to decode too")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    src = llmc.load_model("smollm2-135m")
+    cm = llmc.compile(src)
+    shutil.rmtree(args.out, ignore_errors=True)
+    t0 = time.perf_counter()
+    lower(cm.program, args.out)
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ort_model = OrtModel(args.out, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in ("model.onnx", "model.onnx.data"))
+
+    ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
+    rows = []
+    for proto in ("ppl-512x40",):
+        r_ort = perplexity(ort_model, ids, proto)
+        r_torch = perplexity(cm, ids, proto)
+        rows.append({"method": "onnxruntime FP32", "passes": [], "protocol": proto, "windows": r_ort.windows,
+                     "ppl": round(r_ort.ppl, 4), "fp_ppl": round(r_torch.ppl, 4),
+                     "seconds": {"eval": round(r_ort.seconds, 1)}})
+        print(f"{proto}: ORT {r_ort.ppl:.4f}, torch {r_torch.ppl:.4f}", flush=True)
+
+    prompt = ids[:128].tolist()
+    engines = {
+        "onnxruntime": lambda: ort_model.generate(prompt, 128, ignore_eos=True, return_tokens=True),
+        "torch": lambda: cm.generate(prompt, 128, ignore_eos=True, return_tokens=True),
+        "hf": lambda: src.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=128, min_new_tokens=128,
+                                         do_sample=False)[0, 128:].tolist(),
+    }
+    if args.genai_python:
+        prompt_file = os.path.join(args.out, "..", "llmc-bench-prompt.json")
+        with open(prompt_file, "w") as f:
+            json.dump(prompt, f)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "genai_decode.py")
+
+        def genai(folder):
+            res = subprocess.run([args.genai_python, script, folder, prompt_file], capture_output=True, text=True,
+                                 check=True)
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+            genai.rate = out["tokens_per_s"][0]
+            return out["tokens"]
+
+        engines["genai (llmc export)"] = lambda: genai(args.out)
+        if args.genai_builder_dir:
+            engines["genai (genai builder)"] = lambda: genai(args.genai_builder_dir)
+    tps = {k: [] for k in engines}
+    outs = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, fn in engines.items():
+                t0 = time.perf_counter()
+                outs[name] = fn()
+                # genai times itself (its process start and model load are not decode time)
+                tps[name].append(genai.rate if name.startswith("genai") else 128 / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    for k in engines:
+        print(f"decode {k}: {med[k]:.1f} tok/s ({med[k] / med['hf']:.2f}x HF eager)", flush=True)
+    labels = [("onnxruntime", "onnxruntime FP32 (llmc OrtModel)"), ("torch", "torch (llmc runtime) FP32")]
+    labels += [(k, f"onnxruntime-genai FP32, {k[7:-1]}") for k in engines if k.startswith("genai")]
+    for name, method in labels:
+        rows.append({"method": f"{method}: greedy decode, batch 1, 128+128", "passes": [],
+                     "tokens_per_s": round(med[name], 2), "fp_tokens_per_s": round(med["hf"], 2),
+                     "repeats": args.repeats, "tokens_identical_to_hf": outs[name] == outs["hf"],
+                     "all_tokens_per_s": [round(v, 2) for v in tps[name]],
+                     "all_fp_tokens_per_s": [round(v, 2) for v in tps["hf"]]})
+    path = write_result("onnxruntime_decode", rows, model="smollm2-135m", model_sha256=src.fingerprint,
+                        data_sha256=data.sha256("wikitext2-test"),
+                        extra={"seconds": {"onnx_export_with_parity": round(export_s, 1),
+                                           "ort_session_load": round(load_s, 2)},
+                               "onnx_bytes": size, "peak_rss_mb": round(peak_rss_mb())})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
