@@ -1,5 +1,6 @@
 """llmc's graph passes (installed as `llmc.passes`). Importing this package registers them all."""
 
 from llmc.passes.fold_norm_scales import FoldNormScales
+from llmc.passes.rtn_quant import RTNQuant
 
-__all__ = ["FoldNormScales"]
+__all__ = ["FoldNormScales", "RTNQuant"]

@@ -1,0 +1,86 @@
+"""`llmc::nbits_linear`: a linear layer with blockwise 2/4/8-bit scalar codes, in MatMulNBits layout.
+
+Layout (ONNX Runtime's `com.microsoft::MatMulNBits`, so lowering is a pure op mapping):
+  codes       uint8 [N, K/block, block*bits/8]   along K, low bits first (4-bit: even k in the low nibble)
+  scales      float [N, K/block]
+  zero_points uint8 [N, ceil((K/block)*bits/8)]  packed along blocks the same way
+W[n, k] = (q[n, k] - zero[n, k // block]) * scale[n, k // block];  y = x @ Wᵀ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def pack_along_last(q: Tensor, bits: int) -> Tensor:
+    """Pack integers < 2**bits along the last dim into uint8, low bits first. q: [..., n], n*bits % 8 == 0."""
+    per_byte = 8 // bits
+    q = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per_byte, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    return (q << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_along_last(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack_along_last`: uint8 [..., m] -> int32 [..., n] (the first n values)."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int32)
+
+
+def dequantize(codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, bits: int, block_size: int) -> Tensor:
+    """Float weight [N, K] from MatMulNBits-layout tensors."""
+    N, n_blocks, _ = codes.shape
+    q = unpack_along_last(codes, bits, block_size)  # [N, n_blocks, block]
+    z = unpack_along_last(zero_points, bits, n_blocks)  # [N, n_blocks]
+    w = (q - z[..., None]).to(scales.dtype) * scales[..., None]
+    return w.reshape(N, n_blocks * block_size)[:, :K]
+
+
+@torch.library.custom_op("llmc::nbits_linear", mutates_args=())
+def nbits_linear(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, N: int, bits: int,
+                 block_size: int) -> Tensor:
+    """y = x @ dequantize(codes, scales, zero_points)ᵀ. x: [..., K] -> [..., N]."""
+    return torch.nn.functional.linear(x, dequantize(codes, scales, zero_points, K, bits, block_size))
+
+
+@nbits_linear.register_fake
+def _(x, codes, scales, zero_points, K, N, bits, block_size):
+    return x.new_empty(*x.shape[:-1], N)
+
+
+def quantize_rtn(weight: Tensor, bits: int, block_size: int, symmetric: bool = False):
+    """Round-to-nearest blockwise quantization of weight [N, K] into MatMulNBits-layout tensors.
+
+    Asymmetric: per block, scale = (max - min) / (2**bits - 1), zero = round(-min / scale).
+    Symmetric: scale = absmax / 2**(bits-1), zero = 2**(bits-1) (the MatMulNBits default).
+    Returns codes, scales (float32), zero_points.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    N, K = weight.shape
+    n_blocks = -(-K // block_size)
+    w = weight.detach().float()
+    if n_blocks * block_size != K:  # pad K with zeros to whole blocks
+        w = torch.nn.functional.pad(w, (0, n_blocks * block_size - K))
+    w = w.reshape(N, n_blocks, block_size)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        half = 1 << (bits - 1)
+        scale = w.abs().amax(-1) / half
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.full_like(scale, half)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = (hi - lo) / qmax
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, qmax)
+    codes = pack_along_last(q, bits)  # [N, n_blocks, block*bits/8]
+    zpad = -(-n_blocks * bits // 8) * (8 // bits)
+    z = torch.nn.functional.pad(zero, (0, zpad - n_blocks))
+    zero_points = pack_along_last(z, bits)  # [N, ceil(n_blocks*bits/8)]
+    return codes, scale.float(), zero_points

@@ -1,0 +1,94 @@
+"""rtn_quant: round-to-nearest blockwise scalar quantization of linear weights to 2/4/8 bits.
+
+The baseline scalar representation: each block of `group` weights along the input dim gets a
+scale (and a zero point unless symmetric), codes are packed in ONNX Runtime's MatMulNBits layout
+(`llmc::nbits_linear`), so the ONNX backend lowers them to MatMulNBits and the codes stay uint8
+in the file and in the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from llmc.errors import ConfigError
+from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_attr_tensor, shares_storage
+from llmc.ops.nbits_linear import SUPPORTED_BITS, quantize_rtn
+from llmc.passes_base import Pass, PassContext, PassResult, register_pass
+from llmc.progress import bar
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("rtn_quant")
+@dataclass(frozen=True)
+class RTNQuant(Pass):
+    """Quantize linear weights to `bits` with round-to-nearest per block of `group` inputs.
+
+    Matches: `aten.linear` with a stored weight in a module whose FQN matches `targets` (and
+    `lm_head` when `lm_head=true`). Emits: `llmc::nbits_linear` (+ `aten.add` for a bias).
+    Numerics: lossy.
+    """
+
+    bits: int = 4
+    group: int = 64
+    symmetric: bool = False
+    targets: str = r"layers\.\d+\.(self_attn|mlp)\."
+    lm_head: bool = False
+
+    invalidates = ("dense_linear_weights",)
+    provides = ("scalar_quantized_weights",)
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"rtn_quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+        if self.group < 16 or self.group & (self.group - 1):
+            raise ConfigError(f"rtn_quant.group must be a power of two >= 16 (MatMulNBits blocks), got {self.group}")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ConfigError(f"rtn_quant.targets is not a valid regular expression: {e}") from None
+
+    def _matches(self, fqn: str) -> bool:
+        return bool(re.search(self.targets, fqn + ".")) or (self.lm_head and fqn.rpartition(".")[2] == "lm_head")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+                 and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr" and self._matches(module_fqn(n))]
+        untied = []
+        weights = 0
+        for node in bar(nodes, desc="rtn_quant", unit="linear", enabled=ctx.progress):
+            x, w_node = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else None
+            weight = get_attr_tensor(gm, w_node)
+            if shares_storage(gm, w_node.target):
+                untied.append(w_node.target)  # the other user (the embedding) keeps the float tensor
+            N, K = weight.shape
+            codes, scales, zeros = quantize_rtn(weight, self.bits, self.group, self.symmetric)
+            module = w_node.target.rpartition(".")[0]
+            attrs = {}
+            for leaf, t in (("codes", codes), ("scales", scales), ("zero_points", zeros)):
+                set_attr_tensor(gm, f"{module}.{leaf}", t, parameter=False)
+                with gm.graph.inserting_before(node):
+                    attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
+            with gm.graph.inserting_before(node):
+                y = gm.graph.call_function(
+                    torch.ops.llmc.nbits_linear.default,
+                    (x, attrs["codes"], attrs["scales"], attrs["zero_points"], K, N, self.bits, self.group))
+                out = gm.graph.call_function(torch.ops.aten.add.Tensor, (y, bias)) if bias is not None else y
+            for new in {y, out, *attrs.values()}:
+                new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+            y.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            weights += N * K
+        remove_unused_attrs(gm)
+        gm.recompile()
+        stats = {"quantized": len(nodes), "weights": weights, "untied": untied}
+        if not nodes:
+            logger.debug("rtn_quant: no linear matches %r", self.targets)
+        return PassResult(gm, bool(nodes), stats)

@@ -1,0 +1,36 @@
+"""llmc::nbits_linear: packing, reference numerics, opcheck."""
+
+import pytest
+import torch
+
+from llmc.ops.nbits_linear import dequantize, pack_along_last, quantize_rtn, unpack_along_last
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_round_trip_low_bits_first(bits):
+    q = torch.randint(0, 1 << bits, (3, 5, 32))
+    packed = pack_along_last(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32 * bits // 8)
+    assert torch.equal(unpack_along_last(packed, bits, 32), q.to(torch.int32))
+    if bits == 4:  # MatMulNBits: element 2j in the low nibble of byte j
+        assert int(packed[0, 0, 0]) == int(q[0, 0, 0]) | (int(q[0, 0, 1]) << 4)
+
+
+@pytest.mark.parametrize("bits,max_rel_err", [(2, 0.25), (4, 0.012), (8, 5e-5)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_error_and_op_match_naive_dequantize(bits, max_rel_err, symmetric):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 200, generator=gen)  # K not a multiple of the block: padded blocks
+    codes, scales, zeros = quantize_rtn(w, bits, 32, symmetric)
+    wd = dequantize(codes, scales, zeros, 200, bits, 32)
+    rel = float((wd - w).pow(2).mean() / w.pow(2).mean())
+    assert rel < max_rel_err
+    x = torch.randn(2, 3, 200, generator=gen)
+    y = torch.ops.llmc.nbits_linear(x, codes, scales, zeros, 200, 48, bits, 32)
+    torch.testing.assert_close(y, x @ wd.T, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    w = torch.randn(32, 64)
+    codes, scales, zeros = quantize_rtn(w, 4, 16)
+    torch.library.opcheck(torch.ops.llmc.nbits_linear.default, (torch.randn(2, 64), codes, scales, zeros, 64, 32, 4, 16))
