@@ -22,8 +22,9 @@ def table() -> str:
         name, com = doc["benchmark"], doc.get("commit", "?")
         for r in doc["rows"]:
             if "ppl" in r:
-                lines.append(f"| {name} | {r['method']} {' '.join(r.get('passes') or [])} | {r['protocol']} "
-                             f"({r['windows']} windows) | ppl {_fmt(r['ppl'])} | {_fmt(r.get('fp_ppl'))} | {com} |")
+                bits = f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param") else ""
+                lines.append(f"| {name} | {r['method']} | {r['protocol']} ({r['windows']} windows) | "
+                             f"ppl {_fmt(r['ppl'])}{bits} | {_fmt(r.get('fp_ppl'))} | {com} |")
             elif r.get("tokens_per_s") is not None:
                 ratio = r["tokens_per_s"] / r["fp_tokens_per_s"] if r.get("fp_tokens_per_s") else None
                 lines.append(f"| {name} | {r['method']} | tokens/s, median of {r.get('repeats')} | "
@@ -34,6 +35,8 @@ def table() -> str:
                              f"{_fmt(r['seconds']['median'], 3)} | {_fmt(r.get('fp_seconds'), 3)} | {com} |")
         for k, v in (doc.get("seconds") or {}).items():
             lines.append(f"| {name} | {k} time | seconds | {_fmt(v, 1)} | — | {com} |")
+        if doc.get("onnx_bytes"):
+            lines.append(f"| {name} | ONNX file size | MB | {doc['onnx_bytes'] / 1e6:.1f} | — | {com} |")
     return "\n".join(lines)
 
 

@@ -36,13 +36,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/llmc-bench-onnx")
+    ap.add_argument("--pass", dest="passes", action="append", default=[], help="pass spec to compile with")
+    ap.add_argument("--name", default="onnxruntime_decode", help="results file name")
     ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: also decode llmc's export under genai")
     ap.add_argument("--genai-builder-dir", help="an FP32 model built by onnxruntime-genai's builder, to decode too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     src = llmc.load_model("smollm2-135m")
-    cm = llmc.compile(src)
+    cm = llmc.compile(src, passes=args.passes)
+    label = "onnxruntime " + (" + ".join(args.passes) if args.passes else "FP32")
     shutil.rmtree(args.out, ignore_errors=True)
     t0 = time.perf_counter()
     lower(cm.program, args.out)
@@ -57,10 +60,13 @@ def main() -> None:
     for proto in ("ppl-512x40",):
         r_ort = perplexity(ort_model, ids, proto)
         r_torch = perplexity(cm, ids, proto)
-        rows.append({"method": "onnxruntime FP32", "passes": [], "protocol": proto, "windows": r_ort.windows,
-                     "ppl": round(r_ort.ppl, 4), "fp_ppl": round(r_torch.ppl, 4),
+        r_fp = perplexity(src.model, ids, proto) if args.passes else r_torch
+        size_report = cm.program.size_report()
+        rows.append({"method": label, "passes": args.passes, "protocol": proto, "windows": r_ort.windows,
+                     "ppl": round(r_ort.ppl, 4), "torch_ppl": round(r_torch.ppl, 4), "fp_ppl": round(r_fp.ppl, 4),
+                     "bits_per_param": size_report["decoder_linear_bits_per_param"],
                      "seconds": {"eval": round(r_ort.seconds, 1)}})
-        print(f"{proto}: ORT {r_ort.ppl:.4f}, torch {r_torch.ppl:.4f}", flush=True)
+        print(f"{proto}: ORT {r_ort.ppl:.4f}, torch {r_torch.ppl:.4f}, FP {r_fp.ppl:.4f}", flush=True)
 
     prompt = ids[:128].tolist()
     engines = {
@@ -69,6 +75,8 @@ def main() -> None:
         "hf": lambda: src.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=128, min_new_tokens=128,
                                          do_sample=False)[0, 128:].tolist(),
     }
+    if args.passes:  # llmc's torch runtime dequantizes on every call: a reference, not a decoder
+        del engines["torch"]
     if args.genai_python:
         prompt_file = os.path.join(args.out, "..", "llmc-bench-prompt.json")
         with open(prompt_file, "w") as f:
@@ -97,15 +105,18 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in tps.items()}
     for k in engines:
         print(f"decode {k}: {med[k]:.1f} tok/s ({med[k] / med['hf']:.2f}x HF eager)", flush=True)
-    labels = [("onnxruntime", "onnxruntime FP32 (llmc OrtModel)"), ("torch", "torch (llmc runtime) FP32")]
-    labels += [(k, f"onnxruntime-genai FP32, {k[7:-1]}") for k in engines if k.startswith("genai")]
+    labels = [("onnxruntime", f"{label} (llmc OrtModel)"), ("torch", "torch (llmc runtime) FP32")]
+    labels = [(k, m) for k, m in labels if k in engines]
+    genai_label = "onnxruntime-genai " + ("FP32" if not args.passes else "+".join(args.passes))
+    labels += [(k, f"{genai_label}, {k[7:-1]}") for k in engines if k.startswith("genai")]
     for name, method in labels:
-        rows.append({"method": f"{method}: greedy decode, batch 1, 128+128", "passes": [],
+        passes = [] if name.startswith("genai (genai") or name == "torch" else args.passes
+        rows.append({"method": f"{method}: greedy decode, batch 1, 128+128", "passes": passes,
                      "tokens_per_s": round(med[name], 2), "fp_tokens_per_s": round(med["hf"], 2),
                      "repeats": args.repeats, "tokens_identical_to_hf": outs[name] == outs["hf"],
                      "all_tokens_per_s": [round(v, 2) for v in tps[name]],
                      "all_fp_tokens_per_s": [round(v, 2) for v in tps["hf"]]})
-    path = write_result("onnxruntime_decode", rows, model="smollm2-135m", model_sha256=src.fingerprint,
+    path = write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
                         data_sha256=data.sha256("wikitext2-test"),
                         extra={"seconds": {"onnx_export_with_parity": round(export_s, 1),
                                            "ort_session_load": round(load_s, 2)},

@@ -1,4 +1,5 @@
-"""The main job on the built-in default: load SmolLM2-135M, compile, generate, save, evaluate, report.
+"""The main job on the built-in default: load SmolLM2-135M, compile, generate, save, export to
+ONNX (parity-checked), evaluate both, report.
 
     python examples/quickstart.py [--model smollm2-135m] [--out out/smollm2] [--protocol ppl-512x5]
 """
@@ -8,7 +9,9 @@ import json
 
 import llmc
 from llmc import data
+from llmc.backends.onnxruntime import lower
 from llmc.eval import perplexity
+from llmc.runtime import OrtModel
 
 
 def main(argv=None):
@@ -24,11 +27,13 @@ def main(argv=None):
     print(f"{prompt!r} -> {cm.generate(prompt, max_new_tokens=20)!r}")
     cm.save(args.out, overwrite=True)
     loaded = llmc.load(args.out)
+    onnx_dir = lower(loaded.program, args.out + "-onnx", overwrite=True)  # fails loudly unless ORT == torch
     ids = data.tokenize(loaded.tokenizer, data.text(args.data))
     result = perplexity(loaded, ids, args.protocol)
+    ort_result = perplexity(OrtModel(onnx_dir), ids, args.protocol)
     report = loaded.report()
-    print(json.dumps({"saved": args.out, "history": report["history"], "size": report["size"],
-                      "perplexity": result.to_json()}, indent=2))
+    print(json.dumps({"saved": args.out, "onnx": onnx_dir, "history": report["history"], "size": report["size"],
+                      "perplexity": result.to_json(), "onnxruntime_perplexity": ort_result.to_json()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,4 +17,5 @@ def test_quickstart(hf_folder, text_file, tmp_path, capsys, monkeypatch):
     report = json.loads(out[out.index("{"):])
     assert report["history"][0]["name"] == "fold_norm_scales"
     assert report["perplexity"]["windows"] == 2 and report["perplexity"]["ppl"] > 1
-    assert (tmp_path / "out" / "manifest.json").exists()
+    assert (tmp_path / "out" / "manifest.json").exists() and (tmp_path / "out-onnx" / "model.onnx").exists()
+    assert abs(report["onnxruntime_perplexity"]["ppl"] - report["perplexity"]["ppl"]) < 1e-3 * report["perplexity"]["ppl"]
