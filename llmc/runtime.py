@@ -65,14 +65,32 @@ class OrtModel(TextGenerator):
         return out
 
     def step(self, input_ids, attention_mask, position_ids, past):
-        """One decode step in ONNX Runtime."""
-        feeds = {name: np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
-                 for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, position_ids))}
+        """One decode step in ONNX Runtime, through IO binding.
+
+        `past` is what the previous step returned (ORT-owned OrtValues, bound as inputs without a
+        copy) or torch tensors (e.g. `empty_cache`). Returns logits as a torch tensor and the
+        present cache as OrtValues; `.numpy()` on one gives its values.
+        """
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        keep = []  # numpy inputs must outlive the run
+        for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, position_ids)):
+            arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
+            keep.append(arr)
+            binding.bind_cpu_input(name, arr)
         for c, t in zip(self.cache_layout, past):
-            feeds[c.input_name] = t.numpy() if isinstance(t, torch.Tensor) else t
-        outs = self.session.run(self.output_names, feeds)
-        tensors = [torch.from_numpy(o) for o in outs]
-        return tensors[0], tensors[1:]
+            if isinstance(t, ort.OrtValue):
+                binding.bind_ortvalue_input(c.input_name, t)
+            else:
+                arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+                keep.append(arr)
+                binding.bind_cpu_input(c.input_name, arr)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return torch.from_numpy(outs[0].numpy()), outs[1:]
 
     def report(self) -> dict:
         """History, cache layout, ONNX op histogram and initializer sizes by dtype and file size."""
