@@ -26,7 +26,7 @@ class OrtModel(TextGenerator):
     torch tensors (shared with ORT's numpy buffers, no copies on the way out).
     """
 
-    def __init__(self, folder: str, threads: int | None = None):
+    def __init__(self, folder: str, threads: int | None = None, prefill_session: bool = True):
         import onnxruntime as ort
 
         from llmc.tokenizer import load_tokenizer
@@ -44,18 +44,28 @@ class OrtModel(TextGenerator):
         for name in (self.manifest.get("model_file", "model.onnx"), self.manifest.get("data_file", "model.onnx.data")):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise ArtifactError(f"{folder} is incomplete: {name} is missing; export the model again")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(model_path, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ArtifactError(f"ONNX Runtime cannot load {model_path}: {type(e).__name__}: {e}") from e
+        self._threads = threads
+        self.session = self._open(model_path)
+        # A second session on the last-position variant makes generation's prefill skip lm_head for
+        # all but the last prompt token; it costs a second in-memory copy of the weights.
+        prefill = self.manifest.get("prefill_file")
+        self.prefill_session = self._open(os.path.join(folder, prefill)) if prefill and prefill_session else None
         self.folder = folder
         self.cache_layout = [CacheTensor.from_json(c) for c in self.manifest["cache_layout"]]
         self.eos_ids = tuple(self.manifest.get("eos_ids", ()))
         self.tokenizer = load_tokenizer(folder)
         self.output_names = ["logits"] + [c.output_name for c in self.cache_layout]
+
+    def _open(self, path: str):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        try:
+            return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         out = []
@@ -65,6 +75,17 @@ class OrtModel(TextGenerator):
         return out
 
     def step(self, input_ids, attention_mask, position_ids, past):
+        """One decode step in ONNX Runtime (see `_run`)."""
+        return self._run(self.session, input_ids, attention_mask, position_ids, past)
+
+    def prefill_step(self, input_ids, attention_mask, position_ids, past):
+        """Like `step`, with logits of the last position only when the folder has a prefill graph."""
+        if self.prefill_session is None:
+            logits, present = self.step(input_ids, attention_mask, position_ids, past)
+            return logits[:, -1:], present
+        return self._run(self.prefill_session, input_ids, attention_mask, position_ids, past)
+
+    def _run(self, session, input_ids, attention_mask, position_ids, past):
         """One decode step in ONNX Runtime, through IO binding.
 
         `past` is what the previous step returned (ORT-owned OrtValues, bound as inputs without a
@@ -73,7 +94,7 @@ class OrtModel(TextGenerator):
         """
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         keep = []  # numpy inputs must outlive the run
         for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, position_ids)):
             arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
@@ -88,7 +109,7 @@ class OrtModel(TextGenerator):
                 binding.bind_cpu_input(c.input_name, arr)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return torch.from_numpy(outs[0].numpy()), outs[1:]
 

@@ -28,6 +28,7 @@ from llmc.trace import INPUT_NAMES
 
 ONNX_MANIFEST = "llmc_onnx.json"
 MODEL_FILE = "model.onnx"
+PREFILL_FILE = "model_prefill.onnx"
 DATA_FILE = "model.onnx.data"
 FORMAT = "llmc-onnx"
 FORMAT_VERSION = 1
@@ -69,6 +70,37 @@ def _rename_dims(model_path: str, program) -> None:
                     renamed = "total_sequence_length"
                 d.dim_param = renamed
     onnx.save(model, model_path)
+
+
+def _write_prefill_graph(folder: str) -> bool:
+    """Write model_prefill.onnx: the same graph with logits for the last position only.
+
+    Generation only needs the last position's logits after the prompt; the full graph computes
+    lm_head for every prompt token. The variant slices lm_head's input to the last position and
+    shares `model.onnx.data` with the main graph (no second copy of the weights on disk).
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(os.path.join(folder, MODEL_FILE), load_external_data=False)
+    graph = model.graph
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
+        return False
+    hidden = head.input[0]
+    consts = [helper.make_tensor(f"llmc_prefill_{k}", onnx.TensorProto.INT64, [1], [v])
+              for k, v in (("start", -1), ("end", 2**63 - 1), ("axis", 1))]
+    graph.initializer.extend(consts)
+    sliced = hidden + "_last_position"
+    index = list(graph.node).index(head)
+    graph.node.insert(index, helper.make_node("Slice", [hidden] + [c.name for c in consts], [sliced],
+                                              name="llmc_prefill_slice"))
+    head.input[0] = sliced
+    for out in graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, os.path.join(folder, PREFILL_FILE))
+    return True
 
 
 def _genai_config(program) -> dict:
@@ -124,6 +156,7 @@ def _export(program, folder: str) -> float:
     if written != {DATA_FILE}:  # the exporter names the data file after the model file
         raise ExportError(f"unexpected files beside {MODEL_FILE}: {sorted(written)}")
     _rename_dims(path, program)
+    _write_prefill_graph(folder)
     return time.perf_counter() - t0
 
 
@@ -147,12 +180,15 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
     o_logits, _ = ort_model.step(ids, mask, pos, ort_model.empty_cache(2))
     real = mask.bool()
     diff = float((t_logits[real] - o_logits[real]).abs().max())
+    o_last, _ = ort_model.prefill_step(ids, mask, pos, ort_model.empty_cache(2))  # the last-position graph
+    diff = max(diff, float((t_logits[:, -1:] - o_last).abs().max()))
     if not diff <= atol:
         raise ParityError(f"ONNX logits differ from torch by {diff:.3g} (max |diff| on a padded batch of 2, "
                           f"tolerance {atol}); the export is not written")
     cfg = SamplingConfig(max_new_tokens=decode_tokens)
     t_tokens = generate_tokens(runner.step, lambda b: program.empty_cache(b, 0), prompts, cfg, pad_id=0)
-    o_tokens = generate_tokens(ort_model.step, ort_model.empty_cache, prompts, cfg, pad_id=0)
+    o_tokens = generate_tokens(ort_model.step, ort_model.empty_cache, prompts, cfg, pad_id=0,
+                               prefill_step=ort_model.prefill_step)
     for row, (a, b) in enumerate(zip(t_tokens, o_tokens)):
         if a != b:
             k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
@@ -200,6 +236,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": program.name, "source": program.source,
             "versions": versions(), "model_file": MODEL_FILE, "data_file": DATA_FILE,
+            "prefill_file": PREFILL_FILE if os.path.exists(os.path.join(tmp, PREFILL_FILE)) else None,
             "export_seconds": round(seconds, 2),
             "cache_layout": [c.to_json() for c in program.cache_layout], "eos_ids": list(program.eos_ids),
             "history": [h.to_json() for h in program.history], "parity": None,

@@ -25,14 +25,18 @@ def test_export_decodes_like_torch(arch, tiny_models, tmp_path):
     assert ort_model.generate(PROMPTS, 20, return_tokens=True) == cm.generate(PROMPTS, 20, return_tokens=True)
     ids = torch.randint(3, 256, (2, 5))
     torch.testing.assert_close(ort_model(ids)[0], cm(ids)[0], atol=1e-4, rtol=1e-4)
+    last, _ = ort_model.prefill_step(ids, torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5),
+                                     ort_model.empty_cache(2))
+    assert last.shape == (2, 1, 256)
+    torch.testing.assert_close(last, cm(ids)[0][:, -1:], atol=1e-4, rtol=1e-4)
 
 
 def test_folder_contents_and_io_names(tiny_compiled, tmp_path):
     import onnx
 
     out = lower(tiny_compiled.program, tmp_path / "m")
-    assert sorted(os.listdir(out)) == sorted(["model.onnx", "model.onnx.data", "config.json", "genai_config.json",
-                                              "llmc_onnx.json", "llmc_byte_tokenizer.json"])
+    assert sorted(os.listdir(out)) == sorted(["model.onnx", "model.onnx.data", "model_prefill.onnx", "config.json",
+                                              "genai_config.json", "llmc_onnx.json", "llmc_byte_tokenizer.json"])
     model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
