@@ -6,14 +6,13 @@ import copy
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 import warnings
 
 import torch
 
 from llmc.errors import ArtifactError, ConfigError
+from llmc.fsutil import atomic_folder
 from llmc.generation import TextGenerator
 from llmc.graph import strip_runtime_noops
 from llmc.models import sha256_file as _sha256
@@ -68,19 +67,6 @@ class CompiledModel(TextGenerator):
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         return self.program.empty_cache(batch, 0)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, past=None):
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        B, S = input_ids.shape
-        past = past if past is not None else self.empty_cache(B)
-        past_len = past[0].shape[2]
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past_len + S, dtype=torch.long)
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + S).expand(B, S)
-        return self.step(input_ids, attention_mask, position_ids, past)
-
     @property
     def eos_ids(self) -> tuple:
         return self.program.eos_ids
@@ -113,20 +99,8 @@ class CompiledModel(TextGenerator):
         Written to a temporary sibling folder and renamed at the end, so a failure leaves nothing.
         """
         directory = os.path.abspath(directory)
-        if os.path.exists(directory) and not overwrite:
-            raise ArtifactError(f"{directory} already exists; choose another folder or pass overwrite=True "
-                                "(--overwrite on the command line)")
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-        try:
+        with atomic_folder(directory, overwrite) as tmp:
             self._write(tmp)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     def _write(self, folder: str) -> None:

@@ -116,8 +116,23 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
 
 
 class TextGenerator:
-    """`generate()` for a model object with `tokenizer`, `eos_ids`, `step` and `empty_cache`
-    (and optionally `prefill_step`); shared by the torch and ONNX Runtime models."""
+    """`generate()` and `__call__` for a model object with `tokenizer`, `eos_ids`, `step` and
+    `empty_cache` (and optionally `prefill_step`); shared by the torch and ONNX Runtime models."""
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        """`step` with defaults: an empty cache, a full attention mask, positions after the past."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, S = input_ids.shape
+        past = past if past is not None else self.empty_cache(B)
+        shape = past[0].shape() if callable(past[0].shape) else past[0].shape  # torch tensor or OrtValue
+        past_len = shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + S, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + S).expand(B, S)
+        return self.step(input_ids, attention_mask, position_ids, past)
 
     def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
         """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""

@@ -140,16 +140,3 @@ class OrtModel(TextGenerator):
                 "ops": dict(ops.most_common()), "parity": self.manifest.get("parity"),
                 "size": {"components": dict(comps), "total_bytes": sum(c["bytes"] for c in comps.values()),
                          "files": files, "tied": []}}
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, past=None):
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        B, S = input_ids.shape
-        past = past if past is not None else self.empty_cache(B)
-        past_len = past[0].shape[2]
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past_len + S, dtype=torch.long)
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + S).expand(B, S)
-        return self.step(input_ids, attention_mask, position_ids, past)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 
@@ -22,6 +20,7 @@ import torch
 
 from llmc.backends.onnxruntime.translations import TRANSLATIONS
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
+from llmc.fsutil import atomic_folder
 from llmc.progress import log
 from llmc.testing import op_name
 from llmc.trace import INPUT_NAMES
@@ -213,12 +212,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
         raise UnsupportedOpError(f"the onnxruntime backend cannot lower {', '.join(missing)}: no ONNX translation "
                                  "in llmc.backends.onnxruntime.TRANSLATIONS")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ExportError(f"{out_dir} already exists; choose another folder or pass overwrite=True (--overwrite)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_folder(out_dir, overwrite, error=ExportError) as tmp:
         log(f"exporting ONNX ({program.num_layers} layers)")
         try:
             seconds = _export(program, tmp)
@@ -246,12 +240,6 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
             log("checking ONNX Runtime against torch")
             manifest["parity"] = check_parity(program, tmp, atol=atol)
             _write_json(os.path.join(tmp, ONNX_MANIFEST), manifest)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
