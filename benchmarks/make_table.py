@@ -25,6 +25,10 @@ def table() -> str:
                 bits = f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param") else ""
                 lines.append(f"| {name} | {r['method']} | {r['protocol']} ({r['windows']} windows) | "
                              f"ppl {_fmt(r['ppl'])}{bits} | {_fmt(r.get('fp_ppl'))} | {com} |")
+            elif r.get("ratio_to_fp_cache") is not None:
+                lines.append(f"| {name} | {r['method']} | tokens/s, median of {len(r['all_tokens_per_s'])} | "
+                             f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(r['ratio_to_fp_cache'])}× FP cache) | "
+                             f"{_fmt(r['fp_cache_tokens_per_s'], 1)} | {com} |")
             elif r.get("tokens_per_s") is not None:
                 ratio = r["tokens_per_s"] / r["fp_tokens_per_s"] if r.get("fp_tokens_per_s") else None
                 lines.append(f"| {name} | {r['method']} | tokens/s, median of {r.get('repeats')} | "

@@ -24,9 +24,14 @@ def set_attr_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, parame
     """Replace (never mutate in place: the source model may share storage) the tensor at `target`.
 
     A parameter stays a parameter unless `parameter` says otherwise; new names become buffers.
+    Missing modules on the path are created (empty), so a pass can add `...self_attn.cq_key.codebooks`.
     """
     module_name, _, leaf = target.rpartition(".")
-    module = gm.get_submodule(module_name) if module_name else gm
+    module = gm
+    for part in module_name.split(".") if module_name else []:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
     was_param = isinstance(getattr(module, leaf, None), nn.Parameter)
     if parameter is None:
         parameter = was_param
@@ -89,4 +94,56 @@ def strip_runtime_noops(gm: fx.GraphModule) -> int:
                 removed += 1
     if removed:
         gm.recompile()
+    return removed
+
+
+def between(src: fx.Node, dst: fx.Node) -> list[fx.Node]:
+    """Nodes on some path from `src` to `dst`, both excluded, in graph order."""
+    anc, stack = set(), [dst]
+    while stack:
+        n = stack.pop()
+        if n not in anc:
+            anc.add(n)
+            stack.extend(n.all_input_nodes)
+    desc, stack = set(), [src]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in anc and u not in desc:
+                desc.add(u)
+                stack.append(u)
+    return [n for n in dst.graph.nodes if n in desc and n is not dst]
+
+
+def copy_nodes(graph: fx.Graph, nodes: list[fx.Node], substitutions: dict, before: fx.Node) -> dict:
+    """Copy `nodes` (in graph order) before `before`, their inputs remapped by `substitutions`.
+
+    A copy reads the copy of any input that is also in `nodes`, the substitute of an input in
+    `substitutions`, and the original otherwise. Metadata other than the traced value is kept
+    (the value changes with the inputs). Returns {original: copy} for the copied nodes.
+    """
+    env = dict(substitutions)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(before):
+        for n in sorted(nodes, key=order.__getitem__):
+            new = graph.node_copy(n, lambda a: env.get(a, a))
+            new.meta = {k: v for k, v in n.meta.items() if k != "val"}
+            env[n] = new
+    return {n: env[n] for n in nodes}
+
+
+def drop_input_guards(gm: fx.GraphModule) -> int:
+    """Remove the input-shape guards torch.export put in the graph (`_guards_fn` calls).
+
+    They check the traced signature (cache dtypes and head sizes); a pass that changes the
+    signature must drop them. Re-exporting the graph derives guards for the new signature.
+    """
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards_fn") and not node.users:
+            gm.graph.erase_node(node)
+            removed += 1
+    for name, _ in list(gm.named_children()):
+        if name.startswith("_guards_fn"):
+            delattr(gm, name)
     return removed

@@ -75,7 +75,7 @@ class Program:
 
     @property
     def num_layers(self) -> int:
-        return len(self.cache_layout) // 2
+        return max(c.layer for c in self.cache_layout) + 1
 
     def linear_nodes(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
@@ -84,7 +84,7 @@ class Program:
         """Re-export the (rewritten) graph to a fresh ExportedProgram with the same dynamic dims."""
         example = self.example_inputs()
         with torch.no_grad():
-            return torch.export.export(self.gm, example, dynamic_shapes=dynamic_shapes(len(self.cache_layout)),
+            return torch.export.export(self.gm, example, dynamic_shapes=dynamic_shapes(self.cache_layout),
                                        strict=False)
 
     def example_inputs(self, batch: int = 2, seq: int = 3, past_len: int = 4):

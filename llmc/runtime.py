@@ -135,7 +135,7 @@ class OrtModel(TextGenerator):
         files = {f: os.path.getsize(os.path.join(self.folder, f)) for f in sorted(os.listdir(self.folder))}
         return {"name": self.manifest.get("name", "model"), "source": self.manifest.get("source", ""),
                 "backend": "onnxruntime", "architecture": json.load(open(os.path.join(self.folder, "config.json")))
-                .get("model_type", "?"), "layers": len(self.cache_layout) // 2,
+                .get("model_type", "?"), "layers": max(c.layer for c in self.cache_layout) + 1,
                 "history": self.manifest.get("history", []), "cache_layout": self.manifest["cache_layout"],
                 "ops": dict(ops.most_common()), "parity": self.manifest.get("parity"),
                 "size": {"components": dict(comps), "total_bytes": sum(c["bytes"] for c in comps.values()),

@@ -263,13 +263,22 @@ class DecoderStep(nn.Module):
         return ids, mask, pos, past
 
 
-def dynamic_shapes(num_cache_tensors: int):
-    """Dynamic dims of the decode step: batch, sequence, past length (may be 0), total length."""
+def dynamic_shapes(cache):
+    """Dynamic dims of the decode step: batch, sequence, past length (may be 0), total length.
+
+    `cache` is the cache layout (a list of CacheTensor), or the number of cache tensors when all
+    are [batch, heads, past_sequence_length, head_dim]. A layout's dims named "batch" and
+    "past_sequence_length" are dynamic; its integer dims are fixed.
+    """
     Dim = torch.export.Dim
     batch, seq = Dim("batch", min=1, max=4096), Dim("sequence_length", min=1, max=65536)
     past, total = Dim("past_sequence_length", min=0, max=131072), Dim("total_sequence_length", min=1, max=196608)
-    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-            [{0: batch, 2: past} for _ in range(num_cache_tensors)])
+    named = {"batch": batch, "past_sequence_length": past}
+    if isinstance(cache, int):
+        cache_dims = [{0: batch, 2: past} for _ in range(cache)]
+    else:
+        cache_dims = [{i: named[d] for i, d in enumerate(c.shape) if d in named} for c in cache]
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
 
 
 def export_step(module: nn.Module, example_inputs, num_cache_tensors: int) -> torch.export.ExportedProgram:

@@ -1,6 +1,7 @@
 """llmc's graph passes (installed as `llmc.passes`). Importing this package registers them all."""
 
+from llmc.passes.cq_kv import CoupledKVQuant, UniformKVQuant
 from llmc.passes.fold_norm_scales import FoldNormScales
 from llmc.passes.rtn_quant import RTNQuant
 
-__all__ = ["FoldNormScales", "RTNQuant"]
+__all__ = ["CoupledKVQuant", "UniformKVQuant", "FoldNormScales", "RTNQuant"]

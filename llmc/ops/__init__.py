@@ -1,3 +1,4 @@
 """Custom ops (`llmc::*`): the contract between passes and backends. Importing this registers them."""
 
 from llmc.ops import nbits_linear  # noqa: F401  (registers llmc::nbits_linear)
+from llmc.ops import cq  # noqa: F401  (registers llmc::cq_encode, llmc::cq_decode)

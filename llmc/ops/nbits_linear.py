@@ -84,3 +84,20 @@ def quantize_rtn(weight: Tensor, bits: int, block_size: int, symmetric: bool = F
     z = torch.nn.functional.pad(zero, (0, zpad - n_blocks))
     zero_points = pack_along_last(z, bits)  # [N, ceil(n_blocks*bits/8)]
     return codes, scale.float(), zero_points
+
+
+def _setup_context(ctx, inputs, output):
+    x, codes, scales, zero_points, K, N, bits, block_size = inputs
+    ctx.save_for_backward(codes, scales, zero_points)
+    ctx.meta = (K, bits, block_size)
+
+
+def _backward(ctx, grad):
+    """Gradient w.r.t. the input only (codes are discrete; calibration passes differentiate through x)."""
+    codes, scales, zero_points = ctx.saved_tensors
+    K, bits, block_size = ctx.meta
+    w = dequantize(codes, scales, zero_points, K, bits, block_size)
+    return grad @ w.to(grad.dtype), None, None, None, None, None, None, None
+
+
+nbits_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -34,3 +34,13 @@ def test_opcheck():
     w = torch.randn(32, 64)
     codes, scales, zeros = quantize_rtn(w, 4, 16)
     torch.library.opcheck(torch.ops.llmc.nbits_linear.default, (torch.randn(2, 64), codes, scales, zeros, 64, 32, 4, 16))
+
+
+def test_gradient_flows_to_the_input():
+    w = torch.randn(32, 64)
+    codes, scales, zeros = quantize_rtn(w, 8, 16)
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.ops.llmc.nbits_linear(x, codes, scales, zeros, 64, 32, 8, 16).pow(2).sum().backward()
+    xr = x.detach().requires_grad_(True)
+    (xr @ dequantize(codes, scales, zeros, 64, 8, 16).T).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)

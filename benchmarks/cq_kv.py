@@ -1,0 +1,188 @@
+"""KV-cache quantization on SmolLM2-135M: CQ vs uniform at 4/2/1 bits per channel, KV-chunked perplexity.
+
+    python benchmarks/cq_kv.py [--windows 5] [--rows cq-4c8b,uniform-2,...] [--ort]
+
+Each row compiles the model with one cache pass (calibrating on wikitext2-valid) and scores
+`ppl-512x<windows>-kv`: per 512-token window, prefill 256 tokens, then chunks of 32 through the
+cache the graph really carries. Rows are written as they finish and skipped when already in the
+results file for the same protocol, so an interrupted run resumes. Calibration activations and
+codebooks are kept in --cache-dir and shared between rows.
+
+Also per row: KV bytes per token per layer, the largest context whose cache fits in 1 GiB at
+batch 1, codebook bytes. With --ort: the FP and `cq_kv:config=4c8b` models exported to ONNX,
+decode tokens/s (batch 1, 128+128, medians of interleaved rounds) and parity, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import RESULTS, peak_rss_mb, write_result  # noqa: E402
+
+import llmc  # noqa: E402
+from llmc import data  # noqa: E402
+from llmc.eval import perplexity  # noqa: E402
+
+ROWS = {
+    "fp": [],
+    "uniform-4": ["uniform_kv:bits=4"],
+    "cq-2c8b": ["cq_kv:config=2c8b"],
+    "uniform-2": ["uniform_kv:bits=2"],
+    "cq-4c8b": ["cq_kv:config=4c8b"],
+    "cq-4c8b-plain": ["cq_kv:config=4c8b,fisher=false"],
+    "cq-4c8b-w32": ["cq_kv:config=4c8b,window=32"],
+    "uniform-1": ["uniform_kv:bits=1"],
+    "cq-8c8b": ["cq_kv:config=8c8b"],
+    "cq-8c8b-plain": ["cq_kv:config=8c8b,fisher=false"],
+    "cq-8c8b-w32": ["cq_kv:config=8c8b,window=32"],
+}
+GIB = 1 << 30
+
+
+def kv_cost(program) -> dict:
+    """Cache bytes per token per layer (and what is constant: codebooks, float windows)."""
+    layers = program.num_layers
+    per_token = fixed = 0
+    for c in program.cache_layout:
+        size = torch.empty((), dtype=getattr(torch, c.dtype)).element_size()
+        if "past_sequence_length" in c.shape:
+            per_token += c.shape[1] * c.shape[3] * size
+        else:  # a float window: fixed length
+            fixed += c.shape[1] * c.shape[2] * c.shape[3] * size
+    spec = " ".join(h.spec for h in program.history)
+    if "uniform_kv" in spec:  # simulated: count what a real cache of these codes would hold
+        bits = next(h.config["bits"] for h in program.history if h.name == "uniform_kv")
+        c = program.cache_layout[0]
+        heads, dim = c.shape[1], c.shape[3]
+        # keys: codes (per-channel ranges are per layer, constant); values: codes + fp16 scale and zero per token
+        per_token = layers * (2 * heads * dim * bits / 8 + heads * 4)
+    codebook_bytes = sum(t.numel() * t.element_size() for n, t in program.gm.named_buffers() if n.endswith("codebooks"))
+    per_layer = per_token / layers
+    return {"kv_bytes_per_token_per_layer": round(per_layer, 2), "kv_fixed_bytes": fixed + codebook_bytes,
+            "codebook_bytes": codebook_bytes,
+            "max_context_1gib_batch1": int((GIB - fixed - codebook_bytes) // per_token)}
+
+
+def load_rows(name: str) -> list[dict]:
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def decode_speed(args, src, ids, rows):
+    """Export FP and CQ-4c8b to ONNX; decode speed of both, interleaved, same prompt."""
+    from llmc.backends.onnxruntime import lower
+    from llmc.runtime import OrtModel
+
+    calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0)
+    models = {}
+    for label, passes in (("fp", []), ("cq-4c8b", [f"cq_kv:config=4c8b,cache_dir={args.cache_dir}"])):
+        cm = llmc.compile(src, passes=passes, calibration=calib if passes else None)
+        out = os.path.join(args.out, label)
+        shutil.rmtree(out, ignore_errors=True)
+        lower(cm.program, out)
+        with open(os.path.join(out, "llmc_onnx.json")) as f:
+            parity = json.load(f)["parity"]
+        models[label] = (OrtModel(out, threads=args.threads), parity)
+    prompt = ids[:128].tolist()
+    tps = {k: [] for k in models}
+    tokens = {}
+    for _ in range(args.repeats):
+        for label, (m, _) in models.items():
+            t0 = time.perf_counter()
+            tokens[label] = m.generate(prompt, 128, ignore_eos=True, return_tokens=True)
+            tps[label].append(128 / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    for label, (m, parity) in models.items():
+        rows.append({"row": f"ort-{label}", "method": f"ONNX Runtime, {label} cache: greedy decode, batch 1, 128+128",
+                     "tokens_per_s": round(med[label], 2), "fp_cache_tokens_per_s": round(med["fp"], 2),
+                     "ratio_to_fp_cache": round(med[label] / med["fp"], 3),
+                     "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
+                     "same_tokens_as_fp_cache": tokens[label] == tokens["fp"]})
+        print(f"decode {label}: {med[label]:.1f} tok/s ({med[label] / med['fp']:.2f}x FP cache), parity {parity}",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/llmc/cq_kv"))
+    ap.add_argument("--name", default=None, help="results file (default cq_kv_<windows>w)")
+    ap.add_argument("--ort", action="store_true", help="also export FP and 4c8b to ONNX and time decode")
+    ap.add_argument("--out", default="/tmp/llmc-bench-cq")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    name = args.name or f"cq_kv_{args.windows}w"
+    protocol = f"ppl-512x{args.windows}-kv"
+
+    src = llmc.load_model("smollm2-135m")
+    ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
+    calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0)
+    rows = [r for r in load_rows(name) if r.get("protocol") == protocol]
+    done = {r["row"] for r in rows}
+    fp_ppl = next((r["ppl"] for r in rows if r["row"] == "fp"), None)
+
+    def save():
+        write_result(name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
+                     data_sha256=data.sha256("wikitext2-test"),
+                     extra={"calibration": {"data": "wikitext2-valid", "sha256": data.sha256("wikitext2-valid"),
+                                            "sequences": 16, "seq_len": 512},
+                            "peak_rss_mb": round(peak_rss_mb())})
+
+    wanted = [r for r in args.rows.split(",") if r]
+    for row in ["fp"] + [r for r in wanted if r != "fp"]:  # every ratio needs the FP row first
+        if row not in ROWS:
+            raise SystemExit(f"unknown row '{row}'; choose from {', '.join(ROWS)}")
+        if row in done:
+            continue
+        passes = [p if p.startswith("uniform") else f"{p},cache_dir={args.cache_dir}" for p in ROWS[row]]
+        t0 = time.perf_counter()
+        cm = llmc.compile(src, passes=passes, calibration=calib if passes else None)
+        compile_s = time.perf_counter() - t0
+        r = perplexity(cm, ids, protocol)
+        if row == "fp":
+            fp_ppl = r.ppl
+        entry = {"row": row, "method": f"KV cache {row}: {' + '.join(ROWS[row]) or 'float32'}", "passes": ROWS[row],
+                 "protocol": protocol, "windows": r.windows, "ppl": round(r.ppl, 4), "fp_ppl": round(fp_ppl, 4),
+                 "x_fp": round(r.ppl / fp_ppl, 4),
+                 "bits_per_channel": _bits(cm.program), **kv_cost(cm.program),
+                 "seconds": {"compile_and_calibrate": round(compile_s, 1), "eval": round(r.seconds, 1)}}
+        if cm.program.history:
+            stats = cm.program.history[-1].stats
+            entry["mean_relative_mse"] = stats.get("mean_relative_mse")
+        rows.append(entry)
+        print(json.dumps({k: entry[k] for k in ("row", "ppl", "x_fp", "kv_bytes_per_token_per_layer",
+                                                 "max_context_1gib_batch1")}), flush=True)
+        save()
+    if args.ort and not any(r["row"].startswith("ort-") for r in rows):
+        decode_speed(args, src, ids, rows)
+        save()
+    print("peak RSS", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "MB")
+
+
+def _bits(program) -> float:
+    for h in program.history:
+        if h.name == "cq_kv":
+            return h.stats["bits_per_channel"]
+        if h.name == "uniform_kv":
+            return float(h.config["bits"])
+    return 32.0
+
+
+if __name__ == "__main__":
+    main()

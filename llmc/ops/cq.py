@@ -1,0 +1,155 @@
+"""Coupled quantization (CQ) of KV-cache tensors: `llmc::cq_encode`, `llmc::cq_decode`, weighted k-means.
+
+A head's `D` channels split into `G = D / c` contiguous groups of `c` channels; each group has its
+own codebook of `K = 2**b` centroids, and one `b`-bit code per group and token replaces the `c`
+floats (b / c bits per channel). Tensor layouts:
+
+  x          float [B, H, S, D]      keys (before RoPE) or values, per KV head
+  codebooks  float [H, G, K, c]      one codebook per (head, channel group)
+  codes      uint8 [B, H, S, G]      (int16 when 8 < b <= 15, int32 when b = 16)
+
+Encoding is a nearest-centroid search, written as ||C||² - 2 x·C (the ||x||² term does not change
+the argmin), the same formula the ONNX lowering uses, so both pick the same centroid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MAX_BITS = 16
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """Smallest integer dtype holding a `bits`-bit code (ONNX Runtime has no uint16 Gather)."""
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"code bits must be in 1..{MAX_BITS}, got {bits}")
+    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
+
+
+def _bits(num_codes: int) -> int:
+    return max(1, (num_codes - 1).bit_length())
+
+
+def encode(x: Tensor, codebooks: Tensor) -> Tensor:
+    """Nearest-centroid codes [B, H, S, G] of x [B, H, S, D] (reference of `llmc::cq_encode`)."""
+    H, G, K, c = codebooks.shape
+    B, _, S, _ = x.shape
+    xg = x.reshape(B, H, S, G, c)
+    scores = torch.einsum("bhsgc,hgkc->bhsgk", xg, codebooks)
+    dist = codebooks.pow(2).sum(-1)[None, :, None] - 2 * scores  # [B, H, S, G, K]
+    return dist.argmin(-1).to(code_dtype(_bits(K)))
+
+
+def decode(codes: Tensor, codebooks: Tensor) -> Tensor:
+    """x̂ [B, H, T, D] from codes [B, H, T, G] (reference of `llmc::cq_decode`): one gather per group."""
+    H, G, K, c = codebooks.shape
+    B, _, T, _ = codes.shape
+    offsets = (torch.arange(H * G, device=codes.device) * K).view(H, 1, G)
+    flat = codes.long() + offsets  # index into the [H*G*K, c] table
+    return torch.nn.functional.embedding(flat, codebooks.reshape(H * G * K, c)).reshape(B, H, T, G * c)
+
+
+@torch.library.custom_op("llmc::cq_encode", mutates_args=())
+def cq_encode(x: Tensor, codebooks: Tensor) -> Tensor:
+    """Codes [B, H, S, D/c] of x [B, H, S, D]: the nearest of each group's 2**b centroids."""
+    return encode(x, codebooks)
+
+
+@cq_encode.register_fake
+def _(x, codebooks):
+    H, G, K, c = codebooks.shape
+    return x.new_empty(*x.shape[:-1], G, dtype=code_dtype(_bits(K)))
+
+
+@torch.library.custom_op("llmc::cq_decode", mutates_args=())
+def cq_decode(codes: Tensor, codebooks: Tensor) -> Tensor:
+    """Dequantized [B, H, T, D] from codes [B, H, T, D/c]: each code replaced by its centroid."""
+    return decode(codes, codebooks)
+
+
+@cq_decode.register_fake
+def _(codes, codebooks):
+    H, G, K, c = codebooks.shape
+    return codebooks.new_empty(*codes.shape[:-1], G * c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning the codebooks
+
+
+def _assign(points: Tensor, centroids: Tensor, chunk_bytes: int = 1 << 28) -> tuple[Tensor, Tensor]:
+    """Nearest centroid and squared distance, per point. points [R, N, c], centroids [R, K, c].
+
+    Works in slices of the R (group) dim so the [r, N, K] distance block stays under `chunk_bytes`.
+    """
+    R, N, _ = points.shape
+    K = centroids.shape[1]
+    step = max(1, chunk_bytes // (4 * N * K))
+    idx = torch.empty(R, N, dtype=torch.long)
+    d2 = torch.empty(R, N)
+    for r in range(0, R, step):
+        p, cent = points[r:r + step], centroids[r:r + step]
+        dist = torch.baddbmm(cent.pow(2).sum(-1).unsqueeze(1), p, cent.transpose(1, 2), alpha=-2)
+        best, arg = dist.min(-1)
+        idx[r:r + step] = arg
+        d2[r:r + step] = (best + p.pow(2).sum(-1)).clamp_min(0)
+    return idx, d2
+
+
+def kmeans_plus_plus(points: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """k-means++ seeding, independently per row: points [R, N, c] -> centroids [R, k, c]."""
+    R, N, c = points.shape
+    rows = torch.arange(R)
+    cent = torch.empty(R, k, c)
+    first = torch.randint(0, N, (R,), generator=gen)
+    cent[:, 0] = points[rows, first]
+    d2 = (points - cent[:, :1]).pow(2).sum(-1)
+    for j in range(1, k):
+        # sample a point with probability d2 / sum(d2): invert the cumulative sum at a uniform draw
+        cdf = d2.cumsum(-1)
+        u = torch.rand(R, 1, generator=gen) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u).squeeze(1).clamp_max(N - 1)
+        cent[:, j] = points[rows, pick]
+        d2 = torch.minimum(d2, (points - cent[:, j:j + 1]).pow(2).sum(-1))
+    return cent
+
+
+def weighted_kmeans(points: Tensor, k: int, weights: Tensor | None = None, iters: int = 30, tol: float = 1e-5,
+                    seed: int = 0) -> tuple[Tensor, dict]:
+    """Lloyd's k-means with per-point weights, run independently for each of R rows at once.
+
+    points [R, N, c]; weights [R, N] (None: all ones) scale each point's squared error, so the
+    M step is a weighted mean. k-means++ seeding (unweighted); an empty cluster is re-seeded with
+    the point of its row that is worst served. Stops after `iters` iterations or when every row's
+    weighted error improves by less than `tol` (relative). Returns centroids [R, k, c] and stats.
+    """
+    points = points.float()
+    R, N, c = points.shape
+    if N < k:
+        raise ValueError(f"k-means needs at least k={k} points per group, got {N}")
+    w = torch.ones(R, N) if weights is None else weights.float()
+    gen = torch.Generator().manual_seed(seed)
+    cent = kmeans_plus_plus(points, k, gen)
+    prev = None
+    history = []
+    for it in range(iters):
+        idx, d2 = _assign(points, cent)
+        err = (w * d2).sum(-1)  # per row: rows differ in scale, so each converges on its own terms
+        history.append(float(err.sum()))
+        if prev is not None and bool((prev - err <= tol * prev.clamp_min(1e-30)).all()):
+            break
+        prev = err
+        sums = torch.zeros(R, k, c).scatter_add_(1, idx.unsqueeze(-1).expand(R, N, c), points * w.unsqueeze(-1))
+        mass = torch.zeros(R, k).scatter_add_(1, idx, w)
+        empty = mass <= 0
+        cent = torch.where(empty.unsqueeze(-1), cent, sums / mass.clamp_min(1e-30).unsqueeze(-1))
+        if empty.any():  # re-seed each empty centroid with a far point of its row
+            worst = (w * d2).topk(min(k, N), dim=-1).indices  # [R, k]
+            rows, cols = empty.nonzero(as_tuple=True)
+            rank = empty.cumsum(-1)[rows, cols] - 1  # j-th empty centroid of a row takes its j-th worst point
+            cent[rows, cols] = points[rows, worst[rows, rank]]
+    idx, d2 = _assign(points, cent)
+    final = float((w * d2).sum())
+    return cent, {"iterations": len(history), "weighted_error": final,
+                  "first_error": history[0] if history else final}

@@ -1,0 +1,66 @@
+"""llmc::cq_encode / llmc::cq_decode and the weighted k-means that learns their codebooks."""
+
+import pytest
+import torch
+
+from llmc.ops.cq import code_dtype, decode, encode, weighted_kmeans
+
+
+def _data(seed=0, B=2, H=3, S=7, D=16, K=32, c=4):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, S, D, generator=gen), torch.randn(H, D // c, K, c, generator=gen)
+
+
+def test_encode_is_nearest_centroid_and_decode_gathers_it():
+    x, cb = _data()
+    codes = torch.ops.llmc.cq_encode(x, cb)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 7, 4)
+    groups = x.reshape(2, 3, 7, 4, 1, 4)
+    naive = (groups - cb[None, :, None]).pow(2).sum(-1).argmin(-1)  # [B, H, S, G]
+    assert torch.equal(codes.long(), naive)
+    xh = torch.ops.llmc.cq_decode(codes, cb)
+    expected = cb[torch.arange(3)[None, :, None, None], torch.arange(4), naive]  # [B, H, S, G, c]
+    assert torch.equal(xh, expected.reshape(2, 3, 7, 16))
+    # centroids are fixed points: encoding a decoded tensor gives back its codes
+    assert torch.equal(torch.ops.llmc.cq_encode(xh, cb), codes)
+
+
+def test_code_dtypes_and_bad_bits():
+    assert code_dtype(1) == code_dtype(8) == torch.uint8
+    assert code_dtype(9) == code_dtype(15) == torch.int16 and code_dtype(16) == torch.int32
+    with pytest.raises(ValueError):
+        code_dtype(17)
+    x, cb = _data(K=512)
+    assert encode(x, cb).dtype == torch.int16 and int(encode(x, cb).max()) < 512
+
+
+def test_opcheck():
+    x, cb = _data()
+    torch.library.opcheck(torch.ops.llmc.cq_encode.default, (x, cb))
+    torch.library.opcheck(torch.ops.llmc.cq_decode.default, (encode(x, cb), cb))
+
+
+def test_kmeans_finds_separated_clusters_and_weights_pull_centroids():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    pts = (centers.repeat_interleave(200, 0) + 0.1 * torch.randn(800, 2, generator=gen))[None]  # 1 row
+    cent, st = weighted_kmeans(pts, 4, iters=50, seed=0)
+    found = cent[0][torch.cdist(centers, cent[0]).argmin(1)]
+    assert torch.allclose(found, centers, atol=0.05) and st["weighted_error"] < st["first_error"] + 1e-3
+    # one centroid is the weighted mean of its points
+    w = torch.rand(1, 800, generator=gen)
+    one, _ = weighted_kmeans(pts, 1, w, iters=5)
+    torch.testing.assert_close(one[0, 0], (pts[0] * w[0, :, None]).sum(0) / w.sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_rows_are_independent_and_deterministic():
+    gen = torch.Generator().manual_seed(1)
+    pts = torch.randn(3, 500, 4, generator=gen)
+    a, _ = weighted_kmeans(pts, 16, iters=10, tol=0, seed=7)
+    b, _ = weighted_kmeans(pts, 16, iters=10, tol=0, seed=7)
+    assert torch.equal(a, b)
+    scaled = pts.clone()
+    scaled[1] *= 100  # a row's scale does not leak into the others
+    c, _ = weighted_kmeans(scaled, 16, iters=10, tol=0, seed=7)
+    assert torch.equal(c[0], a[0]) and torch.equal(c[2], a[2])
+    torch.testing.assert_close(c[1], 100 * a[1], rtol=1e-3, atol=1e-2)

@@ -1,0 +1,172 @@
+"""cq_kv / uniform_kv: the code cache in the graph and in ONNX, its error, bad configurations."""
+
+import os
+
+import pytest
+import torch
+
+import llmc
+from llmc.errors import ConfigError, PassOrderError
+from llmc.generation import position_ids_from_mask
+from llmc.passes_base import parse_pass_spec
+from llmc.testing import sqnr, tiny_tokenizer
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]]
+
+
+def _calib(n=8, length=64):
+    return [torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cq_models(tiny_models):
+    """FP, 2c8b (4 bits/channel) and 4c8b (2 bits) of the tiny llama, and 4c8b with a window of 4."""
+    m = tiny_models["llama"]
+    specs = {"fp": [], "2c8b": ["cq_kv:config=2c8b,tokens=512"], "4c8b": ["cq_kv:config=4c8b,tokens=512"],
+             "4c8b_w4": ["cq_kv:config=4c8b,tokens=512,window=4"]}
+    return {k: llmc.compile(m, passes=v, calibration=_calib(), tokenizer=tiny_tokenizer(), progress=False)
+            for k, v in specs.items()}
+
+
+def _logits(cm, ids):
+    mask = torch.ones_like(ids)
+    return cm.step(ids, mask, position_ids_from_mask(mask), cm.empty_cache(ids.shape[0]))
+
+
+def test_cache_is_codes_in_graph_and_layout(cq_models):
+    cm = cq_models["4c8b"]
+    layout = cm.program.cache_layout
+    assert len(layout) == 4 and all(c.dtype == "uint8" and c.shape[1:] == (2, "past_sequence_length", 4)
+                                    for c in layout)
+    assert "before RoPE" in layout[0].meaning and "CQ 4c8b" in layout[0].meaning
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, present = _logits(cm, ids)
+    assert [(p.dtype, tuple(p.shape)) for p in present] == [(torch.uint8, (2, 2, 6, 4))] * 4
+    ops = {str(n.target) for n in cm.program.gm.graph.nodes if n.op == "call_function"}
+    assert {"llmc.cq_encode.default", "llmc.cq_decode.default"} <= ops
+    assert cm.program.history[-1].stats["bits_per_channel"] == 2.0
+    # 4 codebooks of [H=2, G=4, K=256, c=4]
+    assert cm.program.history[-1].stats["codebook_values"] == 4 * 2 * 4 * 256 * 4
+
+
+def test_error_is_bounded_and_shrinks_with_bits(cq_models):
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref = _logits(cq_models["fp"], ids)[0]
+    s4, s2 = sqnr(ref, _logits(cq_models["2c8b"], ids)[0]), sqnr(ref, _logits(cq_models["4c8b"], ids)[0])
+    assert 15 < s4 < 60 and 8 < s2 < s4  # lossy, far from broken, and 4 bits beats 2 bits
+    # the window keeps the last 4 positions in float: closer to FP than without it
+    assert sqnr(ref, _logits(cq_models["4c8b_w4"], ids)[0]) > s2
+
+
+@pytest.mark.parametrize("name", ["4c8b", "4c8b_w4"])
+def test_chunked_decode_matches_one_step_when_window_allows(cq_models, name):
+    cm = cq_models[name]
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    pos = position_ids_from_mask(mask)
+    full, _ = cm.step(ids, mask, pos, cm.empty_cache(2))
+    if name == "4c8b":  # codes do not depend on how the sequence was chunked
+        a, cache = cm.step(ids[:, :7], mask[:, :7], pos[:, :7], cm.empty_cache(2))
+        b, _ = cm.step(ids[:, 7:], mask, pos[:, 7:], cache)
+        torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+    else:  # token by token, every query sees its last 4 keys in float: the window's decode semantics
+        ref, _ = cq_models["fp"].step(ids, mask, pos, cq_models["fp"].empty_cache(2))
+        cache, outs = cm.empty_cache(2), []
+        for t in range(12):
+            out, cache = cm.step(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], cache)
+            outs.append(out)
+        assert cache[-1].shape == (2, 2, 4, 16) and cache[-1].dtype == torch.float32
+        outs = torch.cat(outs, 1)
+        # while the whole sequence fits in the window nothing is quantized; after that it is
+        torch.testing.assert_close(outs[:, :4], ref[:, :4], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(outs[:, 4:], ref[:, 4:], atol=1e-3)
+
+
+def test_cq_error_below_uniform_at_equal_bits_on_real_kv(tiny_models):
+    """On keys/values collected from the model, 2-bit CQ reconstructs better than 2-bit uniform."""
+    from llmc.api import to_program
+    from llmc.ops.cq import decode, encode
+    from llmc.passes.cq_kv import cache_sites, calibrate_channel_ranges, collect_kv
+
+    program = to_program(tiny_models["llama"])
+    sites = cache_sites(program.gm, program.cache_layout)
+    data = collect_kv(program.gm, sites, _calib(16), lambda b: program.empty_cache(b, 0), fisher=False,
+                      max_tokens=10 ** 6, seed=0, progress=False)
+    from llmc.ops.cq import weighted_kmeans
+
+    for kind in ("key", "value"):
+        x = data[f"0.{kind}"]["x"]  # [N, H*D], N = 1024
+        fit, test = x[:768], x[768:]
+        H, D, c = 2, 16, 4
+        cent, _ = weighted_kmeans(fit.view(-1, H * D // c, c).transpose(0, 1), 256, iters=20)
+        cb = cent.view(H, D // c, 256, c)
+        xt = test.view(1, -1, H, D).transpose(1, 2)
+        cq = decode(encode(xt, cb), cb).transpose(1, 2).reshape(-1, H * D)
+        if kind == "key":  # per channel, ranges calibrated on the fit split
+            lo, scale = calibrate_channel_ranges(fit, 2, D)
+            lo, scale = lo.reshape(1, -1), scale.reshape(1, -1)
+        else:  # per token
+            lo = test.view(-1, H, D).amin(-1, keepdim=True)
+            scale = ((test.view(-1, H, D).amax(-1, keepdim=True) - lo) / 3).clamp_min(1e-8)
+            lo, scale = lo.expand(-1, H, D).reshape(-1, H * D), scale.expand(-1, H, D).reshape(-1, H * D)
+        uni = torch.clamp(torch.round((test - lo) / scale), 0, 3) * scale + lo
+        err_cq, err_uni = (cq - test).pow(2).mean(), (uni - test).pow(2).mean()
+        assert err_cq < 0.8 * err_uni, (kind, float(err_cq), float(err_uni))
+
+
+def test_onnx_export_carries_codes_and_decodes_like_torch(cq_models, tmp_path):
+    import onnx
+
+    from llmc.backends.onnxruntime import lower
+    from llmc.runtime import OrtModel
+
+    for name in ("4c8b", "4c8b_w4"):
+        cm = cq_models[name]
+        out = lower(cm.program, tmp_path / name)
+        model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+        ins = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+        outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+        assert ins["past_key_values.0.key"] == onnx.TensorProto.UINT8
+        assert outs["present.1.value"] == onnx.TensorProto.UINT8
+        ort_model = OrtModel(out)
+        assert ort_model.generate(PROMPTS, 20, return_tokens=True) == cm.generate(PROMPTS, 20, return_tokens=True)
+        if name == "4c8b_w4":
+            assert ins["past_key_values.1.value_window"] == onnx.TensorProto.FLOAT
+            assert ort_model.empty_cache(2)[-1].shape == (2, 2, 4, 16)
+
+
+def test_uniform_baseline_simulates_quantized_cache(cq_models, tiny_models):
+    cm = llmc.compile(tiny_models["llama"], passes=["uniform_kv:bits=2"], calibration=_calib(), progress=False)
+    assert cm.program.cache_layout[0].dtype == "float32" and "uniform 2-bit" in cm.program.cache_layout[0].meaning
+    ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    _, present = _logits(cm, ids)
+    # values: per token, at most 4 distinct levels among a head's 16 channels
+    assert max(len(torch.unique(present[1][0, 0, t])) for t in range(8)) <= 4
+    # keys: per channel, at most 4 levels before RoPE -> check through the error instead
+    ref = _logits(cq_models["fp"], ids)[0]
+    assert 3 < sqnr(ref, _logits(cm, ids)[0]) < 40
+
+
+def test_composes_with_weight_quantization_and_saves(tiny_models, tmp_path):
+    cm = llmc.compile(tiny_models["llama"], passes=["rtn_quant:bits=8,group=16", "cq_kv:config=2c8b,tokens=512"],
+                      calibration=_calib(), tokenizer=tiny_tokenizer(), progress=False)
+    ops = {str(n.target) for n in cm.program.gm.graph.nodes if n.op == "call_function"}
+    assert {"llmc.nbits_linear.default", "llmc.cq_encode.default"} <= ops
+    cm.save(tmp_path / "m")
+    back = llmc.load(str(tmp_path / "m"))
+    ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_logits(back, ids)[0], _logits(cm, ids)[0])
+    assert back.program.cache_layout == cm.program.cache_layout
+
+
+def test_bad_configurations_are_refused(tiny_models):
+    for spec, msg in [("cq_kv:config=abc", "must look like"), ("cq_kv:config=4c17b", "bits per code"),
+                      ("cq_kv:window=-1", "window"), ("cq_kv:config=1c8b,tokens=100", "at least the codebook")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_pass_spec(spec)
+    with pytest.raises(ConfigError, match="must divide head_dim 16"):
+        llmc.compile(tiny_models["llama"], passes=["cq_kv:config=3c8b"], calibration=_calib(2), progress=False)
+    with pytest.raises(PassOrderError, match="calibration"):
+        llmc.compile(tiny_models["llama"], passes=["cq_kv"], progress=False)
+    with pytest.raises(PassOrderError, match="float_kv_cache"):
+        llmc.compile(tiny_models["llama"], passes=["cq_kv", "uniform_kv"], calibration=_calib(2), progress=False)
