@@ -41,10 +41,15 @@ ROWS = {
     "cq-4c8b": ["cq_kv:config=4c8b"],
     "cq-4c8b-plain": ["cq_kv:config=4c8b,fisher=false"],
     "cq-4c8b-w32": ["cq_kv:config=4c8b,window=32"],
+    "cq-4c8b-w128": ["cq_kv:config=4c8b,window=128"],
+    "cq-4c8b-s4": ["cq_kv:config=4c8b,sink=4"],
+    "cq-4c8b-s4-w32": ["cq_kv:config=4c8b,sink=4,window=32"],
     "uniform-1": ["uniform_kv:bits=1"],
     "cq-8c8b": ["cq_kv:config=8c8b"],
     "cq-8c8b-plain": ["cq_kv:config=8c8b,fisher=false"],
     "cq-8c8b-w32": ["cq_kv:config=8c8b,window=32"],
+    "cq-8c8b-w128": ["cq_kv:config=8c8b,window=128"],
+    "cq-8c8b-s4": ["cq_kv:config=8c8b,sink=4"],
 }
 GIB = 1 << 30
 

@@ -20,7 +20,8 @@ the attention mask (cumsum - 1), the convention of every llmc runtime and of Hug
 generate; callers that feed other position ids with a CQ cache get keys rotated differently.
 
 With `window=W`, the W most recent tokens are also kept in full precision (a second cache tensor
-of fixed length W per key/value and layer) and attention reads those W from it.
+of fixed length W per key/value and layer) and attention reads those W from it. `sink=N` does the
+same for the first N cache positions, which small models use as attention sinks.
 
 `uniform_kv` is the obvious alternative at the same bits, for comparison: keys quantized per
 channel with clipping ranges calibrated per (layer, head, channel) (KIVI/KVQuant style, before
@@ -318,6 +319,31 @@ def _merge_window(graph: fx.Graph, full: fx.Node, window_past: fx.Node, new: fx.
     return _call(graph, aten.index_select.default, (ext, 2, idx), like), window
 
 
+def _merge_sink(graph: fx.Graph, full: fx.Node, sink_past: fx.Node, new: fx.Node, past_len: fx.Node, N: int,
+                like: fx.Node):
+    """Attention input with the first N positions from the float sink; and the updated sink.
+
+    sink_past [B, H, N, D] holds cache positions 0..N-1 in float as far as they exist (P of them,
+    P = past length). Slot j < P keeps its value, slot j >= P takes new token j - P (index N + j - P
+    of cat(sink_past, new), clamped: slots beyond the sequence hold a copy nobody reads). Then
+    position j < N of the attention input reads slot j, index T + j of cat(full, sink).
+    """
+    ext = _call(graph, aten.cat.default, ([sink_past, new], 2), like)
+    L = _call(graph, aten.sym_size.int, (ext, 2), like)
+    slot = graph.call_function(aten.arange.default, (N,), {"dtype": torch.long})
+    fresh = _call(graph, aten.clamp_max.default, (_call(graph, aten.add.Tensor, (
+        _call(graph, aten.sub.Tensor, (slot, past_len), like), N), like), _call(graph, operator.sub, (L, 1))), like)
+    kept = _call(graph, aten.lt.Scalar, (slot, past_len), like)
+    sink = _call(graph, aten.index_select.default, (ext, 2, _call(graph, aten.where.self, (kept, slot, fresh), like)),
+                 like)
+    T = _call(graph, aten.sym_size.int, (full, 2), like)
+    j = graph.call_function(aten.arange.default, (T,), {"dtype": torch.long})
+    first = _call(graph, aten.lt.Scalar, (j, N), like)
+    idx = _call(graph, aten.where.self, (first, _call(graph, aten.add.Tensor, (j, T), like), j), like)
+    both = _call(graph, aten.cat.default, ([full, sink], 2), like)
+    return _call(graph, aten.index_select.default, (both, 2, idx), like), sink
+
+
 # ---------------------------------------------------------------------------------------------
 # The passes
 
@@ -376,6 +402,8 @@ class CoupledKVQuant(Pass):
 
     Options: config `<c>c<b>b` (8c8b = 1 bit/channel, 4c8b = 2, 2c8b = 4); fisher: weight k-means
     by the Fisher information (else plain k-means); window: recent tokens also kept in float;
+    sink: the first cache positions also kept in float (attention sinks; with left padding these
+    are the first slots of the cache, padding included);
     tokens: calibration tokens per layer sampled for k-means; iters: k-means iterations;
     calib_sequences: calibration sequences run (forward + backward); cache_dir: where to keep the
     collected activations and learned codebooks, keyed by a fingerprint of graph, data and
@@ -387,6 +415,7 @@ class CoupledKVQuant(Pass):
     config: str = "4c8b"
     fisher: bool = True
     window: int = 0
+    sink: int = 0
     tokens: int = 8192
     iters: int = 20
     calib_sequences: int = 16
@@ -400,6 +429,8 @@ class CoupledKVQuant(Pass):
         parse_cq_config(self.config)
         if self.window < 0:
             raise ConfigError(f"cq_kv.window must be >= 0 (recent tokens kept in float), got {self.window}")
+        if self.sink < 0:
+            raise ConfigError(f"cq_kv.sink must be >= 0 (first cache positions kept in float), got {self.sink}")
         if self.tokens < 2 ** parse_cq_config(self.config)[1]:
             raise ConfigError(f"cq_kv.tokens ({self.tokens}) must be at least the codebook size "
                               f"2^{parse_cq_config(self.config)[1]}")
@@ -469,17 +500,19 @@ class CoupledKVQuant(Pass):
         """Turn every site's float cache into codes (see the module docstring); updates program.cache_layout."""
         c, b = parse_cq_config(self.config)
         graph = gm.graph
-        W = self.window
+        W, N = self.window, self.sink
         layout = list(program.cache_layout)
         dtype = str(code_dtype(b)).removeprefix("torch.")
-        windows = []
-        if W:
-            names = [f"past_window_{s.layer}_{s.kind}" for s in sites]
-            windows = _add_cache_inputs(gm, names)
+        # extra float cache tensors, appended after the codes: (kind suffix, length, meaning)
+        extras = [("window", W, f"last {W} positions")] * bool(W) + [("sink", N, f"first {N} positions")] * bool(N)
+        extra_inputs = {}
+        for suffix, _, _ in extras:
+            phs = _add_cache_inputs(gm, [f"past_{suffix}_{s.layer}_{s.kind}" for s in sites])
+            extra_inputs[suffix] = dict(zip([(s.layer, s.kind) for s in sites], phs))
         tables = None
-        new_outputs = []
+        new_outputs = {suffix: [] for suffix, _, _ in extras}
         out_node = next(n for n in graph.nodes if n.op == "output")
-        for i, s in enumerate(sites):
+        for s in sites:
             attn = _attention_users(s)
             before = attn[0]
             target = f"model.layers.{s.layer}.self_attn.cq_{s.kind}.codebooks"
@@ -491,8 +524,13 @@ class CoupledKVQuant(Pass):
                 present = _call(graph, aten.cat.default, ([s.past, codes], 2), like)
                 full = _call(graph, torch.ops.llmc.cq_decode.default, (present, cb), like)
                 if W:
-                    full, window = _merge_window(graph, full, windows[i], s.pre, W, like)
-                    new_outputs.append(window)
+                    full, window = _merge_window(graph, full, extra_inputs["window"][(s.layer, s.kind)], s.pre, W, like)
+                    new_outputs["window"].append(window)
+                if N:
+                    past_len = _call(graph, aten.sym_size.int, (s.past, 2), like)
+                    full, sink = _merge_sink(graph, full, extra_inputs["sink"][(s.layer, s.kind)], s.pre, past_len,
+                                             N, like)
+                    new_outputs["sink"].append(sink)
             if s.kind == "key":
                 if tables is None:
                     tables = _key_position_tables(gm, sites, before, present)
@@ -512,13 +550,14 @@ class CoupledKVQuant(Pass):
             what = "key before RoPE" if s.kind == "key" else "value"
             layout[idx] = CacheTensor(old.layer, old.kind, dtype, (old.shape[0], old.shape[1], old.shape[2], G),
                                       f"{what}: CQ {self.config} codes ({b / c:g} bits/channel)")
-        if W:
-            _append_outputs(gm, new_outputs)
-            fdt = program.cache_layout[0].dtype
+        fdt = program.cache_layout[0].dtype
+        for suffix, length, meaning in extras:
+            _append_outputs(gm, new_outputs[suffix])
             for s in sites:
                 old = next(ct for ct in program.cache_layout if ct.layer == s.layer and ct.kind == s.kind)
-                layout.append(CacheTensor(s.layer, f"{s.kind}_window", fdt, (old.shape[0], old.shape[1], W, old.shape[3]),
-                                          f"last {W} {'keys before RoPE' if s.kind == 'key' else 'values'}, float"))
+                what = "keys before RoPE" if s.kind == "key" else "values"
+                layout.append(CacheTensor(s.layer, f"{s.kind}_{suffix}", fdt,
+                                          (old.shape[0], old.shape[1], length, old.shape[3]), f"{meaning}, {what}, float"))
         for n in graph.nodes:  # placeholders' traced values no longer describe them
             if n.op == "placeholder":
                 n.meta.pop("val", None)

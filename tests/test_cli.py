@@ -104,3 +104,15 @@ def test_unsupported_architecture_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, ["compile", str(tmp_path / "gpt2"), "-o", str(tmp_path / "o")], 2,
                     "cannot trace architecture 'gpt2'")
     assert not (tmp_path / "o").exists()
+
+
+def test_compile_with_calibrated_kv_pass_and_eval_through_the_cache(hf_folder, text_file, tmp_path, capsys):
+    out = str(tmp_path / "cq")
+    spec = "cq_kv:config=4c8b,tokens=256,calib_sequences=2,iters=3"
+    assert main(["compile", hf_folder, "--pass", spec, "--calib", text_file, "-o", out]) == 0
+    capsys.readouterr()
+    assert main(["inspect", out, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert {c["dtype"] for c in rep["cache_layout"]} == {"uint8"} and rep["ops"]["llmc.cq_decode.default"] == 4
+    assert main(["eval", "ppl", out, "--data", text_file, "--protocol", "ppl-320x2-kv", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["windows"] == 2

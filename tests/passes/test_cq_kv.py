@@ -20,10 +20,12 @@ def _calib(n=8, length=64):
 
 @pytest.fixture(scope="module")
 def cq_models(tiny_models):
-    """FP, 2c8b (4 bits/channel) and 4c8b (2 bits) of the tiny llama, and 4c8b with a window of 4."""
+    """FP, 2c8b (4 bits/channel) and 4c8b (2 bits) of the tiny llama; 4c8b with a float window of 4
+    (and a sink of 2), and with a sink of 2 alone."""
     m = tiny_models["llama"]
     specs = {"fp": [], "2c8b": ["cq_kv:config=2c8b,tokens=512"], "4c8b": ["cq_kv:config=4c8b,tokens=512"],
-             "4c8b_w4": ["cq_kv:config=4c8b,tokens=512,window=4"]}
+             "4c8b_w4": ["cq_kv:config=4c8b,tokens=512,window=4,sink=2"],
+             "4c8b_s2": ["cq_kv:config=4c8b,tokens=512,sink=2"]}
     return {k: llmc.compile(m, passes=v, calibration=_calib(), tokenizer=tiny_tokenizer(), progress=False)
             for k, v in specs.items()}
 
@@ -58,24 +60,29 @@ def test_error_is_bounded_and_shrinks_with_bits(cq_models):
     assert sqnr(ref, _logits(cq_models["4c8b_w4"], ids)[0]) > s2
 
 
-@pytest.mark.parametrize("name", ["4c8b", "4c8b_w4"])
+@pytest.mark.parametrize("name", ["4c8b", "4c8b_s2", "4c8b_w4"])
 def test_chunked_decode_matches_one_step_when_window_allows(cq_models, name):
     cm = cq_models[name]
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     pos = position_ids_from_mask(mask)
     full, _ = cm.step(ids, mask, pos, cm.empty_cache(2))
-    if name == "4c8b":  # codes do not depend on how the sequence was chunked
+    if name != "4c8b_w4":  # codes (and the first positions) do not depend on how the sequence was chunked
         a, cache = cm.step(ids[:, :7], mask[:, :7], pos[:, :7], cm.empty_cache(2))
         b, _ = cm.step(ids[:, 7:], mask, pos[:, 7:], cache)
         torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+        if name == "4c8b_s2":  # the first two positions attend to float keys only: exactly FP
+            ref, _ = cq_models["fp"].step(ids, mask, pos, cq_models["fp"].empty_cache(2))
+            torch.testing.assert_close(full[:, :2], ref[:, :2], atol=1e-5, rtol=1e-5)
+            assert cache[4].shape == (2, 2, 2, 16) and cache[4].dtype == torch.float32
+            assert not torch.allclose(full[:, 2:], ref[:, 2:], atol=1e-3)
     else:  # token by token, every query sees its last 4 keys in float: the window's decode semantics
         ref, _ = cq_models["fp"].step(ids, mask, pos, cq_models["fp"].empty_cache(2))
         cache, outs = cm.empty_cache(2), []
         for t in range(12):
             out, cache = cm.step(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], cache)
             outs.append(out)
-        assert cache[-1].shape == (2, 2, 4, 16) and cache[-1].dtype == torch.float32
+        assert cache[4].shape == (2, 2, 4, 16) and cache[-1].shape == (2, 2, 2, 16)  # windows, then sinks
         outs = torch.cat(outs, 1)
         # while the whole sequence fits in the window nothing is quantized; after that it is
         torch.testing.assert_close(outs[:, :4], ref[:, :4], atol=1e-5, rtol=1e-5)
@@ -131,8 +138,8 @@ def test_onnx_export_carries_codes_and_decodes_like_torch(cq_models, tmp_path):
         ort_model = OrtModel(out)
         assert ort_model.generate(PROMPTS, 20, return_tokens=True) == cm.generate(PROMPTS, 20, return_tokens=True)
         if name == "4c8b_w4":
-            assert ins["past_key_values.1.value_window"] == onnx.TensorProto.FLOAT
-            assert ort_model.empty_cache(2)[-1].shape == (2, 2, 4, 16)
+            assert ins["past_key_values.1.value_window"] == ins["past_key_values.1.value_sink"] == onnx.TensorProto.FLOAT
+            assert ort_model.empty_cache(2)[-1].shape == (2, 2, 2, 16)
 
 
 def test_uniform_baseline_simulates_quantized_cache(cq_models, tiny_models):
@@ -161,7 +168,7 @@ def test_composes_with_weight_quantization_and_saves(tiny_models, tmp_path):
 
 def test_bad_configurations_are_refused(tiny_models):
     for spec, msg in [("cq_kv:config=abc", "must look like"), ("cq_kv:config=4c17b", "bits per code"),
-                      ("cq_kv:window=-1", "window"), ("cq_kv:config=1c8b,tokens=100", "at least the codebook")]:
+                      ("cq_kv:window=-1", "window"), ("cq_kv:sink=-2", "sink"), ("cq_kv:config=1c8b,tokens=100", "at least the codebook")]:
         with pytest.raises(ConfigError, match=msg):
             parse_pass_spec(spec)
     with pytest.raises(ConfigError, match="must divide head_dim 16"):
