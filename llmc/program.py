@@ -34,6 +34,8 @@ def _component(fqn: str, linear_modules: set[str]) -> str:
         return "embeddings"
     if module == "lm_head" or module.endswith(".lm_head"):
         return "lm_head"
+    if module.rpartition(".")[2] in ("cq_key", "cq_value", "uniform_key"):
+        return "kv cache codebooks/ranges"
     if leaf in ("codebooks", "codebook"):
         return "codebooks"
     if leaf == "codes":
