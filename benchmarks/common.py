@@ -57,3 +57,19 @@ def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, 
         json.dump(doc, f, indent=2)
     os.replace(tmp, path)
     return path
+
+
+def interleaved_rates(engines: dict, repeats: int, new_tokens: int = 128) -> tuple[dict, dict]:
+    """Tokens/s of each engine (a callable generating `new_tokens` tokens) over `repeats` rounds.
+
+    Rounds interleave the engines so that drifts in machine load hit them alike. Returns
+    {name: [tokens/s per round]} and {name: the last round's output}.
+    """
+    rates = {k: [] for k in engines}
+    outs = {}
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            rates[name].append(new_tokens / (time.perf_counter() - t0))
+    return rates, outs

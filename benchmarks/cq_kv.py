@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, peak_rss_mb, write_result  # noqa: E402
+from common import RESULTS, interleaved_rates, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -105,13 +105,9 @@ def decode_speed(args, src, ids, rows):
             parity = json.load(f)["parity"]
         models[label] = (OrtModel(out, threads=args.threads), parity)
     prompt = ids[:128].tolist()
-    tps = {k: [] for k in models}
-    tokens = {}
-    for _ in range(args.repeats):
-        for label, (m, _) in models.items():
-            t0 = time.perf_counter()
-            tokens[label] = m.generate(prompt, 128, ignore_eos=True, return_tokens=True)
-            tps[label].append(128 / (time.perf_counter() - t0))
+    engines = {label: (lambda m=m: m.generate(prompt, 128, ignore_eos=True, return_tokens=True))
+               for label, (m, _) in models.items()}
+    tps, tokens = interleaved_rates(engines, args.repeats)
     med = {k: statistics.median(v) for k, v in tps.items()}
     for label, (m, parity) in models.items():
         rows.append({"row": f"ort-{label}", "method": f"ONNX Runtime, {label} cache: greedy decode, batch 1, 128+128",

@@ -97,14 +97,20 @@ def strip_runtime_noops(gm: fx.GraphModule) -> int:
     return removed
 
 
-def between(src: fx.Node, dst: fx.Node) -> list[fx.Node]:
-    """Nodes on some path from `src` to `dst`, both excluded, in graph order."""
-    anc, stack = set(), [dst]
+def ancestors(node: fx.Node) -> set:
+    """`node` and every node it (transitively) reads."""
+    seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n not in anc:
-            anc.add(n)
+        if n not in seen:
+            seen.add(n)
             stack.extend(n.all_input_nodes)
+    return seen
+
+
+def between(src: fx.Node, dst: fx.Node) -> list[fx.Node]:
+    """Nodes on some path from `src` to `dst`, both excluded, in graph order."""
+    anc = ancestors(dst)
     desc, stack = set(), [src]
     while stack:
         n = stack.pop()

@@ -3,5 +3,6 @@
 from llmc.passes.cq_kv import CoupledKVQuant, UniformKVQuant
 from llmc.passes.fold_norm_scales import FoldNormScales
 from llmc.passes.rtn_quant import RTNQuant
+from llmc.passes.structured_ffn import StructuredFFN
 
-__all__ = ["CoupledKVQuant", "UniformKVQuant", "FoldNormScales", "RTNQuant"]
+__all__ = ["CoupledKVQuant", "UniformKVQuant", "FoldNormScales", "RTNQuant", "StructuredFFN"]

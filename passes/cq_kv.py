@@ -46,7 +46,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from llmc.errors import ConfigError, PassError
-from llmc.graph import between, copy_nodes, drop_input_guards, set_attr_tensor
+from llmc.graph import ancestors, between, copy_nodes, drop_input_guards, set_attr_tensor
 from llmc.ops.cq import MAX_BITS, code_dtype, weighted_kmeans
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
@@ -655,7 +655,7 @@ class UniformKVQuant(Pass):
                                        qmax, like)
                 else:
                     xq = _uniform_tokens(graph, s.pre, qmax, like)
-            s.pre.replace_all_uses_with(xq, delete_user_cb=lambda u: u.graph is graph and u not in _ancestors(xq))
+            s.pre.replace_all_uses_with(xq, delete_user_cb=lambda u: u.graph is graph and u not in ancestors(xq))
         graph.lint()
         gm.recompile()
         layout = [dataclasses.replace(ct, meaning=f"{ct.meaning}, uniform {self.bits}-bit "
@@ -664,12 +664,3 @@ class UniformKVQuant(Pass):
         program.cache_layout = layout
         return PassResult(gm, True, {"bits": self.bits, "layers": len(keys)})
 
-
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen

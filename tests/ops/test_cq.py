@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmc.ops.cq import code_dtype, decode, encode, weighted_kmeans
+from llmc.ops.cq import code_dtype, encode, weighted_kmeans
 
 
 def _data(seed=0, B=2, H=3, S=7, D=16, K=32, c=4):
