@@ -154,6 +154,7 @@ def _attention_users(site: CacheSite) -> list[fx.Node]:
 
 
 _RECORDER = None
+CALIBRATION_VERSION = 2  # part of the cache fingerprint: bump when what collect_kv records changes
 
 
 def _probe(x: torch.Tensor, key: str) -> torch.Tensor:
@@ -177,9 +178,11 @@ class _Recorder:
         self.acts.setdefault(key, []).append(self._select(x))
         if not self.fisher:
             return x
-        leaf = x.detach().requires_grad_(True)
-        leaf.register_hook(lambda g: self.grads.setdefault(key, []).append(self._select(g)))
-        return leaf
+        # x + 0 with a zero that requires grad: the gradient flows through this node and on into
+        # every later layer's keys and values (detaching here would drop those paths from dL/dx)
+        y = x + torch.zeros((), dtype=x.dtype, requires_grad=True)
+        y.register_hook(lambda g: self.grads.setdefault(key, []).append(self._select(g)))
+        return y
 
 
 def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.Tensor], empty_cache, *,
@@ -449,7 +452,7 @@ class CoupledKVQuant(Pass):
         n_tokens = sum(x.numel() for x in batches)
         if n_tokens < 2 ** b:
             raise ConfigError(f"cq_kv: {n_tokens} calibration tokens, fewer than the {2 ** b} centroids of a codebook")
-        fp = graph_fingerprint(gm, batches, "cq_kv", self.fisher, self.tokens, ctx.seed)
+        fp = graph_fingerprint(gm, batches, "cq_kv", CALIBRATION_VERSION, self.fisher, self.tokens, ctx.seed)
 
         def calibrate():
             log(f"cq_kv: calibrating on {len(batches)} sequences ({n_tokens} tokens, fisher={self.fisher})")

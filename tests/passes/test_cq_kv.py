@@ -177,3 +177,21 @@ def test_bad_configurations_are_refused(tiny_models):
         llmc.compile(tiny_models["llama"], passes=["cq_kv"], progress=False)
     with pytest.raises(PassOrderError, match="float_kv_cache"):
         llmc.compile(tiny_models["llama"], passes=["cq_kv", "uniform_kv"], calibration=_calib(2), progress=False)
+
+
+def test_fisher_gradients_do_not_depend_on_which_tensors_are_probed(tiny_models):
+    """dL/dK of layer 0 is the full gradient: probing later layers' K/V must not cut paths through them."""
+    from llmc.api import to_program
+    from llmc.passes.cq_kv import cache_sites, collect_kv
+
+    program = to_program(tiny_models["llama"])
+    sites = cache_sites(program.gm, program.cache_layout)
+
+    def fisher(chosen):
+        out = collect_kv(program.gm, chosen, _calib(2), lambda b: program.empty_cache(b, 0), fisher=True,
+                         max_tokens=10 ** 6, seed=0, progress=False)
+        return out["0.key"]["fisher"]
+
+    alone, together = fisher([sites[0]]), fisher(sites)
+    assert alone.abs().sum() > 0
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-12)
