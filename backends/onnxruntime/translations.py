@@ -73,7 +73,7 @@ def cq_encode(x, codebooks):
     x [B, H, S, G*c] is regrouped to [H, G, B*S, c] so one batched MatMul scores every group against
     its own codebook; the argmin [H, G, B*S] goes back to [B, H, S, G] and to the code dtype.
     """
-    from llmc.ops.cq import _bits, code_dtype
+    from llmc.ops.cq import code_bits, code_dtype
 
     H, G, K, c = _dims(codebooks, "codebooks")
     shape = op.Shape(x)
@@ -89,7 +89,7 @@ def cq_encode(x, codebooks):
                      op.Slice(shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), axis=0)
     codes = op.Transpose(op.Reshape(best, bhsg), perm=[2, 0, 3, 1])
     onnx_type = {torch.uint8: onnx.TensorProto.UINT8, torch.int16: onnx.TensorProto.INT16,
-                 torch.int32: onnx.TensorProto.INT32}[code_dtype(_bits(K))]
+                 torch.int32: onnx.TensorProto.INT32}[code_dtype(code_bits(K))]
     return op.Cast(codes, to=onnx_type)
 
 

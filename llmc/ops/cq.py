@@ -27,7 +27,8 @@ def code_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
 
 
-def _bits(num_codes: int) -> int:
+def code_bits(num_codes: int) -> int:
+    """Bits of a code that indexes `num_codes` centroids."""
     return max(1, (num_codes - 1).bit_length())
 
 
@@ -38,7 +39,7 @@ def encode(x: Tensor, codebooks: Tensor) -> Tensor:
     xg = x.reshape(B, H, S, G, c)
     scores = torch.einsum("bhsgc,hgkc->bhsgk", xg, codebooks)
     dist = codebooks.pow(2).sum(-1)[None, :, None] - 2 * scores  # [B, H, S, G, K]
-    return dist.argmin(-1).to(code_dtype(_bits(K)))
+    return dist.argmin(-1).to(code_dtype(code_bits(K)))
 
 
 def decode(codes: Tensor, codebooks: Tensor) -> Tensor:
@@ -59,7 +60,7 @@ def cq_encode(x: Tensor, codebooks: Tensor) -> Tensor:
 @cq_encode.register_fake
 def _(x, codebooks):
     H, G, K, c = codebooks.shape
-    return x.new_empty(*x.shape[:-1], G, dtype=code_dtype(_bits(K)))
+    return x.new_empty(*x.shape[:-1], G, dtype=code_dtype(code_bits(K)))
 
 
 @torch.library.custom_op("llmc::cq_decode", mutates_args=())
