@@ -1,8 +1,9 @@
-"""Writing output folders so that a failure leaves nothing half-written."""
+"""Writing outputs so that a failure leaves nothing half-written, and digests that name resumable work."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -32,3 +33,30 @@ def atomic_folder(directory: str, overwrite: bool = False, error=ArtifactError):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yield a temporary path beside `path` to write; rename it onto `path` on success, remove it on failure."""
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def tensor_digest(tensors, extra: str = "") -> str:
+    """sha256 over tensors' shapes, dtypes and bytes (in order) and a string."""
+    import torch
+
+    h = hashlib.sha256(extra.encode())
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -153,3 +153,10 @@ def drop_input_guards(gm: fx.GraphModule) -> int:
         if name.startswith("_guards_fn"):
             delattr(gm, name)
     return removed
+
+
+def graph_digest(gm: fx.GraphModule) -> str:
+    """sha256 of a graph's code and every state tensor's bytes: what results computed from it depend on."""
+    from llmc.fsutil import tensor_digest
+
+    return tensor_digest([t for _, t in sorted(gm.state_dict(keep_vars=True).items())], gm.code)

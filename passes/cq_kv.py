@@ -33,7 +33,6 @@ return, so its quality numbers are those of the real thing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import operator
 import os
@@ -46,7 +45,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from llmc.errors import ConfigError, PassError
-from llmc.graph import ancestors, between, copy_nodes, drop_input_guards, set_attr_tensor
+from llmc.fsutil import atomic_file, tensor_digest
+from llmc.graph import ancestors, between, copy_nodes, drop_input_guards, graph_digest, set_attr_tensor
 from llmc.ops.cq import MAX_BITS, code_dtype, weighted_kmeans
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
@@ -352,20 +352,8 @@ def _merge_sink(graph: fx.Graph, full: fx.Node, sink_past: fx.Node, new: fx.Node
 
 
 def graph_fingerprint(gm: fx.GraphModule, batches: list[torch.Tensor], *extra) -> str:
-    """A digest of what calibration results depend on: the graph's code and state, the data, options.
-
-    State tensors enter by name, shape, dtype and two float64 reductions, which is cheap on a
-    model's weights and changes with any real edit of them.
-    """
-    h = hashlib.sha256(gm.code.encode())
-    for name, t in sorted(list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)),
-                          key=lambda kv: kv[0]):
-        d = t.detach().double()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(d.sum())!r}{float(d.abs().sum())!r}".encode())
-    for b in batches:
-        h.update(b.detach().cpu().numpy().tobytes())
-    h.update(repr(extra).encode())
-    return h.hexdigest()[:16]
+    """A digest of what calibration results depend on: the graph's code and state, the data, options."""
+    return tensor_digest(batches, graph_digest(gm) + repr(extra))[:16]
 
 
 def _cached(cache_dir: str, name: str, compute):
@@ -383,10 +371,8 @@ def _cached(cache_dir: str, name: str, compute):
         except Exception as e:  # a damaged file is recomputed, not trusted
             log(f"ignoring unreadable {path}: {e}")
     out = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in out.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp)
     return out
 
 

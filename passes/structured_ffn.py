@@ -30,11 +30,11 @@ import torch
 from torch import fx
 
 from llmc.errors import ConfigError
-from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_attr_tensor
+from llmc.fsutil import tensor_digest
+from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.passes.structured_ffn_factors import (KINDS, Shape, factorize, merged_weight, output_error, plan,
                                                 structured_linear)
-from llmc.passes.structured_ffn_recovery import (RecoveryPlan, config_fingerprint, input_grams,
-                                                 self_guided_distill, tensor_digest)
+from llmc.passes.structured_ffn_recovery import RecoveryPlan, config_fingerprint, input_grams, self_guided_distill
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
 
@@ -179,7 +179,7 @@ class StructuredFFN(Pass):
         seconds = {}
         model_digest = data_digest = ""
         if ctx.calibration and ctx.program is not None:
-            model_digest = tensor_digest([t for _, t in sorted(gm.state_dict(keep_vars=True).items())], gm.code)
+            model_digest = graph_digest(gm)
             data_digest = tensor_digest(ctx.calibration)
 
         # 1. initialisation (activation-aware: XᵀX of each unit's input, streamed over the data)

@@ -22,17 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from llmc.fsutil import atomic_file
 from llmc.progress import bar, log
-
-
-def tensor_digest(tensors, extra: str = "") -> str:
-    """sha256 over tensors' bytes (in order) and a string."""
-    h = hashlib.sha256(extra.encode())
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def decode_inputs(ids: torch.Tensor):
@@ -88,10 +79,8 @@ def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_ca
 
 
 def _atomic_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @dataclass(frozen=True)
