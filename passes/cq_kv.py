@@ -481,9 +481,9 @@ class CoupledKVQuant(Pass):
 
     @staticmethod
     def _sq_error(points: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
-        from llmc.ops.cq import _assign
+        from llmc.ops.cq import nearest
 
-        return _assign(points, cent)[1].sum()
+        return nearest(points, cent)[1].sum()
 
     def rewrite(self, gm: fx.GraphModule, program, sites: list[CacheSite], codebooks: dict) -> None:
         """Turn every site's float cache into codes (see the module docstring); updates program.cache_layout."""

@@ -79,7 +79,7 @@ def _(codes, codebooks):
 # Learning the codebooks
 
 
-def _assign(points: Tensor, centroids: Tensor, block_bytes: int = 1 << 22) -> tuple[Tensor, Tensor]:
+def nearest(points: Tensor, centroids: Tensor, block_bytes: int = 1 << 22) -> tuple[Tensor, Tensor]:
     """Nearest centroid and squared distance, per point. points [R, N, c], centroids [R, K, c].
 
     The [r, n, K] distance blocks are kept to about `block_bytes` (4 MiB) so they stay in cache
@@ -148,7 +148,7 @@ def _weighted_kmeans(points, k, weights, iters, tol, seed):
     prev = None
     history = []
     for it in range(iters):
-        idx, d2 = _assign(points, cent)
+        idx, d2 = nearest(points, cent)
         err = (w * d2).sum(-1)  # per row: rows differ in scale, so each converges on its own terms
         history.append(float(err.sum()))
         if prev is not None and bool((prev - err <= tol * prev.clamp_min(1e-30)).all()):
@@ -163,7 +163,7 @@ def _weighted_kmeans(points, k, weights, iters, tol, seed):
             rows, cols = empty.nonzero(as_tuple=True)
             rank = empty.cumsum(-1)[rows, cols] - 1  # j-th empty centroid of a row takes its j-th worst point
             cent[rows, cols] = points[rows, worst[rows, rank]]
-    idx, d2 = _assign(points, cent)
+    idx, d2 = nearest(points, cent)
     final = float((w * d2).sum())
     return cent, {"iterations": len(history), "weighted_error": final,
                   "first_error": history[0] if history else final}

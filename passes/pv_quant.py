@@ -1,0 +1,201 @@
+"""pv_quant: additive vector quantization of linear weights (AQLM) fine-tuned with PV-Tuning.
+
+Each decoder linear becomes `llmc::vq_linear` over M codebooks of 2^B codewords for input groups of
+g weights, plus one scale per output row (default 2x8 g8: about 2.1 bits per weight). Three phases:
+
+  1. one-shot AQLM calibration, streamed block by block (`pv_quant_calib`, `pv_quant_aq`):
+     residual k-means, then codebook/scale Adam alternating with greedy code search on each
+     layer's XᵀX-weighted output error, then block fine-tuning against the FP block's outputs;
+  2. PV-Tuning (`pv_quant_tune`): `steps` steps of KL(teacher ‖ student) over calibration text,
+     P step on codebooks/scales/norms, subspace linearised V step on codes (or `mode=ste`);
+  3. the rewrite: aten.linear -> llmc::vq_linear with uint8 codes.
+
+Both long phases checkpoint under `checkpoint_dir` (by default `~/.cache/llmc/pv_quant/<run>`, the
+run named by a digest of the graph, the data and every option), so re-running an interrupted
+compile continues it; a finished phase is not repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx
+
+from llmc.errors import ConfigError
+from llmc.fsutil import tensor_digest
+from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
+from llmc.ops.vq import MAX_BITS, bits_per_weight, store_codes
+from llmc.passes.pv_quant_aq import AQConfig
+from llmc.passes.pv_quant_calib import FinetunePlan, calibrate
+from llmc.passes.pv_quant_tune import TunePlan, pv_tune
+from llmc.passes_base import Pass, PassContext, PassResult, register_pass
+from llmc.progress import log
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+@register_pass("pv_quant")
+@dataclass(frozen=True)
+class PVQuant(Pass):
+    """Quantize decoder linears to additive codes (AQLM) and fine-tune them with PV-Tuning.
+
+    Matches: `aten.linear` with a stored weight in a module whose FQN matches `targets`. Emits:
+    `llmc::vq_linear` (+ `aten.add` for a bias). Numerics: lossy. Needs calibration data; the
+    teacher for PV-Tuning is the FP model.
+    """
+
+    codebooks: int = dataclasses.field(default=2, metadata={"help": "M, codebooks summed per group"})
+    bits: int = dataclasses.field(default=8, metadata={"help": "B, each codebook has 2^B codewords"})
+    group: int = dataclasses.field(default=8, metadata={"help": "g, input weights per code group"})
+    kmeans_iters: int = 30
+    adam_steps: int = dataclasses.field(default=20, metadata={"help": "codebook Adam steps per epoch"})
+    lr: float = 3e-4
+    max_epochs: int = dataclasses.field(default=6, metadata={"help": "calibration epochs per matrix"})
+    tol: float = dataclasses.field(default=0.01, metadata={"help": "stop a matrix when an epoch gains less"})
+    ft_epochs: int = dataclasses.field(default=2, metadata={"help": "block fine-tuning epochs"})
+    ft_lr: float = 1e-4
+    steps: int = dataclasses.field(default=0, metadata={"help": "PV-Tuning steps (0: calibration only)"})
+    batch_size: int = dataclasses.field(default=4, metadata={"help": "sequences per PV-Tuning step"})
+    tune_lr: float = 3e-4
+    code_lr: float = 1e-2
+    code_change: float = dataclasses.field(default=0.01, metadata={"help": "fraction of code groups per V step"})
+    trust_ratio: float = 0.01
+    mode: Literal["pv", "ste"] = "pv"
+    tune_samples: int = dataclasses.field(default=0, metadata={
+        "help": "sequences of 512 tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
+    tune_data: str = "wikitext2-valid"
+    targets: str = r"layers\.\d+\.(self_attn|mlp)\."
+    checkpoint_dir: str | None = None
+
+    requires = ("dense_linear_weights", "calibration")
+    invalidates = ("dense_linear_weights",)
+    provides = ("vector_quantized_weights",)
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise ConfigError(f"pv_quant.bits must be in 1..8 (uint8 codes), got {self.bits}"
+                              + (" (2^16-entry codebooks outgrow small layers)" if self.bits <= MAX_BITS else ""))
+        for name, low in (("codebooks", 1), ("group", 1), ("kmeans_iters", 1), ("adam_steps", 0), ("max_epochs", 0),
+                          ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"pv_quant.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "ft_lr", "tune_lr", "code_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"pv_quant.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.code_change <= 1:
+            raise ConfigError(f"pv_quant.code_change is a fraction of code groups in (0, 1], got {self.code_change}")
+        if self.trust_ratio < 0 or not 0 <= self.tol < 1:
+            raise ConfigError(f"pv_quant.trust_ratio must be >= 0 and tol in [0, 1), "
+                              f"got {self.trust_ratio}, {self.tol}")
+        if self.mode not in ("pv", "ste"):
+            raise ConfigError(f"pv_quant.mode must be pv or ste, got '{self.mode}'")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ConfigError(f"pv_quant.targets is not a valid regular expression: {e}") from None
+
+    def _matches(self, target: str) -> bool:
+        return bool(re.search(self.targets, target.rpartition(".")[0] + "."))
+
+    def aq_config(self) -> AQConfig:
+        return AQConfig(self.codebooks, self.bits, self.group, self.kmeans_iters, self.adam_steps, self.lr,
+                        self.max_epochs, self.tol)
+
+    def tune_plan(self, seed: int) -> TunePlan:
+        return TunePlan(self.steps, self.batch_size, self.tune_lr, self.code_lr, self.code_change,
+                        self.trust_ratio, self.mode, seed=seed)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        t0 = time.perf_counter()
+        linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default
+                   and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+                   and self._matches(n.args[1].target)]
+        if not linears:
+            logger.debug("pv_quant: no linear matches %r", self.targets)
+            return PassResult(gm, False, {"quantized": 0})
+        for n in linears:
+            K = get_attr_tensor(gm, n.args[1]).shape[1]
+            if K % self.group:
+                raise ConfigError(f"pv_quant.group={self.group} does not divide the input size {K} of "
+                                  f"{module_fqn(n)}; choose a group that divides every targeted layer's inputs")
+        if not ctx.calibration or ctx.program is None:
+            raise ConfigError("pv_quant needs calibration data: pass compile(..., calibration='wikitext2-valid') "
+                              "or --calib")
+        empty = lambda b: ctx.program.empty_cache(b, 0)  # noqa: E731
+        config = self.config_dict()
+        config.pop("checkpoint_dir")
+        model_digest = graph_digest(gm)
+        run_id = tensor_digest(ctx.calibration, f"{model_digest} {sorted(config.items())} {ctx.seed}")[:16]
+        root = os.path.expanduser(self.checkpoint_dir or os.path.join("~", ".cache", "llmc", "pv_quant"))
+        folder = os.path.join(root, run_id)
+        teacher = ctx.teacher
+        if self.steps > 0 and teacher is None:
+            from llmc.passes.structured_ffn import _graph_teacher
+
+            teacher = _graph_teacher(gm, ctx)
+        targets = {n.args[1].target for n in linears}
+        calib_id = tensor_digest(ctx.calibration, f"{model_digest} {self.aq_config()} {self.ft_epochs} {self.ft_lr} "
+                                                  f"{self.targets} {ctx.seed}")[:16]
+        state, cstats = calibrate(gm, ctx.calibration, empty, targets.__contains__,
+                                  dataclasses.replace(self.aq_config(), seed=ctx.seed),
+                                  FinetunePlan(self.ft_epochs, self.ft_lr, ctx.seed), ctx.progress,
+                                  os.path.join(root, "calibration-" + calib_id), calib_id)
+        seconds = {"calibration": round(time.perf_counter() - t0, 1)}
+        tstats = None
+        if self.steps > 0:
+            t1 = time.perf_counter()
+            batches = ctx.calibration
+            if self.tune_samples:
+                from llmc.data import calibration_batches
+
+                batches = calibration_batches(ctx.program.tokenizer, self.tune_data, num_samples=self.tune_samples,
+                                              seed=ctx.seed + 1)
+            os.makedirs(folder, exist_ok=True)
+            tstats = pv_tune(gm, state, teacher, batches, empty, self.tune_plan(ctx.seed), ctx.progress,
+                             os.path.join(folder, "tuning.pt"), run_id)
+            seconds["pv_tuning"] = round(time.perf_counter() - t1, 1)
+        self._rewrite(gm, linears, state)
+        n_weights = sum(q.codes.shape[0] * q.codes.shape[1] * self.group for q in state.values())
+        bpw = sum(bits_per_weight(q.codes.shape[0], q.codes.shape[1] * self.group, self.codebooks, self.bits,
+                                  self.group) * q.codes.shape[0] * q.codes.shape[1] * self.group
+                  for q in state.values()) / n_weights
+        errs = [m["relative_error"][-1] for b in cstats["blocks"] for m in b["matrices"].values()]
+        stats = {"quantized": len(state), "weights": n_weights, "bits_per_weight": round(bpw, 4),
+                 "mean_relative_output_error": round(sum(errs) / len(errs), 5), "calibration": cstats,
+                 "tuning": tstats, "seconds": seconds, "run": run_id}
+        log(f"pv_quant: {len(state)} matrices at {bpw:.3f} bits/weight, mean relative output error "
+            f"{stats['mean_relative_output_error']:.4f}" + (f", KL {tstats['kl_first']} -> {tstats['kl_last']}"
+                                                            if tstats else ""))
+        return PassResult(gm, True, stats)
+
+    def _rewrite(self, gm: fx.GraphModule, linears: list[fx.Node], state) -> None:
+        for node in linears:
+            x, w_node = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else None
+            q = state[w_node.target]
+            module = w_node.target.rpartition(".")[0]
+            attrs = {}
+            for leaf, t in (("codes", store_codes(q.codes, self.bits)), ("codebooks", q.codebooks.float()),
+                            ("scales", q.scales.float())):
+                set_attr_tensor(gm, f"{module}.{leaf}", t.detach().contiguous(), parameter=False)
+                with gm.graph.inserting_before(node):
+                    attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
+            with gm.graph.inserting_before(node):
+                y = gm.graph.call_function(torch.ops.llmc.vq_linear.default,
+                                           (x, attrs["codes"], attrs["codebooks"], attrs["scales"]))
+                out = gm.graph.call_function(aten.add.Tensor, (y, bias)) if bias is not None else y
+            for new in {y, out, *attrs.values()}:
+                new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+            y.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+        remove_unused_attrs(gm)
+        gm.recompile()

@@ -1,0 +1,250 @@
+"""AQLM one-shot calibration, streamed block by block (the quantized block's outputs feed the next).
+
+For each decoder block, in order:
+  1. run the FP block on the current hidden states (the outputs of the already quantized blocks
+     before it), accumulating XᵀX of every linear's input and keeping the block's outputs Y;
+  2. quantize each target linear against its XᵀX (`pv_quant_aq.quantize_matrix`);
+  3. fine-tune the block's continuous parameters (codebooks, scales, norm weights, biases; codes
+     fixed) by Adam on ‖block_q(h) − Y‖², the FP outputs on the same inputs;
+  4. run the quantized block to produce the next block's inputs.
+
+Memory: two sets of hidden states (inputs and FP outputs), 2 · tokens · hidden · 4 bytes (75 MB
+for 32 × 512 tokens of SmolLM2), plus one block's XᵀX matrices. Each finished block is written
+to `checkpoint_dir/block_NNN.pt` under a fingerprint of everything that determines it, with the
+hidden states after it, so an interrupted run restarts at the first unfinished block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from llmc.fsutil import atomic_file
+from llmc.graph import get_attr_tensor, set_attr_tensor
+from llmc.ops.vq import dequantize
+from llmc.passes.pv_quant_aq import AQConfig, quantize_matrix
+from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
+from llmc.progress import bar, log
+
+
+@dataclass
+class QuantizedMatrix:
+    """The AQLM tensors of one weight: codes [N, K/g, M] int64, codebooks [M, 2^B, 1, g], scales [N, 1, 1, 1]."""
+
+    codes: torch.Tensor
+    codebooks: torch.Tensor
+    scales: torch.Tensor
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.codes, self.codebooks, self.scales)
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """Block fine-tuning: `epochs` passes over the calibration batches, Adam(lr, betas (0.9, 0.95))."""
+
+    epochs: int = 2
+    lr: float = 1e-4
+    seed: int = 0
+
+
+class _GramRecorder(fx.Interpreter):
+    """Runs a block and adds xᵀx of the input of each watched linear to `grams[input node]`."""
+
+    def __init__(self, gm: fx.GraphModule, watch: set):
+        super().__init__(gm)
+        self.watch = watch
+        self.grams: dict[fx.Node, torch.Tensor] = {}
+        self.tokens = 0
+
+    def run_node(self, n: fx.Node):
+        if n in self.watch:
+            x = self.env[n.args[0]]
+            x = x.reshape(-1, x.shape[-1]).float()
+            g = x.t() @ x
+            key = n.args[0]
+            if key in self.grams:
+                self.grams[key] += g
+            else:
+                self.grams[key] = g
+        return super().run_node(n)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    module, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(module) if module else gm, leaf)
+
+
+def _save(obj, path: str) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_target, aq: AQConfig,
+              ft: FinetunePlan, progress: bool = True, checkpoint_dir: str | None = None,
+              fingerprint: str = "") -> tuple[dict[str, QuantizedMatrix], dict]:
+    """Quantize every linear weight whose target satisfies `is_target`, block by block.
+
+    Writes the dequantized weights (and tuned norms/biases) into `gm` as it goes, so `gm` computes
+    the quantized model afterwards. Returns {weight target: QuantizedMatrix} and statistics.
+    """
+    prefix, needed, blocks = split_blocks(gm)
+    with torch.no_grad():
+        hs, ext_by_shape = [], {}
+        for ids in batches:
+            vals = prefix(*flat_inputs(ids, empty_cache))
+            hs.append(vals[0])
+            ext_by_shape.setdefault(tuple(ids.shape), dict(zip(needed, vals)))
+    state: dict[str, QuantizedMatrix] = {}
+    stats: dict = {"blocks": [], "resumed_blocks": 0}
+    start = 0
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        start, hs_resumed = _resume(gm, blocks, state, stats, checkpoint_dir, fingerprint)
+        if hs_resumed is not None:
+            hs = hs_resumed
+    t_start = time.perf_counter()
+    with bar(total=len(blocks), desc="pv_quant calibration", unit="block", enabled=progress) as pbar:
+        pbar.update(start)
+        for block in blocks[start:]:
+            t0 = time.perf_counter()
+            hs, bstate, bstats = _calibrate_block(gm, block, hs, ext_by_shape, is_target, aq, ft, progress)
+            bstats["seconds"] = round(time.perf_counter() - t0, 1)
+            state.update(bstate)
+            stats["blocks"].append(bstats)
+            if checkpoint_dir:
+                tuned = {t: _attr(gm, t).detach() for t in block.params if t not in bstate}
+                _save({"fingerprint": fingerprint, "index": block.index, "stats": bstats, "hidden": hs,
+                       "quantized": {t: dataclasses.asdict(q) for t, q in bstate.items()}, "tuned": tuned},
+                      _block_path(checkpoint_dir, block.index))
+                previous = _block_path(checkpoint_dir, block.index - 1)
+                if os.path.exists(previous):  # only the last block's hidden states are needed to resume
+                    saved = torch.load(previous, weights_only=True)
+                    if saved.get("hidden") is not None:
+                        saved["hidden"] = None
+                        _save(saved, previous)
+            pbar.update(1)
+            errs = [v["relative_error"][-1] for v in bstats["matrices"].values()]
+            pbar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.4f}", ft=f"{bstats['finetune_after']:.4f}")
+    stats["seconds"] = round(time.perf_counter() - t_start, 1)
+    return state, stats
+
+
+def _block_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"block_{index:03d}.pt")
+
+
+def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: str):
+    """Load consecutive finished blocks of this run; returns (first unfinished block, its input states)."""
+    hs = None
+    done = 0
+    for block in blocks:
+        path = _block_path(directory, block.index)
+        if not os.path.exists(path):
+            break
+        saved = torch.load(path, weights_only=True)
+        if saved.get("fingerprint") != fingerprint:
+            log(f"pv_quant: {path} belongs to another run; calibrating from block {block.index}")
+            break
+        for t, q in saved["quantized"].items():
+            state[t] = QuantizedMatrix(**q)
+            set_attr_tensor(gm, t, state[t].weight().detach())
+        for t, v in saved["tuned"].items():
+            set_attr_tensor(gm, t, v)
+        stats["blocks"].append(saved["stats"])
+        hs = saved["hidden"]
+        done += 1
+    if done:
+        if hs is None:  # the last finished block lost its states (should not happen): redo it
+            raise RuntimeError(f"pv_quant: checkpoint of block {done - 1} in {directory} has no hidden states; "
+                               "delete the folder to start over")
+        log(f"pv_quant: resuming calibration at block {done}/{len(blocks)} from {directory}")
+    stats["resumed_blocks"] = done
+    return done, hs
+
+
+def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, aq: AQConfig, ft: FinetunePlan,
+                     progress: bool):
+    params = {t: _attr(gm, t).detach() for t in block.params}
+    targets = [t for t in block.linears if is_target(t)]
+    watch = {block.linears[t] for t in targets}
+    rec = _GramRecorder(block.gm, watch)
+    ys = []
+    with torch.no_grad():
+        for h in hs:
+            ext = ext_by_shape[tuple(h.shape[:2])]
+            ys.append(rec.run(h, *(ext[n] for n in block.externals), *(params[p] for p in block.params)))
+            rec.tokens += h.shape[0] * h.shape[1]
+    quantized: dict[str, QuantizedMatrix] = {}
+    mstats = {}
+    for t in bar(targets, desc=f"block {block.index}", unit="matrix", enabled=progress):
+        A = rec.grams[block.linears[t].args[0]] / rec.tokens
+        cfg = dataclasses.replace(aq, seed=aq.seed + 1009 * block.index + len(quantized))
+        codes, books, scales, s = quantize_matrix(params[t], A, cfg)
+        quantized[t] = QuantizedMatrix(codes, books, scales)
+        mstats[t] = s
+    before, after = _finetune_block(block, hs, ys, ext_by_shape, params, quantized, ft)
+    for t, q in quantized.items():
+        params[t] = q.weight().detach()
+    with torch.no_grad():
+        out = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+    for t in block.params:  # dequantized weights and tuned norms/biases into the full graph
+        if t in quantized or params[t] is not _attr(gm, t):
+            set_attr_tensor(gm, t, params[t].detach().clone())
+    return out, quantized, {"index": block.index, "matrices": mstats,
+                            "finetune_before": round(before, 6), "finetune_after": round(after, 6)}
+
+
+def _finetune_block(block: Block, hs, ys, ext_by_shape, params: dict, quantized: dict, ft: FinetunePlan):
+    """Adam on codebooks, scales and the block's 1-D parameters against the FP outputs; returns the
+    relative output error ‖block_q(h) − Y‖² / ‖Y‖² before and after (over all batches)."""
+    free = {t: params[t].detach().clone().requires_grad_(True) for t in block.params
+            if t not in quantized and params[t].dim() == 1 and params[t].is_floating_point()}
+    trainable = list(free.values())
+    for q in quantized.values():
+        q.codebooks.requires_grad_(True)
+        q.scales.requires_grad_(True)
+        trainable += [q.codebooks, q.scales]
+
+    def forward(h):
+        p = dict(params)
+        p.update(free)
+        for t, q in quantized.items():
+            p[t] = q.weight()
+        return block(h, ext_by_shape[tuple(h.shape[:2])], p)
+
+    def error() -> float:
+        with torch.no_grad():
+            num = sum(float((forward(h) - y).pow(2).sum()) for h, y in zip(hs, ys))
+            return num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
+
+    before = error()
+    snapshot = [t.detach().clone() for t in trainable]
+    if ft.epochs > 0:
+        opt = torch.optim.Adam(trainable, lr=ft.lr, betas=(0.9, 0.95))
+        gen = torch.Generator().manual_seed(ft.seed + block.index)
+        with torch.enable_grad():
+            for _ in range(ft.epochs):
+                for i in torch.randperm(len(hs), generator=gen).tolist():
+                    loss = F.mse_loss(forward(hs[i]), ys[i])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+    after = error() if ft.epochs > 0 else before
+    if after > before:  # fine-tuning made it worse (too few batches or too high a rate): keep the start
+        with torch.no_grad():
+            for t, v in zip(trainable, snapshot):
+                t.copy_(v)
+        after = before
+    for q in quantized.values():
+        q.codebooks = q.codebooks.detach()
+        q.scales = q.scales.detach()
+    for t, v in free.items():
+        params[t] = v.detach()
+    return before, after

@@ -1,0 +1,270 @@
+"""PV-Tuning (Malinovskii et al., NeurIPS 2024): global fine-tuning of an AQLM model, codes included.
+
+The student is the graph with every quantized weight replaced by its dequantized dense copy Ŵ, so
+one backward pass of KL(teacher ‖ student) over calibration text gives ∂L/∂Ŵ for all of them. Each
+step then does:
+
+  P step  codebooks and scales get ∂L/∂Ŵ pulled back through Ŵ = s · Σ_m C_m[codes] (plus the
+          norms' own gradients) and one LAMB step: a layer-wise relative update, every tensor
+          moving by lr · ‖p‖ in norm;
+  V step  a straight-through buffer X per matrix (initialised to Ŵ) takes a LAMB step with
+          β1 = 0 on ∂L/∂Ŵ; the groups where X has moved furthest from Ŵ, the top `code_change`
+          fraction, are re-encoded towards X by greedy search over the codebooks, and changes are
+          kept in that order while ‖ΔŴ‖ stays within `trust_ratio` · ‖Ŵ‖ (the subspace linearised
+          V step with a trust region);
+  and rewrites Ŵ from the new codes, codebooks and scales.
+
+`mode="ste"` is the straight-through baseline at the same cost per step: every group is re-encoded
+to the nearest code of X every step, with no subspace and no trust region.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from llmc.fsutil import atomic_file
+from llmc.graph import set_attr_tensor
+from llmc.ops.cq import nearest
+from llmc.ops.vq import dequantize
+from llmc.passes.pv_quant_blocks import flat_inputs
+from llmc.passes.pv_quant_calib import QuantizedMatrix, _attr
+from llmc.passes.structured_ffn_recovery import kl_to_teacher
+from llmc.progress import bar, log
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    steps: int = 50
+    batch_size: int = 4           # sequences per step
+    lr: float = 3e-4              # LAMB, codebooks / scales / norms
+    code_lr: float = 1e-2         # LAMB (β1 = 0), straight-through buffers
+    code_change: float = 0.01     # fraction of groups re-encoded per matrix per step
+    trust_ratio: float = 0.01     # max ‖ΔŴ‖ / ‖Ŵ‖ from code changes per step; 0 = no trust region
+    mode: str = "pv"              # "pv" or "ste"
+    tune_norms: bool = True
+    checkpoint_every: int = 10
+    seed: int = 0
+
+
+class Lamb:
+    """Adam moments with a per-tensor trust ratio: each step moves p by lr · ‖p‖ along m̂ / (√v̂ + ε)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.95), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.step_count = 0
+        self.m = [torch.zeros_like(p) for p in params] if betas[0] > 0 else None
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.step_count += 1
+        b1, b2 = self.betas
+        c2 = 1 - b2 ** self.step_count
+        c1 = 1 - b1 ** self.step_count if b1 > 0 else 1.0
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if g is None:
+                continue
+            self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            if self.m is not None:
+                self.m[i].mul_(b1).add_(g, alpha=1 - b1)
+                m = self.m[i] / c1
+            else:
+                m = g
+            update = m / ((self.v[i] / c2).sqrt_() + self.eps)
+            p_norm, u_norm = float(p.norm()), float(update.norm())
+            ratio = p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+            p.add_(update, alpha=-self.lr * ratio)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step_count = int(d["step"])
+        if self.m is not None:
+            for a, b in zip(self.m, d["m"]):
+                a.copy_(b)
+        for a, b in zip(self.v, d["v"]):
+            a.copy_(b)
+
+
+def reencode(target: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Greedy search (beam 1) for codes [S, M] whose sum of codewords is nearest `target` [S, g],
+    one codebook at a time in a seeded random order, starting from `codes`."""
+    S, M = codes.shape
+    C = books[:, :, 0, :]  # [M, 2^B, g]
+    codes = codes.clone()
+    decoded = sum(C[m][codes[:, m]] for m in range(M))
+    for m in torch.randperm(M, generator=gen).tolist():
+        others = decoded - C[m][codes[:, m]]
+        k, _ = nearest((target - others)[None], C[m][None])
+        codes[:, m] = k[0]
+        decoded = others + C[m][k[0]]
+    return codes
+
+
+@torch.no_grad()
+def v_step(q: QuantizedMatrix, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
+    """Move some of q's codes towards the buffer X; returns how many groups changed."""
+    N, J, M = q.codes.shape
+    g = q.codebooks.shape[-1]
+    s = q.scales.reshape(N, 1)
+    diff = (X - W_hat).reshape(N * J, g)
+    if plan.mode == "ste":
+        sel = torch.arange(N * J)
+    else:
+        k = max(1, math.ceil(plan.code_change * N * J))
+        sel = diff.pow(2).sum(-1).topk(k).indices  # descending: the furthest groups first
+    rows = sel // J
+    target = X.reshape(N * J, g)[sel] / s[rows]
+    old = q.codes.reshape(N * J, M)[sel]
+    new = reencode(target, old, q.codebooks, gen)
+    changed = (new != old).any(-1)
+    if plan.mode != "ste" and plan.trust_ratio > 0:
+        C = q.codebooks[:, :, 0, :]
+        dec = lambda c: sum(C[m][c[:, m]] for m in range(M))  # noqa: E731
+        step = (s[rows] * (dec(new) - dec(old))).pow(2).sum(-1) * changed  # ‖ΔŴ_group‖² per selected group
+        budget = (plan.trust_ratio * float(W_hat.norm())) ** 2
+        keep = step.cumsum(0) <= budget
+        if bool(changed.any()):  # the first change is always taken, so the V step never stalls
+            keep[int(changed.nonzero()[0])] = True
+        changed &= keep
+    flat = q.codes.reshape(N * J, M)
+    flat[sel[changed]] = new[changed]
+    return int(changed.sum())
+
+
+def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batches: list[torch.Tensor],
+            empty_cache, plan: TunePlan, progress: bool = True, checkpoint_path: str | None = None,
+            fingerprint: str = "") -> dict:
+    """Tune `state` (in place) and `gm`'s norms so that gm's logits match the teacher's; `gm` ends
+    with the dequantized weights of the result. Returns KL per step and code-change statistics."""
+    targets = sorted(state)
+    norms = sorted(n for n, p in gm.named_parameters() if plan.tune_norms and p.dim() == 1
+                   and ("norm" in n or "layernorm" in n))
+    # The student's dense weights: fresh tensors (the teacher may share the graph's storage).
+    for t in targets:
+        set_attr_tensor(gm, t, state[t].weight().detach().clone(), parameter=True)
+    for n in norms:
+        set_attr_tensor(gm, n, _attr(gm, n).detach().clone(), parameter=True)
+    buffers = [_attr(gm, t).detach().clone() for t in targets]
+    continuous = [x for t in targets for x in (state[t].codebooks, state[t].scales)] + [_attr(gm, n) for n in norms]
+    p_opt = Lamb(continuous, plan.lr, betas=(0.9, 0.95))
+    v_opt = Lamb(buffers, plan.code_lr, betas=(0.0, 0.95))
+    gen = torch.Generator().manual_seed(plan.seed)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(plan.seed + 1)).tolist()
+    kl: list[float] = []
+    changes: list[float] = []
+    start = 0
+    if checkpoint_path and os.path.exists(checkpoint_path):
+        saved = torch.load(checkpoint_path, weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            with torch.no_grad():
+                for t in targets:
+                    q = saved["state"][t]
+                    state[t].codes.copy_(q["codes"])
+                    state[t].codebooks.copy_(q["codebooks"])
+                    state[t].scales.copy_(q["scales"])
+                    _attr(gm, t).copy_(state[t].weight())
+                for n in norms:
+                    _attr(gm, n).copy_(saved["norms"][n])
+                for b, x in zip(buffers, saved["buffers"]):
+                    b.copy_(x)
+            p_opt.load_state_dict(saved["p_opt"])
+            v_opt.load_state_dict(saved["v_opt"])
+            gen.set_state(saved["gen"])
+            start, kl, changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
+            log(f"pv_quant: resuming PV-Tuning at step {start}/{plan.steps} from {checkpoint_path}")
+        else:
+            log(f"pv_quant: {checkpoint_path} belongs to another run; tuning from the start")
+
+    def save(step):
+        if not checkpoint_path:
+            return
+        with atomic_file(checkpoint_path) as tmp:
+            torch.save({"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
+                        "state": {t: {"codes": state[t].codes, "codebooks": state[t].codebooks,
+                                      "scales": state[t].scales} for t in targets},
+                        "norms": {n: _attr(gm, n).detach() for n in norms}, "buffers": buffers,
+                        "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(), "gen": gen.get_state()}, tmp)
+
+    flags = {p: p.requires_grad for p in gm.parameters()}
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    weights = [_attr(gm, t) for t in targets]
+    norm_params = [_attr(gm, n) for n in norms]
+    for p in weights + norm_params:
+        p.requires_grad_(True)
+    seconds = {"model": 0.0, "p_step": 0.0, "v_step": 0.0}
+    try:
+        with bar(total=plan.steps, desc=f"pv_quant {plan.mode}-tuning", unit="step", enabled=progress) as pbar:
+            pbar.update(start)
+            for step in range(start, plan.steps):
+                t0 = time.perf_counter()
+                picked = [order[(step * plan.batch_size + i) % len(order)] for i in range(plan.batch_size)]
+                ids = torch.cat([batches[i] for i in picked])
+                inputs = flat_inputs(ids, empty_cache)
+                with torch.no_grad():
+                    target = teacher(ids, inputs[1])
+                with torch.enable_grad():
+                    loss = kl_to_teacher(gm(ids, inputs[1], inputs[2], inputs[3:])[0], target)
+                    for p in weights + norm_params:
+                        p.grad = None
+                    loss.backward()
+                del target
+                t1 = time.perf_counter()
+                # P step: pull ∂L/∂Ŵ back onto codebooks and scales.
+                grads = []
+                with torch.enable_grad():
+                    for t, w in zip(targets, weights):
+                        q = state[t]
+                        q.codebooks.requires_grad_(True)
+                        q.scales.requires_grad_(True)
+                        gb, gs = torch.autograd.grad(q.weight(), (q.codebooks, q.scales), w.grad)
+                        q.codebooks.requires_grad_(False)
+                        q.scales.requires_grad_(False)
+                        grads += [gb, gs]
+                grads += [p.grad for p in norm_params]
+                p_opt.step(grads)
+                t2 = time.perf_counter()
+                # V step: straight-through buffers, then a few code groups follow them.
+                v_opt.step([w.grad for w in weights])
+                moved = 0
+                total = 0
+                with torch.no_grad():
+                    for t, w, X in zip(targets, weights, buffers):
+                        q = state[t]
+                        W_hat = q.weight()
+                        moved += v_step(q, X, W_hat, plan, gen)
+                        total += q.codes.shape[0] * q.codes.shape[1]
+                        w.copy_(q.weight())
+                        w.grad = None
+                    for p in norm_params:
+                        p.grad = None
+                t3 = time.perf_counter()
+                seconds["model"] += t1 - t0
+                seconds["p_step"] += t2 - t1
+                seconds["v_step"] += t3 - t2
+                kl.append(float(loss.detach()))
+                changes.append(moved / max(total, 1))
+                pbar.update(1)
+                pbar.set_postfix(kl=f"{kl[-1]:.4f}", changed=f"{changes[-1]:.4f}")
+                if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
+                    save(step + 1)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for p in weights + norm_params:
+            p.requires_grad_(False)
+            p.grad = None
+    head, tail = kl[:3], kl[-3:]
+    return {"mode": plan.mode, "steps": len(kl), "resumed_from": start,
+            "kl_first": round(sum(head) / len(head), 5) if head else None,
+            "kl_last": round(sum(tail) / len(tail), 5) if tail else None,
+            "kl": [round(v, 5) for v in kl], "code_change": [round(c, 6) for c in changes],
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
