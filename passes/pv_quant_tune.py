@@ -20,6 +20,7 @@ to the nearest code of X every step, with no subspace and no trust region.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -48,6 +49,7 @@ class TunePlan:
     trust_ratio: float = 0.01     # max ‖ΔŴ‖ / ‖Ŵ‖ from code changes per step; 0 = no trust region
     mode: str = "pv"              # "pv" or "ste"
     tune_norms: bool = True
+    amp: bool = True              # teacher and student forward/backward under bfloat16 autocast
     checkpoint_every: int = 10
     seed: int = 0
 
@@ -139,6 +141,15 @@ def v_step(q: QuantizedMatrix, X: torch.Tensor, W_hat: torch.Tensor, plan: TuneP
     return int(changed.sum())
 
 
+def _compact(codes: torch.Tensor) -> torch.Tensor:
+    """Codes in the smallest dtype that holds them, for checkpoints (int64 in memory)."""
+    return codes.to(torch.uint8) if int(codes.max()) < 256 else codes.to(torch.int32)
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batches: list[torch.Tensor],
             empty_cache, plan: TunePlan, progress: bool = True, checkpoint_path: str | None = None,
             fingerprint: str = "") -> dict:
@@ -188,7 +199,7 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
             return
         with atomic_file(checkpoint_path) as tmp:
             torch.save({"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
-                        "state": {t: {"codes": state[t].codes, "codebooks": state[t].codebooks,
+                        "state": {t: {"codes": _compact(state[t].codes), "codebooks": state[t].codebooks,
                                       "scales": state[t].scales} for t in targets},
                         "norms": {n: _attr(gm, n).detach() for n in norms}, "buffers": buffers,
                         "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(), "gen": gen.get_state()}, tmp)
@@ -209,10 +220,13 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
                 picked = [order[(step * plan.batch_size + i) % len(order)] for i in range(plan.batch_size)]
                 ids = torch.cat([batches[i] for i in picked])
                 inputs = flat_inputs(ids, empty_cache)
-                with torch.no_grad():
+                with torch.no_grad(), _autocast(plan.amp):
                     target = teacher(ids, inputs[1])
                 with torch.enable_grad():
-                    loss = kl_to_teacher(gm(ids, inputs[1], inputs[2], inputs[3:])[0], target)
+                    with _autocast(plan.amp):
+                        logits = gm(ids, inputs[1], inputs[2], inputs[3:])[0]
+                    loss = kl_to_teacher(logits, target)
+                    del logits
                     for p in weights + norm_params:
                         p.grad = None
                     loss.backward()

@@ -54,37 +54,20 @@ class RTNQuant(Pass):
             raise ConfigError(f"rtn_quant.targets is not a valid regular expression: {e}") from None
 
     def _matches(self, fqn: str) -> bool:
-        return bool(re.search(self.targets, fqn + ".")) or (self.lm_head and fqn.rpartition(".")[2] == "lm_head")
+        return matches_target(fqn, self.targets, self.lm_head)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
-                 and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr" and self._matches(module_fqn(n))]
+        nodes = quantizable_linears(gm, self.targets, self.lm_head)
         untied = []
         weights = 0
         for node in bar(nodes, desc="rtn_quant", unit="linear", enabled=ctx.progress):
-            x, w_node = node.args[0], node.args[1]
-            bias = node.args[2] if len(node.args) > 2 else None
+            w_node = node.args[1]
             weight = get_attr_tensor(gm, w_node)
             if shares_storage(gm, w_node.target):
                 untied.append(w_node.target)  # the other user (the embedding) keeps the float tensor
             N, K = weight.shape
             codes, scales, zeros = quantize_rtn(weight, self.bits, self.group, self.symmetric)
-            module = w_node.target.rpartition(".")[0]
-            attrs = {}
-            for leaf, t in (("codes", codes), ("scales", scales), ("zero_points", zeros)):
-                set_attr_tensor(gm, f"{module}.{leaf}", t, parameter=False)
-                with gm.graph.inserting_before(node):
-                    attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
-            with gm.graph.inserting_before(node):
-                y = gm.graph.call_function(
-                    torch.ops.llmc.nbits_linear.default,
-                    (x, attrs["codes"], attrs["scales"], attrs["zero_points"], K, N, self.bits, self.group))
-                out = gm.graph.call_function(torch.ops.aten.add.Tensor, (y, bias)) if bias is not None else y
-            for new in {y, out, *attrs.values()}:
-                new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-            y.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
+            emit_nbits_linear(gm, node, codes, scales, zeros, self.bits, self.group)
             weights += N * K
         remove_unused_attrs(gm)
         gm.recompile()
@@ -92,3 +75,48 @@ class RTNQuant(Pass):
         if not nodes:
             logger.debug("rtn_quant: no linear matches %r", self.targets)
         return PassResult(gm, bool(nodes), stats)
+
+
+# Shared with the other passes that emit `llmc::nbits_linear` (gptq_quant).
+
+def matches_target(fqn: str, targets: str, lm_head: bool) -> bool:
+    """Whether the linear in module `fqn` is quantized: `targets` matches `fqn + "."`, or it is the
+    `lm_head` and `lm_head` is set."""
+    return bool(re.search(targets, fqn + ".")) or (lm_head and fqn.rpartition(".")[2] == "lm_head")
+
+
+def quantizable_linears(gm: fx.GraphModule, targets: str, lm_head: bool) -> list[fx.Node]:
+    """The `aten.linear` nodes with a stored weight whose module matches (see `matches_target`), in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+            and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+            and matches_target(module_fqn(n), targets, lm_head)]
+
+
+def emit_nbits_linear(gm: fx.GraphModule, node: fx.Node, codes: torch.Tensor, scales: torch.Tensor,
+                      zero_points: torch.Tensor, bits: int, group: int) -> fx.Node:
+    """Replace the `aten.linear` `node` by `llmc::nbits_linear` over MatMulNBits-layout tensors (stored as
+    `<module>.codes/scales/zero_points` buffers beside its weight), plus an `aten.add` for its bias.
+
+    Returns the node now standing for the linear's output. The weight's get_attr stays in the graph
+    until `remove_unused_attrs`.
+    """
+    x, w_node = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    N, K = get_attr_tensor(gm, w_node).shape
+    module = w_node.target.rpartition(".")[0]
+    attrs = {}
+    for leaf, t in (("codes", codes), ("scales", scales), ("zero_points", zero_points)):
+        set_attr_tensor(gm, f"{module}.{leaf}", t, parameter=False)
+        with gm.graph.inserting_before(node):
+            attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
+    with gm.graph.inserting_before(node):
+        y = gm.graph.call_function(
+            torch.ops.llmc.nbits_linear.default,
+            (x, attrs["codes"], attrs["scales"], attrs["zero_points"], K, N, bits, group))
+        out = gm.graph.call_function(torch.ops.aten.add.Tensor, (y, bias)) if bias is not None else y
+    for new in {y, out, *attrs.values()}:
+        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+    y.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return out
