@@ -22,9 +22,16 @@ def table() -> str:
         name, com = doc["benchmark"], doc.get("commit", "?")
         for r in doc["rows"]:
             if "ppl" in r:
-                bits = f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param") else ""
+                bits = (f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param")
+                        else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight") else "")
                 lines.append(f"| {name} | {r['method']} | {r['protocol']} ({r['windows']} windows) | "
                              f"ppl {_fmt(r['ppl'])}{bits} | {_fmt(r.get('fp_ppl'))} | {com} |")
+            elif r.get("ratio_to_fp32") is not None:
+                ppl = f", ORT ppl {_fmt(r['ort_ppl'])} (torch {_fmt(r['torch_ppl'])})" if r.get("ort_ppl") else ""
+                lines.append(f"| {name} | {r['method']} | tokens/s, median of {len(r['all_tokens_per_s'])}; file MB | "
+                             f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(r['ratio_to_fp32'])}× FP32 ORT, "
+                             f"{_fmt(r['ratio_to_rtn4'])}× 4-bit ORT); {_fmt(r['file_mb'], 1)} MB{ppl} | "
+                             f"{_fmt(r['tokens_per_s'] / r['ratio_to_fp32'], 1)} | {com} |")
             elif r.get("ratio_to_fp_cache") is not None:
                 lines.append(f"| {name} | {r['method']} | tokens/s, median of {len(r['all_tokens_per_s'])} | "
                              f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(r['ratio_to_fp_cache'])}× FP cache) | "

@@ -1,4 +1,4 @@
-"""The `llmc` command line: compile, eval, generate, inspect, passes.
+"""The `llmc` command line: compile, eval, generate, inspect, export-hf, passes.
 
 Bad input prints one line `llmc: error: ...` and exits with status 2; an llmc failure while
 working exits with status 1. Output folders are written atomically (see CompiledModel.save).
@@ -108,6 +108,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    import llmc
+    from llmc.export_hf import save_aqlm
+
+    out = os.path.abspath(args.output)
+    if os.path.exists(out) and not args.overwrite:
+        raise LlmcError(f"{args.output} already exists; choose another folder or pass --overwrite")
+    if not os.path.isfile(os.path.join(args.model, "manifest.json")):
+        raise ConfigError(f"{args.model} is not a compiled llmc folder; compile one with "
+                          "`llmc compile MODEL --pass pv_quant --calib DATA -o DIR`")
+    save_aqlm(llmc.load(args.model), out, overwrite=args.overwrite)
+    with open(os.path.join(out, "config.json")) as f:
+        q = json.load(f)["quantization_config"]
+    print(f"wrote {args.output} (Hugging Face AQLM checkpoint, {q['num_codebooks']}x{q['nbits_per_codebook']} bits "
+          f"per group of {q['in_group_size']}); load it with transformers and the aqlm package")
+    return 0
+
+
 def cmd_passes(args) -> int:
     from llmc.passes_base import pass_options, registered_passes
 
@@ -170,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    x = sub.add_parser("export-hf", help="write a pv_quant model as a Hugging Face AQLM checkpoint")
+    x.add_argument("model", help="a compiled folder (llmc compile ... --pass pv_quant)")
+    x.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.set_defaults(fn=cmd_export_hf)
 
     ps = sub.add_parser("passes", help="list registered passes and their options")
     ps.set_defaults(fn=cmd_passes)

@@ -272,7 +272,7 @@ class GPTQQuant(Pass):
         log(f"gptq_quant: recording XᵀX of {len(set(watch.values()))} linear inputs over "
             f"{len(ctx.calibration)} calibration batches")
         return input_grams(gm, watch, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), ctx.progress,
-                           path, fingerprint)
+                           path, fingerprint, label="gptq_quant")
 
     def _quantize(self, weight: Tensor, h: Tensor, module: str):
         """gptq_quantize, raising damp tenfold (up to 3 times) where XᵀX is too ill-conditioned."""

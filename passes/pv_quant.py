@@ -10,6 +10,11 @@ g weights, plus one scale per output row (default 2x8 g8: about 2.1 bits per wei
      P step on codebooks/scales/norms, subspace linearised V step on codes (or `mode=ste`);
   3. the rewrite: aten.linear -> llmc::vq_linear with uint8 codes.
 
+PV-Tuning does not care what the codes are: `format=scalar` runs the same three phases on uniform
+groupwise codes (2/4/8 bits, a scale and zero point per `group` inputs) initialised by GPTQ with
+act-order on the streamed XᵀX, tunes them the same way (scales as the continuous part, one weight
+per V-step group), and emits `llmc::nbits_linear` (MatMulNBits when exported to ONNX).
+
 Both long phases checkpoint under `checkpoint_dir` (by default `~/.cache/llmc/pv_quant/<run>`, the
 run named by a digest of the graph, the data and every option), so re-running an interrupted
 compile continues it; a finished phase is not repeated.
@@ -31,10 +36,13 @@ from torch import fx
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
-from llmc.ops.vq import MAX_BITS, bits_per_weight, store_codes
-from llmc.passes.pv_quant_aq import AQConfig
+from llmc.ops.nbits_linear import SUPPORTED_BITS
+from llmc.ops.vq import bits_per_weight, store_codes
+from llmc.passes.pv_quant_aq import AQConfig, output_error
 from llmc.passes.pv_quant_calib import FinetunePlan, calibrate
+from llmc.passes.pv_quant_repr import scalar_from_packed, scalar_to_packed
 from llmc.passes.pv_quant_tune import TunePlan, pv_tune
+from llmc.passes.rtn_quant import emit_nbits_linear
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import log
 
@@ -52,9 +60,13 @@ class PVQuant(Pass):
     teacher for PV-Tuning is the FP model.
     """
 
-    codebooks: int = dataclasses.field(default=2, metadata={"help": "M, codebooks summed per group"})
-    bits: int = dataclasses.field(default=8, metadata={"help": "B, each codebook has 2^B codewords"})
-    group: int = dataclasses.field(default=8, metadata={"help": "g, input weights per code group"})
+    format: Literal["aq", "scalar"] = dataclasses.field(default="aq", metadata={
+        "help": "aq: additive vector codes (vq_linear); scalar: GPTQ-initialised groupwise codes (nbits_linear)"})
+    codebooks: int = dataclasses.field(default=2, metadata={"help": "M, codebooks summed per group (aq)"})
+    bits: int = dataclasses.field(default=0, metadata={
+        "help": "aq: each codebook has 2^bits codewords (default 8); scalar: bits per weight, 2/4/8 (default 4)"})
+    group: int = dataclasses.field(default=0, metadata={
+        "help": "input weights per code group (aq, default 8) or per scale (scalar, default 64)"})
     kmeans_iters: int = 30
     adam_steps: int = dataclasses.field(default=20, metadata={"help": "codebook Adam steps per epoch"})
     lr: float = 3e-4
@@ -77,13 +89,22 @@ class PVQuant(Pass):
 
     requires = ("dense_linear_weights", "calibration")
     invalidates = ("dense_linear_weights",)
-    provides = ("vector_quantized_weights",)
+    provides = ("quantized_weights",)
 
     def __post_init__(self):
-        if not 1 <= self.bits <= 8:
-            raise ConfigError(f"pv_quant.bits must be in 1..8 (uint8 codes), got {self.bits}"
-                              + (" (2^16-entry codebooks outgrow small layers)" if self.bits <= MAX_BITS else ""))
-        for name, low in (("codebooks", 1), ("group", 1), ("kmeans_iters", 1), ("adam_steps", 0), ("max_epochs", 0),
+        if self.format not in ("aq", "scalar"):
+            raise ConfigError(f"pv_quant.format must be aq or scalar, got '{self.format}'")
+        bits, group = self.resolved()
+        if self.format == "aq" and not 1 <= bits <= 8:
+            raise ConfigError(f"pv_quant.bits must be in 1..8 for aq (uint8 codes; 2^16-entry codebooks outgrow "
+                              f"small layers), got {bits}")
+        if self.format == "scalar" and bits not in SUPPORTED_BITS:
+            raise ConfigError(f"pv_quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))} for scalar "
+                              f"(MatMulNBits), got {bits}")
+        if self.format == "scalar" and (group < 16 or group & (group - 1)):
+            raise ConfigError(f"pv_quant.group must be a power of two >= 16 for scalar (MatMulNBits blocks), "
+                              f"got {group}")
+        for name, low in (("codebooks", 1), ("bits", 0), ("group", 0), ("kmeans_iters", 1), ("adam_steps", 0), ("max_epochs", 0),
                           ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"pv_quant.{name} must be >= {low}, got {getattr(self, name)}")
@@ -105,9 +126,38 @@ class PVQuant(Pass):
     def _matches(self, target: str) -> bool:
         return bool(re.search(self.targets, target.rpartition(".")[0] + "."))
 
+    def resolved(self) -> tuple[int, int]:
+        """(bits, group) with the format's defaults filled in."""
+        if self.format == "aq":
+            return self.bits or 8, self.group or 8
+        return self.bits or 4, self.group or 64
+
     def aq_config(self) -> AQConfig:
-        return AQConfig(self.codebooks, self.bits, self.group, self.kmeans_iters, self.adam_steps, self.lr,
+        bits, group = self.resolved()
+        return AQConfig(self.codebooks, bits, group, self.kmeans_iters, self.adam_steps, self.lr,
                         self.max_epochs, self.tol)
+
+    def bits_per_weight(self, N: int, K: int) -> float:
+        """AQLM's accounting (16-bit codebooks and scales); scalar: codes, a 16-bit scale and a zero per group."""
+        bits, group = self.resolved()
+        if self.format == "aq":
+            return bits_per_weight(N, K, self.codebooks, bits, group)
+        return bits + (16 + bits) / group
+
+    def _quantizer(self, seed: int):
+        if self.format == "aq":
+            return dataclasses.replace(self.aq_config(), seed=seed)
+        bits, group = self.resolved()
+
+        def quantize(W, A, seed):
+            from llmc.passes.gptq_quant import gptq_quantize
+
+            packed = gptq_quantize(W, A.double(), bits, group, damp=0.01, act_order=True)
+            q = scalar_from_packed(*packed, W.shape[1], bits, group)
+            err = float(output_error(W, q.weight(), A) / output_error(W, torch.zeros_like(W), A))
+            return q, {"relative_error": [round(err, 6)]}
+
+        return quantize
 
     def tune_plan(self, seed: int) -> TunePlan:
         return TunePlan(self.steps, self.batch_size, self.tune_lr, self.code_lr, self.code_change,
@@ -121,10 +171,11 @@ class PVQuant(Pass):
         if not linears:
             logger.debug("pv_quant: no linear matches %r", self.targets)
             return PassResult(gm, False, {"quantized": 0})
+        bits, group = self.resolved()
         for n in linears:
             K = get_attr_tensor(gm, n.args[1]).shape[1]
-            if K % self.group:
-                raise ConfigError(f"pv_quant.group={self.group} does not divide the input size {K} of "
+            if K % group:
+                raise ConfigError(f"pv_quant.group={group} does not divide the input size {K} of "
                                   f"{module_fqn(n)}; choose a group that divides every targeted layer's inputs")
         if not ctx.calibration or ctx.program is None:
             raise ConfigError("pv_quant needs calibration data: pass compile(..., calibration='wikitext2-valid') "
@@ -142,12 +193,12 @@ class PVQuant(Pass):
 
             teacher = _graph_teacher(gm, ctx)
         targets = {n.args[1].target for n in linears}
-        calib_id = tensor_digest(ctx.calibration, f"{model_digest} {self.aq_config()} {self.ft_epochs} {self.ft_lr} "
+        what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}"
+        calib_id = tensor_digest(ctx.calibration, f"{model_digest} {what} {self.ft_epochs} {self.ft_lr} "
                                                   f"{self.targets} {ctx.seed}")[:16]
-        state, cstats = calibrate(gm, ctx.calibration, empty, targets.__contains__,
-                                  dataclasses.replace(self.aq_config(), seed=ctx.seed),
+        state, cstats = calibrate(gm, ctx.calibration, empty, targets.__contains__, self._quantizer(ctx.seed),
                                   FinetunePlan(self.ft_epochs, self.ft_lr, ctx.seed), ctx.progress,
-                                  os.path.join(root, "calibration-" + calib_id), calib_id)
+                                  os.path.join(root, "calibration-" + calib_id), calib_id, self.format)
         seconds = {"calibration": round(time.perf_counter() - t0, 1)}
         tstats = None
         if self.steps > 0:
@@ -162,11 +213,10 @@ class PVQuant(Pass):
             tstats = pv_tune(gm, state, teacher, batches, empty, self.tune_plan(ctx.seed), ctx.progress,
                              os.path.join(folder, "tuning.pt"), run_id)
             seconds["pv_tuning"] = round(time.perf_counter() - t1, 1)
+        shapes = [tuple(get_attr_tensor(gm, n.args[1]).shape) for n in linears]
         self._rewrite(gm, linears, state)
-        n_weights = sum(q.codes.shape[0] * q.codes.shape[1] * self.group for q in state.values())
-        bpw = sum(bits_per_weight(q.codes.shape[0], q.codes.shape[1] * self.group, self.codebooks, self.bits,
-                                  self.group) * q.codes.shape[0] * q.codes.shape[1] * self.group
-                  for q in state.values()) / n_weights
+        n_weights = sum(N * K for N, K in shapes)
+        bpw = sum(self.bits_per_weight(N, K) * N * K for N, K in shapes) / n_weights
         errs = [m["relative_error"][-1] for b in cstats["blocks"] for m in b["matrices"].values()]
         stats = {"quantized": len(state), "weights": n_weights, "bits_per_weight": round(bpw, 4),
                  "mean_relative_output_error": round(sum(errs) / len(errs), 5), "calibration": cstats,
@@ -177,25 +227,33 @@ class PVQuant(Pass):
         return PassResult(gm, True, stats)
 
     def _rewrite(self, gm: fx.GraphModule, linears: list[fx.Node], state) -> None:
+        bits, group = self.resolved()
         for node in linears:
-            x, w_node = node.args[0], node.args[1]
-            bias = node.args[2] if len(node.args) > 2 else None
-            q = state[w_node.target]
-            module = w_node.target.rpartition(".")[0]
-            attrs = {}
-            for leaf, t in (("codes", store_codes(q.codes, self.bits)), ("codebooks", q.codebooks.float()),
-                            ("scales", q.scales.float())):
-                set_attr_tensor(gm, f"{module}.{leaf}", t.detach().contiguous(), parameter=False)
-                with gm.graph.inserting_before(node):
-                    attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
-            with gm.graph.inserting_before(node):
-                y = gm.graph.call_function(torch.ops.llmc.vq_linear.default,
-                                           (x, attrs["codes"], attrs["codebooks"], attrs["scales"]))
-                out = gm.graph.call_function(aten.add.Tensor, (y, bias)) if bias is not None else y
-            for new in {y, out, *attrs.values()}:
-                new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-            y.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
+            q = state[node.args[1].target]
+            if self.format == "scalar":
+                emit_nbits_linear(gm, node, *scalar_to_packed(q), bits, group)
+            else:
+                self._emit_vq(gm, node, q, bits)
         remove_unused_attrs(gm)
         gm.recompile()
+
+    @staticmethod
+    def _emit_vq(gm: fx.GraphModule, node: fx.Node, q, bits: int) -> None:
+        x, w_node = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        module = w_node.target.rpartition(".")[0]
+        attrs = {}
+        for leaf, t in (("codes", store_codes(q.codes, bits)), ("codebooks", q.codebooks.float()),
+                        ("scales", q.scales.float())):
+            set_attr_tensor(gm, f"{module}.{leaf}", t.detach().contiguous(), parameter=False)
+            with gm.graph.inserting_before(node):
+                attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
+        with gm.graph.inserting_before(node):
+            y = gm.graph.call_function(torch.ops.llmc.vq_linear.default,
+                                       (x, attrs["codes"], attrs["codebooks"], attrs["scales"]))
+            out = gm.graph.call_function(aten.add.Tensor, (y, bias)) if bias is not None else y
+        for new in {y, out, *attrs.values()}:
+            new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        y.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)

@@ -88,7 +88,7 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node], lis
         raise PassError("pv_quant: the graph has no numbered decoder layers with an input_layernorm")
     streams = [_stream_input(gm, lambda f, i=i: bool((m := _NORM.search(f)) and int(m.group(1)) == i))
                for i in layers]
-    streams.append(_stream_input(gm, lambda f: f.rpartition(".")[2] == "norm" and ".layers." not in f"." + f))
+    streams.append(_stream_input(gm, lambda f: f.rpartition(".")[2] == "norm" and ".layers." not in "." + f))
     blocks = []
     needed: list[fx.Node] = [streams[0]]
     for i in layers:

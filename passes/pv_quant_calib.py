@@ -3,9 +3,10 @@
 For each decoder block, in order:
   1. run the FP block on the current hidden states (the outputs of the already quantized blocks
      before it), accumulating XᵀX of every linear's input and keeping the block's outputs Y;
-  2. quantize each target linear against its XᵀX (`pv_quant_aq.quantize_matrix`);
-  3. fine-tune the block's continuous parameters (codebooks, scales, norm weights, biases; codes
-     fixed) by Adam on ‖block_q(h) − Y‖², the FP outputs on the same inputs;
+  2. quantize each target linear against its XᵀX (`pv_quant_aq.quantize_matrix` for AQLM codes,
+     GPTQ for scalar codes);
+  3. fine-tune the block's continuous parameters (codebooks and/or scales, norm weights, biases;
+     codes fixed) by Adam on ‖block_q(h) − Y‖², the FP outputs on the same inputs;
   4. run the quantized block to produce the next block's inputs.
 
 Memory: two sets of hidden states (inputs and FP outputs), 2 · tokens · hidden · 4 bytes (75 MB
@@ -26,23 +27,13 @@ import torch.nn.functional as F
 from torch import fx
 
 from llmc.fsutil import atomic_file
-from llmc.graph import get_attr_tensor, set_attr_tensor
-from llmc.ops.vq import dequantize
+from llmc.graph import set_attr_tensor
 from llmc.passes.pv_quant_aq import AQConfig, quantize_matrix
 from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
+from llmc.passes.pv_quant_repr import REPRESENTATIONS, VectorCodes
 from llmc.progress import bar, log
 
-
-@dataclass
-class QuantizedMatrix:
-    """The AQLM tensors of one weight: codes [N, K/g, M] int64, codebooks [M, 2^B, 1, g], scales [N, 1, 1, 1]."""
-
-    codes: torch.Tensor
-    codebooks: torch.Tensor
-    scales: torch.Tensor
-
-    def weight(self) -> torch.Tensor:
-        return dequantize(self.codes, self.codebooks, self.scales)
+QuantizedMatrix = VectorCodes  # the default representation
 
 
 @dataclass(frozen=True)
@@ -86,14 +77,28 @@ def _save(obj, path: str) -> None:
         torch.save(obj, tmp)
 
 
-def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_target, aq: AQConfig,
+def aq_quantizer(aq: AQConfig):
+    """The AQLM quantizer of one matrix: (W, A, seed) -> (VectorCodes, stats)."""
+
+    def quantize(W, A, seed):
+        codes, books, scales, stats = quantize_matrix(W, A, dataclasses.replace(aq, seed=seed))
+        return VectorCodes(codes, books, scales), stats
+
+    return quantize
+
+
+def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_target, aq,
               ft: FinetunePlan, progress: bool = True, checkpoint_dir: str | None = None,
-              fingerprint: str = "") -> tuple[dict[str, QuantizedMatrix], dict]:
+              fingerprint: str = "", representation: str = "aq") -> tuple[dict, dict]:
     """Quantize every linear weight whose target satisfies `is_target`, block by block.
 
-    Writes the dequantized weights (and tuned norms/biases) into `gm` as it goes, so `gm` computes
-    the quantized model afterwards. Returns {weight target: QuantizedMatrix} and statistics.
+    aq: an AQConfig (AQLM codes) or a quantizer `(W, A, seed) -> (codes, stats)` of the named
+    `representation` (`pv_quant_repr.REPRESENTATIONS`). Writes the dequantized weights (and tuned
+    norms/biases) into `gm` as it goes, so `gm` computes the quantized model afterwards. Returns
+    {weight target: codes} and statistics.
     """
+    quantize = aq_quantizer(aq) if isinstance(aq, AQConfig) else aq
+    cls = REPRESENTATIONS[representation]
     prefix, needed, blocks = split_blocks(gm)
     with torch.no_grad():
         hs, ext_by_shape = [], {}
@@ -106,7 +111,7 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
     start = 0
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        start, hs_resumed = _resume(gm, blocks, state, stats, checkpoint_dir, fingerprint)
+        start, hs_resumed = _resume(gm, blocks, state, stats, checkpoint_dir, fingerprint, cls)
         if hs_resumed is not None:
             hs = hs_resumed
     t_start = time.perf_counter()
@@ -114,7 +119,7 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
         pbar.update(start)
         for block in blocks[start:]:
             t0 = time.perf_counter()
-            hs, bstate, bstats = _calibrate_block(gm, block, hs, ext_by_shape, is_target, aq, ft, progress)
+            hs, bstate, bstats = _calibrate_block(gm, block, hs, ext_by_shape, is_target, quantize, ft, progress)
             bstats["seconds"] = round(time.perf_counter() - t0, 1)
             state.update(bstate)
             stats["blocks"].append(bstats)
@@ -140,7 +145,7 @@ def _block_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"block_{index:03d}.pt")
 
 
-def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: str):
+def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: str, cls):
     """Load consecutive finished blocks of this run; returns (first unfinished block, its input states)."""
     hs = None
     done = 0
@@ -153,7 +158,7 @@ def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: 
             log(f"pv_quant: {path} belongs to another run; calibrating from block {block.index}")
             break
         for t, q in saved["quantized"].items():
-            state[t] = QuantizedMatrix(**q)
+            state[t] = cls(**q)
             set_attr_tensor(gm, t, state[t].weight().detach())
         for t, v in saved["tuned"].items():
             set_attr_tensor(gm, t, v)
@@ -169,8 +174,7 @@ def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: 
     return done, hs
 
 
-def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, aq: AQConfig, ft: FinetunePlan,
-                     progress: bool):
+def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, quantize, ft: FinetunePlan, progress: bool):
     params = {t: _attr(gm, t).detach() for t in block.params}
     targets = [t for t in block.linears if is_target(t)]
     watch = {block.linears[t] for t in targets}
@@ -181,14 +185,11 @@ def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, aq: AQConfig
             ext = ext_by_shape[tuple(h.shape[:2])]
             ys.append(rec.run(h, *(ext[n] for n in block.externals), *(params[p] for p in block.params)))
             rec.tokens += h.shape[0] * h.shape[1]
-    quantized: dict[str, QuantizedMatrix] = {}
+    quantized = {}
     mstats = {}
     for t in bar(targets, desc=f"block {block.index}", unit="matrix", enabled=progress):
         A = rec.grams[block.linears[t].args[0]] / rec.tokens
-        cfg = dataclasses.replace(aq, seed=aq.seed + 1009 * block.index + len(quantized))
-        codes, books, scales, s = quantize_matrix(params[t], A, cfg)
-        quantized[t] = QuantizedMatrix(codes, books, scales)
-        mstats[t] = s
+        quantized[t], mstats[t] = quantize(params[t], A, ft.seed + 1009 * block.index + len(quantized))
     before, after = _finetune_block(block, hs, ys, ext_by_shape, params, quantized, ft)
     for t, q in quantized.items():
         params[t] = q.weight().detach()
@@ -208,9 +209,9 @@ def _finetune_block(block: Block, hs, ys, ext_by_shape, params: dict, quantized:
             if t not in quantized and params[t].dim() == 1 and params[t].is_floating_point()}
     trainable = list(free.values())
     for q in quantized.values():
-        q.codebooks.requires_grad_(True)
-        q.scales.requires_grad_(True)
-        trainable += [q.codebooks, q.scales]
+        for x in q.continuous():
+            x.requires_grad_(True)
+        trainable += q.continuous()
 
     def forward(h):
         p = dict(params)
@@ -243,8 +244,7 @@ def _finetune_block(block: Block, hs, ys, ext_by_shape, params: dict, quantized:
                 t.copy_(v)
         after = before
     for q in quantized.values():
-        q.codebooks = q.codebooks.detach()
-        q.scales = q.scales.detach()
+        q.set_continuous([x.detach() for x in q.continuous()])
     for t, v in free.items():
         params[t] = v.detach()
     return before, after

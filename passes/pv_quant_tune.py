@@ -31,10 +31,8 @@ from torch import fx
 
 from llmc.fsutil import atomic_file
 from llmc.graph import set_attr_tensor
-from llmc.ops.cq import nearest
-from llmc.ops.vq import dequantize
 from llmc.passes.pv_quant_blocks import flat_inputs
-from llmc.passes.pv_quant_calib import QuantizedMatrix, _attr
+from llmc.passes.pv_quant_calib import _attr
 from llmc.passes.structured_ffn_recovery import kl_to_teacher
 from llmc.progress import bar, log
 
@@ -95,48 +93,31 @@ class Lamb:
             a.copy_(b)
 
 
-def reencode(target: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Greedy search (beam 1) for codes [S, M] whose sum of codewords is nearest `target` [S, g],
-    one codebook at a time in a seeded random order, starting from `codes`."""
-    S, M = codes.shape
-    C = books[:, :, 0, :]  # [M, 2^B, g]
-    codes = codes.clone()
-    decoded = sum(C[m][codes[:, m]] for m in range(M))
-    for m in torch.randperm(M, generator=gen).tolist():
-        others = decoded - C[m][codes[:, m]]
-        k, _ = nearest((target - others)[None], C[m][None])
-        codes[:, m] = k[0]
-        decoded = others + C[m][k[0]]
-    return codes
-
-
 @torch.no_grad()
-def v_step(q: QuantizedMatrix, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
-    """Move some of q's codes towards the buffer X; returns how many groups changed."""
-    N, J, M = q.codes.shape
-    g = q.codebooks.shape[-1]
-    s = q.scales.reshape(N, 1)
-    diff = (X - W_hat).reshape(N * J, g)
+def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
+    """Move some of q's codes towards the buffer X; returns how many code groups changed.
+
+    q is any `pv_quant_repr` representation: its groups of `q.group` consecutive input weights are
+    ranked by ‖X − Ŵ‖² and the top `code_change` fraction re-encoded (all of them with mode=ste).
+    """
+    g = q.group
+    diff = (X - W_hat).reshape(-1, g)
     if plan.mode == "ste":
-        sel = torch.arange(N * J)
+        sel = torch.arange(diff.shape[0])
     else:
-        k = max(1, math.ceil(plan.code_change * N * J))
+        k = max(1, math.ceil(plan.code_change * diff.shape[0]))
         sel = diff.pow(2).sum(-1).topk(k).indices  # descending: the furthest groups first
-    rows = sel // J
-    target = X.reshape(N * J, g)[sel] / s[rows]
-    old = q.codes.reshape(N * J, M)[sel]
-    new = reencode(target, old, q.codebooks, gen)
+    flat = q.flat_codes()
+    old = flat[sel]
+    new = q.encode(sel, X.reshape(-1, g)[sel], old, gen)
     changed = (new != old).any(-1)
     if plan.mode != "ste" and plan.trust_ratio > 0:
-        C = q.codebooks[:, :, 0, :]
-        dec = lambda c: sum(C[m][c[:, m]] for m in range(M))  # noqa: E731
-        step = (s[rows] * (dec(new) - dec(old))).pow(2).sum(-1) * changed  # ‖ΔŴ_group‖² per selected group
+        step = (q.decode(sel, new) - q.decode(sel, old)).pow(2).sum(-1) * changed  # ‖ΔŴ_group‖²
         budget = (plan.trust_ratio * float(W_hat.norm())) ** 2
         keep = step.cumsum(0) <= budget
         if bool(changed.any()):  # the first change is always taken, so the V step never stalls
             keep[int(changed.nonzero()[0])] = True
         changed &= keep
-    flat = q.codes.reshape(N * J, M)
     flat[sel[changed]] = new[changed]
     return int(changed.sum())
 
@@ -150,7 +131,7 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batches: list[torch.Tensor],
+def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor],
             empty_cache, plan: TunePlan, progress: bool = True, checkpoint_path: str | None = None,
             fingerprint: str = "") -> dict:
     """Tune `state` (in place) and `gm`'s norms so that gm's logits match the teacher's; `gm` ends
@@ -164,7 +145,7 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
     for n in norms:
         set_attr_tensor(gm, n, _attr(gm, n).detach().clone(), parameter=True)
     buffers = [_attr(gm, t).detach().clone() for t in targets]
-    continuous = [x for t in targets for x in (state[t].codebooks, state[t].scales)] + [_attr(gm, n) for n in norms]
+    continuous = [x for t in targets for x in state[t].continuous()] + [_attr(gm, n) for n in norms]
     p_opt = Lamb(continuous, plan.lr, betas=(0.9, 0.95))
     v_opt = Lamb(buffers, plan.code_lr, betas=(0.0, 0.95))
     gen = torch.Generator().manual_seed(plan.seed)
@@ -177,11 +158,11 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
         if saved.get("fingerprint") == fingerprint:
             with torch.no_grad():
                 for t in targets:
-                    q = saved["state"][t]
-                    state[t].codes.copy_(q["codes"])
-                    state[t].codebooks.copy_(q["codebooks"])
-                    state[t].scales.copy_(q["scales"])
-                    _attr(gm, t).copy_(state[t].weight())
+                    q = state[t]
+                    q.codes.copy_(saved["state"][t]["codes"])
+                    for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
+                        x.copy_(y)
+                    _attr(gm, t).copy_(q.weight())
                 for n in norms:
                     _attr(gm, n).copy_(saved["norms"][n])
                 for b, x in zip(buffers, saved["buffers"]):
@@ -199,8 +180,8 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
             return
         with atomic_file(checkpoint_path) as tmp:
             torch.save({"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
-                        "state": {t: {"codes": _compact(state[t].codes), "codebooks": state[t].codebooks,
-                                      "scales": state[t].scales} for t in targets},
+                        "state": {t: {"codes": _compact(state[t].codes), "continuous": state[t].continuous()}
+                                  for t in targets},
                         "norms": {n: _attr(gm, n).detach() for n in norms}, "buffers": buffers,
                         "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(), "gen": gen.get_state()}, tmp)
 
@@ -237,12 +218,12 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
                 with torch.enable_grad():
                     for t, w in zip(targets, weights):
                         q = state[t]
-                        q.codebooks.requires_grad_(True)
-                        q.scales.requires_grad_(True)
-                        gb, gs = torch.autograd.grad(q.weight(), (q.codebooks, q.scales), w.grad)
-                        q.codebooks.requires_grad_(False)
-                        q.scales.requires_grad_(False)
-                        grads += [gb, gs]
+                        params = q.continuous()
+                        for x in params:
+                            x.requires_grad_(True)
+                        grads += torch.autograd.grad(q.weight(), params, w.grad)
+                        for x in params:
+                            x.requires_grad_(False)
                 grads += [p.grad for p in norm_params]
                 p_opt.step(grads)
                 t2 = time.perf_counter()
@@ -255,7 +236,7 @@ def pv_tune(gm: fx.GraphModule, state: dict[str, QuantizedMatrix], teacher, batc
                         q = state[t]
                         W_hat = q.weight()
                         moved += v_step(q, X, W_hat, plan, gen)
-                        total += q.codes.shape[0] * q.codes.shape[1]
+                        total += q.flat_codes().shape[0]
                         w.copy_(q.weight())
                         w.grad = None
                     for p in norm_params:

@@ -52,7 +52,7 @@ class _GramRecorder(fx.Interpreter):
 
 @torch.no_grad()
 def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_cache, progress: bool = True,
-                cache_path: str | None = None, fingerprint: str = "") -> dict[str, torch.Tensor]:
+                cache_path: str | None = None, fingerprint: str = "", label: str = "structured_ffn") -> dict[str, torch.Tensor]:
     """XᵀX [N, N] (float64) of the inputs of the `watch` nodes over all calibration batches.
 
     watch: node -> key; nodes sharing an input should share a key (it is accumulated once).
@@ -61,7 +61,7 @@ def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_ca
     if cache_path and os.path.exists(cache_path):
         saved = torch.load(cache_path, weights_only=True)
         if saved.get("fingerprint") == fingerprint:
-            log(f"structured_ffn: calibration statistics from {cache_path}")
+            log(f"{label}: calibration statistics from {cache_path}")
             return saved["grams"]
     dedup: dict[fx.Node, str] = {}
     seen_keys = set()
@@ -70,7 +70,7 @@ def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_ca
             dedup[node] = key
             seen_keys.add(key)
     rec = _GramRecorder(gm, dedup)
-    for ids in bar(batches, desc="structured_ffn calibration", unit="batch", enabled=progress):
+    for ids in bar(batches, desc=f"{label} calibration", unit="batch", enabled=progress):
         mask, pos = decode_inputs(ids)
         rec.run(ids, mask, pos, empty_cache(ids.shape[0]))
     if cache_path:

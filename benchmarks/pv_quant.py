@@ -1,0 +1,189 @@
+"""pv_quant on SmolLM2-135M: perplexity, bits per weight, time and memory per configuration; ONNX.
+
+    python benchmarks/pv_quant.py --rows 2x8g8,2x8g8-pv50 [--threads 2]
+    python benchmarks/pv_quant.py --onnx 2x8g8-pv50          # export it, FP32 and RTN 4-bit; ORT ppl and decode
+
+Every row compiles the built-in model with its passes on the calibration windows the CLI uses
+(`--calib wikitext2-valid`: 32 x 512 tokens, seed 0), with the FP model as the PV-Tuning teacher,
+and scores `ppl-512x40` on WikiText-2 test. Rows sharing a calibration configuration reuse its
+checkpoint (`~/.cache/llmc/pv_quant`), so a PV row after a calibration-only row costs only its
+tuning; the reported seconds are then the tuning's plus the calibration row's. Results are
+appended to benchmarks/results/<name>.json as rows finish (rerunning skips finished rows). Peak
+memory is the process's, so run heavy rows one per process for a meaningful number.
+
+`--onnx ROW` lowers the saved model of ROW, the FP32 model and RTN 4-bit g64 (MatMulNBits) to ONNX
+(each parity-checked), scores ppl-512x40 in ONNX Runtime for ROW, and times greedy decode (batch
+1, 128-token prompt, 128 new tokens) of all three in interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import RESULTS, interleaved_rates, peak_rss_mb, write_result  # noqa: E402
+
+import llmc  # noqa: E402
+from llmc import data  # noqa: E402
+from llmc.eval import perplexity  # noqa: E402
+
+ROWS = {
+    "fp": [],
+    "rtn-2": ["rtn_quant:bits=2,group=64"],
+    "2x8g8": ["pv_quant"],
+    "2x8g8-pv": ["pv_quant:steps=40,tune_samples=256"],
+    "2x8g8-ste": ["pv_quant:steps=40,tune_samples=256,mode=ste"],
+    "3x8g8": ["pv_quant:codebooks=3"],
+    "4x8g8": ["pv_quant:codebooks=4"],
+}
+
+
+def load_rows(name: str) -> list[dict]:
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def bits_breakdown(program) -> dict:
+    """Bits per weight of the quantized linears by part (AQLM's accounting: 16-bit codebooks and scales)."""
+    h = next((h for h in program.history if h.name == "pv_quant"), None)
+    if h is None:
+        return {}
+    M, B, g = h.config["codebooks"], h.config["bits"], h.config["group"]
+    weights = h.stats["weights"]
+    gm = program.gm
+    books = sum(t.numel() for n, t in gm.named_buffers() if n.endswith(".codebooks"))
+    scales = sum(t.numel() for n, t in gm.named_buffers() if n.endswith(".scales") and ".layers." in n)
+    return {"codes": round(M * B / g, 4), "codebooks": round(16 * books / weights, 4),
+            "scales": round(16 * scales / weights, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="fp,2x8g8", help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--row", action="append", default=[], metavar="NAME=SPEC[;SPEC]",
+                    help="an extra row: a name and its pass specs")
+    ap.add_argument("--onnx", default=None, help="a finished row to export to ONNX and time against FP32 / RTN 4-bit")
+    ap.add_argument("--protocol", default="ppl-512x40")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="/tmp/llmc-bench-pvq")
+    ap.add_argument("--name", default="pv_quant")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows_def = dict(ROWS)
+    for extra in args.row:
+        key, _, specs = extra.partition("=")
+        rows_def[key] = [s for s in specs.split(";") if s]
+
+    src = llmc.load_model("smollm2-135m")
+    ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
+    calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0)
+    rows = [r for r in load_rows(args.name) if r.get("protocol") == args.protocol]
+    done = {r["row"] for r in rows}
+
+    def save():
+        write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
+                     data_sha256=data.sha256("wikitext2-test"),
+                     extra={"calibration": {"data": "wikitext2-valid", "sha256": data.sha256("wikitext2-valid"),
+                                            "sequences": len(calib), "seq_len": int(calib[0].shape[1])}})
+
+    wanted = [r for r in args.rows.split(",") if r]
+    fp_ppl = next((r["ppl"] for r in rows if r["row"] == "fp"), None)
+    for row in (["fp"] if fp_ppl is None else []) + [r for r in wanted if r != "fp"]:
+        if row not in rows_def:
+            raise SystemExit(f"unknown row '{row}'; choose from {', '.join(rows_def)} or add one with --row")
+        if row in done:
+            continue
+        passes = rows_def[row]
+        t0 = time.perf_counter()
+        cm = llmc.compile(src, passes=passes, calibration=calib if passes else None)
+        compile_s = time.perf_counter() - t0
+        r = perplexity(cm, ids, args.protocol)
+        if row == "fp":
+            fp_ppl = r.ppl
+        folder = os.path.join(args.out, row)
+        shutil.rmtree(folder, ignore_errors=True)
+        cm.save(folder)
+        size = cm.program.size_report()
+        entry = {"row": row, "method": " + ".join(passes) or "FP32 (traced, no pass)", "passes": passes,
+                 "protocol": args.protocol, "windows": r.windows, "ppl": round(r.ppl, 4), "fp_ppl": round(fp_ppl, 4),
+                 "x_fp": round(r.ppl / fp_ppl, 4), "model_bytes": size["total_bytes"],
+                 "decoder_linear_bits_per_param": size.get("decoder_linear_bits_per_param"),
+                 "seconds": {"compile": round(compile_s, 1), "eval": round(r.seconds, 1)},
+                 "peak_rss_mb": round(peak_rss_mb())}
+        h = next((h for h in cm.program.history if h.name == "pv_quant"), None)
+        if h is not None:
+            entry["bits_per_weight"] = h.stats["bits_per_weight"]
+            entry["bits_breakdown"] = bits_breakdown(cm.program)
+            entry["mean_relative_output_error"] = h.stats["mean_relative_output_error"]
+            cal = h.stats["calibration"]
+            entry["seconds"]["calibration"] = round(sum(b.get("seconds", 0) for b in cal["blocks"]), 1)
+            entry["calibration_resumed_blocks"] = cal["resumed_blocks"]
+            if h.stats["tuning"]:
+                t = h.stats["tuning"]
+                entry["seconds"]["pv_tuning"] = h.stats["seconds"].get("pv_tuning")
+                entry["tuning"] = {k: t[k] for k in ("mode", "steps", "kl_first", "kl_last", "kl", "code_change",
+                                                     "seconds")}
+        rows.append(entry)
+        print(json.dumps({k: entry.get(k) for k in ("row", "ppl", "x_fp", "bits_per_weight", "seconds")}), flush=True)
+        save()
+    if args.onnx:
+        onnx_rows(args, src, ids, rows)
+        save()
+
+
+def onnx_rows(args, src, ids, rows) -> None:
+    """Lower ROW, FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s of all three, interleaved."""
+    from llmc.backends.onnxruntime import lower
+    from llmc.runtime import OrtModel
+
+    row = args.onnx
+    models = {}
+    for label, make in ((row, lambda: llmc.load(os.path.join(args.out, row))),
+                        ("fp32", lambda: llmc.compile(src)),
+                        ("rtn-4", lambda: llmc.compile(src, passes=["rtn_quant:bits=4,group=64"]))):
+        cm = make()
+        out = os.path.join(args.out, f"onnx-{label}")
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        lower(cm.program, out)
+        export_s = time.perf_counter() - t0
+        with open(os.path.join(out, "llmc_onnx.json")) as f:
+            parity = json.load(f)["parity"]
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+        models[label] = (OrtModel(out, threads=args.threads), parity, size, cm, export_s)
+    m, parity, size, cm, export_s = models[row]
+    ort_ppl = perplexity(m, ids, args.protocol)
+    torch_ppl = next(r["ppl"] for r in rows if r["row"] == row)
+    prompt = ids[:128].tolist()
+    engines = {label: (lambda m=mm: m.generate(prompt, 128, ignore_eos=True, return_tokens=True))
+               for label, (mm, *_rest) in models.items()}
+    tps, tokens = interleaved_rates(engines, args.repeats)
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    rows[:] = [r for r in rows if not r["row"].startswith("ort-")]
+    for label, (_, par, sz, _, ex) in models.items():
+        entry = {"row": f"ort-{label}", "method": f"ONNX Runtime {label}: greedy decode, batch 1, 128+128",
+                 "file_mb": round(sz / 1e6, 1), "tokens_per_s": round(med[label], 2),
+                 "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": par,
+                 "export_seconds": round(ex, 1), "ratio_to_fp32": round(med[label] / med["fp32"], 3),
+                 "ratio_to_rtn4": round(med[label] / med["rtn-4"], 3)}
+        if label == row:
+            entry.update({"protocol": args.protocol, "ort_ppl": round(ort_ppl.ppl, 4), "torch_ppl": torch_ppl,
+                          "ort_minus_torch": round(ort_ppl.ppl - torch_ppl, 4)})
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
+
+
+if __name__ == "__main__":
+    main()
