@@ -38,11 +38,12 @@ from llmc.eval import perplexity  # noqa: E402
 ROWS = {
     "fp": [],
     "rtn-2": ["rtn_quant:bits=2,group=64"],
-    "2x8g8": ["pv_quant"],
-    "2x8g8-pv": ["pv_quant:steps=40,tune_samples=256"],
-    "2x8g8-ste": ["pv_quant:steps=40,tune_samples=256,mode=ste"],
+    "2x8g8": ["pv_quant:steps=0"],
+    "2x8g8-pv": ["pv_quant"],
+    "2x8g8-ste": ["pv_quant:mode=ste"],
     "3x8g8": ["pv_quant:codebooks=3"],
     "4x8g8": ["pv_quant:codebooks=4"],
+    "scalar4": ["pv_quant:format=scalar,bits=4"],
 }
 
 

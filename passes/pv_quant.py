@@ -74,14 +74,14 @@ class PVQuant(Pass):
     tol: float = dataclasses.field(default=0.01, metadata={"help": "stop a matrix when an epoch gains less"})
     ft_epochs: int = dataclasses.field(default=2, metadata={"help": "block fine-tuning epochs"})
     ft_lr: float = 1e-4
-    steps: int = dataclasses.field(default=0, metadata={"help": "PV-Tuning steps (0: calibration only)"})
-    batch_size: int = dataclasses.field(default=4, metadata={"help": "sequences per PV-Tuning step"})
+    steps: int = dataclasses.field(default=120, metadata={"help": "PV-Tuning steps (0: calibration only)"})
+    batch_size: int = dataclasses.field(default=2, metadata={"help": "sequences per PV-Tuning step"})
     tune_lr: float = 3e-4
     code_lr: float = 1e-2
     code_change: float = dataclasses.field(default=0.01, metadata={"help": "fraction of code groups per V step"})
     trust_ratio: float = 0.01
     mode: Literal["pv", "ste"] = "pv"
-    tune_samples: int = dataclasses.field(default=0, metadata={
+    tune_samples: int = dataclasses.field(default=256, metadata={
         "help": "sequences of 512 tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
     tune_data: str = "wikitext2-valid"
     targets: str = r"layers\.\d+\.(self_attn|mlp)\."

@@ -15,7 +15,7 @@ from llmc.testing import tiny_model, tiny_tokenizer
 
 # 2 codebooks of 256 codewords over groups of 8 (the AQLM 2x8 layout aqlm has CPU kernels for), with
 # as little calibration as runs: the codes' quality does not matter here, only that they round-trip.
-PVQ = "pv_quant:codebooks=2,bits=8,group=8,kmeans_iters=5,max_epochs=1,adam_steps=2,ft_epochs=0"
+PVQ = "pv_quant:codebooks=2,bits=8,group=8,kmeans_iters=5,max_epochs=1,adam_steps=2,ft_epochs=0,steps=0"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,7 +20,7 @@ from llmc.testing import count_ops, tiny_model, tiny_tokenizer
 
 # Small enough codebooks that the tiny model's 64-wide layers are really compressed: 2 codebooks of
 # 16 codewords over groups of 4 are 2 bits per weight, 2.6 with the codebooks and row scales.
-SMALL = "codebooks=2,bits=4,group=4,kmeans_iters=10,max_epochs=2,adam_steps=5,ft_epochs=1"
+SMALL = "codebooks=2,bits=4,group=4,kmeans_iters=10,max_epochs=2,adam_steps=5,ft_epochs=1,tune_samples=0"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -250,7 +250,7 @@ def test_pass_emits_uint8_codes_and_beats_rtn(tiny_models, tmp_path):
     ids = _calibration(1, 40, seed=7)[0]
     ref = model(ids).logits
     calib = _calibration(8, 64)
-    cm = llmc.compile(model, [f"pv_quant:{SMALL},checkpoint_dir={tmp_path}"], calibration=calib,
+    cm = llmc.compile(model, [f"pv_quant:{SMALL},steps=0,checkpoint_dir={tmp_path}"], calibration=calib,
                       tokenizer=tiny_tokenizer(), progress=False)
     ops = count_ops(cm.program.gm)
     assert ops["llmc.vq_linear.default"] == 14 and ops["aten.linear.default"] == 1  # only the LM head stays dense
@@ -296,8 +296,8 @@ def test_scalar_format_is_gptq_initialised_tunable_and_lowers_to_nbits(tiny_mode
     ids = _calibration(1, 40, seed=7)[0]
     ref = model(ids).logits
     calib = _calibration(8, 64)
-    spec = f"pv_quant:format=scalar,bits=2,group=16,ft_epochs=1,checkpoint_dir={tmp_path}"
-    cm = llmc.compile(model, [spec], calibration=calib, tokenizer=tiny_tokenizer(), progress=False)
+    spec = f"pv_quant:format=scalar,bits=2,group=16,ft_epochs=1,tune_samples=0,checkpoint_dir={tmp_path}"
+    cm = llmc.compile(model, [spec + ",steps=0"], calibration=calib, tokenizer=tiny_tokenizer(), progress=False)
     ops = count_ops(cm.program.gm)
     assert ops["llmc.nbits_linear.default"] == 14 and "llmc.vq_linear.default" not in ops
     assert cm.program.history[-1].stats["bits_per_weight"] == 2 + 18 / 16
