@@ -93,7 +93,10 @@ def main() -> None:
     rows = [r for r in load_rows(args.name) if r.get("protocol") == args.protocol]
     done = {r["row"] for r in rows}
 
-    def save():
+    def save():  # merged with the file's rows by name: several processes may run rows at once
+        merged = {r["row"]: r for r in load_rows(args.name) if r.get("protocol", args.protocol) == args.protocol}
+        merged.update({r["row"]: r for r in rows})
+        rows[:] = list(merged.values())
         write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
                      data_sha256=data.sha256("wikitext2-test"),
                      extra={"calibration": {"data": "wikitext2-valid", "sha256": data.sha256("wikitext2-valid"),

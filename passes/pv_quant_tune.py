@@ -165,11 +165,12 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                     _attr(gm, t).copy_(q.weight())
                 for n in norms:
                     _attr(gm, n).copy_(saved["norms"][n])
-                for b, x in zip(buffers, saved["buffers"]):
+                for b, x in zip(buffers, saved.get("buffers", ())):
                     b.copy_(x)
-            p_opt.load_state_dict(saved["p_opt"])
-            v_opt.load_state_dict(saved["v_opt"])
-            gen.set_state(saved["gen"])
+            if "p_opt" in saved:
+                p_opt.load_state_dict(saved["p_opt"])
+                v_opt.load_state_dict(saved["v_opt"])
+                gen.set_state(saved["gen"])
             start, kl, changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
             log(f"pv_quant: resuming PV-Tuning at step {start}/{plan.steps} from {checkpoint_path}")
         else:
@@ -178,12 +179,14 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     def save(step):
         if not checkpoint_path:
             return
+        doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
+               "state": {t: {"codes": _compact(state[t].codes), "continuous": state[t].continuous()} for t in targets},
+               "norms": {n: _attr(gm, n).detach() for n in norms}}
+        if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
+            doc.update({"buffers": buffers, "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(),
+                        "gen": gen.get_state()})
         with atomic_file(checkpoint_path) as tmp:
-            torch.save({"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
-                        "state": {t: {"codes": _compact(state[t].codes), "continuous": state[t].continuous()}
-                                  for t in targets},
-                        "norms": {n: _attr(gm, n).detach() for n in norms}, "buffers": buffers,
-                        "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(), "gen": gen.get_state()}, tmp)
+            torch.save(doc, tmp)
 
     flags = {p: p.requires_grad for p in gm.parameters()}
     for p in gm.parameters():

@@ -241,6 +241,12 @@ def test_interrupted_tuning_resumes_to_the_same_result(tiny_models, tmp_path):
     for t in a:
         assert torch.equal(a[t].codes, b[t].codes)
         torch.testing.assert_close(a[t].codebooks, b[t].codebooks)
+    # a finished run is not repeated: its (slimmed) checkpoint restores the result
+    program, state = _quantized_program(tiny_models, None)
+    again = pv_tune(program.gm, state, None, batches, lambda b: program.empty_cache(b, 0), plan, False, path, "x")
+    assert again["resumed_from"] == 6 and again["kl"] == sb["kl"]
+    assert all(torch.equal(state[t].codes, b[t].codes) for t in b)
+    assert "buffers" not in torch.load(path, weights_only=True)
 
 
 # -- the pass ------------------------------------------------------------------------------------
