@@ -60,7 +60,12 @@ def bits_breakdown(program) -> dict:
     h = next((h for h in program.history if h.name == "pv_quant"), None)
     if h is None:
         return {}
-    M, B, g = h.config["codebooks"], h.config["bits"], h.config["group"]
+    from llmc.passes.pv_quant import PVQuant
+
+    B, g = PVQuant(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in h.config.items()}).resolved()
+    if h.config.get("format", "aq") != "aq":
+        return {"codes": B, "scales_and_zeros": round((16 + B) / g, 4)}
+    M = h.config["codebooks"]
     weights = h.stats["weights"]
     gm = program.gm
     books = sum(t.numel() for n, t in gm.named_buffers() if n.endswith(".codebooks"))
