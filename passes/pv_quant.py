@@ -89,7 +89,7 @@ class PVQuant(Pass):
 
     requires = ("dense_linear_weights", "calibration")
     invalidates = ("dense_linear_weights",)
-    provides = ("quantized_weights",)
+    provides = ("pv_quantized_weights",)
 
     def __post_init__(self):
         if self.format not in ("aq", "scalar"):
