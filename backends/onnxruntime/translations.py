@@ -98,6 +98,38 @@ def nbits_linear(x, codes, scales, zero_points, K: int, N: int, bits: int, block
     return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size)
 
 
+def vq_linear(x, codes, codebooks, scales):
+    """llmc::vq_linear -> dequantize (one Gather of codewords, ReduceSum over codebooks, Mul scales), MatMul.
+
+    codes [N, J, M] become int64 rows code + m*2^B of the [M*2^B, g] codeword table; the gathered
+    [N, J, M, g] sum over the codebooks to W [N, J*g]. Every input of the dequantization is an
+    initializer: the codes stay uint8 (int16 above 8 bits) in the file, and ONNX Runtime folds W
+    into a float initializer when it loads the session, so decoding runs one MatMul per layer, at
+    the speed (and the session memory) of a float32 layer. Caveat: torch.onnx's optimizer folds
+    constant subgraphs whose inputs have at most 8192 elements (onnxscript's default), so a layer
+    with that few codes reaches the file already dequantized; SmolLM2's smallest has 13824 (1x8).
+
+    Chosen over a lookup-table graph by timing both in ORT 1.31 (benchmarks/vq_linear.py --ort;
+    1536x576 layer, 2x8 g8, 1 token, medians in us at 1 / 2 threads; "cold": a ring of such
+    layers larger than the L3, as in a decode):
+        this graph (folded to a MatMul)                          hot  94 /  77   cold 122 / 113
+        float32 MatMul, for reference                            hot 105 /  79   cold 131 / 113
+        table: MatMul(x groups, codewords), Gather, ReduceSum    hot 632 / 414   cold 690 / 447
+        table with GatherElements (index expanded over tokens)   hot 414 / 276   cold 842 / 325
+    The table graphs' indices (codes + offsets) are folded too, to int32: 4x the codes' bytes.
+    """
+    M, C, _, g = _dims(codebooks, "codebooks")
+    N, J, _ = _dims(codes, "codes")
+    table = op.Reshape(codebooks, op.Constant(value_ints=[M * C, g]))
+    code = op.Cast(codes, to=onnx.TensorProto.INT64)
+    if codes.dtype == onnx.TensorProto.INT16:  # 16-bit codes are stored wrapped (llmc.ops.vq.store_codes)
+        code = op.BitwiseAnd(code, op.Constant(value_int=0xFFFF))
+    rows = op.Add(code, op.Constant(value=onnx.numpy_helper.from_array(np.arange(M, dtype=np.int64) * C)))
+    w = op.ReduceSum(op.Gather(table, rows, axis=0), op.Constant(value_ints=[2]), keepdims=0)  # [N, J, g]
+    w = op.Mul(op.Reshape(w, op.Constant(value_ints=[N, J * g])), op.Reshape(scales, op.Constant(value_ints=[N, 1])))
+    return op.MatMul(x, op.Transpose(op.CastLike(w, x), perm=[1, 0]))
+
+
 register_matmulnbits_schema()
 
 # op overload -> translation function.
@@ -105,4 +137,5 @@ TRANSLATIONS: dict = {
     torch.ops.llmc.nbits_linear.default: nbits_linear,
     torch.ops.llmc.cq_encode.default: cq_encode,
     torch.ops.llmc.cq_decode.default: cq_decode,
+    torch.ops.llmc.vq_linear.default: vq_linear,
 }
