@@ -39,6 +39,15 @@ def median_time(fn, repeats: int = 3) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def load_rows(name: str) -> list[dict]:
+    """The rows of benchmarks/results/<name>.json, or [] when there is none (resumable benchmarks)."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
 def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, data_sha256: str,
                  extra: dict | None = None) -> str:
     """Write benchmarks/results/<name>.json in the format of BENCHMARKS.md and return its path."""

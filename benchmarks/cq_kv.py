@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, interleaved_rates, peak_rss_mb, write_result  # noqa: E402
+from common import interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -80,13 +80,6 @@ def kv_cost(program) -> dict:
             "codebook_bytes": codebook_bytes,
             "max_context_1gib_batch1": int((GIB - fixed - codebook_bytes) // per_token)}
 
-
-def load_rows(name: str) -> list[dict]:
-    path = os.path.join(RESULTS, f"{name}.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)["rows"]
 
 
 def decode_speed(args, src, ids, rows):

@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, interleaved_rates, peak_rss_mb, write_result  # noqa: E402
+from common import interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -46,13 +46,6 @@ ROWS = {
     "scalar4": ["pv_quant:format=scalar,bits=4"],
 }
 
-
-def load_rows(name: str) -> list[dict]:
-    path = os.path.join(RESULTS, f"{name}.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)["rows"]
 
 
 def bits_breakdown(program) -> dict:

@@ -59,6 +59,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def random_batches(n: int = 6, seq: int = 48, seed: int = 0) -> list[Tensor]:
+    """`n` seeded batches [1, seq] of random token ids in 3..255 (the tiny vocabulary, no special ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (1, seq), generator=gen) for _ in range(n)]
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer with 256 ids matching the tiny models' vocabulary (no files needed)."""
     from llmc.tokenizer import ByteTokenizer

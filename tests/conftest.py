@@ -7,6 +7,15 @@ os.environ.setdefault("LLMC_QUIET", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run faster on one thread, and much faster when another process holds the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """One tiny seeded model per architecture, shared by the tests that only read them."""

@@ -11,24 +11,18 @@ import llmc
 from llmc.cli import main
 from llmc.errors import ExportError, UnsupportedOpError
 from llmc.export_hf import save_aqlm
-from llmc.testing import tiny_model, tiny_tokenizer
+from llmc.testing import random_batches, tiny_model, tiny_tokenizer
 
 # 2 codebooks of 256 codewords over groups of 8 (the AQLM 2x8 layout aqlm has CPU kernels for), with
 # as little calibration as runs: the codes' quality does not matter here, only that they round-trip.
 PVQ = "pv_quant:codebooks=2,bits=8,group=8,kmeans_iters=5,max_epochs=1,adam_steps=2,ft_epochs=0,steps=0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(n=3, seq=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (1, seq), generator=gen) for _ in range(n)]
+    return random_batches(n, seq, seed)
 
 
 def _compile(model, passes, tokenizer=None):

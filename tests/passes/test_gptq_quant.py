@@ -14,13 +14,7 @@ from llmc.passes_base import PassContext, parse_pass_spec
 from llmc.testing import count_ops, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run faster on one thread, and much faster when another process holds the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated(N=96, K=256, S=4096, latent=24, seed=0):

@@ -9,31 +9,25 @@ import torch
 import llmc
 from llmc.errors import ConfigError, PassOrderError
 from llmc.ops.vq import dequantize
-from llmc.passes import pv_quant_calib, pv_quant_tune
+from llmc.passes import pv_quant_calib
 from llmc.passes.pv_quant_aq import (AQConfig, init_kmeans, output_error, quantize_matrix, rtn_relative_error,
                                      search_codes)
 from llmc.passes.pv_quant_blocks import flat_inputs, split_blocks
 from llmc.passes.pv_quant_calib import FinetunePlan, QuantizedMatrix, calibrate
 from llmc.passes.pv_quant_tune import Lamb, TunePlan, pv_tune, v_step
 from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
-from llmc.testing import count_ops, tiny_model, tiny_tokenizer
+from llmc.testing import count_ops, random_batches, tiny_tokenizer
 
 # Small enough codebooks that the tiny model's 64-wide layers are really compressed: 2 codebooks of
 # 16 codewords over groups of 4 are 2 bits per weight, 2.6 with the codebooks and row scales.
 SMALL = "codebooks=2,bits=4,group=4,kmeans_iters=10,max_epochs=2,adam_steps=5,ft_epochs=1,tune_samples=0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(n=6, seq=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (1, seq), generator=gen) for _ in range(n)]
+    return random_batches(n, seq, seed)
 
 
 def _correlated_moments(K, seed=0, tokens=4096):

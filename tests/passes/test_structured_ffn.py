@@ -11,21 +11,14 @@ from llmc.passes.structured_ffn_factors import (KINDS, cosine_alpha, factorize, 
                                                 structured_linear)
 from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
 from llmc.passes_base import parse_pass_spec
-from llmc.testing import count_ops, tiny_model, tiny_tokenizer
+from llmc.testing import count_ops, random_batches, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run faster on one thread, and much faster when another process holds the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(n=6, seq=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (1, seq), generator=gen) for _ in range(n)]
+    return random_batches(n, seq, seed)
 
 
 def _logits(cm, ids):
