@@ -59,6 +59,21 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+class VQLinear(torch.nn.Module):
+    """A module around `llmc::vq_linear` with its tensors as buffers (for export tests of the op)."""
+
+    def __init__(self, codes: Tensor, codebooks: Tensor, scales: Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("codebooks", codebooks)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x):
+        import llmc.ops  # noqa: F401  (registers the op)
+
+        return torch.ops.llmc.vq_linear(x, self.codes, self.codebooks, self.scales)
+
+
 def random_batches(n: int = 6, seq: int = 48, seed: int = 0) -> list[Tensor]:
     """`n` seeded batches [1, seq] of random token ids in 3..255 (the tiny vocabulary, no special ids)."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from llmc.backends.onnxruntime import TRANSLATIONS, lower
 from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.ops.vq import store_codes
 from llmc.runtime import OrtModel
-from llmc.testing import count_ops, tiny_model, tiny_tokenizer
+from llmc.testing import VQLinear, count_ops, tiny_model, tiny_tokenizer
 
 DECODER_LINEARS = r"layers\.\d+\.(self_attn|mlp)\."
 
@@ -53,22 +53,11 @@ def _to_vq_linear(gm, M=2, bits=8, g=8, seed=0):
     return modules
 
 
-class _VQLinear(torch.nn.Module):
-    def __init__(self, codes, codebooks, scales):
-        super().__init__()
-        self.register_buffer("codes", codes)
-        self.register_buffer("codebooks", codebooks)
-        self.register_buffer("scales", scales)
-
-    def forward(self, x):
-        return torch.ops.llmc.vq_linear(x, self.codes, self.codebooks, self.scales)
-
-
 @pytest.mark.parametrize("M,bits,dtype", [(2, 8, onnx.TensorProto.UINT8), (1, 16, onnx.TensorProto.INT16)],
                          ids=["2x8", "1x16"])
 def test_translation_matches_torch_and_keeps_codes_compact(M, bits, dtype, tmp_path):
     N, K, g = 512, 256, 8  # N*K/g*M codes: above the exporter's constant-folding limit of 8192 values
-    layer = _VQLinear(*_random_vq(N, K, M, bits, g, torch.Generator().manual_seed(0))).eval()
+    layer = VQLinear(*_random_vq(N, K, M, bits, g, torch.Generator().manual_seed(0))).eval()
     dyn = torch.export.Dim.DYNAMIC
     program = torch.onnx.export(layer, (torch.randn(2, 3, K),), dynamo=True, dynamic_shapes=({0: dyn, 1: dyn},),
                                 custom_translation_table=dict(TRANSLATIONS), verbose=False)

@@ -5,7 +5,7 @@ import torch
 
 from llmc.ops import vq_kernels
 from llmc.ops.vq import bits_per_weight, code_dtype, dequantize, load_codes, store_codes
-from llmc.testing import count_ops
+from llmc.testing import VQLinear, count_ops
 
 needs_numba = pytest.mark.skipif(not vq_kernels.available(), reason="numba is not installed")
 
@@ -185,20 +185,9 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-class _VQLinear(torch.nn.Module):
-    def __init__(self, codes, codebooks, scales):
-        super().__init__()
-        self.register_buffer("codes", codes)
-        self.register_buffer("codebooks", codebooks)
-        self.register_buffer("scales", scales)
-
-    def forward(self, x):
-        return torch.ops.llmc.vq_linear(x, self.codes, self.codebooks, self.scales)
-
-
 def test_torch_export_keeps_the_op():
     _, codes, codebooks, scales = _layer(N=24, K=32, M=2, bits=8, g=8)
-    module = _VQLinear(codes, codebooks, scales)
+    module = VQLinear(codes, codebooks, scales)
     dyn = torch.export.Dim.DYNAMIC
     ep = torch.export.export(module, (torch.randn(2, 3, 32),), dynamic_shapes=({0: dyn, 1: dyn},))
     assert count_ops(ep.graph_module)["llmc.vq_linear.default"] == 1
