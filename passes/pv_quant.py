@@ -104,8 +104,8 @@ class PVQuant(Pass):
         if self.format == "scalar" and (group < 16 or group & (group - 1)):
             raise ConfigError(f"pv_quant.group must be a power of two >= 16 for scalar (MatMulNBits blocks), "
                               f"got {group}")
-        for name, low in (("codebooks", 1), ("bits", 0), ("group", 0), ("kmeans_iters", 1), ("adam_steps", 0), ("max_epochs", 0),
-                          ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0)):
+        for name, low in (("codebooks", 1), ("bits", 0), ("group", 0), ("kmeans_iters", 1), ("adam_steps", 0),
+                          ("max_epochs", 0), ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"pv_quant.{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("lr", "ft_lr", "tune_lr", "code_lr"):
@@ -184,7 +184,13 @@ class PVQuant(Pass):
         config = self.config_dict()
         config.pop("checkpoint_dir")
         model_digest = graph_digest(gm)
-        run_id = tensor_digest(ctx.calibration, f"{model_digest} {sorted(config.items())} {ctx.seed}")[:16]
+        tune_digest = ""
+        if self.steps > 0 and self.tune_samples:  # the tuning windows are drawn from this file
+            from llmc.data import sha256
+
+            tune_digest = sha256(self.tune_data)
+        run_id = tensor_digest(ctx.calibration,
+                               f"{model_digest} {sorted(config.items())} {ctx.seed} {tune_digest}")[:16]
         root = os.path.expanduser(self.checkpoint_dir or os.path.join("~", ".cache", "llmc", "pv_quant"))
         folder = os.path.join(root, run_id)
         teacher = ctx.teacher

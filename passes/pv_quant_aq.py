@@ -153,7 +153,8 @@ def rtn_relative_error(W: Tensor, A: Tensor, bits: int, group: int) -> float:
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     step = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-12)
     w_hat = (torch.round((w - lo) / step) * step + lo).reshape(N, K)
-    return float(output_error(W.float(), w_hat, A.float())) / float(output_error(W.float(), torch.zeros_like(w_hat), A.float()))
+    W, A = W.float(), A.float()
+    return float(output_error(W, w_hat, A)) / float(output_error(W, torch.zeros_like(W), A))
 
 
 def bits_per_weight(N: int, K: int, cfg: AQConfig) -> float:

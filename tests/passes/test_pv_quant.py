@@ -281,8 +281,8 @@ def test_pass_emits_uint8_codes_and_beats_rtn(tiny_models, tmp_path):
 def test_pass_needs_calibration_and_valid_options(tiny_models):
     with pytest.raises(PassOrderError, match="calibration"):
         llmc.compile(tiny_models["llama"], ["pv_quant"], tokenizer=tiny_tokenizer(), progress=False)
-    for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=3", "format=scalar,group=24", "codebooks=0", "code_change=0", "code_change=2", "mode=fast", "lr=0",
-                "targets=(", "steps=-1"):
+    for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=3", "format=scalar,group=24", "codebooks=0",
+                "code_change=0", "code_change=2", "mode=fast", "lr=0", "targets=(", "steps=-1"):
         with pytest.raises(ConfigError):
             llmc.compile(tiny_models["llama"], [f"pv_quant:{bad}"], calibration=_calibration(2), progress=False,
                          tokenizer=tiny_tokenizer())
