@@ -4,8 +4,9 @@ The student is the graph with every quantized weight replaced by its dequantized
 one backward pass of KL(teacher ‖ student) over calibration text gives ∂L/∂Ŵ for all of them. Each
 step then does:
 
-  P step  codebooks and scales get ∂L/∂Ŵ pulled back through Ŵ = s · Σ_m C_m[codes] (plus the
-          norms' own gradients) and one LAMB step: a layer-wise relative update, every tensor
+  P step  the continuous tensors of the codes (codebooks and scales; scales for scalar codes) get
+          ∂L/∂Ŵ pulled back through Ŵ = s · Σ_m C_m[codes] (plus the norms' own gradients) and one
+          LAMB step: a layer-wise relative update, every tensor
           moving by lr · ‖p‖ in norm;
   V step  a straight-through buffer X per matrix (initialised to Ŵ) takes a LAMB step with
           β1 = 0 on ∂L/∂Ŵ; the groups where X has moved furthest from Ŵ, the top `code_change`
