@@ -30,7 +30,7 @@ from llmc.fsutil import atomic_file
 from llmc.graph import set_attr_tensor
 from llmc.passes.pv_quant_aq import AQConfig, quantize_matrix
 from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
-from llmc.passes.pv_quant_repr import REPRESENTATIONS, VectorCodes
+from llmc.passes.pv_quant_repr import REPRESENTATIONS, VectorCodes, compact_codes
 from llmc.progress import bar, log
 
 QuantizedMatrix = VectorCodes  # the default representation
@@ -126,7 +126,7 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
             if checkpoint_dir:
                 tuned = {t: _attr(gm, t).detach() for t in block.params if t not in bstate}
                 _save({"fingerprint": fingerprint, "index": block.index, "stats": bstats, "hidden": hs,
-                       "quantized": {t: dataclasses.asdict(q) for t, q in bstate.items()}, "tuned": tuned},
+                       "quantized": {t: _packed_fields(q) for t, q in bstate.items()}, "tuned": tuned},
                       _block_path(checkpoint_dir, block.index))
                 previous = _block_path(checkpoint_dir, block.index - 1)
                 if os.path.exists(previous):  # only the last block's hidden states are needed to resume
@@ -139,6 +139,11 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
             pbar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.4f}", ft=f"{bstats['finetune_after']:.4f}")
     stats["seconds"] = round(time.perf_counter() - t_start, 1)
     return state, stats
+
+
+def _packed_fields(q) -> dict:
+    """A representation's fields for a checkpoint, codes in uint8 where they fit (int64 in memory)."""
+    return {**dataclasses.asdict(q), "codes": compact_codes(q.codes)}
 
 
 def _block_path(directory: str, index: int) -> str:
@@ -158,7 +163,7 @@ def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: 
             log(f"pv_quant: {path} belongs to another run; calibrating from block {block.index}")
             break
         for t, q in saved["quantized"].items():
-            state[t] = cls(**q)
+            state[t] = cls(**{**q, "codes": q["codes"].long()})
             set_attr_tensor(gm, t, state[t].weight().detach())
         for t, v in saved["tuned"].items():
             set_attr_tensor(gm, t, v)

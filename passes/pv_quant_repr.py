@@ -141,3 +141,8 @@ def scalar_to_packed(q: ScalarCodes) -> tuple[Tensor, Tensor, Tensor]:
 
 
 REPRESENTATIONS = {"aq": VectorCodes, "scalar": ScalarCodes}
+
+
+def compact_codes(codes: Tensor) -> Tensor:
+    """Codes in the smallest dtype that holds them, for checkpoints (int64 in memory)."""
+    return codes.to(torch.uint8) if int(codes.max()) < 256 else codes.to(torch.int32)

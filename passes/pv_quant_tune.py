@@ -34,6 +34,7 @@ from llmc.fsutil import atomic_file
 from llmc.graph import set_attr_tensor
 from llmc.passes.pv_quant_blocks import flat_inputs
 from llmc.passes.pv_quant_calib import _attr
+from llmc.passes.pv_quant_repr import compact_codes
 from llmc.passes.structured_ffn_recovery import kl_to_teacher
 from llmc.progress import bar, log
 
@@ -123,11 +124,6 @@ def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
     return int(changed.sum())
 
 
-def _compact(codes: torch.Tensor) -> torch.Tensor:
-    """Codes in the smallest dtype that holds them, for checkpoints (int64 in memory)."""
-    return codes.to(torch.uint8) if int(codes.max()) < 256 else codes.to(torch.int32)
-
-
 def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
@@ -181,7 +177,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
         if not checkpoint_path:
             return
         doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
-               "state": {t: {"codes": _compact(state[t].codes), "continuous": state[t].continuous()} for t in targets},
+               "state": {t: {"codes": compact_codes(state[t].codes), "continuous": state[t].continuous()} for t in targets},
                "norms": {n: _attr(gm, n).detach() for n in norms}}
         if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
             doc.update({"buffers": buffers, "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(),
