@@ -16,7 +16,12 @@ def module_fqn(node: fx.Node) -> str:
 
 def get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a `get_attr` node reads."""
-    module, _, leaf = node.target.rpartition(".")
+    return attr_tensor(gm, node.target)
+
+
+def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor stored at `target` (`model.layers.3.mlp.down_proj.weight`)."""
+    module, _, leaf = target.rpartition(".")
     return getattr(gm.get_submodule(module) if module else gm, leaf)
 
 

@@ -119,7 +119,6 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node], lis
 
 def flat_inputs(ids: torch.Tensor, empty_cache) -> list:
     """The decode-step inputs of a full, unpadded batch (no past): ids, mask, positions, *cache."""
-    B, S = ids.shape
-    mask = torch.ones(B, S, dtype=torch.long)
-    pos = torch.arange(S).expand(B, S).contiguous()
-    return [ids, mask, pos, *empty_cache(B)]
+    from llmc.passes.structured_ffn_recovery import decode_inputs
+
+    return [ids, *decode_inputs(ids), *empty_cache(ids.shape[0])]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from llmc.fsutil import atomic_file
-from llmc.graph import set_attr_tensor
+from llmc.graph import attr_tensor, set_attr_tensor
 from llmc.passes.pv_quant_aq import AQConfig, quantize_matrix
 from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
 from llmc.passes.pv_quant_repr import REPRESENTATIONS, VectorCodes, compact_codes
@@ -66,10 +66,6 @@ class _GramRecorder(fx.Interpreter):
                 self.grams[key] = g
         return super().run_node(n)
 
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    module, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(module) if module else gm, leaf)
 
 
 def _save(obj, path: str) -> None:
@@ -124,7 +120,7 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
             state.update(bstate)
             stats["blocks"].append(bstats)
             if checkpoint_dir:
-                tuned = {t: _attr(gm, t).detach() for t in block.params if t not in bstate}
+                tuned = {t: attr_tensor(gm, t).detach() for t in block.params if t not in bstate}
                 _save({"fingerprint": fingerprint, "index": block.index, "stats": bstats, "hidden": hs,
                        "quantized": {t: _packed_fields(q) for t, q in bstate.items()}, "tuned": tuned},
                       _block_path(checkpoint_dir, block.index))
@@ -180,7 +176,7 @@ def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: 
 
 
 def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, quantize, ft: FinetunePlan, progress: bool):
-    params = {t: _attr(gm, t).detach() for t in block.params}
+    params = {t: attr_tensor(gm, t).detach() for t in block.params}
     targets = [t for t in block.linears if is_target(t)]
     watch = {block.linears[t] for t in targets}
     rec = _GramRecorder(block.gm, watch)
@@ -201,7 +197,7 @@ def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, quantize, ft
     with torch.no_grad():
         out = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
     for t in block.params:  # dequantized weights and tuned norms/biases into the full graph
-        if t in quantized or params[t] is not _attr(gm, t):
+        if t in quantized or params[t] is not attr_tensor(gm, t):
             set_attr_tensor(gm, t, params[t].detach().clone())
     return out, quantized, {"index": block.index, "matrices": mstats,
                             "finetune_before": round(before, 6), "finetune_after": round(after, 6)}

@@ -31,9 +31,8 @@ import torch
 from torch import fx
 
 from llmc.fsutil import atomic_file
-from llmc.graph import set_attr_tensor
+from llmc.graph import attr_tensor, set_attr_tensor
 from llmc.passes.pv_quant_blocks import flat_inputs
-from llmc.passes.pv_quant_calib import _attr
 from llmc.passes.pv_quant_repr import compact_codes
 from llmc.passes.structured_ffn_recovery import kl_to_teacher
 from llmc.progress import bar, log
@@ -140,9 +139,9 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     for t in targets:
         set_attr_tensor(gm, t, state[t].weight().detach().clone(), parameter=True)
     for n in norms:
-        set_attr_tensor(gm, n, _attr(gm, n).detach().clone(), parameter=True)
-    buffers = [_attr(gm, t).detach().clone() for t in targets]
-    continuous = [x for t in targets for x in state[t].continuous()] + [_attr(gm, n) for n in norms]
+        set_attr_tensor(gm, n, attr_tensor(gm, n).detach().clone(), parameter=True)
+    buffers = [attr_tensor(gm, t).detach().clone() for t in targets]
+    continuous = [x for t in targets for x in state[t].continuous()] + [attr_tensor(gm, n) for n in norms]
     p_opt = Lamb(continuous, plan.lr, betas=(0.9, 0.95))
     v_opt = Lamb(buffers, plan.code_lr, betas=(0.0, 0.95))
     gen = torch.Generator().manual_seed(plan.seed)
@@ -159,9 +158,9 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                     q.codes.copy_(saved["state"][t]["codes"])
                     for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
                         x.copy_(y)
-                    _attr(gm, t).copy_(q.weight())
+                    attr_tensor(gm, t).copy_(q.weight())
                 for n in norms:
-                    _attr(gm, n).copy_(saved["norms"][n])
+                    attr_tensor(gm, n).copy_(saved["norms"][n])
                 for b, x in zip(buffers, saved.get("buffers", ())):
                     b.copy_(x)
             if "p_opt" in saved:
@@ -178,7 +177,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             return
         doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
                "state": {t: {"codes": compact_codes(state[t].codes), "continuous": state[t].continuous()} for t in targets},
-               "norms": {n: _attr(gm, n).detach() for n in norms}}
+               "norms": {n: attr_tensor(gm, n).detach() for n in norms}}
         if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
             doc.update({"buffers": buffers, "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(),
                         "gen": gen.get_state()})
@@ -188,8 +187,8 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     flags = {p: p.requires_grad for p in gm.parameters()}
     for p in gm.parameters():
         p.requires_grad_(False)
-    weights = [_attr(gm, t) for t in targets]
-    norm_params = [_attr(gm, n) for n in norms]
+    weights = [attr_tensor(gm, t) for t in targets]
+    norm_params = [attr_tensor(gm, n) for n in norms]
     for p in weights + norm_params:
         p.requires_grad_(True)
     seconds = {"model": 0.0, "p_step": 0.0, "v_step": 0.0}

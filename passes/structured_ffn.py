@@ -31,7 +31,7 @@ from torch import fx
 
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
-from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
+from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.passes.structured_ffn_factors import (KINDS, Shape, factorize, merged_weight, output_error, plan,
                                                 structured_linear)
 from llmc.passes.structured_ffn_recovery import RecoveryPlan, config_fingerprint, input_grams, self_guided_distill
@@ -213,7 +213,7 @@ class StructuredFFN(Pass):
             params = {}
             for u in units:
                 for leaf in ("factor_in", "factor_out") + (("guide_weight",) if self.train_guide else ()):
-                    params[f"{u.module}.{leaf}"] = _attr(gm, f"{u.module}.{leaf}")
+                    params[f"{u.module}.{leaf}"] = attr_tensor(gm, f"{u.module}.{leaf}")
             rplan = RecoveryPlan(self.steps, self.lr, self.guided_fraction, self.batch_size, self.checkpoint_every,
                                  ctx.seed)
             path, fp = None, ""
@@ -222,12 +222,12 @@ class StructuredFFN(Pass):
                           if k not in ("checkpoint_dir", "checkpoint_every", "premerge", "premerge_repeats")}
                 fp = config_fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
                 path = os.path.join(self.checkpoint_dir, f"recovery-{fp}.pt")
-            recovery = self_guided_distill(gm, params, _attr(gm, ALPHA), teacher, ctx.calibration,
+            recovery = self_guided_distill(gm, params, attr_tensor(gm, ALPHA), teacher, ctx.calibration,
                                            lambda b: ctx.program.empty_cache(b, 0), rplan, ctx.progress, path, fp)
             self._drop_guides(gm, units, guides)
             for u in units:
-                u.first = _attr(gm, f"{u.module}.factor_in").detach()
-                u.second = _attr(gm, f"{u.module}.factor_out").detach()
+                u.first = attr_tensor(gm, f"{u.module}.factor_in").detach()
+                u.second = attr_tensor(gm, f"{u.module}.factor_out").detach()
             seconds["recovery"] = round(time.perf_counter() - t2, 1)
 
         # 3. pre-merge: keep whichever form is faster for one token
@@ -370,10 +370,6 @@ def _time_forms(kind: str, first, second, merged, repeats: int) -> tuple[float, 
                 times[i].append((time.perf_counter() - t) * 1e6)
     return statistics.median(times[0]), statistics.median(times[1])
 
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    module, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(module) if module else gm, leaf)
 
 
 def _graph_teacher(gm: fx.GraphModule, ctx: PassContext):

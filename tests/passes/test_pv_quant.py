@@ -8,6 +8,7 @@ import torch
 
 import llmc
 from llmc.errors import ConfigError, PassOrderError
+from llmc.graph import attr_tensor
 from llmc.ops.vq import dequantize
 from llmc.passes import pv_quant_calib
 from llmc.passes.pv_quant_aq import (AQConfig, init_kmeans, output_error, quantize_matrix, rtn_relative_error,
@@ -110,7 +111,7 @@ def test_blocks_chain_to_the_full_graph(tiny_models, arch):
     ext = dict(zip(needed, vals))
     h = vals[0]
     for block in blocks:
-        h = block(h, ext, {t: pv_quant_calib._attr(gm, t) for t in block.params})
+        h = block(h, ext, {t: attr_tensor(gm, t) for t in block.params})
     final_norm = gm.get_submodule("model.norm").weight
     eps = program.config.rms_norm_eps
     logits = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * final_norm) @ gm.get_submodule(
@@ -203,7 +204,7 @@ def test_pv_steps_lower_the_kl(tiny_models, mode):
                     TunePlan(steps=8, batch_size=1, lr=3e-3, code_lr=0.2, code_change=0.05, mode=mode), progress=False)
     assert stats["kl_last"] < 0.9 * stats["kl_first"], stats["kl"]
     assert any(not torch.equal(before_codes[t], q.codes) for t, q in state.items())  # the V step moved codes
-    torch.testing.assert_close(pv_quant_calib._attr(program.gm, next(iter(state))), state[next(iter(state))].weight())
+    torch.testing.assert_close(attr_tensor(program.gm, next(iter(state))), state[next(iter(state))].weight())
 
 
 def test_interrupted_tuning_resumes_to_the_same_result(tiny_models, tmp_path):
