@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--pass", dest="passes", action="append", default=[], help="pass spec to compile with")
     ap.add_argument("--name", default="onnxruntime_decode", help="results file name")
     ap.add_argument("--genai-python", help="a Python with onnxruntime-genai: also decode llmc's export under genai")
-    ap.add_argument("--genai-builder-dir", help="an FP32 model built by onnxruntime-genai's builder, to decode too")
+    ap.add_argument("--genai-builder-dir", help="a model built by onnxruntime-genai's builder, to decode too")
+    ap.add_argument("--genai-builder-label", default="FP32", help="what --genai-builder-dir is (e.g. 'int4')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -108,7 +109,9 @@ def main() -> None:
     labels = [("onnxruntime", f"{label} (llmc OrtModel)"), ("torch", "torch (llmc runtime) FP32")]
     labels = [(k, m) for k, m in labels if k in engines]
     genai_label = "onnxruntime-genai " + ("FP32" if not args.passes else "+".join(args.passes))
-    labels += [(k, f"{genai_label}, {k[7:-1]}") for k in engines if k.startswith("genai")]
+    labels += [(k, f"{genai_label}, llmc export") for k in engines if k == "genai (llmc export)"]
+    labels += [(k, f"onnxruntime-genai {args.genai_builder_label}, genai builder") for k in engines
+               if k == "genai (genai builder)"]
     for name, method in labels:
         passes = [] if name.startswith("genai (genai") or name == "torch" else args.passes
         rows.append({"method": f"{method}: greedy decode, batch 1, 128+128", "passes": passes,
@@ -120,7 +123,11 @@ def main() -> None:
                         data_sha256=data.sha256("wikitext2-test"),
                         extra={"seconds": {"onnx_export_with_parity": round(export_s, 1),
                                            "ort_session_load": round(load_s, 2)},
-                               "onnx_bytes": size, "peak_rss_mb": round(peak_rss_mb())})
+                               "onnx_bytes": size, "peak_rss_mb": round(peak_rss_mb()),
+                               **({"genai_builder_onnx_bytes": sum(
+                                   os.path.getsize(os.path.join(args.genai_builder_dir, f))
+                                   for f in os.listdir(args.genai_builder_dir) if f.startswith("model.onnx"))}
+                                  if args.genai_builder_dir else {})})
     print("wrote", path)
 
 

@@ -30,8 +30,10 @@ class RTNQuant(Pass):
     """Quantize linear weights to `bits` with round-to-nearest per block of `group` inputs.
 
     Matches: `aten.linear` with a stored weight in a module whose FQN matches `targets` (and
-    `lm_head` when `lm_head=true`). Emits: `llmc::nbits_linear` (+ `aten.add` for a bias).
-    Numerics: lossy.
+    `lm_head` when `lm_head=true`); with `embeddings=true` also every `aten.embedding` of a stored
+    table. Emits: `llmc::nbits_linear` (+ `aten.add` for a bias) and `llmc::nbits_embedding`
+    (GatherBlockQuantized in ONNX); an embedding tied to a quantized lm_head reads the lm_head's
+    codes, so the shared table is stored once. Numerics: lossy.
     """
 
     bits: int = 4
@@ -39,6 +41,7 @@ class RTNQuant(Pass):
     symmetric: bool = False
     targets: str = r"layers\.\d+\.(self_attn|mlp)\."
     lm_head: bool = False
+    embeddings: bool = False
 
     invalidates = ("dense_linear_weights",)
     provides = ("scalar_quantized_weights",)
@@ -58,8 +61,9 @@ class RTNQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         nodes = quantizable_linears(gm, self.targets, self.lm_head)
-        untied = []
+        untied, embeddings = [], []
         weights = 0
+        emitted = {}  # (storage, shape) of a quantized weight -> the module holding its codes
         for node in bar(nodes, desc="rtn_quant", unit="linear", enabled=ctx.progress):
             w_node = node.args[1]
             weight = get_attr_tensor(gm, w_node)
@@ -68,13 +72,47 @@ class RTNQuant(Pass):
             N, K = weight.shape
             codes, scales, zeros = quantize_rtn(weight, self.bits, self.group, self.symmetric)
             emit_nbits_linear(gm, node, codes, scales, zeros, self.bits, self.group)
+            emitted[(weight.untyped_storage().data_ptr(), tuple(weight.shape))] = w_node.target.rpartition(".")[0]
             weights += N * K
+        if self.embeddings:
+            for node in embedding_lookups(gm):
+                table = get_attr_tensor(gm, node.args[0])
+                module = emitted.get((table.untyped_storage().data_ptr(), tuple(table.shape)))
+                if module is None:  # not tied to a linear quantized above: quantize the table itself
+                    module = node.args[0].target.rpartition(".")[0]
+                    for leaf, t in zip(("codes", "scales", "zero_points"),
+                                       quantize_rtn(table, self.bits, self.group, self.symmetric)):
+                        set_attr_tensor(gm, f"{module}.{leaf}", t, parameter=False)
+                    weights += table.numel()
+                else:
+                    untied = [t for t in untied if t != f"{module}.weight"]  # tied again, through the codes
+                emit_nbits_embedding(gm, node, module, table.shape[1], self.bits, self.group)
+                embeddings.append(module_fqn(node))
         remove_unused_attrs(gm)
         gm.recompile()
-        stats = {"quantized": len(nodes), "weights": weights, "untied": untied}
+        stats = {"quantized": len(nodes), "weights": weights, "untied": untied, "embeddings": embeddings}
         if not nodes:
             logger.debug("rtn_quant: no linear matches %r", self.targets)
         return PassResult(gm, bool(nodes), stats)
+
+
+def embedding_lookups(gm: fx.GraphModule) -> list[fx.Node]:
+    """The `aten.embedding` nodes that read a stored 2-D table."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+            and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"]
+
+
+def emit_nbits_embedding(gm: fx.GraphModule, node: fx.Node, module: str, K: int, bits: int, group: int) -> fx.Node:
+    """Replace the `aten.embedding` `node` by `llmc::nbits_embedding` over `<module>.codes/scales/zero_points`."""
+    with gm.graph.inserting_before(node):
+        attrs = [gm.graph.get_attr(f"{module}.{leaf}") for leaf in ("codes", "scales", "zero_points")]
+        out = gm.graph.call_function(torch.ops.llmc.nbits_embedding.default, (node.args[1], *attrs, K, bits, group))
+    for new in (out, *attrs):
+        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+    out.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return out
 
 
 # Shared with the other passes that emit `llmc::nbits_linear` (gptq_quant).

@@ -159,10 +159,31 @@ def _export(program, folder: str) -> float:
     return time.perf_counter() - t0
 
 
+def has_int8_activations(gm: torch.fx.GraphModule) -> bool:
+    """Whether some `llmc::nbits_linear` rounds its input to int8 (set by the int8_activations pass)."""
+    return any(n.op == "call_function" and n.target is torch.ops.llmc.nbits_linear.default
+               and (n.args[8] if len(n.args) > 8 else n.kwargs.get("int8_act", False)) for n in gm.graph.nodes)
+
+
+# Statistical parity for programs with int8 activations (see check_parity): bounds measured on
+# SmolLM2-135M RTN 4-bit, where ORT against torch gives mean KL 0.006-0.008 and 93-96% argmax
+# agreement, the same distance as between float and int8 activations in torch itself.
+STATISTICAL_MAX_MEAN_KL = 0.05
+STATISTICAL_MIN_ARGMAX_AGREEMENT = 0.8
+
+
 def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e-3) -> dict:
     """Compare the ONNX folder with the torch program: logits on a padded batch, then a greedy decode.
 
     Raises ParityError with the max difference (or the first diverging step) on a mismatch.
+
+    A program with int8 activations is a discontinuous function of its input: torch and ORT round
+    each activation block identically (llmc.ops.nbits_linear is bit-exact with MatMulNBits'
+    accuracy_level=4), but their float sums differ in the last bits, and wherever a value lies on a
+    rounding tie that flips one int8 level, which a deep model amplifies (SmolLM2: logits differ by
+    up to ~1.4 at batch 2). For such programs the check is statistical: mean KL(torch || ORT) over
+    the batch <= STATISTICAL_MAX_MEAN_KL and argmax agreement >= STATISTICAL_MIN_ARGMAX_AGREEMENT;
+    the greedy decodes are compared and reported, not required to be identical.
     """
     from llmc.generation import SamplingConfig, generate_tokens, left_pad, position_ids_from_mask
     from llmc.runner import TorchRunner
@@ -181,20 +202,38 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
     diff = float((t_logits[real] - o_logits[real]).abs().max())
     o_last, _ = ort_model.prefill_step(ids, mask, pos, ort_model.empty_cache(2))  # the last-position graph
     diff = max(diff, float((t_logits[:, -1:] - o_last).abs().max()))
-    if not diff <= atol:
+    report = {"logits_max_abs_diff": diff, "greedy_tokens": decode_tokens, "batch": 2,
+              "prompt_lengths": [len(p) for p in prompts]}
+    statistical = has_int8_activations(program.gm)
+    if statistical:
+        t_log, o_log = t_logits[real].log_softmax(-1), o_logits[real].log_softmax(-1)
+        kl = float((t_log.exp() * (t_log - o_log)).sum(-1).mean())
+        agree = float((t_log.argmax(-1) == o_log.argmax(-1)).float().mean())
+        report.update(mode="statistical (int8 activations)", mean_kl=kl, argmax_agreement=agree,
+                      max_mean_kl=STATISTICAL_MAX_MEAN_KL, min_argmax_agreement=STATISTICAL_MIN_ARGMAX_AGREEMENT)
+        if not (kl <= STATISTICAL_MAX_MEAN_KL and agree >= STATISTICAL_MIN_ARGMAX_AGREEMENT):
+            raise ParityError(f"ONNX logits disagree with torch beyond int8-rounding noise (mean KL {kl:.3g}, bound "
+                              f"{STATISTICAL_MAX_MEAN_KL}; argmax agreement {agree:.2f}, bound "
+                              f"{STATISTICAL_MIN_ARGMAX_AGREEMENT}); the export is not written")
+    elif not diff <= atol:
         raise ParityError(f"ONNX logits differ from torch by {diff:.3g} (max |diff| on a padded batch of 2, "
                           f"tolerance {atol}); the export is not written")
+    else:
+        report.update(mode="exact", atol=atol)
     cfg = SamplingConfig(max_new_tokens=decode_tokens)
     t_tokens = generate_tokens(runner.step, lambda b: program.empty_cache(b, 0), prompts, cfg, pad_id=0)
     o_tokens = generate_tokens(ort_model.step, ort_model.empty_cache, prompts, cfg, pad_id=0,
                                prefill_step=ort_model.prefill_step)
-    for row, (a, b) in enumerate(zip(t_tokens, o_tokens)):
-        if a != b:
-            k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-            raise ParityError(f"ONNX greedy decode diverges from torch at token {k} of row {row} "
-                              f"(torch {a[k]}, onnx {b[k]}; logits max |diff| {diff:.3g}); the export is not written")
-    return {"logits_max_abs_diff": diff, "atol": atol, "greedy_tokens": decode_tokens, "greedy_identical": True,
-            "batch": 2, "prompt_lengths": [len(p) for p in prompts]}
+    same = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            for a, b in zip(t_tokens, o_tokens)]
+    report.update(greedy_identical=t_tokens == o_tokens, greedy_identical_prefix=same)
+    if not statistical:
+        for row, (a, b) in enumerate(zip(t_tokens, o_tokens)):
+            if a != b:
+                k = same[row]
+                raise ParityError(f"ONNX greedy decode diverges from torch at token {k} of row {row} "
+                                  f"(torch {a[k]}, onnx {b[k]}; logits max |diff| {diff:.3g}); the export is not written")
+    return report
 
 
 def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False, atol: float = 1e-3) -> str:

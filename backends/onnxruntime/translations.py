@@ -21,27 +21,39 @@ import llmc.ops  # noqa: F401  (registers the torch ops named below)
 MSFT = values.Opset("com.microsoft", 1)
 
 
-def register_matmulnbits_schema() -> None:
-    """Declare ORT's contrib op to onnx, so onnxscript can emit it (the exporter needs a schema)."""
-    if onnx.defs.has("MatMulNBits", "com.microsoft"):
-        return
+def register_contrib_schemas() -> None:
+    """Declare the ORT contrib ops llmc emits to onnx, so onnxscript can emit them (the exporter needs a schema)."""
     P = OpSchema.FormalParameter
     Opt = OpSchema.FormalParameterOption.Optional
     A = OpSchema.Attribute
-    schema = OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        doc="y = A @ dequant(B)ᵀ with B blockwise-quantized to `bits` along K (ONNX Runtime contrib op).",
-        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=Opt)],
-        outputs=[P("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
-                          ("T2", ["tensor(uint8)", "tensor(int32)"], "packed codes"),
-                          ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"], "zero points")],
-        attributes=[A("K", OpSchema.AttrType.INT, "input features"), A("N", OpSchema.AttrType.INT, "output features"),
-                    A("bits", OpSchema.AttrType.INT, "bits per weight"),
-                    A("block_size", OpSchema.AttrType.INT, "weights per block along K"),
-                    A("accuracy_level", OpSchema.AttrType.INT, "minimum compute precision", required=False)],
-    )
-    onnx.defs.register_schema(schema)
+    INT = OpSchema.AttrType.INT
+    if not onnx.defs.has("MatMulNBits", "com.microsoft"):
+        onnx.defs.register_schema(OpSchema(
+            "MatMulNBits", "com.microsoft", 1,
+            doc="y = A @ dequant(B)ᵀ with B blockwise-quantized to `bits` along K (ONNX Runtime contrib op).",
+            inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=Opt)],
+            outputs=[P("Y", "T1")],
+            type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
+                              ("T2", ["tensor(uint8)", "tensor(int32)"], "packed codes"),
+                              ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"],
+                               "zero points")],
+            attributes=[A("K", INT, "input features"), A("N", INT, "output features"), A("bits", INT, "bits per weight"),
+                        A("block_size", INT, "weights per block along K"),
+                        A("accuracy_level", INT, "minimum compute precision", required=False)]))
+    if not onnx.defs.has("GatherBlockQuantized", "com.microsoft"):
+        onnx.defs.register_schema(OpSchema(
+            "GatherBlockQuantized", "com.microsoft", 1,
+            doc="Gather of a blockwise-quantized table, dequantized (ONNX Runtime contrib op; uint8 data follows "
+                "MatMulNBits' packing).",
+            inputs=[P("data", "T1"), P("indices", "Tind"), P("scales", "T2"), P("zero_points", "T1", param_option=Opt)],
+            outputs=[P("output", "T2")],
+            type_constraints=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], "packed codes"),
+                              ("T2", ["tensor(float)", "tensor(float16)"], "scales and output"),
+                              ("Tind", ["tensor(int32)", "tensor(int64)"], "indices")],
+            attributes=[A("gather_axis", INT, "axis gathered", required=False),
+                        A("quantize_axis", INT, "axis quantized in blocks", required=False),
+                        A("block_size", INT, "elements per block", required=False),
+                        A("bits", INT, "bits per element", required=False)]))
 
 
 def _dims(value, name: str) -> list[int]:
@@ -93,9 +105,29 @@ def cq_encode(x, codebooks):
     return op.Cast(codes, to=onnx_type)
 
 
-def nbits_linear(x, codes, scales, zero_points, K: int, N: int, bits: int, block_size: int):
-    """llmc::nbits_linear -> com.microsoft::MatMulNBits (the torch buffers are already in its layout)."""
+def nbits_linear(x, codes, scales, zero_points, K: int, N: int, bits: int, block_size: int, int8_act: bool = False):
+    """llmc::nbits_linear -> com.microsoft::MatMulNBits (the torch buffers are already in its layout).
+
+    `int8_act` is `accuracy_level=4`: ONNX Runtime rounds the input to int8 per block and takes
+    integer dot products, the numerics the torch op reproduces (llmc.ops.nbits_linear)."""
+    if int8_act:
+        return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size,
+                                accuracy_level=4)
     return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size)
+
+
+def nbits_embedding(ids, codes, scales, zero_points, K: int, bits: int, block_size: int):
+    """llmc::nbits_embedding -> com.microsoft::GatherBlockQuantized over the same packed codes.
+
+    MatMulNBits' [N, K/block, block*bits/8] codes are read as the [N, K*bits/8] table the gather
+    expects (a Reshape: a tied lm_head and the embedding share one initializer in the file)."""
+    N, n_blocks, blob = _dims(codes, "codes")
+    table = op.Reshape(codes, op.Constant(value_ints=[N, n_blocks * blob]))
+    rows = MSFT.GatherBlockQuantized(table, ids, scales, zero_points, gather_axis=0, quantize_axis=1,
+                                     block_size=block_size, bits=bits)
+    if n_blocks * block_size != K:  # the last block was padded
+        rows = op.Slice(rows, op.Constant(value_ints=[0]), op.Constant(value_ints=[K]), op.Constant(value_ints=[-1]))
+    return rows
 
 
 def vq_linear(x, codes, codebooks, scales):
@@ -130,11 +162,12 @@ def vq_linear(x, codes, codebooks, scales):
     return op.MatMul(x, op.Transpose(op.CastLike(w, x), perm=[1, 0]))
 
 
-register_matmulnbits_schema()
+register_contrib_schemas()
 
 # op overload -> translation function.
 TRANSLATIONS: dict = {
     torch.ops.llmc.nbits_linear.default: nbits_linear,
+    torch.ops.llmc.nbits_embedding.default: nbits_embedding,
     torch.ops.llmc.cq_encode.default: cq_encode,
     torch.ops.llmc.cq_decode.default: cq_decode,
     torch.ops.llmc.vq_linear.default: vq_linear,

@@ -5,6 +5,10 @@ Layout (ONNX Runtime's `com.microsoft::MatMulNBits`, so lowering is a pure op ma
   scales      float [N, K/block]
   zero_points uint8 [N, ceil((K/block)*bits/8)]  packed along blocks the same way
 W[n, k] = (q[n, k] - zero[n, k // block]) * scale[n, k // block];  y = x @ Wᵀ.
+
+With `int8_act`, the input is first rounded to int8 per block of `block` along K (symmetric,
+scale = absmax/127, round half to even): what MatMulNBits computes with `accuracy_level=4`, its
+integer-dot-product path (checked against ONNX Runtime 1.31 to ~1e-6 at 2, 4 and 8 bits).
 """
 
 from __future__ import annotations
@@ -40,15 +44,39 @@ def dequantize(codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, bits:
     return w.reshape(N, n_blocks * block_size)[:, :K]
 
 
+def int8_act_supported(bits: int, block_size: int) -> bool:
+    """Whether MatMulNBits has an int8-compute kernel for these codes (ONNX Runtime 1.31 CPU, measured:
+    4 and 8 bits at blocks 16..256; 2 bits at 32..128 only; elsewhere it silently computes in float)."""
+    return (bits in (4, 8) and 16 <= block_size <= 256) or (bits == 2 and 32 <= block_size <= 128)
+
+
+def quantize_activations_int8(x: Tensor, K: int, block_size: int) -> Tensor:
+    """x [..., K] rounded to int8 levels per block of `block_size` along K (scale = absmax/127,
+    round half to even), returned dequantized in x's dtype. A block of zeros stays zero."""
+    n_blocks = -(-K // block_size)
+    xf = torch.nn.functional.pad(x.float(), (0, n_blocks * block_size - K))
+    xb = xf.reshape(*x.shape[:-1], n_blocks, block_size)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # Bit-exact with the kernel: x * (127 / amax) with a true float32 division (not `1 / scale`, and not
+    # `127 / tensor`, which torch evaluates as 127 * reciprocal), then round half to even. One ulp of
+    # difference flips an int8 level wherever x lands on a half step, and such ties are common.
+    inverse = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+    q = torch.round(xb * inverse) * (amax / 127)
+    return q.reshape(*x.shape[:-1], n_blocks * block_size)[..., :K].to(x.dtype)
+
+
 @torch.library.custom_op("llmc::nbits_linear", mutates_args=())
 def nbits_linear(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, N: int, bits: int,
-                 block_size: int) -> Tensor:
-    """y = x @ dequantize(codes, scales, zero_points)ᵀ. x: [..., K] -> [..., N]."""
+                 block_size: int, int8_act: bool = False) -> Tensor:
+    """y = x @ dequantize(codes, scales, zero_points)ᵀ, x rounded to int8 per block first if `int8_act`.
+    x: [..., K] -> [..., N]."""
+    if int8_act:
+        x = quantize_activations_int8(x, K, block_size)
     return torch.nn.functional.linear(x, dequantize(codes, scales, zero_points, K, bits, block_size))
 
 
 @nbits_linear.register_fake
-def _(x, codes, scales, zero_points, K, N, bits, block_size):
+def _(x, codes, scales, zero_points, K, N, bits, block_size, int8_act=False):
     return x.new_empty(*x.shape[:-1], N)
 
 
@@ -87,17 +115,35 @@ def quantize_rtn(weight: Tensor, bits: int, block_size: int, symmetric: bool = F
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, scales, zero_points, K, N, bits, block_size = inputs
+    x, codes, scales, zero_points, K, N, bits, block_size, *_ = inputs
     ctx.save_for_backward(codes, scales, zero_points)
     ctx.meta = (K, bits, block_size)
 
 
 def _backward(ctx, grad):
-    """Gradient w.r.t. the input only (codes are discrete; calibration passes differentiate through x)."""
+    """Gradient w.r.t. the input only (codes are discrete; calibration passes differentiate through x;
+    the int8 rounding of x, if any, passes the gradient straight through)."""
     codes, scales, zero_points = ctx.saved_tensors
     K, bits, block_size = ctx.meta
     w = dequantize(codes, scales, zero_points, K, bits, block_size)
-    return grad @ w.to(grad.dtype), None, None, None, None, None, None, None
+    return grad @ w.to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 nbits_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("llmc::nbits_embedding", mutates_args=())
+def nbits_embedding(ids: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, bits: int,
+                    block_size: int) -> Tensor:
+    """Rows `ids` of the [N, K] table stored as MatMulNBits-layout codes: ids [...] -> [..., K].
+
+    Only the looked-up rows are dequantized. A tied lm_head's `nbits_linear` can share the tensors.
+    """
+    flat = ids.reshape(-1)
+    rows = dequantize(codes[flat], scales[flat], zero_points[flat], K, bits, block_size)
+    return rows.reshape(*ids.shape, K)
+
+
+@nbits_embedding.register_fake
+def _(ids, codes, scales, zero_points, K, bits, block_size):
+    return scales.new_empty(*ids.shape, K)

@@ -34,6 +34,18 @@ def test_opcheck():
     w = torch.randn(32, 64)
     codes, scales, zeros = quantize_rtn(w, 4, 16)
     torch.library.opcheck(torch.ops.llmc.nbits_linear.default, (torch.randn(2, 64), codes, scales, zeros, 64, 32, 4, 16))
+    torch.library.opcheck(torch.ops.llmc.nbits_linear.default,
+                          (torch.randn(2, 64), codes, scales, zeros, 64, 32, 4, 16, True))
+    torch.library.opcheck(torch.ops.llmc.nbits_embedding.default,
+                          (torch.tensor([[0, 31, 5]]), codes, scales, zeros, 64, 4, 16))
+
+
+def test_embedding_rows_are_the_dequantized_table():
+    w = torch.randn(40, 72)
+    codes, scales, zeros = quantize_rtn(w, 4, 32)  # 72 = 2.25 blocks: the last one is padded
+    ids = torch.tensor([[39, 0], [7, 7]])
+    rows = torch.ops.llmc.nbits_embedding(ids, codes, scales, zeros, 72, 4, 32)
+    torch.testing.assert_close(rows, dequantize(codes, scales, zeros, 72, 4, 32)[ids])
 
 
 def test_gradient_flows_to_the_input():

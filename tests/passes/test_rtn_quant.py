@@ -71,3 +71,50 @@ def test_lowers_to_matmulnbits_and_stays_compact(tiny_models, tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == 14
     prompts = [[5, 17, 99, 3], [150, 9, 33, 8, 200, 31]]
     assert OrtModel(out).generate(prompts, 16, return_tokens=True) == cm.generate(prompts, 16, return_tokens=True)
+
+
+def test_embeddings_tied_to_lm_head_share_codes_and_export(tmp_path):
+    import onnx
+
+    from llmc.backends.onnxruntime import lower
+    from llmc.runtime import OrtModel
+    from llmc.testing import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    head_only = llmc.compile(model, passes=["rtn_quant:bits=4,group=16,lm_head=true"])
+    assert head_only.program.history[0].stats["untied"] == ["lm_head.weight"]  # the float table stays for lookups
+    cm = llmc.compile(model, passes=["rtn_quant:bits=4,group=16,lm_head=true,embeddings=true"],
+                      tokenizer=tiny_tokenizer())
+    ops = count_ops(cm.program.gm)
+    assert ops["llmc.nbits_embedding.default"] == 1 and "aten.embedding.default" not in ops
+    stats = cm.program.history[0].stats
+    assert stats["embeddings"] == ["model.embed_tokens"] and stats["untied"] == []
+    names = {k for k, _ in cm.program.gm.named_buffers()} | {k for k, _ in cm.program.gm.named_parameters()}
+    assert not any(k.startswith("model.embed_tokens") for k in names)  # the lookup reads lm_head.codes
+    # lookups are the lm_head's dequantized rows: the same quantization as the logits' weight
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    s = sqnr(head_only(ids)[0], cm(ids)[0])
+    assert 10 < s < 40
+    out = lower(cm.program, tmp_path / "q")  # parity-checked
+    graph = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node if n.domain == "com.microsoft"].count("GatherBlockQuantized") == 1
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [256, 64] for i in graph.initializer)
+    assert os.path.getsize(os.path.join(out, "model.onnx.data")) < 4 * (256 * 64 + 73728) * 0.25
+    prompts = [[5, 17, 99, 3], [150, 9, 33, 8, 200, 31]]
+    assert OrtModel(out).generate(prompts, 16, return_tokens=True) == cm.generate(prompts, 16, return_tokens=True)
+
+
+def test_untied_embedding_with_padded_blocks(tmp_path):
+    from llmc.backends.onnxruntime import lower
+    from llmc.testing import tiny_model
+
+    model = tiny_model("qwen2", hidden_size=80, num_attention_heads=4, num_key_value_heads=2)  # 80 = 2.5 blocks of 32
+    cm = llmc.compile(model, passes=["rtn_quant:bits=8,group=32,embeddings=true"], tokenizer=tiny_tokenizer())
+    assert count_ops(cm.program.gm)["aten.linear.default"] == 1  # lm_head stays float, the table is quantized
+    table = model.model.embed_tokens.weight.detach()
+    ids = torch.tensor([[3, 77, 255]])
+    rows = torch.ops.llmc.nbits_embedding(ids, *(cm.program.gm.get_buffer(f"model.embed_tokens.{k}")
+                                                 for k in ("codes", "scales", "zero_points")), 80, 8, 32)
+    assert rows.shape == (1, 3, 80)
+    assert float((rows[0] - table[ids[0]]).abs().max()) < float(table.abs().max()) / 100  # 8-bit rounding
+    lower(cm.program, tmp_path / "q")  # parity-checked, with the Slice of the padded last block
