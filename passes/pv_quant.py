@@ -195,9 +195,9 @@ class PVQuant(Pass):
         folder = os.path.join(root, run_id)
         teacher = ctx.teacher
         if self.steps > 0 and teacher is None:
-            from llmc.passes.structured_ffn import _graph_teacher
+            from llmc.passes.structured_ffn_recovery import graph_teacher
 
-            teacher = _graph_teacher(gm, ctx)
+            teacher = graph_teacher(gm, ctx)
         targets = {n.args[1].target for n in linears}
         what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}"
         calib_id = tensor_digest(ctx.calibration, f"{model_digest} {what} {self.ft_epochs} {self.ft_lr} "

@@ -16,13 +16,11 @@ Gate and up read the same input; with `fuse_gate_up` they are factorised as one 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +32,8 @@ from llmc.fsutil import tensor_digest
 from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.passes.structured_ffn_factors import (KINDS, Shape, factorize, merged_weight, output_error, plan,
                                                 structured_linear)
-from llmc.passes.structured_ffn_recovery import RecoveryPlan, config_fingerprint, input_grams, self_guided_distill
+from llmc.passes.structured_ffn_recovery import (RecoveryPlan, config_fingerprint, graph_teacher, input_grams,
+                                                  self_guided_distill)
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
 
@@ -205,7 +204,7 @@ class StructuredFFN(Pass):
         # 2. rewrite: structured branch per unit (+ a dense guide blended by α while recovering)
         teacher = ctx.teacher
         if self.steps > 0 and teacher is None:
-            teacher = _graph_teacher(gm, ctx)
+            teacher = graph_teacher(gm, ctx)
         guides = self._rewrite(gm, units, guided=self.steps > 0)
         recovery = None
         if self.steps > 0:
@@ -369,20 +368,3 @@ def _time_forms(kind: str, first, second, merged, repeats: int) -> tuple[float, 
                 fn()
                 times[i].append((time.perf_counter() - t) * 1e6)
     return statistics.median(times[0]), statistics.median(times[1])
-
-
-
-def _graph_teacher(gm: fx.GraphModule, ctx: PassContext):
-    """`(input_ids, attention_mask) -> logits` of a frozen copy of the graph before the rewrite."""
-    from llmc.passes.structured_ffn_recovery import decode_inputs
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        frozen = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-
-    def teacher(ids, mask=None):
-        _, pos = decode_inputs(ids)
-        mask = torch.ones_like(ids) if mask is None else mask
-        return frozen(ids, mask, pos, ctx.program.empty_cache(ids.shape[0], 0))[0]
-
-    return teacher

@@ -12,10 +12,12 @@ last checkpoint left off and a finished run is not repeated.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -204,3 +206,18 @@ def self_guided_distill(gm: fx.GraphModule, params: dict[str, torch.nn.Parameter
 def config_fingerprint(config: dict, *parts: str) -> str:
     """sha256 of a JSON config and strings (data and weight digests)."""
     return hashlib.sha256(json.dumps([config, *parts], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def graph_teacher(gm: fx.GraphModule, ctx):
+    """`(input_ids, attention_mask) -> logits` of a frozen copy of the graph as it is now (the distillation
+    teacher of a pass that rewrites it next, when the context brings none). Shares the weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        frozen = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+    def teacher(ids, mask=None):
+        _, pos = decode_inputs(ids)
+        mask = torch.ones_like(ids) if mask is None else mask
+        return frozen(ids, mask, pos, ctx.program.empty_cache(ids.shape[0], 0))[0]
+
+    return teacher
