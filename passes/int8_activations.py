@@ -4,8 +4,10 @@ ONNX Runtime's MatMulNBits with `accuracy_level=4` rounds its input to int8 per 
 `block_size` along K (symmetric, scale = absmax/127) and multiplies the integer codes of input and
 weight with int8 dot-product instructions, which on CPU decodes faster than dequantizing the
 weight to float. This pass sets `int8_act` on every `llmc::nbits_linear`, so the Program itself
-computes those numerics (the torch op rounds the input the same way) and the ONNX export, parity
-check included, agrees with it. Apply it after the pass that emitted the scalar codes
+computes those numerics (the torch op rounds the input bit for bit as the kernel does) and its
+perplexity in torch is the exported model's. The exported model is parity-checked statistically
+(see `llmc.backends.onnxruntime.lower.check_parity`: rounding ties make the two runtimes drift
+apart token by token at depth). Apply it after the pass that emitted the scalar codes
 (`rtn_quant`, `gptq_quant`, `pv_quant:format=scalar`).
 """
 
@@ -32,8 +34,8 @@ class Int8Activations(Pass):
     """Round the input of each scalar-quantized linear to int8 per weight block.
 
     Matches: `llmc::nbits_linear` in a module whose FQN matches `targets` (`lm_head` included by
-    the default) and whose bits and block size ONNX Runtime has an int8 kernel for (2-bit codes in
-    blocks of 16 are left as they are, and counted under `unsupported`). Emits: the same node with
+    the default) and whose bits and block size ONNX Runtime has an int8 kernel for (others, e.g.
+    2-bit codes in blocks of 16, are left as they are and listed under `unsupported`). Emits: the same node with
     `int8_act=True`. Numerics: lossy (activation rounding).
     """
 
