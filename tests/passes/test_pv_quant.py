@@ -16,6 +16,7 @@ from llmc.passes.pv_quant_aq import (AQConfig, init_kmeans, output_error, quanti
 from llmc.passes.pv_quant_blocks import flat_inputs, split_blocks
 from llmc.passes.pv_quant_calib import FinetunePlan, QuantizedMatrix, calibrate
 from llmc.passes.pv_quant_tune import Lamb, TunePlan, pv_tune, v_step
+from llmc.passes_base import parse_pass_spec
 from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
 from llmc.testing import count_ops, random_batches, tiny_tokenizer
 
@@ -292,6 +293,17 @@ def test_pass_needs_calibration_and_valid_options(tiny_models):
                      tokenizer=tiny_tokenizer())
 
 
+def test_v_step_defaults_depend_on_the_format():
+    from llmc.passes.pv_quant import PVQuant
+
+    assert PVQuant().v_step_limits() == (0.01, 0.01)
+    assert PVQuant(format="scalar").v_step_limits() == (0.0001, 0.0)  # one code change is a whole step there
+    assert PVQuant(format="scalar", code_change=0.05, trust_ratio=0.02).v_step_limits() == (0.05, 0.02)
+    assert PVQuant(format="scalar").tune_plan(0).code_change == 0.0001
+    with pytest.raises(ConfigError, match="trust_ratio"):
+        parse_pass_spec("pv_quant:trust_ratio=-1")
+
+
 def test_scalar_format_is_gptq_initialised_tunable_and_lowers_to_nbits(tiny_models, tmp_path):
     model = tiny_models["llama"]
     ids = _calibration(1, 40, seed=7)[0]
@@ -305,7 +317,8 @@ def test_scalar_format_is_gptq_initialised_tunable_and_lowers_to_nbits(tiny_mode
     # (GPTQ's gain over rounding is tested in test_gptq_quant; this model's random inputs are nearly
     # isotropic, where the two coincide)
     kl_scalar = _kl(cm, ref, ids)
-    tuned = llmc.compile(model, [spec + ",steps=10,batch_size=2,tune_lr=3e-3,code_lr=0.1,code_change=0.05"],
+    tuning = ",steps=10,batch_size=2,tune_lr=3e-3,code_lr=0.1,code_change=0.05,trust_ratio=0.01"
+    tuned = llmc.compile(model, [spec + tuning],
                          calibration=calib, tokenizer=tiny_tokenizer(), progress=False)
     stats = tuned.program.history[-1].stats["tuning"]
     assert stats["kl_last"] < stats["kl_first"] and max(stats["code_change"]) > 0
