@@ -110,10 +110,8 @@ def nbits_linear(x, codes, scales, zero_points, K: int, N: int, bits: int, block
 
     `int8_act` is `accuracy_level=4`: ONNX Runtime rounds the input to int8 per block and takes
     integer dot products, the numerics the torch op reproduces (llmc.ops.nbits_linear)."""
-    if int8_act:
-        return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size,
-                                accuracy_level=4)
-    return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size)
+    return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size,
+                            accuracy_level=4 if int8_act else 0)
 
 
 def nbits_embedding(ids, codes, scales, zero_points, K: int, bits: int, block_size: int):
