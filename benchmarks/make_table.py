@@ -21,6 +21,7 @@ def table() -> str:
         doc = json.load(open(path))
         name, com = doc["benchmark"], doc.get("commit", "?")
         for r in doc["rows"]:
+            com = r.get("commit", doc.get("commit", "?"))  # rows merged from several runs carry their own
             if "ppl" in r:
                 bits = (f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param")
                         else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight") else "")
@@ -44,6 +45,7 @@ def table() -> str:
             elif "seconds" in r and "median" in r["seconds"]:
                 lines.append(f"| {name} | {r['method']} | seconds, median of {r.get('repeats')} | "
                              f"{_fmt(r['seconds']['median'], 3)} | {_fmt(r.get('fp_seconds'), 3)} | {com} |")
+        com = doc.get("commit", "?")
         for k, v in (doc.get("seconds") or {}).items():
             lines.append(f"| {name} | {k} time | seconds | {_fmt(v, 1)} | — | {com} |")
         if doc.get("onnx_bytes"):

@@ -3,8 +3,11 @@
 Wei et al., "Building on Efficient Foundations" (NeurIPS 2024) train structured FFNs from
 scratch; this pass converts a trained model. Each FFN linear (gate/up/down, or phi3's fused
 gate_up) becomes a structured map with at most `budget` of its parameters
-(`structured_ffn_factors`), initialised from the trained weight by truncated SVD or by the
-activation-aware (whitened) SVD on calibration inputs. Optional recovery trains the factors by
+(`structured_ffn_factors`), initialised from the trained weight by truncated SVD, by the
+activation-aware (whitened) SVD on the FP model's calibration inputs (`init=aware`), or layer by
+layer (`init=layerwise`, `structured_ffn_local`): the whitened SVD on the inputs the
+already-structured layers before it produce, then `local_epochs` of Adam on the layer's factors
+against the FP model's hidden state after that layer. Optional recovery trains the factors by
 self-guided distillation (`structured_ffn_recovery`): during training every rewritten linear
 computes lerp(structured, dense, α) with α decaying 1 -> 0, and the dense branch is removed from
 the graph afterwards. Finally each structured linear is timed against its merged dense matrix at
@@ -32,6 +35,7 @@ from llmc.fsutil import tensor_digest
 from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.passes.structured_ffn_factors import (KINDS, Shape, factorize, merged_weight, output_error, plan,
                                                 structured_linear)
+from llmc.passes.structured_ffn_local import LocalPlan, LocalUnit, local_init
 from llmc.passes.structured_ffn_recovery import (RecoveryPlan, config_fingerprint, graph_teacher, input_grams,
                                                   self_guided_distill)
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
@@ -73,12 +77,15 @@ class StructuredFFN(Pass):
 
     kind: Literal["lowrank", "blockdense", "blockshuffle"] = "lowrank"
     budget: float = 0.63
-    init: Literal["svd", "aware"] = "aware"
+    init: Literal["svd", "aware", "layerwise"] = "aware"
     blocks: int = 2
     skip_first: bool = True
     fuse_gate_up: bool = True
     targets: str = r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj|gate_up_proj)$"
     damp: float = 0.01
+    local_epochs: int = 2
+    local_lr: float = 1e-4
+    local_target: Literal["stream", "layer"] = "stream"
     steps: int = 0
     lr: float = 1e-4
     guided_fraction: float = 0.5
@@ -99,18 +106,21 @@ class StructuredFFN(Pass):
         if not 0 < self.budget <= 1:
             raise ConfigError(f"structured_ffn.budget is the fraction of FFN parameters kept and must be in (0, 1], "
                               f"got {self.budget}")
-        if self.init not in ("svd", "aware"):
-            raise ConfigError(f"structured_ffn.init must be svd or aware, got '{self.init}'")
+        if self.init not in ("svd", "aware", "layerwise"):
+            raise ConfigError(f"structured_ffn.init must be svd, aware or layerwise, got '{self.init}'")
+        if self.local_target not in ("stream", "layer"):
+            raise ConfigError(f"structured_ffn.local_target must be stream or layer, got '{self.local_target}'")
         if self.premerge not in ("auto", "never", "always"):
             raise ConfigError(f"structured_ffn.premerge must be auto, never or always, got '{self.premerge}'")
-        for name, low in (("blocks", 1), ("steps", 0), ("batch_size", 1), ("checkpoint_every", 1),
+        for name, low in (("blocks", 1), ("steps", 0), ("local_epochs", 0), ("batch_size", 1), ("checkpoint_every", 1),
                           ("premerge_repeats", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"structured_ffn.{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.guided_fraction <= 1:
             raise ConfigError(f"structured_ffn.guided_fraction must be in [0, 1], got {self.guided_fraction}")
-        if self.lr <= 0 or self.damp < 0:
-            raise ConfigError(f"structured_ffn.lr must be > 0 and damp >= 0, got lr={self.lr}, damp={self.damp}")
+        if self.lr <= 0 or self.local_lr <= 0 or self.damp < 0:
+            raise ConfigError(f"structured_ffn.lr and local_lr must be > 0 and damp >= 0, got lr={self.lr}, "
+                              f"local_lr={self.local_lr}, damp={self.damp}")
         try:
             re.compile(self.targets)
         except re.error as e:
@@ -168,7 +178,7 @@ class StructuredFFN(Pass):
                 u.shape = plan(self.kind, M, N, self.budget, self.blocks)
             except ConfigError as e:
                 raise ConfigError(f"{e} ({u.module})") from None
-        needs_data = self.init == "aware" or self.steps > 0
+        needs_data = self.init != "svd" or self.steps > 0
         if needs_data and not ctx.calibration:
             raise ConfigError(f"structured_ffn with init={self.init}, steps={self.steps} needs calibration data: "
                               "pass compile(..., calibration='wikitext2-valid') or --calib")
@@ -181,25 +191,12 @@ class StructuredFFN(Pass):
             model_digest = graph_digest(gm)
             data_digest = tensor_digest(ctx.calibration)
 
-        # 1. initialisation (activation-aware: XᵀX of each unit's input, streamed over the data)
-        grams = {}
-        if ctx.calibration and ctx.program is not None:  # svd init ignores them but reports its output error
-            watch = {u.nodes[0]: u.nodes[0].args[0].name for u in units}
-            path = None
-            if self.checkpoint_dir:
-                key = config_fingerprint({}, model_digest, data_digest)
-                path = os.path.join(self.checkpoint_dir, f"grams-{key}.pt")
-            grams = input_grams(gm, watch, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), ctx.progress,
-                                path, model_digest + data_digest)
-            seconds["calibration"] = round(time.perf_counter() - t0, 1)
-        t1 = time.perf_counter()
-        errors = {}
-        for u in bar(units, desc=f"structured_ffn {self.kind} init", unit="linear", enabled=ctx.progress):
-            h = grams.get(u.nodes[0].args[0].name)
-            u.first, u.second = factorize(u.shape, u.weight, h if self.init == "aware" else None, self.damp)
-            if h is not None:
-                errors[u.module] = round(output_error(u.weight, merged_weight(self.kind, u.first, u.second), h), 5)
-        seconds["init"] = round(time.perf_counter() - t1, 1)
+        # 1. initialisation: activation-aware (XᵀX of each unit's input, streamed over the data), or
+        #    layer by layer on the already-structured model's states with local fine-tuning
+        if self.init == "layerwise":
+            errors = self._layerwise_init(gm, units, ctx, model_digest, data_digest, seconds)
+        else:
+            errors = self._aware_init(gm, units, ctx, model_digest, data_digest, seconds)
 
         # 2. rewrite: structured branch per unit (+ a dense guide blended by α while recovering)
         teacher = ctx.teacher
@@ -253,6 +250,50 @@ class StructuredFFN(Pass):
         if recovery is not None:
             stats["recovery"] = recovery
         return PassResult(gm, True, stats)
+
+    def _aware_init(self, gm, units: list[_Unit], ctx: PassContext, model_digest: str, data_digest: str,
+                    seconds: dict) -> dict:
+        """Factors from the FP model's XᵀX (plain SVD with init=svd); returns each unit's output error."""
+        t0 = time.perf_counter()
+        grams = {}
+        if ctx.calibration and ctx.program is not None:  # svd init ignores them but reports its output error
+            watch = {u.nodes[0]: u.nodes[0].args[0].name for u in units}
+            path = None
+            if self.checkpoint_dir:
+                key = config_fingerprint({}, model_digest, data_digest)
+                path = os.path.join(self.checkpoint_dir, f"grams-{key}.pt")
+            grams = input_grams(gm, watch, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), ctx.progress,
+                                path, model_digest + data_digest)
+            seconds["calibration"] = round(time.perf_counter() - t0, 1)
+        t1 = time.perf_counter()
+        errors = {}
+        for u in bar(units, desc=f"structured_ffn {self.kind} init", unit="linear", enabled=ctx.progress):
+            h = grams.get(u.nodes[0].args[0].name)
+            u.first, u.second = factorize(u.shape, u.weight, h if self.init == "aware" else None, self.damp)
+            if h is not None:
+                errors[u.module] = round(output_error(u.weight, merged_weight(self.kind, u.first, u.second), h), 5)
+        seconds["init"] = round(time.perf_counter() - t1, 1)
+        return errors
+
+    def _layerwise_init(self, gm, units: list[_Unit], ctx: PassContext, model_digest: str, data_digest: str,
+                        seconds: dict) -> dict:
+        """Factors fitted layer by layer (`structured_ffn_local`); returns each layer's relative output
+        error after its fit."""
+        local = [LocalUnit([n.args[1].target for n in u.nodes], u.weight, u.shape) for u in units]
+        plan = LocalPlan(self.local_epochs, self.local_lr, True, self.damp, ctx.seed, self.local_target)
+        path, fp = None, ""
+        if self.checkpoint_dir:
+            config = {k: getattr(self, k) for k in ("kind", "budget", "blocks", "skip_first", "fuse_gate_up",
+                                                    "targets", "damp", "local_epochs", "local_lr", "local_target")}
+            fp = config_fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
+            path = os.path.join(self.checkpoint_dir, f"layerwise-{fp}.pt")
+        t0 = time.perf_counter()
+        stats = local_init(gm, self.kind, local, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), plan,
+                           ctx.progress, path, fp)
+        for u, lu in zip(units, local):
+            u.first, u.second = lu.first, lu.second
+        seconds["init"] = round(time.perf_counter() - t0, 1)
+        return {f"layer {s['layer']}": s["error_after"] for s in stats["layers"]}
 
     def _rewrite(self, gm: fx.GraphModule, units: list[_Unit], guided: bool) -> dict:
         """Emit each unit's structured branch in place of its linears; returns unit -> lerp node."""

@@ -119,6 +119,47 @@ def test_aware_init_beats_svd_on_real_activations(tiny_models):
     assert all(errs[1][m] < errs[0][m] for m in errs[0])
 
 
+def test_layerwise_init_streams_fine_tunes_and_resumes(tiny_models, tmp_path, monkeypatch):
+    from llmc.passes import structured_ffn_local
+
+    model, calib = tiny_models["llama"], _calibration()
+    ids = torch.cat(_calibration(n=2, seed=5))
+    base = "structured_ffn:kind=blockdense,budget=0.4,premerge=never"
+    # with one structured layer (skip_first) and no fine-tuning, the streamed statistics are the FP
+    # model's: the same factors as init=aware
+    aware = llmc.compile(model, passes=[base + ",init=aware"], calibration=calib)
+    plain = llmc.compile(model, passes=[base + ",init=layerwise,local_epochs=0"], calibration=calib)
+    torch.testing.assert_close(_logits(plain, ids), _logits(aware, ids))
+
+    # every structured layer: fine-tuning lowers each layer's output error against the FP stream
+    spec = base + ",skip_first=false,init=layerwise,local_epochs=6,local_lr=1e-3"
+    tuned = llmc.compile(model, passes=[spec], calibration=calib)
+    untuned = llmc.compile(model, passes=[base + ",skip_first=false,init=layerwise,local_epochs=0"],
+                           calibration=calib)
+    after, before = (cm.program.history[0].stats["init_output_error"] for cm in (tuned, untuned))
+    assert set(after) == {"layer 0", "layer 1"}
+    assert all(after[k] < 0.9 * before[k] for k in after), (before, after)
+
+    # interrupted after layer 0, then run again: continues at layer 1 with the same result
+    real = structured_ffn_local._fit_layer
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(structured_ffn_local, "_fit_layer", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        llmc.compile(model, passes=[f"{spec},checkpoint_dir={tmp_path}"], calibration=calib)
+    monkeypatch.setattr(structured_ffn_local, "_fit_layer", real)
+    assert any(f.startswith("layerwise-") for f in os.listdir(tmp_path))
+    resumed = llmc.compile(model, passes=[f"{spec},checkpoint_dir={tmp_path}"], calibration=calib)
+    assert resumed.program.history[0].stats["init_output_error"] == after
+    torch.testing.assert_close(_logits(resumed, ids), _logits(tuned, ids))
+
+
 def test_alpha_schedule_endpoints():
     assert cosine_alpha(0, 10) == 1.0
     assert cosine_alpha(5, 10) == pytest.approx(0.5)
@@ -139,7 +180,8 @@ def test_no_match_is_a_no_op(tiny_models, tiny_compiled):
 @pytest.mark.parametrize("spec,msg", [
     ("structured_ffn:budget=0", "must be in \\(0, 1\\]"), ("structured_ffn:budget=1.5", "must be in \\(0, 1\\]"),
     ("structured_ffn:budget=-0.2", "must be in \\(0, 1\\]"), ("structured_ffn:kind=sparse", "not one of"),
-    ("structured_ffn:steps=-1", "steps must be >= 0")])
+    ("structured_ffn:steps=-1", "steps must be >= 0"), ("structured_ffn:init=pca", "not one of"),
+    ("structured_ffn:local_epochs=-1", "local_epochs must be >= 0"), ("structured_ffn:local_lr=0", "local_lr")])
 def test_bad_options(spec, msg):
     with pytest.raises(ConfigError, match=msg):
         parse_pass_spec(spec)

@@ -1,0 +1,184 @@
+"""Layer-by-layer initialisation of `structured_ffn` factors, with local fine-tuning.
+
+`init=aware` alone fits every FFN linear to the FP model's activations, independently: the down
+projection never sees the error of the structured gate/up in front of it, and layer i never sees
+the error of layers < i. `local_init` streams the calibration batches through the decoder one
+layer at a time (`pv_quant_blocks.split_blocks`, as GPTQ and AQLM calibrate), so each layer is
+fitted to the inputs it will really receive:
+
+  for each layer i, on the hidden states h_i produced by the already-structured layers < i:
+    1. XᵀX of each unit's input (the FP layer run on h_i), and the factorisation (`factorize`);
+    2. Adam on the layer's factors against a target output, by mean squared error;
+    3. h_{i+1} = the structured layer run on h_i.
+
+The target is the FP model's own hidden state after layer i (a second stream of FP states runs
+alongside), so a layer also learns to undo what the layers before it lost. The relative output
+error is measured before and after training; if training made it worse, the layer keeps its
+starting factors. Only factors train; the FP weights in the graph are not touched (the recovery
+teacher reads them). Memory: two streams of [batch, seq, hidden] states. Progress is saved after
+every layer to `checkpoint_path` (when given), so an interrupted run continues at the next layer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from llmc.fsutil import atomic_file
+from llmc.graph import attr_tensor
+from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
+from llmc.passes.structured_ffn_factors import Shape, factorize, merged_weight
+from llmc.passes.structured_ffn_recovery import _GramRecorder
+from llmc.progress import bar, log
+
+
+@dataclass
+class LocalUnit:
+    """One structured map: the weight targets it replaces (gate and up when fused), stacked in order."""
+
+    targets: list[str]
+    weight: Tensor            # [M, N], the rows of `targets` concatenated
+    shape: Shape
+    first: Tensor | None = None
+    second: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    epochs: int
+    lr: float
+    aware: bool
+    damp: float
+    seed: int
+    target: str = "stream"   # "stream": the FP model's hidden state; "layer": the FP layer on the same input
+
+
+def _weights(kind: str, units: list[LocalUnit], factors: dict[int, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Weight target -> the dense matrix of its structured map (differentiable in the factors)."""
+    out = {}
+    for k, (first, second) in factors.items():
+        u = units[k]
+        w = merged_weight(kind, first, second)
+        rows = w.shape[0] // len(u.targets)
+        for j, t in enumerate(u.targets):
+            out[t] = w[j * rows:(j + 1) * rows]
+    return out
+
+
+def _relative_error(block: Block, hs, ys, ext_by_shape, params) -> float:
+    with torch.no_grad():
+        num = sum(float((block(h, ext_by_shape[tuple(h.shape[:2])], params) - y).pow(2).sum())
+                  for h, y in zip(hs, ys))
+        return num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
+
+
+def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int], params: dict, hs, ys,
+               ext_by_shape, plan: LocalPlan) -> dict:
+    """Factorise and fine-tune the units `mine` of one layer; fills their first/second."""
+    keys = {block.linears[units[k].targets[0]]: str(k) for k in mine}
+    rec = _GramRecorder(block.gm, keys)
+    tokens = 0
+    with torch.no_grad():
+        for h in hs:
+            rec.run(h, *(ext_by_shape[tuple(h.shape[:2])][n] for n in block.externals),
+                    *(params[p] for p in block.params))
+            tokens += h.shape[0] * h.shape[1]
+    factors = {}
+    for k in mine:
+        u = units[k]
+        gram = rec.grams[str(k)] / tokens if plan.aware else None
+        factors[k] = factorize(u.shape, u.weight, gram, plan.damp)
+
+    def forward(h, fs):
+        p = dict(params)
+        p.update(_weights(kind, units, fs))
+        return block(h, ext_by_shape[tuple(h.shape[:2])], p)
+
+    p0 = dict(params)
+    p0.update(_weights(kind, units, factors))
+    before = _relative_error(block, hs, ys, ext_by_shape, p0)
+    after = before
+    if plan.epochs > 0:
+        trained = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in factors.items()}
+        opt = torch.optim.Adam([t for pair in trained.values() for t in pair], lr=plan.lr, betas=(0.9, 0.95))
+        gen = torch.Generator().manual_seed(plan.seed + block.index)
+        with torch.enable_grad():
+            for _ in range(plan.epochs):
+                for i in torch.randperm(len(hs), generator=gen).tolist():
+                    loss = F.mse_loss(forward(hs[i], trained), ys[i])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        trained = {k: (a.detach(), b.detach()) for k, (a, b) in trained.items()}
+        p1 = dict(params)
+        p1.update(_weights(kind, units, trained))
+        after = _relative_error(block, hs, ys, ext_by_shape, p1)
+        if after < before:
+            factors = trained
+        else:
+            after = before
+    for k, (a, b) in factors.items():
+        units[k].first, units[k].second = a.contiguous(), b.contiguous()
+    return {"layer": block.index, "error_before": round(before, 6), "error_after": round(after, 6)}
+
+
+def local_init(gm: fx.GraphModule, kind: str, units: list[LocalUnit], batches: list[Tensor], empty_cache,
+               plan: LocalPlan, progress: bool = True, checkpoint_path: str | None = None,
+               fingerprint: str = "") -> dict:
+    """Fill every unit's factors layer by layer (module docstring); returns per-layer statistics."""
+    prefix, needed, blocks = split_blocks(gm)
+    owner = {t: k for k, u in enumerate(units) for t in u.targets}
+    with torch.no_grad():
+        hs, ext_by_shape = [], {}
+        for ids in batches:
+            vals = prefix(*flat_inputs(ids, empty_cache))
+            hs.append(vals[0])
+            ext_by_shape.setdefault(tuple(ids.shape), dict(zip(needed, vals)))
+    fp_hs = list(hs)
+    layers: list[dict] = []
+    start = 0
+    if checkpoint_path and os.path.exists(checkpoint_path):
+        saved = torch.load(checkpoint_path, weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            start, hs, fp_hs, layers = saved["next"], saved["hidden"], saved["fp_hidden"], saved["layers"]
+            for k, (a, b) in saved["factors"].items():
+                units[int(k)].first, units[int(k)].second = a, b
+            log(f"structured_ffn: resuming the layer-by-layer init at layer {start}/{len(blocks)} "
+                f"from {checkpoint_path}")
+    t0 = time.perf_counter()
+    with bar(total=len(blocks), desc="structured_ffn layer-by-layer init", unit="layer", enabled=progress) as pbar:
+        pbar.update(start)
+        for block in blocks[start:]:
+            params = {t: attr_tensor(gm, t).detach() for t in block.params}
+            mine = sorted({owner[t] for t in block.params if t in owner})
+            with torch.no_grad():
+                ys = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in fp_hs]
+                local_ys = ys if plan.target == "stream" else \
+                    [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+            if mine:
+                stats = _fit_layer(kind, block, units, mine, params, hs, local_ys, ext_by_shape, plan)
+                layers.append(stats)
+                pbar.set_postfix(err=f"{stats['error_after']:.4f}")
+                structured = dict(params)
+                structured.update(_weights(kind, units, {k: (units[k].first, units[k].second) for k in mine}))
+                with torch.no_grad():
+                    hs = [block(h, ext_by_shape[tuple(h.shape[:2])], structured) for h in hs]
+            else:
+                with torch.no_grad():
+                    hs = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+            fp_hs = ys
+            if checkpoint_path:
+                done = {str(k): (u.first, u.second) for k, u in enumerate(units) if u.first is not None}
+                with atomic_file(checkpoint_path) as tmp:
+                    torch.save({"fingerprint": fingerprint, "next": block.index + 1, "hidden": hs,
+                                "fp_hidden": fp_hs, "layers": layers, "factors": done}, tmp)
+            pbar.update(1)
+    missing = [u.targets for u in units if u.first is None]
+    if missing:
+        raise RuntimeError(f"structured_ffn: no decoder layer holds {missing}; the layer split missed them")
+    return {"layers": layers, "seconds": round(time.perf_counter() - t0, 1)}
