@@ -77,7 +77,7 @@ class StructuredFFN(Pass):
 
     kind: Literal["lowrank", "blockdense", "blockshuffle"] = "lowrank"
     budget: float = 0.63
-    init: Literal["svd", "aware", "layerwise"] = "aware"
+    init: Literal["svd", "aware", "layerwise"] = "layerwise"
     blocks: int = 2
     skip_first: bool = True
     fuse_gate_up: bool = True

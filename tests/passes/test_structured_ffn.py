@@ -201,8 +201,8 @@ def test_recovery_lowers_kl_removes_guides_and_resumes(tiny_models, tmp_path):
     ids = torch.cat(calib)
     with torch.no_grad():
         target = model(input_ids=ids).logits
-    spec = ("structured_ffn:kind=lowrank,budget=0.3,premerge=never,lr=1e-3,guided_fraction=0.3,batch_size=4,"
-            "checkpoint_every=4")
+    spec = ("structured_ffn:kind=lowrank,budget=0.3,init=aware,premerge=never,lr=1e-3,guided_fraction=0.3,"
+            "batch_size=4,checkpoint_every=4")
     init_only = llmc.compile(model, passes=[spec], calibration=calib)
     recovered = llmc.compile(model, passes=[spec + ",steps=12"], calibration=calib)
     kl0 = float(kl_to_teacher(_logits(init_only, ids), target))
