@@ -122,3 +122,15 @@ def flat_inputs(ids: torch.Tensor, empty_cache) -> list:
     from llmc.passes.structured_ffn_recovery import decode_inputs
 
     return [ids, *decode_inputs(ids), *empty_cache(ids.shape[0])]
+
+
+@torch.no_grad()
+def block_inputs(prefix: fx.GraphModule, needed: list[fx.Node], batches, empty_cache) -> tuple[list, dict]:
+    """Run the prefix over calibration batches: the stream entering block 0 per batch, and the blocks'
+    externals (RoPE tables, masks) per batch shape."""
+    hs, ext_by_shape = [], {}
+    for ids in batches:
+        vals = prefix(*flat_inputs(ids, empty_cache))
+        hs.append(vals[0])
+        ext_by_shape.setdefault(tuple(ids.shape), dict(zip(needed, vals)))
+    return hs, ext_by_shape

@@ -29,7 +29,7 @@ from torch import fx
 from llmc.fsutil import atomic_file
 from llmc.graph import attr_tensor, set_attr_tensor
 from llmc.passes.pv_quant_aq import AQConfig, quantize_matrix
-from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
+from llmc.passes.pv_quant_blocks import Block, block_inputs, split_blocks
 from llmc.passes.pv_quant_repr import REPRESENTATIONS, VectorCodes, compact_codes
 from llmc.progress import bar, log
 
@@ -96,12 +96,7 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
     quantize = aq_quantizer(aq) if isinstance(aq, AQConfig) else aq
     cls = REPRESENTATIONS[representation]
     prefix, needed, blocks = split_blocks(gm)
-    with torch.no_grad():
-        hs, ext_by_shape = [], {}
-        for ids in batches:
-            vals = prefix(*flat_inputs(ids, empty_cache))
-            hs.append(vals[0])
-            ext_by_shape.setdefault(tuple(ids.shape), dict(zip(needed, vals)))
+    hs, ext_by_shape = block_inputs(prefix, needed, batches, empty_cache)
     state: dict[str, QuantizedMatrix] = {}
     stats: dict = {"blocks": [], "resumed_blocks": 0}
     start = 0

@@ -167,7 +167,6 @@ class StructuredFFN(Pass):
 
     # -- the pass ----------------------------------------------------------------------------
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        t0 = time.perf_counter()
         units, skipped = self._units(gm)
         if not units:
             logger.debug("structured_ffn: no FFN linear matches %r", self.targets)

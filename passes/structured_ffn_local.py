@@ -31,7 +31,7 @@ from torch import Tensor, fx
 
 from llmc.fsutil import atomic_file
 from llmc.graph import attr_tensor
-from llmc.passes.pv_quant_blocks import Block, flat_inputs, split_blocks
+from llmc.passes.pv_quant_blocks import Block, block_inputs, split_blocks
 from llmc.passes.structured_ffn_factors import Shape, factorize, merged_weight
 from llmc.passes.structured_ffn_recovery import _GramRecorder
 from llmc.progress import bar, log
@@ -133,12 +133,7 @@ def local_init(gm: fx.GraphModule, kind: str, units: list[LocalUnit], batches: l
     """Fill every unit's factors layer by layer (module docstring); returns per-layer statistics."""
     prefix, needed, blocks = split_blocks(gm)
     owner = {t: k for k, u in enumerate(units) for t in u.targets}
-    with torch.no_grad():
-        hs, ext_by_shape = [], {}
-        for ids in batches:
-            vals = prefix(*flat_inputs(ids, empty_cache))
-            hs.append(vals[0])
-            ext_by_shape.setdefault(tuple(ids.shape), dict(zip(needed, vals)))
+    hs, ext_by_shape = block_inputs(prefix, needed, batches, empty_cache)
     fp_hs = list(hs)
     layers: list[dict] = []
     start = 0
