@@ -112,8 +112,8 @@ class StructuredFFN(Pass):
             raise ConfigError(f"structured_ffn.local_target must be stream or layer, got '{self.local_target}'")
         if self.premerge not in ("auto", "never", "always"):
             raise ConfigError(f"structured_ffn.premerge must be auto, never or always, got '{self.premerge}'")
-        for name, low in (("blocks", 1), ("steps", 0), ("local_epochs", 0), ("batch_size", 1), ("checkpoint_every", 1),
-                          ("premerge_repeats", 1)):
+        for name, low in (("blocks", 1), ("steps", 0), ("local_epochs", 0), ("batch_size", 1),
+                          ("checkpoint_every", 1), ("premerge_repeats", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"structured_ffn.{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.guided_fraction <= 1:
@@ -279,7 +279,7 @@ class StructuredFFN(Pass):
         """Factors fitted layer by layer (`structured_ffn_local`); returns each layer's relative output
         error after its fit."""
         local = [LocalUnit([n.args[1].target for n in u.nodes], u.weight, u.shape) for u in units]
-        plan = LocalPlan(self.local_epochs, self.local_lr, True, self.damp, ctx.seed, self.local_target)
+        plan = LocalPlan(self.local_epochs, self.local_lr, self.damp, ctx.seed, self.local_target)
         path, fp = None, ""
         if self.checkpoint_dir:
             config = {k: getattr(self, k) for k in ("kind", "budget", "blocks", "skip_first", "fuse_gate_up",

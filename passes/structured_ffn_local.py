@@ -33,7 +33,7 @@ from llmc.fsutil import atomic_file
 from llmc.graph import attr_tensor
 from llmc.passes.pv_quant_blocks import Block, block_inputs, split_blocks
 from llmc.passes.structured_ffn_factors import Shape, factorize, merged_weight
-from llmc.passes.structured_ffn_recovery import _GramRecorder
+from llmc.passes.structured_ffn_recovery import GramRecorder
 from llmc.progress import bar, log
 
 
@@ -52,7 +52,6 @@ class LocalUnit:
 class LocalPlan:
     epochs: int
     lr: float
-    aware: bool
     damp: float
     seed: int
     target: str = "stream"   # "stream": the FP model's hidden state; "layer": the FP layer on the same input
@@ -81,7 +80,7 @@ def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int],
                ext_by_shape, plan: LocalPlan) -> dict:
     """Factorise and fine-tune the units `mine` of one layer; fills their first/second."""
     keys = {block.linears[units[k].targets[0]]: str(k) for k in mine}
-    rec = _GramRecorder(block.gm, keys)
+    rec = GramRecorder(block.gm, keys)
     tokens = 0
     with torch.no_grad():
         for h in hs:
@@ -91,8 +90,7 @@ def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int],
     factors = {}
     for k in mine:
         u = units[k]
-        gram = rec.grams[str(k)] / tokens if plan.aware else None
-        factors[k] = factorize(u.shape, u.weight, gram, plan.damp)
+        factors[k] = factorize(u.shape, u.weight, rec.grams[str(k)] / tokens, plan.damp)
 
     def forward(h, fs):
         p = dict(params)

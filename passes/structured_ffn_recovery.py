@@ -34,7 +34,7 @@ def decode_inputs(ids: torch.Tensor):
     return torch.ones(B, S, dtype=torch.long), torch.arange(S).expand(B, S).contiguous()
 
 
-class _GramRecorder(fx.Interpreter):
+class GramRecorder(fx.Interpreter):
     """Runs a graph and adds xᵀx of the first argument of each watched node to `grams[key]`."""
 
     def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, str]):
@@ -71,7 +71,7 @@ def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_ca
         if key not in seen_keys:
             dedup[node] = key
             seen_keys.add(key)
-    rec = _GramRecorder(gm, dedup)
+    rec = GramRecorder(gm, dedup)
     for ids in bar(batches, desc=f"{label} calibration", unit="batch", enabled=progress):
         mask, pos = decode_inputs(ids)
         rec.run(ids, mask, pos, empty_cache(ids.shape[0]))
