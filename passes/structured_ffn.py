@@ -85,7 +85,6 @@ class StructuredFFN(Pass):
     damp: float = 0.01
     local_epochs: int = 2
     local_lr: float = 1e-4
-    local_target: Literal["stream", "layer"] = "stream"
     steps: int = 0
     lr: float = 1e-4
     guided_fraction: float = 0.5
@@ -108,8 +107,6 @@ class StructuredFFN(Pass):
                               f"got {self.budget}")
         if self.init not in ("svd", "aware", "layerwise"):
             raise ConfigError(f"structured_ffn.init must be svd, aware or layerwise, got '{self.init}'")
-        if self.local_target not in ("stream", "layer"):
-            raise ConfigError(f"structured_ffn.local_target must be stream or layer, got '{self.local_target}'")
         if self.premerge not in ("auto", "never", "always"):
             raise ConfigError(f"structured_ffn.premerge must be auto, never or always, got '{self.premerge}'")
         for name, low in (("blocks", 1), ("steps", 0), ("local_epochs", 0), ("batch_size", 1),
@@ -279,11 +276,11 @@ class StructuredFFN(Pass):
         """Factors fitted layer by layer (`structured_ffn_local`); returns each layer's relative output
         error after its fit."""
         local = [LocalUnit([n.args[1].target for n in u.nodes], u.weight, u.shape) for u in units]
-        plan = LocalPlan(self.local_epochs, self.local_lr, self.damp, ctx.seed, self.local_target)
+        plan = LocalPlan(self.local_epochs, self.local_lr, self.damp, ctx.seed)
         path, fp = None, ""
         if self.checkpoint_dir:
             config = {k: getattr(self, k) for k in ("kind", "budget", "blocks", "skip_first", "fuse_gate_up",
-                                                    "targets", "damp", "local_epochs", "local_lr", "local_target")}
+                                                    "targets", "damp", "local_epochs", "local_lr")}
             fp = config_fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
             path = os.path.join(self.checkpoint_dir, f"layerwise-{fp}.pt")
         t0 = time.perf_counter()

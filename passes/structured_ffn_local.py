@@ -54,7 +54,6 @@ class LocalPlan:
     lr: float
     damp: float
     seed: int
-    target: str = "stream"   # "stream": the FP model's hidden state; "layer": the FP layer on the same input
 
 
 def _weights(kind: str, units: list[LocalUnit], factors: dict[int, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
@@ -69,16 +68,18 @@ def _weights(kind: str, units: list[LocalUnit], factors: dict[int, tuple[Tensor,
     return out
 
 
-def _relative_error(block: Block, hs, ys, ext_by_shape, params) -> float:
+def _run(block: Block, hs, ys, ext_by_shape, params) -> tuple[list[Tensor], float]:
+    """The block's outputs on `hs` and their relative error ‖out − y‖² / ‖y‖² against `ys`."""
     with torch.no_grad():
-        num = sum(float((block(h, ext_by_shape[tuple(h.shape[:2])], params) - y).pow(2).sum())
-                  for h, y in zip(hs, ys))
-        return num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
+        outs = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+        num = sum(float((o - y).pow(2).sum()) for o, y in zip(outs, ys))
+        return outs, num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
 
 
 def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int], params: dict, hs, ys,
-               ext_by_shape, plan: LocalPlan) -> dict:
-    """Factorise and fine-tune the units `mine` of one layer; fills their first/second."""
+               ext_by_shape, plan: LocalPlan) -> tuple[list[Tensor], dict]:
+    """Factorise and fine-tune the units `mine` of one layer; fills their first/second. Returns the
+    structured layer's outputs on `hs` (the next layer's inputs) and statistics."""
     keys = {block.linears[units[k].targets[0]]: str(k) for k in mine}
     rec = GramRecorder(block.gm, keys)
     tokens = 0
@@ -99,7 +100,7 @@ def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int],
 
     p0 = dict(params)
     p0.update(_weights(kind, units, factors))
-    before = _relative_error(block, hs, ys, ext_by_shape, p0)
+    outs, before = _run(block, hs, ys, ext_by_shape, p0)
     after = before
     if plan.epochs > 0:
         trained = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in factors.items()}
@@ -115,14 +116,14 @@ def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int],
         trained = {k: (a.detach(), b.detach()) for k, (a, b) in trained.items()}
         p1 = dict(params)
         p1.update(_weights(kind, units, trained))
-        after = _relative_error(block, hs, ys, ext_by_shape, p1)
+        trained_outs, after = _run(block, hs, ys, ext_by_shape, p1)
         if after < before:
-            factors = trained
+            factors, outs = trained, trained_outs
         else:
             after = before
     for k, (a, b) in factors.items():
         units[k].first, units[k].second = a.contiguous(), b.contiguous()
-    return {"layer": block.index, "error_before": round(before, 6), "error_after": round(after, 6)}
+    return outs, {"layer": block.index, "error_before": round(before, 6), "error_after": round(after, 6)}
 
 
 def local_init(gm: fx.GraphModule, kind: str, units: list[LocalUnit], batches: list[Tensor], empty_cache,
@@ -151,16 +152,10 @@ def local_init(gm: fx.GraphModule, kind: str, units: list[LocalUnit], batches: l
             mine = sorted({owner[t] for t in block.params if t in owner})
             with torch.no_grad():
                 ys = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in fp_hs]
-                local_ys = ys if plan.target == "stream" else \
-                    [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
             if mine:
-                stats = _fit_layer(kind, block, units, mine, params, hs, local_ys, ext_by_shape, plan)
+                hs, stats = _fit_layer(kind, block, units, mine, params, hs, ys, ext_by_shape, plan)
                 layers.append(stats)
                 pbar.set_postfix(err=f"{stats['error_after']:.4f}")
-                structured = dict(params)
-                structured.update(_weights(kind, units, {k: (units[k].first, units[k].second) for k in mine}))
-                with torch.no_grad():
-                    hs = [block(h, ext_by_shape[tuple(h.shape[:2])], structured) for h in hs]
             else:
                 with torch.no_grad():
                     hs = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]

@@ -16,8 +16,8 @@ from llmc.passes.pv_quant_aq import (AQConfig, init_kmeans, output_error, quanti
 from llmc.passes.pv_quant_blocks import flat_inputs, split_blocks
 from llmc.passes.pv_quant_calib import FinetunePlan, QuantizedMatrix, calibrate
 from llmc.passes.pv_quant_tune import Lamb, TunePlan, pv_tune, v_step
-from llmc.passes_base import parse_pass_spec
 from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
+from llmc.passes_base import parse_pass_spec
 from llmc.testing import count_ops, random_batches, tiny_tokenizer
 
 # Small enough codebooks that the tiny model's 64-wide layers are really compressed: 2 codebooks of
