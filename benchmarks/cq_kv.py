@@ -2,6 +2,9 @@
 
     python benchmarks/cq_kv.py [--windows 5] [--rows cq-4c8b,uniform-2,...] [--ort]
 
+`kivi-*` rows are KIVI's cache (uniform_kv:mode=kivi): their bits per channel include the fp16
+scales and zero points, and their float tail is counted in the fixed bytes.
+
 Each row compiles the model with one cache pass (calibrating on wikitext2-valid) and scores
 `ppl-512x<windows>-kv`: per 512-token window, prefill 256 tokens, then chunks of 32 through the
 cache the graph really carries. Rows are written as they finish and skipped when already in the
@@ -53,6 +56,24 @@ ROWS = {
     "cq-8c8b-w32": ["cq_kv:config=8c8b,window=32"],
     "cq-8c8b-w128": ["cq_kv:config=8c8b,window=128"],
     "cq-8c8b-s4": ["cq_kv:config=8c8b,sink=4"],
+    # KIVI's cache (groups of 32, newest 128 tokens float, fp16 scale + zero per group: +1 bit/channel)
+    "kivi-2": ["uniform_kv:mode=kivi,bits=2"],
+    "kivi-2-r0": ["uniform_kv:mode=kivi,bits=2,residual=0"],
+    "kivi-2-g64": ["uniform_kv:mode=kivi,bits=2,group=64,value_group=64"],
+    "kivi-2-g128-r0": ["uniform_kv:mode=kivi,bits=2,group=128,value_group=64,residual=0"],
+    "kivi-4": ["uniform_kv:mode=kivi,bits=4"],
+    "kivi-4-r0": ["uniform_kv:mode=kivi,bits=4,residual=0"],
+    "kivi-1": ["uniform_kv:mode=kivi,bits=1"],
+    "kivi-1-r0": ["uniform_kv:mode=kivi,bits=1,residual=0"],
+    # exact current step: a step's own tokens attend to each other unquantized (how transformers'
+    # QuantizedCache, measured in BENCHMARKS.md, runs a prefill); the cache stores the same codes
+    "kivi-2-g64-x": ["uniform_kv:mode=kivi,bits=2,group=64,value_group=64,exact_current=true"],
+    "kivi-2-x": ["uniform_kv:mode=kivi,bits=2,exact_current=true"],
+    "kivi-2-r0-x": ["uniform_kv:mode=kivi,bits=2,residual=0,exact_current=true"],
+    "cq-4c8b-x": ["cq_kv:config=4c8b,exact_current=true"],
+    "cq-4c8b-w128-x": ["cq_kv:config=4c8b,window=128,exact_current=true"],
+    "cq-8c8b-x": ["cq_kv:config=8c8b,exact_current=true"],
+    "cq-2c8b-x": ["cq_kv:config=2c8b,exact_current=true"],
 }
 GIB = 1 << 30
 
@@ -69,11 +90,18 @@ def kv_cost(program) -> dict:
             fixed += c.shape[1] * c.shape[2] * c.shape[3] * size
     spec = " ".join(h.spec for h in program.history)
     if "uniform_kv" in spec:  # simulated: count what a real cache of these codes would hold
-        bits = next(h.config["bits"] for h in program.history if h.name == "uniform_kv")
+        cfg = next(h.config for h in program.history if h.name == "uniform_kv")
+        bits = cfg["bits"]
         c = program.cache_layout[0]
         heads, dim = c.shape[1], c.shape[3]
-        # keys: codes (per-channel ranges are per layer, constant); values: codes + fp16 scale and zero per token
-        per_token = layers * (2 * heads * dim * bits / 8 + heads * 4)
+        if cfg.get("mode", "static") == "kivi":
+            # codes + fp16 scale and zero per (channel, group tokens) of keys and per (token, value_group
+            # channels) of values; the float tail (residual + an unfinished key group) in fp16, counted as fixed
+            per_token = layers * heads * (2 * dim * bits / 8 + dim * 4 / cfg["group"] + dim // cfg["value_group"] * 4)
+            fixed = layers * 2 * heads * dim * 2 * (cfg["residual"] + cfg["group"] - 1)
+        else:
+            # keys: codes (per-channel ranges are per layer, constant); values: codes + fp16 scale and zero per token
+            per_token = layers * (2 * heads * dim * bits / 8 + heads * 4)
     codebook_bytes = sum(t.numel() * t.element_size() for n, t in program.gm.named_buffers() if n.endswith("codebooks"))
     per_layer = per_token / layers
     return {"kv_bytes_per_token_per_layer": round(per_layer, 2), "kv_fixed_bytes": fixed + codebook_bytes,
@@ -177,7 +205,7 @@ def _bits(program) -> float:
         if h.name == "cq_kv":
             return h.stats["bits_per_channel"]
         if h.name == "uniform_kv":
-            return float(h.config["bits"])
+            return h.stats.get("bits_per_channel", float(h.config["bits"]))  # kivi: with scales and zeros
     return 32.0
 
 

@@ -23,11 +23,15 @@ With `window=W`, the W most recent tokens are also kept in full precision (a sec
 of fixed length W per key/value and layer) and attention reads those W from it. `sink=N` does the
 same for the first N cache positions, which small models use as attention sinks.
 
-`uniform_kv` is the obvious alternative at the same bits, for comparison: keys quantized per
-channel with clipping ranges calibrated per (layer, head, channel) (KIVI/KVQuant style, before
-RoPE), values per token (min/max over the head's channels). It simulates a quantized cache:
-the cache keeps float tensors holding exactly the dequantized values a quantized cache would
-return, so its quality numbers are those of the real thing.
+`uniform_kv` is the obvious alternative, for comparison, in two forms. `mode=static`: keys
+quantized per channel with clipping ranges calibrated per (layer, head, channel) (KVQuant style,
+before RoPE), values per token (min/max over the head's channels), no overhead per token and no
+float tokens, so its bits are CQ's bits. `mode=kivi`: KIVI's cache (llmc/ops/kivi.py), min/max
+per group of 32 tokens (keys, per channel) or 32 channels (values, per token), the newest tokens
+in float: stronger, at the price of fp16 scales and zero points (+1 bit per channel at groups of
+32) and a float tail. Both simulate a quantized cache: the cache keeps float tensors holding
+exactly the dequantized values a quantized cache would return, so their quality numbers are
+those of the real thing.
 """
 
 from __future__ import annotations
@@ -392,7 +396,9 @@ class CoupledKVQuant(Pass):
     Options: config `<c>c<b>b` (8c8b = 1 bit/channel, 4c8b = 2, 2c8b = 4); fisher: weight k-means
     by the Fisher information (else plain k-means); window: recent tokens also kept in float;
     sink: the first cache positions also kept in float (attention sinks; with left padding these
-    are the first slots of the cache, padding included);
+    are the first slots of the cache, padding included); exact_current: the tokens of a step
+    attend to each other's unquantized keys and values, as a decoder that quantizes on write does
+    (a prefill's attention is then float; only what earlier steps stored is read from codes);
     tokens: calibration tokens per layer sampled for k-means; iters: k-means iterations;
     calib_sequences: calibration sequences run (forward + backward); cache_dir: where to keep the
     collected activations and learned codebooks, keyed by a fingerprint of graph, data and
@@ -405,6 +411,7 @@ class CoupledKVQuant(Pass):
     fisher: bool = True
     window: int = 0
     sink: int = 0
+    exact_current: bool = False
     tokens: int = 8192
     iters: int = 20
     calib_sequences: int = 16
@@ -511,7 +518,11 @@ class CoupledKVQuant(Pass):
                 cb = graph.get_attr(target)
                 codes = _call(graph, torch.ops.llmc.cq_encode.default, (s.pre, cb), like)
                 present = _call(graph, aten.cat.default, ([s.past, codes], 2), like)
-                full = _call(graph, torch.ops.llmc.cq_decode.default, (present, cb), like)
+                if self.exact_current:  # codes of earlier steps, this step's tokens as they are
+                    full = _call(graph, aten.cat.default,
+                                 ([_call(graph, torch.ops.llmc.cq_decode.default, (s.past, cb), like), s.pre], 2), like)
+                else:
+                    full = _call(graph, torch.ops.llmc.cq_decode.default, (present, cb), like)
                 if W:
                     full, window = _merge_window(graph, full, extra_inputs["window"][(s.layer, s.kind)], s.pre, W, like)
                     new_outputs["window"].append(window)
@@ -603,29 +614,57 @@ def calibrate_channel_ranges(x: torch.Tensor, bits: int, head_dim: int,
 class UniformKVQuant(Pass):
     """Simulated uniform KV-cache quantization, the baseline for cq_kv at equal bits.
 
-    Keys (before RoPE): per channel, ranges calibrated per (layer, head, channel) with the
-    clipping that minimises the error on calibration keys. Values: per token, min/max over the
-    head's channels. The cache stays float and holds the dequantized values (module docstring).
-    Options: bits (1..8), calib_sequences, tokens. Numerics: lossy.
+    mode=static: keys (before RoPE) per channel, with ranges calibrated per (layer, head,
+    channel) and the clipping that minimises the error on calibration keys; values per token,
+    min/max over the head's channels. No per-token overhead for keys, no float tokens.
+    mode=kivi: KIVI's cache (llmc/ops/kivi.py): keys (after RoPE, as the cache holds them) per
+    channel over groups of `group` tokens, values per token over groups of `value_group`
+    channels, each group with its own min/max, and the `residual` newest tokens (plus an
+    unfinished key group) kept in float. Needs no calibration. exact_current: as cq_kv's.
+    The cache stays float and holds the dequantized values (module docstring).
+    Options: bits (1..8), mode, group, value_group, residual, exact_current, calib_sequences, tokens.
+    Numerics: lossy.
     """
 
     bits: int = 2
+    mode: str = dataclasses.field(default="static", metadata={"help": "static | kivi"})
+    group: int = dataclasses.field(default=32, metadata={"help": "kivi: tokens per key group"})
+    value_group: int = dataclasses.field(default=32, metadata={"help": "kivi: channels per value group"})
+    residual: int = dataclasses.field(default=128, metadata={"help": "kivi: newest tokens kept in float"})
+    exact_current: bool = dataclasses.field(default=False, metadata={
+        "help": "kivi: a step's tokens attend to each other unquantized (as cq_kv's option)"})
     tokens: int = 8192
     calib_sequences: int = 16
 
-    requires = ("calibration", "float_kv_cache")
     invalidates = ("float_kv_cache",)
     provides = ("quantized_kv_cache",)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return ("float_kv_cache",) if self.mode == "kivi" else ("calibration", "float_kv_cache")
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
             raise ConfigError(f"uniform_kv.bits must be in 1..8, got {self.bits}")
+        if self.mode not in ("static", "kivi"):
+            raise ConfigError(f"uniform_kv.mode must be 'static' or 'kivi', got '{self.mode}'")
+        if self.exact_current and self.mode != "kivi":
+            raise ConfigError("uniform_kv.exact_current needs mode=kivi")
+        if self.group < 1 or self.value_group < 1 or self.residual < 0:
+            raise ConfigError(f"uniform_kv needs group >= 1, value_group >= 1 and residual >= 0, got group="
+                              f"{self.group}, value_group={self.value_group}, residual={self.residual}")
+
+    def overhead_bits(self) -> float:
+        """Bits per cached channel for scales and zero points (fp16 each): kivi mode only."""
+        return 16 / self.group + 16 / self.value_group if self.mode == "kivi" else 0.0
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        batches = _check_calibration(ctx, "uniform_kv")[: self.calib_sequences]
         program = ctx.program
         head_dim = program.cache_layout[0].shape[3]
         sites = cache_sites(gm, program.cache_layout)
+        if self.mode == "kivi":
+            return self._run_kivi(gm, program, sites, head_dim)
+        batches = _check_calibration(ctx, "uniform_kv")[: self.calib_sequences]
         keys = [s for s in sites if s.kind == "key"]
         data = collect_kv(gm, keys, batches, lambda B: program.empty_cache(B, 0), fisher=False,
                           max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress)
@@ -653,3 +692,26 @@ class UniformKVQuant(Pass):
         program.cache_layout = layout
         return PassResult(gm, True, {"bits": self.bits, "layers": len(keys)})
 
+    def _run_kivi(self, gm: fx.GraphModule, program, sites: list[CacheSite], head_dim: int) -> PassResult:
+        if head_dim % self.value_group:
+            raise ConfigError(f"uniform_kv.value_group={self.value_group} must divide head_dim {head_dim}")
+        graph = gm.graph
+        for s in sites:
+            with graph.inserting_after(s.write):
+                present = _call(graph, torch.ops.llmc.kivi_append.default,
+                                (s.past, s.new, self.bits, self.group, self.value_group, self.residual,
+                                 s.kind == "key"), like=s.new)
+            if self.exact_current:  # attention reads cat(past as stored, new as computed); the cache gets `present`
+                next(n for n in graph.nodes if n.op == "output").replace_input_with(s.write, present)
+            else:
+                s.write.replace_all_uses_with(present)
+                graph.erase_node(s.write)
+        graph.lint()
+        gm.recompile()
+        program.cache_layout = [
+            dataclasses.replace(ct, meaning=f"{ct.meaning}, KIVI {self.bits}-bit ("
+                                f"{f'per channel over {self.group} tokens' if ct.kind == 'key' else f'per token over {self.value_group} channels'}"
+                                f", newest {self.residual} in float), dequantized")
+            for ct in program.cache_layout]
+        return PassResult(gm, True, {"bits": self.bits, "layers": len(sites) // 2,
+                                     "bits_per_channel": self.bits + self.overhead_bits()})

@@ -3,3 +3,4 @@
 from llmc.ops import nbits_linear  # noqa: F401  (registers llmc::nbits_linear)
 from llmc.ops import cq  # noqa: F401  (registers llmc::cq_encode, llmc::cq_decode)
 from llmc.ops import vq  # noqa: F401  (registers llmc::vq_linear)
+from llmc.ops import kivi  # noqa: F401  (registers llmc::kivi_append)

@@ -21,11 +21,12 @@ def _calib(n=8, length=64):
 @pytest.fixture(scope="module")
 def cq_models(tiny_models):
     """FP, 2c8b (4 bits/channel) and 4c8b (2 bits) of the tiny llama; 4c8b with a float window of 4
-    (and a sink of 2), and with a sink of 2 alone."""
+    (and a sink of 2), with a sink of 2 alone, and with exact_current."""
     m = tiny_models["llama"]
     specs = {"fp": [], "2c8b": ["cq_kv:config=2c8b,tokens=512"], "4c8b": ["cq_kv:config=4c8b,tokens=512"],
              "4c8b_w4": ["cq_kv:config=4c8b,tokens=512,window=4,sink=2"],
-             "4c8b_s2": ["cq_kv:config=4c8b,tokens=512,sink=2"]}
+             "4c8b_s2": ["cq_kv:config=4c8b,tokens=512,sink=2"],
+             "4c8b_x": ["cq_kv:config=4c8b,tokens=512,exact_current=true"]}
     return {k: llmc.compile(m, passes=v, calibration=_calib(), tokenizer=tiny_tokenizer(), progress=False)
             for k, v in specs.items()}
 
@@ -89,6 +90,23 @@ def test_chunked_decode_matches_one_step_when_window_allows(cq_models, name):
         assert not torch.allclose(outs[:, 4:], ref[:, 4:], atol=1e-3)
 
 
+def test_exact_current_reads_only_earlier_steps_from_codes(cq_models):
+    """exact_current: a prefill attends in float (logits = FP) but stores the same codes; the next
+    step reads those codes."""
+    cm, fp, strict = cq_models["4c8b_x"], cq_models["fp"], cq_models["4c8b"]
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    pos = position_ids_from_mask(mask)
+    a, cache = cm.step(ids[:, :8], mask[:, :8], pos[:, :8], cm.empty_cache(2))
+    ref, fp_cache = fp.step(ids[:, :8], mask[:, :8], pos[:, :8], fp.empty_cache(2))
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+    _, strict_cache = strict.step(ids[:, :8], mask[:, :8], pos[:, :8], strict.empty_cache(2))
+    assert cache[0].dtype == torch.uint8 and torch.equal(cache[0], strict_cache[0])  # layer 0: same inputs, same codes
+    b, _ = cm.step(ids[:, 8:], mask, pos[:, 8:], cache)
+    ref_b, _ = fp.step(ids[:, 8:], mask, pos[:, 8:], fp_cache)
+    assert 5 < sqnr(ref_b, b) < 60  # the past now comes from 2-bit codes
+
+
 def test_cq_error_below_uniform_at_equal_bits_on_real_kv(tiny_models):
     """On keys/values collected from the model, 2-bit CQ reconstructs better than 2-bit uniform."""
     from llmc.api import to_program
@@ -127,7 +145,7 @@ def test_onnx_export_carries_codes_and_decodes_like_torch(cq_models, tmp_path):
     from llmc.backends.onnxruntime import lower
     from llmc.runtime import OrtModel
 
-    for name in ("4c8b", "4c8b_w4"):
+    for name in ("4c8b", "4c8b_w4", "4c8b_x"):
         cm = cq_models[name]
         out = lower(cm.program, tmp_path / name)
         model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
@@ -152,6 +170,43 @@ def test_uniform_baseline_simulates_quantized_cache(cq_models, tiny_models):
     # keys: per channel, at most 4 levels before RoPE -> check through the error instead
     ref = _logits(cq_models["fp"], ids)[0]
     assert 3 < sqnr(ref, _logits(cm, ids)[0]) < 40
+
+
+def test_kivi_baseline_quantizes_leaving_tokens_once_and_keeps_the_tail_float(cq_models, tiny_models):
+    """mode=kivi: needs no calibration; keys per channel over groups of tokens, values per token
+    over groups of channels, the newest `residual` tokens (and an unfinished key group) in float."""
+    from llmc.ops.kivi import quantized_length
+
+    cm = llmc.compile(tiny_models["llama"], passes=["uniform_kv:mode=kivi,bits=2,group=4,value_group=8,residual=3"],
+                      progress=False)
+    assert "KIVI 2-bit" in cm.program.cache_layout[0].meaning
+    assert cm.program.history[-1].stats["bits_per_channel"] == 2 + 16 / 4 + 16 / 8
+    ids = torch.randint(3, 256, (1, 14), generator=torch.Generator().manual_seed(5))
+    logits, present = _logits(cm, ids)
+    _, fp_present = _logits(cq_models["fp"], ids)
+    n = quantized_length(14, 4, 3)
+    assert n == 8
+    for p, f in zip(present[:2], fp_present[:2]):  # layer 0's keys and values depend on their token only
+        torch.testing.assert_close(p[:, :, n:], f[:, :, n:])  # the float tail is exact
+        assert (p[:, :, :n] - f[:, :, :n]).abs().max() > 1e-3  # the rest is quantized
+    keys, values = present[0][0, 0, :n], present[1][0, 0, :n]
+    assert max(len(torch.unique(keys[g * 4:(g + 1) * 4, ch])) for g in range(2) for ch in range(16)) <= 4
+    assert max(len(torch.unique(values[t, g * 8:(g + 1) * 8])) for t in range(n) for g in range(2)) <= 4
+    # the same 14 tokens fed as 6 + 5 + 3 through the cache: each position is quantized once, when
+    # it leaves the tail, so layer 0's cache (which depends on the tokens only) is the same
+    mask = torch.ones(1, 14, dtype=torch.long)
+    cache = cm.empty_cache(1)
+    for a, b in ((0, 6), (6, 11), (11, 14)):
+        _, cache = cm.step(ids[:, a:b], mask[:, :b], position_ids_from_mask(mask[:, :b])[:, a:b], cache)
+    for p, c in zip(present[:2], cache[:2]):
+        torch.testing.assert_close(c, p)
+    ref = _logits(cq_models["fp"], ids)[0]
+    assert 5 < sqnr(ref, logits) < 60
+    with pytest.raises(ConfigError, match="must divide head_dim 16"):
+        llmc.compile(tiny_models["llama"], passes=["uniform_kv:mode=kivi,value_group=32"], progress=False)
+    for spec, msg in [("uniform_kv:mode=dynamic", "'static' or 'kivi'"), ("uniform_kv:mode=kivi,group=0", "group >= 1")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_pass_spec(spec)
 
 
 def test_composes_with_weight_quantization_and_saves(tiny_models, tmp_path):
