@@ -93,7 +93,7 @@ class StructuredFFN(Pass):
     checkpoint_dir: str | None = None
     checkpoint_every: int = 25
     premerge: Literal["auto", "never", "always"] = "auto"
-    premerge_repeats: int = 30
+    premerge_repeats: int = 200
 
     requires = ("dense_linear_weights",)
     invalidates = ("dense_linear_weights",)
@@ -362,15 +362,21 @@ class StructuredFFN(Pass):
         """Choose per unit between the factored form and the merged [M, N] matrix; rewrite the merged ones.
 
         `auto` times both on one token (median of `premerge_repeats` interleaved calls, weights laid
-        out in-major as the torch runtime stores them) and keeps the faster.
+        out in-major as the torch runtime stores them). The cost depends on the shapes only, so
+        units of the same shapes share one measurement and one decision (per-layer timings of a
+        few microseconds flip with noise). The merged form must win by `PREMERGE_MARGIN` to be
+        chosen: within noise the factored form stays, as it is the smaller one.
         """
-        timings = {}
+        timings, by_shape = {}, {}
         for u in bar(units, desc="structured_ffn pre-merge", unit="linear", enabled=progress):
             merged = merged_weight(self.kind, u.first, u.second)
             if self.premerge == "auto":
-                fact_us, merged_us = _time_forms(self.kind, u.first, u.second, merged, self.premerge_repeats)
+                key = (tuple(u.first.shape), tuple(u.second.shape))
+                if key not in by_shape:
+                    by_shape[key] = _time_forms(self.kind, u.first, u.second, merged, self.premerge_repeats)
+                fact_us, merged_us = by_shape[key]
                 timings[u.module] = {"factored": round(fact_us, 1), "merged": round(merged_us, 1)}
-                u.choice = "merged" if merged_us < fact_us else "factored"
+                u.choice = "merged" if merged_us < (1 - PREMERGE_MARGIN) * fact_us else "factored"
             else:
                 u.choice = "merged" if self.premerge == "always" else "factored"
             if u.choice == "merged":
@@ -387,6 +393,9 @@ class StructuredFFN(Pass):
                         gm.graph.erase_node(node)
                 u.out = lin
         return timings
+
+
+PREMERGE_MARGIN = 0.05  # the merged form must be this much faster (relative) to replace the factored one
 
 
 def _time_forms(kind: str, first, second, merged, repeats: int) -> tuple[float, float]:
