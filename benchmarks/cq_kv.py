@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
+from common import commit, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -70,10 +70,15 @@ ROWS = {
     "kivi-2-g64-x": ["uniform_kv:mode=kivi,bits=2,group=64,value_group=64,exact_current=true"],
     "kivi-2-x": ["uniform_kv:mode=kivi,bits=2,exact_current=true"],
     "kivi-2-r0-x": ["uniform_kv:mode=kivi,bits=2,residual=0,exact_current=true"],
+    "kivi-4-x": ["uniform_kv:mode=kivi,bits=4,exact_current=true"],
+    "kivi-1-x": ["uniform_kv:mode=kivi,bits=1,exact_current=true"],
     "cq-4c8b-x": ["cq_kv:config=4c8b,exact_current=true"],
     "cq-4c8b-w128-x": ["cq_kv:config=4c8b,window=128,exact_current=true"],
     "cq-8c8b-x": ["cq_kv:config=8c8b,exact_current=true"],
     "cq-2c8b-x": ["cq_kv:config=2c8b,exact_current=true"],
+    "cq-4c8b-plain-x": ["cq_kv:config=4c8b,fisher=false,exact_current=true"],
+    "cq-8c8b-plain-x": ["cq_kv:config=8c8b,fisher=false,exact_current=true"],
+    "cq-8c8b-w128-x": ["cq_kv:config=8c8b,window=128,exact_current=true"],
 }
 GIB = 1 << 30
 
@@ -135,7 +140,7 @@ def decode_speed(args, src, ids, rows):
                      "tokens_per_s": round(med[label], 2), "fp_cache_tokens_per_s": round(med["fp"], 2),
                      "ratio_to_fp_cache": round(med[label] / med["fp"], 3),
                      "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
-                     "same_tokens_as_fp_cache": tokens[label] == tokens["fp"]})
+                     "same_tokens_as_fp_cache": tokens[label] == tokens["fp"], "commit": commit()})
         print(f"decode {label}: {med[label]:.1f} tok/s ({med[label] / med['fp']:.2f}x FP cache), parity {parity}",
               flush=True)
 
@@ -186,7 +191,8 @@ def main() -> None:
                  "protocol": protocol, "windows": r.windows, "ppl": round(r.ppl, 4), "fp_ppl": round(fp_ppl, 4),
                  "x_fp": round(r.ppl / fp_ppl, 4),
                  "bits_per_channel": _bits(cm.program), **kv_cost(cm.program),
-                 "seconds": {"compile_and_calibrate": round(compile_s, 1), "eval": round(r.seconds, 1)}}
+                 "seconds": {"compile_and_calibrate": round(compile_s, 1), "eval": round(r.seconds, 1)},
+                 "commit": commit()}
         if cm.program.history:
             stats = cm.program.history[-1].stats
             entry["mean_relative_mse"] = stats.get("mean_relative_mse")

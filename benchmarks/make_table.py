@@ -24,7 +24,8 @@ def table() -> str:
             com = r.get("commit", doc.get("commit", "?"))  # rows merged from several runs carry their own
             if "ppl" in r:
                 bits = (f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param")
-                        else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight") else "")
+                        else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight")
+                        else f", {_fmt(r['bits_per_channel'])} bits/channel" if r.get("bits_per_channel") else "")
                 lines.append(f"| {name} | {r['method']} | {r['protocol']} ({r['windows']} windows) | "
                              f"ppl {_fmt(r['ppl'])}{bits} | {_fmt(r.get('fp_ppl'))} | {com} |")
             elif r.get("ratio_to_fp32") is not None:

@@ -708,10 +708,10 @@ class UniformKVQuant(Pass):
                 graph.erase_node(s.write)
         graph.lint()
         gm.recompile()
+        grouping = {"key": f"per channel over {self.group} tokens", "value": f"per token over {self.value_group} channels"}
         program.cache_layout = [
-            dataclasses.replace(ct, meaning=f"{ct.meaning}, KIVI {self.bits}-bit ("
-                                f"{f'per channel over {self.group} tokens' if ct.kind == 'key' else f'per token over {self.value_group} channels'}"
-                                f", newest {self.residual} in float), dequantized")
+            dataclasses.replace(ct, meaning=f"{ct.meaning}, KIVI {self.bits}-bit ({grouping[ct.kind]}, newest "
+                                            f"{self.residual} in float), dequantized") if ct.kind in grouping else ct
             for ct in program.cache_layout]
         return PassResult(gm, True, {"bits": self.bits, "layers": len(sites) // 2,
                                      "bits_per_channel": self.bits + self.overhead_bits()})
