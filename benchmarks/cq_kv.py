@@ -12,7 +12,7 @@ results file for the same protocol, so an interrupted run resumes. Calibration a
 codebooks are kept in --cache-dir and shared between rows.
 
 Also per row: KV bytes per token per layer, the largest context whose cache fits in 1 GiB at
-batch 1, codebook bytes. With --ort: the FP and `cq_kv:config=4c8b` models exported to ONNX,
+batch 1, codebook bytes. With --ort: the FP and the `--ort-pass` models exported to ONNX,
 decode tokens/s (batch 1, 128+128, medians of interleaved rounds) and parity, in the same run.
 """
 
@@ -116,13 +116,13 @@ def kv_cost(program) -> dict:
 
 
 def decode_speed(args, src, ids, rows):
-    """Export FP and CQ-4c8b to ONNX; decode speed of both, interleaved, same prompt."""
+    """Export FP and `--ort-pass` (default CQ 4c8b) to ONNX; decode speed of both, interleaved, same prompt."""
     from llmc.backends.onnxruntime import lower
     from llmc.runtime import OrtModel
 
     calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0)
     models = {}
-    for label, passes in (("fp", []), ("cq-4c8b", [f"cq_kv:config=4c8b,cache_dir={args.cache_dir}"])):
+    for label, passes in (("fp", []), ("cq", [f"{args.ort_pass},cache_dir={args.cache_dir}"])):
         cm = llmc.compile(src, passes=passes, calibration=calib if passes else None)
         out = os.path.join(args.out, label)
         shutil.rmtree(out, ignore_errors=True)
@@ -136,7 +136,8 @@ def decode_speed(args, src, ids, rows):
     tps, tokens = interleaved_rates(engines, args.repeats)
     med = {k: statistics.median(v) for k, v in tps.items()}
     for label, (m, parity) in models.items():
-        rows.append({"row": f"ort-{label}", "method": f"ONNX Runtime, {label} cache: greedy decode, batch 1, 128+128",
+        what = "fp" if label == "fp" else args.ort_pass
+        rows.append({"row": f"ort-{label}", "method": f"ONNX Runtime, {what} cache: greedy decode, batch 1, 128+128",
                      "tokens_per_s": round(med[label], 2), "fp_cache_tokens_per_s": round(med["fp"], 2),
                      "ratio_to_fp_cache": round(med[label] / med["fp"], 3),
                      "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
@@ -151,7 +152,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/llmc/cq_kv"))
     ap.add_argument("--name", default=None, help="results file (default cq_kv_<windows>w)")
-    ap.add_argument("--ort", action="store_true", help="also export FP and 4c8b to ONNX and time decode")
+    ap.add_argument("--ort", action="store_true", help="also export FP and --ort-pass to ONNX and time decode")
+    ap.add_argument("--ort-pass", default="cq_kv:config=4c8b", help="the cq_kv spec exported with --ort")
     ap.add_argument("--out", default="/tmp/llmc-bench-cq")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
