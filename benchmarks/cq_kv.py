@@ -36,26 +36,26 @@ import llmc  # noqa: E402
 from llmc import data  # noqa: E402
 from llmc.eval import perplexity  # noqa: E402
 
-ROWS = {
+ROWS = {  # cq_kv rows without "-x": every token read back from codes (exact_current=false)
     "fp": [],
     "uniform-4": ["uniform_kv:bits=4"],
-    "cq-2c8b": ["cq_kv:config=2c8b"],
+    "cq-2c8b": ["cq_kv:config=2c8b,exact_current=false"],
     "uniform-2": ["uniform_kv:bits=2"],
-    "cq-4c8b": ["cq_kv:config=4c8b"],
-    "cq-4c8b-plain": ["cq_kv:config=4c8b,fisher=false"],
-    "cq-4c8b-c32": ["cq_kv:config=4c8b,calib_sequences=32,tokens=16384"],
-    "cq-2c8b-c32": ["cq_kv:config=2c8b,calib_sequences=32,tokens=16384"],
-    "cq-4c8b-w32": ["cq_kv:config=4c8b,window=32"],
-    "cq-4c8b-w128": ["cq_kv:config=4c8b,window=128"],
-    "cq-4c8b-s4": ["cq_kv:config=4c8b,sink=4"],
-    "cq-4c8b-s4-w32": ["cq_kv:config=4c8b,sink=4,window=32"],
-    "cq-4c8b-s4-w128": ["cq_kv:config=4c8b,sink=4,window=128"],
+    "cq-4c8b": ["cq_kv:config=4c8b,exact_current=false"],
+    "cq-4c8b-plain": ["cq_kv:config=4c8b,fisher=false,exact_current=false"],
+    "cq-4c8b-c32": ["cq_kv:config=4c8b,calib_sequences=32,tokens=16384,exact_current=false"],
+    "cq-2c8b-c32": ["cq_kv:config=2c8b,calib_sequences=32,tokens=16384,exact_current=false"],
+    "cq-4c8b-w32": ["cq_kv:config=4c8b,window=32,exact_current=false"],
+    "cq-4c8b-w128": ["cq_kv:config=4c8b,window=128,exact_current=false"],
+    "cq-4c8b-s4": ["cq_kv:config=4c8b,sink=4,exact_current=false"],
+    "cq-4c8b-s4-w32": ["cq_kv:config=4c8b,sink=4,window=32,exact_current=false"],
+    "cq-4c8b-s4-w128": ["cq_kv:config=4c8b,sink=4,window=128,exact_current=false"],
     "uniform-1": ["uniform_kv:bits=1"],
-    "cq-8c8b": ["cq_kv:config=8c8b"],
-    "cq-8c8b-plain": ["cq_kv:config=8c8b,fisher=false"],
-    "cq-8c8b-w32": ["cq_kv:config=8c8b,window=32"],
-    "cq-8c8b-w128": ["cq_kv:config=8c8b,window=128"],
-    "cq-8c8b-s4": ["cq_kv:config=8c8b,sink=4"],
+    "cq-8c8b": ["cq_kv:config=8c8b,exact_current=false"],
+    "cq-8c8b-plain": ["cq_kv:config=8c8b,fisher=false,exact_current=false"],
+    "cq-8c8b-w32": ["cq_kv:config=8c8b,window=32,exact_current=false"],
+    "cq-8c8b-w128": ["cq_kv:config=8c8b,window=128,exact_current=false"],
+    "cq-8c8b-s4": ["cq_kv:config=8c8b,sink=4,exact_current=false"],
     # KIVI's cache (groups of 32, newest 128 tokens float, fp16 scale + zero per group: +1 bit/channel)
     "kivi-2": ["uniform_kv:mode=kivi,bits=2"],
     "kivi-2-r0": ["uniform_kv:mode=kivi,bits=2,residual=0"],
@@ -65,7 +65,7 @@ ROWS = {
     "kivi-4-r0": ["uniform_kv:mode=kivi,bits=4,residual=0"],
     "kivi-1": ["uniform_kv:mode=kivi,bits=1"],
     "kivi-1-r0": ["uniform_kv:mode=kivi,bits=1,residual=0"],
-    # exact current step: a step's own tokens attend to each other unquantized (how transformers'
+    # exact current step (cq_kv's default): a step's tokens attend to each other unquantized (as transformers'
     # QuantizedCache, measured in BENCHMARKS.md, runs a prefill); the cache stores the same codes
     "kivi-2-g64-x": ["uniform_kv:mode=kivi,bits=2,group=64,value_group=64,exact_current=true"],
     "kivi-2-x": ["uniform_kv:mode=kivi,bits=2,exact_current=true"],

@@ -10,9 +10,16 @@ The rewrite, per layer, of the traced graph's cache write `cat(past, rope(k))` /
 
     codes  = cq_encode(k_pre, codebooks_k)          new tokens -> uint8 [B, Hkv, S, D/c]
     present = cat(past_codes, codes)                 what the cache carries, in and out
-    k̂_pre  = cq_decode(present, codebooks_k)         every cached key, dequantized
+    k̂_pre  = cat(cq_decode(past_codes), k_pre)       earlier keys dequantized, this step's exact
     k      = rope(k̂_pre) at each key's position     positions from the attention mask
     (values: the same without RoPE)
+
+This is what a decoder that quantizes on write computes (and what Hugging Face's quantized
+caches do): a step's own keys and values are at hand unquantized, so they attend to each other
+exactly, and everything stored by earlier steps is read back from codes; a prefill's attention is
+therefore float, and decoding reads the whole past from codes. `exact_current=false` decodes
+this step's codes too (`k̂_pre = cq_decode(present)`), the fully simulated quantization of the
+CQ paper's perplexity protocol.
 
 Keys are stored before RoPE because RoPE mixes channel pairs with a position-dependent rotation,
 which would smear the channel structure the codebooks learn. Key positions are recomputed from
@@ -396,9 +403,9 @@ class CoupledKVQuant(Pass):
     Options: config `<c>c<b>b` (8c8b = 1 bit/channel, 4c8b = 2, 2c8b = 4); fisher: weight k-means
     by the Fisher information (else plain k-means); window: recent tokens also kept in float;
     sink: the first cache positions also kept in float (attention sinks; with left padding these
-    are the first slots of the cache, padding included); exact_current: the tokens of a step
-    attend to each other's unquantized keys and values, as a decoder that quantizes on write does
-    (a prefill's attention is then float; only what earlier steps stored is read from codes);
+    are the first slots of the cache, padding included); exact_current (default true): the tokens
+    of a step attend to each other's unquantized keys and values, as a decoder that quantizes on
+    write does (module docstring); false reads them back from their codes too;
     tokens: calibration tokens per layer sampled for k-means; iters: k-means iterations;
     calib_sequences: calibration sequences run (forward + backward); cache_dir: where to keep the
     collected activations and learned codebooks, keyed by a fingerprint of graph, data and
@@ -411,7 +418,7 @@ class CoupledKVQuant(Pass):
     fisher: bool = True
     window: int = 0
     sink: int = 0
-    exact_current: bool = False
+    exact_current: bool = True
     tokens: int = 8192
     iters: int = 20
     calib_sequences: int = 16

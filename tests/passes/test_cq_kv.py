@@ -21,12 +21,14 @@ def _calib(n=8, length=64):
 @pytest.fixture(scope="module")
 def cq_models(tiny_models):
     """FP, 2c8b (4 bits/channel) and 4c8b (2 bits) of the tiny llama; 4c8b with a float window of 4
-    (and a sink of 2), with a sink of 2 alone, and with exact_current."""
+    (and a sink of 2), with a sink of 2 alone: all with exact_current=false, so that one forward
+    exercises the codes; and 4c8b at the default exact_current=true."""
     m = tiny_models["llama"]
-    specs = {"fp": [], "2c8b": ["cq_kv:config=2c8b,tokens=512"], "4c8b": ["cq_kv:config=4c8b,tokens=512"],
-             "4c8b_w4": ["cq_kv:config=4c8b,tokens=512,window=4,sink=2"],
-             "4c8b_s2": ["cq_kv:config=4c8b,tokens=512,sink=2"],
-             "4c8b_x": ["cq_kv:config=4c8b,tokens=512,exact_current=true"]}
+    strict = "tokens=512,exact_current=false"  # every token, new ones too, read back from codes
+    specs = {"fp": [], "2c8b": [f"cq_kv:config=2c8b,{strict}"], "4c8b": [f"cq_kv:config=4c8b,{strict}"],
+             "4c8b_w4": [f"cq_kv:config=4c8b,{strict},window=4,sink=2"],
+             "4c8b_s2": [f"cq_kv:config=4c8b,{strict},sink=2"],
+             "4c8b_x": ["cq_kv:config=4c8b,tokens=512"]}
     return {k: llmc.compile(m, passes=v, calibration=_calib(), tokenizer=tiny_tokenizer(), progress=False)
             for k, v in specs.items()}
 
