@@ -643,12 +643,9 @@ class UniformKVQuant(Pass):
     tokens: int = 8192
     calib_sequences: int = 16
 
+    requires = ("float_kv_cache",)  # mode=static also needs calibration: checked when it runs
     invalidates = ("float_kv_cache",)
     provides = ("quantized_kv_cache",)
-
-    @property
-    def requires(self) -> tuple[str, ...]:
-        return ("float_kv_cache",) if self.mode == "kivi" else ("calibration", "float_kv_cache")
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
