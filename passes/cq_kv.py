@@ -700,13 +700,14 @@ class UniformKVQuant(Pass):
         if head_dim % self.value_group:
             raise ConfigError(f"uniform_kv.value_group={self.value_group} must divide head_dim {head_dim}")
         graph = gm.graph
+        out_node = next(n for n in graph.nodes if n.op == "output")
         for s in sites:
             with graph.inserting_after(s.write):
                 present = _call(graph, torch.ops.llmc.kivi_append.default,
                                 (s.past, s.new, self.bits, self.group, self.value_group, self.residual,
                                  s.kind == "key"), like=s.new)
             if self.exact_current:  # attention reads cat(past as stored, new as computed); the cache gets `present`
-                next(n for n in graph.nodes if n.op == "output").replace_input_with(s.write, present)
+                out_node.replace_input_with(s.write, present)
             else:
                 s.write.replace_all_uses_with(present)
                 graph.erase_node(s.write)
