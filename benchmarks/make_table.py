@@ -26,6 +26,11 @@ def table() -> str:
                 bits = (f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param")
                         else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight")
                         else f", {_fmt(r['bits_per_channel'])} bits/channel" if r.get("bits_per_channel") else "")
+                if r.get("ffn_params"):  # structured_ffn: what the model stores after pre-merge
+                    structured = (f" (factors {r['structured_fraction']:.0%} of dense)"
+                                  if r.get("structured_fraction") is not None else "")
+                    bits += (f", FFN params {r['ffn_params'] / 1e6:.1f}M = {r['ffn_fraction']:.0%}{structured}, "
+                             f"model {r['model_bytes'] / 1e6:.0f} MB")
                 lines.append(f"| {name} | {r['method']} | {r['protocol']} ({r['windows']} windows) | "
                              f"ppl {_fmt(r['ppl'])}{bits} | {_fmt(r.get('fp_ppl'))} | {com} |")
             elif r.get("ratio_to_fp32") is not None:
@@ -40,13 +45,18 @@ def table() -> str:
                              f"{_fmt(r['fp_cache_tokens_per_s'], 1)} | {com} |")
             elif r.get("tokens_per_s") is not None:
                 ratio = r["tokens_per_s"] / r["fp_tokens_per_s"] if r.get("fp_tokens_per_s") else None
+                dense = f", {_fmt(r['x_dense_onnx'])}× dense ONNX" if r.get("x_dense_onnx") else ""
                 lines.append(f"| {name} | {r['method']} | tokens/s, median of {r.get('repeats')} | "
-                             f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(ratio)}× eager) | "
+                             f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(ratio)}× eager{dense}) | "
                              f"{_fmt(r.get('fp_tokens_per_s'), 1)} | {com} |")
             elif "seconds" in r and "median" in r["seconds"]:
                 lines.append(f"| {name} | {r['method']} | seconds, median of {r.get('repeats')} | "
                              f"{_fmt(r['seconds']['median'], 3)} | {_fmt(r.get('fp_seconds'), 3)} | {com} |")
         com = doc.get("commit", "?")
+        for r in doc.get("ffn_latency_decode_torch") or []:  # structured_ffn: one FFN block at one token
+            lines.append(f"| {name} | FFN block latency, layer {r['layer']}, {r['method']} | µs at 1 token, median "
+                         f"of {r['repeats']} | {_fmt(r['structured_us'], 1)} ({_fmt(r['latency_ratio'])}× dense) | "
+                         f"{_fmt(r['dense_us'], 1)} | {com} |")
         for k, v in (doc.get("seconds") or {}).items():
             lines.append(f"| {name} | {k} time | seconds | {_fmt(v, 1)} | — | {com} |")
         if doc.get("onnx_bytes"):
