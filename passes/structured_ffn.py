@@ -369,10 +369,11 @@ class StructuredFFN(Pass):
         """
         timings, by_shape = {}, {}
         for u in bar(units, desc="structured_ffn pre-merge", unit="linear", enabled=progress):
-            merged = merged_weight(self.kind, u.first, u.second)
+            merged = None  # built only where it is timed or stored
             if self.premerge == "auto":
                 key = (tuple(u.first.shape), tuple(u.second.shape))
                 if key not in by_shape:
+                    merged = merged_weight(self.kind, u.first, u.second)
                     by_shape[key] = _time_forms(self.kind, u.first, u.second, merged, self.premerge_repeats)
                 fact_us, merged_us = by_shape[key]
                 timings[u.module] = {"factored": round(fact_us, 1), "merged": round(merged_us, 1)}
@@ -380,6 +381,8 @@ class StructuredFFN(Pass):
             else:
                 u.choice = "merged" if self.premerge == "always" else "factored"
             if u.choice == "merged":
+                if merged is None:
+                    merged = merged_weight(self.kind, u.first, u.second)
                 set_attr_tensor(gm, f"{u.module}.weight", merged, parameter=True)
                 with gm.graph.inserting_before(u.out):
                     w = gm.graph.get_attr(f"{u.module}.weight")

@@ -211,6 +211,28 @@ def test_kivi_baseline_quantizes_leaving_tokens_once_and_keeps_the_tail_float(cq
             parse_pass_spec(spec)
 
 
+def test_kivi_exact_current_attends_in_float_and_stores_the_same_cache(cq_models, tiny_models):
+    """mode=kivi,exact_current: a step's own tokens attend unquantized (prefill logits = FP), the
+    cache written is the one the strict variant writes, and the next step reads it."""
+    spec = "uniform_kv:mode=kivi,bits=2,group=4,value_group=8,residual=3"
+    strict = llmc.compile(tiny_models["llama"], passes=[spec], progress=False)
+    exact = llmc.compile(tiny_models["llama"], passes=[spec + ",exact_current=true"], progress=False)
+    fp = cq_models["fp"]
+    ids = torch.randint(3, 256, (1, 18), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    pos = position_ids_from_mask(mask)
+    a, cache = exact.step(ids[:, :14], mask[:, :14], pos[:, :14], exact.empty_cache(1))
+    ref, fp_cache = fp.step(ids[:, :14], mask[:, :14], pos[:, :14], fp.empty_cache(1))
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+    _, strict_cache = strict.step(ids[:, :14], mask[:, :14], pos[:, :14], strict.empty_cache(1))
+    for c, sc in zip(cache[:2], strict_cache[:2]):  # layer 0: same inputs, same quantized cache
+        torch.testing.assert_close(c, sc)
+    assert (cache[0] - fp_cache[0]).abs().max() > 1e-3  # and it is quantized
+    b, _ = exact.step(ids[:, 14:], mask, pos[:, 14:], cache)
+    ref_b, _ = fp.step(ids[:, 14:], mask, pos[:, 14:], fp_cache)
+    assert 5 < sqnr(ref_b, b) < 60  # the past now comes from 2-bit groups
+
+
 def test_composes_with_weight_quantization_and_saves(tiny_models, tmp_path):
     cm = llmc.compile(tiny_models["llama"], passes=["rtn_quant:bits=8,group=16", "cq_kv:config=2c8b,tokens=512"],
                       calibration=_calib(), tokenizer=tiny_tokenizer(), progress=False)
