@@ -83,6 +83,9 @@ class PVQuant(Pass):
     trust_ratio: float | None = dataclasses.field(default=None, metadata={
         "help": "V-step trust region, a fraction of ||W|| (default: aq 0.01, scalar 0)"})
     mode: Literal["pv", "ste"] = "pv"
+    amp: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={
+        "help": "bfloat16 autocast in PV-Tuning; auto: on where oneDNN has native bf16 kernels (AVX-512, AMX), "
+                "off elsewhere (on AVX2 a bf16 matmul is about 7x slower than float32)"})
     tune_samples: int = dataclasses.field(default=256, metadata={
         "help": "sequences of 512 tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
     tune_data: str = "wikitext2-valid"
@@ -120,6 +123,8 @@ class PVQuant(Pass):
             raise ConfigError(f"pv_quant.trust_ratio must be >= 0 and tol in [0, 1), got {trust_ratio}, {self.tol}")
         if self.mode not in ("pv", "ste"):
             raise ConfigError(f"pv_quant.mode must be pv or ste, got '{self.mode}'")
+        if self.amp not in ("auto", "on", "off"):
+            raise ConfigError(f"pv_quant.amp must be auto, on or off, got '{self.amp}'")
         try:
             re.compile(self.targets)
         except re.error as e:
@@ -175,7 +180,13 @@ class PVQuant(Pass):
 
     def tune_plan(self, seed: int) -> TunePlan:
         return TunePlan(self.steps, self.batch_size, self.tune_lr, self.code_lr, *self.v_step_limits(), self.mode,
-                        seed=seed)
+                        amp=self.use_amp(), seed=seed)
+
+    def use_amp(self) -> bool:
+        """Whether PV-Tuning runs under bfloat16 autocast (`amp`, with auto resolved on this CPU)."""
+        if self.amp == "auto":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return self.amp == "on"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
@@ -203,8 +214,9 @@ class PVQuant(Pass):
             from llmc.data import sha256
 
             tune_digest = sha256(self.tune_data)
-        run_id = tensor_digest(ctx.calibration,
-                               f"{model_digest} {sorted(config.items())} {ctx.seed} {tune_digest}")[:16]
+        run_id = tensor_digest(ctx.calibration,  # amp resolved: auto means different numerics on other CPUs
+                               f"{model_digest} {sorted(config.items())} {ctx.seed} {tune_digest} "
+                               f"amp={self.use_amp()}")[:16]
         root = os.path.expanduser(self.checkpoint_dir or os.path.join("~", ".cache", "llmc", "pv_quant"))
         folder = os.path.join(root, run_id)
         teacher = ctx.teacher

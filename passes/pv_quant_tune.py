@@ -257,7 +257,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             p.requires_grad_(False)
             p.grad = None
     head, tail = kl[:3], kl[-3:]
-    return {"mode": plan.mode, "steps": len(kl), "resumed_from": start,
+    return {"mode": plan.mode, "amp": plan.amp, "steps": len(kl), "resumed_from": start,
             "kl_first": round(sum(head) / len(head), 5) if head else None,
             "kl_last": round(sum(tail) / len(tail), 5) if tail else None,
             "kl": [round(v, 5) for v in kl], "code_change": [round(c, 6) for c in changes],

@@ -304,6 +304,17 @@ def test_v_step_defaults_depend_on_the_format():
         parse_pass_spec("pv_quant:trust_ratio=-1")
 
 
+def test_amp_follows_the_cpu_unless_set():
+    """bf16 autocast only where oneDNN has native bf16 kernels (on AVX2 it is several times slower)."""
+    from llmc.passes.pv_quant import PVQuant
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert PVQuant().tune_plan(0).amp is native
+    assert PVQuant(amp="on").tune_plan(0).amp is True and PVQuant(amp="off").tune_plan(0).amp is False
+    with pytest.raises(ConfigError, match="amp"):
+        parse_pass_spec("pv_quant:amp=fast")
+
+
 def test_scalar_format_is_gptq_initialised_tunable_and_lowers_to_nbits(tiny_models, tmp_path):
     model = tiny_models["llama"]
     ids = _calibration(1, 40, seed=7)[0]
