@@ -48,6 +48,15 @@ def load_rows(name: str) -> list[dict]:
         return json.load(f)["rows"]
 
 
+def machine() -> dict:
+    """CPU count, torch threads and the CPU's kernel level (AVX2 / AVX512: bf16 and int8 speed depend on it)."""
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+
 def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, data_sha256: str,
                  extra: dict | None = None) -> str:
     """Write benchmarks/results/<name>.json in the format of BENCHMARKS.md and return its path."""
@@ -56,7 +65,7 @@ def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, 
     os.makedirs(RESULTS, exist_ok=True)
     doc = {"benchmark": name, "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
            "commit": commit(), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-           "machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()},
+           "machine": machine(),
            "model": model, "model_sha256": model_sha256, "data_sha256": data_sha256, "rows": rows}
     if extra:
         doc.update(extra)
