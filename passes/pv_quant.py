@@ -41,7 +41,7 @@ from llmc.ops.vq import bits_per_weight, store_codes
 from llmc.passes.pv_quant_aq import AQConfig, output_error
 from llmc.passes.pv_quant_calib import FinetunePlan, calibrate
 from llmc.passes.pv_quant_repr import scalar_from_packed, scalar_to_packed
-from llmc.passes.pv_quant_tune import TunePlan, pv_tune
+from llmc.passes.pv_quant_tune import TunePlan, native_bf16, pv_tune
 from llmc.passes.rtn_quant import emit_nbits_linear
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import log
@@ -185,7 +185,7 @@ class PVQuant(Pass):
     def use_amp(self) -> bool:
         """Whether PV-Tuning runs under bfloat16 autocast (`amp`, with auto resolved on this CPU)."""
         if self.amp == "auto":
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            return native_bf16()
         return self.amp == "on"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -307,8 +307,9 @@ def test_v_step_defaults_depend_on_the_format():
 def test_amp_follows_the_cpu_unless_set():
     """bf16 autocast only where oneDNN has native bf16 kernels (on AVX2 it is several times slower)."""
     from llmc.passes.pv_quant import PVQuant
+    from llmc.passes.pv_quant_tune import native_bf16
 
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = native_bf16()
     assert PVQuant().tune_plan(0).amp is native
     assert PVQuant(amp="on").tune_plan(0).amp is True and PVQuant(amp="off").tune_plan(0).amp is False
     with pytest.raises(ConfigError, match="amp"):
