@@ -1,4 +1,4 @@
-"""gptq_quant: GPTQ (Frantar et al., ICLR 2023) blockwise scalar quantization of linear weights to 2/4/8 bits.
+"""gptq_quant: GPTQ (Frantar et al., ICLR 2023) blockwise scalar quantization of linear weights to 2/3/4/8 bits.
 
 The second scalar representation beside `rtn_quant`, with the same output: `llmc::nbits_linear` in
 ONNX Runtime's MatMulNBits layout (codes, one scale and one zero point per block of `group` inputs),
@@ -36,7 +36,7 @@ from torch import Tensor, fx
 
 from llmc.errors import ConfigError
 from llmc.graph import get_attr_tensor, remove_unused_attrs, shares_storage
-from llmc.ops.nbits_linear import SUPPORTED_BITS, dequantize, pack_along_last, quantize_rtn
+from llmc.ops.nbits_linear import SUPPORTED_BITS, dequantize, pack_blocks, quantize_rtn
 from llmc.passes.rtn_quant import emit_nbits_linear, quantizable_linears
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
@@ -69,9 +69,7 @@ def group_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]
 def _pack(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int):
     """MatMulNBits-layout tensors from integer-valued codes q [N, Kp] and per-group scales/zeros [N, G]."""
     N, G = scales.shape
-    codes = pack_along_last(q.reshape(N, G, group), bits)  # [N, G, group*bits/8]
-    zpad = -(-G * bits // 8) * (8 // bits)
-    zero_points = pack_along_last(torch.nn.functional.pad(zeros, (0, zpad - G)), bits)  # [N, ceil(G*bits/8)]
+    codes, zero_points = pack_blocks(q.reshape(N, G, group), zeros, bits)
     return codes, scales.float().contiguous(), zero_points
 
 

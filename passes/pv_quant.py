@@ -11,7 +11,7 @@ g weights, plus one scale per output row (default 2x8 g8: about 2.1 bits per wei
   3. the rewrite: aten.linear -> llmc::vq_linear with uint8 codes.
 
 PV-Tuning does not care what the codes are: `format=scalar` runs the same three phases on uniform
-groupwise codes (2/4/8 bits, a scale and zero point per `group` inputs) initialised by GPTQ with
+groupwise codes (2/3/4/8 bits, a scale and zero point per `group` inputs) initialised by GPTQ with
 act-order on the streamed XᵀX, tunes them the same way (scales as the continuous part, one weight
 per V-step group), and emits `llmc::nbits_linear` (MatMulNBits when exported to ONNX).
 
@@ -64,7 +64,7 @@ class PVQuant(Pass):
         "help": "aq: additive vector codes (vq_linear); scalar: GPTQ-initialised groupwise codes (nbits_linear)"})
     codebooks: int = dataclasses.field(default=2, metadata={"help": "M, codebooks summed per group (aq)"})
     bits: int = dataclasses.field(default=0, metadata={
-        "help": "aq: each codebook has 2^bits codewords (default 8); scalar: bits per weight, 2/4/8 (default 4)"})
+        "help": "aq: each codebook has 2^bits codewords (default 8); scalar: bits per weight, 2/3/4/8 (default 4)"})
     group: int = dataclasses.field(default=0, metadata={
         "help": "input weights per code group (aq, default 8) or per scale (scalar, default 64)"})
     kmeans_iters: int = 30

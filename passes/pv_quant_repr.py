@@ -129,14 +129,11 @@ def scalar_from_packed(codes: Tensor, scales: Tensor, zero_points: Tensor, K: in
 
 def scalar_to_packed(q: ScalarCodes) -> tuple[Tensor, Tensor, Tensor]:
     """MatMulNBits-layout codes, scales and zero points of `q` (K a multiple of the block size)."""
-    from llmc.ops.nbits_linear import pack_along_last
+    from llmc.ops.nbits_linear import pack_blocks
 
     N, K = q.codes.shape
     G = q.scales.shape[1]
-    block = K // G
-    codes = pack_along_last(q.codes.reshape(N, G, block), q.bits)
-    zpad = -(-G * q.bits // 8) * (8 // q.bits)
-    zeros = pack_along_last(torch.nn.functional.pad(q.zeros.round(), (0, zpad - G)), q.bits)
+    codes, zeros = pack_blocks(q.codes.reshape(N, G, K // G), q.zeros.round(), q.bits)
     return codes, q.scales.float().contiguous(), zeros
 
 

@@ -1,4 +1,4 @@
-"""rtn_quant: round-to-nearest blockwise scalar quantization of linear weights to 2/4/8 bits.
+"""rtn_quant: round-to-nearest blockwise scalar quantization of linear weights to 2/3/4/8 bits.
 
 The baseline scalar representation: each block of `group` weights along the input dim gets a
 scale (and a zero point unless symmetric), codes are packed in ONNX Runtime's MatMulNBits layout

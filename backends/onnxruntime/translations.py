@@ -17,6 +17,7 @@ from onnxscript import opset18 as op
 from onnxscript import values
 
 import llmc.ops  # noqa: F401  (registers the torch ops named below)
+from llmc.ops.nbits_linear import ort_bits
 
 MSFT = values.Opset("com.microsoft", 1)
 
@@ -105,12 +106,46 @@ def cq_encode(x, codebooks):
     return op.Cast(codes, to=onnx_type)
 
 
+def _int32(values) -> object:
+    return op.Constant(value=onnx.numpy_helper.from_array(np.asarray(values, dtype=np.int32)))
+
+
+def _widen_3bit(packed, lead: list[int], n_values: int):
+    """uint8 [*lead, m] holding 3-bit values as a bit stream (8 values per 3 bytes, llmc.ops.nbits_linear)
+    -> uint8 [*lead, n_values / 2] holding the first n_values as 4-bit values, two per byte (MatMulNBits').
+
+    Integer arithmetic on initializers only, so ONNX Runtime folds it when the session loads: the file
+    keeps 3 bits per weight, the session runs the 4-bit kernel."""
+    m = _dims(packed, "packed 3-bit codes")[-1]
+    chunks = m // 3
+    b = op.Cast(op.Reshape(packed, op.Constant(value_ints=[*lead, chunks, 3])), to=onnx.TensorProto.INT32)
+    stream = op.ReduceSum(op.Mul(b, _int32([1, 1 << 8, 1 << 16])), op.Constant(value_ints=[-1]), keepdims=1)
+    q = op.Mod(op.Div(stream, _int32([8 ** i for i in range(8)])), _int32([8]))  # [*lead, chunks, 8]
+    q = op.Reshape(q, op.Constant(value_ints=[*lead, chunks * 8]))
+    if n_values < chunks * 8:
+        q = op.Slice(q, op.Constant(value_ints=[0]), op.Constant(value_ints=[n_values]), op.Constant(value_ints=[-1]))
+    pairs = op.Reshape(q, op.Constant(value_ints=[*lead, n_values // 2, 2]))
+    byte = op.ReduceSum(op.Mul(pairs, _int32([1, 16])), op.Constant(value_ints=[-1]), keepdims=0)
+    return op.Cast(byte, to=onnx.TensorProto.UINT8)
+
+
+def _ort_codes(codes, zero_points, bits: int):
+    """The codes and zero points in a width MatMulNBits / GatherBlockQuantized run (3 bits widen to 4)."""
+    if bits != 3:
+        return codes, zero_points
+    N, n_blocks, blob = _dims(codes, "codes")
+    codes = _widen_3bit(codes, [N, n_blocks], blob * 8 // 3)
+    return codes, _widen_3bit(zero_points, [N], -(-n_blocks // 2) * 2)
+
+
 def nbits_linear(x, codes, scales, zero_points, K: int, N: int, bits: int, block_size: int, int8_act: bool = False):
-    """llmc::nbits_linear -> com.microsoft::MatMulNBits (the torch buffers are already in its layout).
+    """llmc::nbits_linear -> com.microsoft::MatMulNBits (the torch buffers are already in its layout;
+    3-bit codes are widened to 4-bit ones by constant arithmetic, `_widen_3bit`).
 
     `int8_act` is `accuracy_level=4`: ONNX Runtime rounds the input to int8 per block and takes
     integer dot products, the numerics the torch op reproduces (llmc.ops.nbits_linear)."""
-    return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size,
+    codes, zero_points = _ort_codes(codes, zero_points, bits)
+    return MSFT.MatMulNBits(x, codes, scales, zero_points, K=K, N=N, bits=ort_bits(bits), block_size=block_size,
                             accuracy_level=4 if int8_act else 0)
 
 
@@ -119,10 +154,11 @@ def nbits_embedding(ids, codes, scales, zero_points, K: int, bits: int, block_si
 
     MatMulNBits' [N, K/block, block*bits/8] codes are read as the [N, K*bits/8] table the gather
     expects (a Reshape: a tied lm_head and the embedding share one initializer in the file)."""
+    codes, zero_points = _ort_codes(codes, zero_points, bits)
     N, n_blocks, blob = _dims(codes, "codes")
     table = op.Reshape(codes, op.Constant(value_ints=[N, n_blocks * blob]))
     rows = MSFT.GatherBlockQuantized(table, ids, scales, zero_points, gather_axis=0, quantize_axis=1,
-                                     block_size=block_size, bits=bits)
+                                     block_size=block_size, bits=ort_bits(bits))
     if n_blocks * block_size != K:  # the last block was padded
         rows = op.Slice(rows, op.Constant(value_ints=[0]), op.Constant(value_ints=[K]), op.Constant(value_ints=[-1]))
     return rows

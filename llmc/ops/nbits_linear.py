@@ -1,9 +1,12 @@
-"""`llmc::nbits_linear`: a linear layer with blockwise 2/4/8-bit scalar codes, in MatMulNBits layout.
+"""`llmc::nbits_linear`: a linear layer with blockwise 2/3/4/8-bit scalar codes, in MatMulNBits layout.
 
-Layout (ONNX Runtime's `com.microsoft::MatMulNBits`, so lowering is a pure op mapping):
-  codes       uint8 [N, K/block, block*bits/8]   along K, low bits first (4-bit: even k in the low nibble)
+Layout (ONNX Runtime's `com.microsoft::MatMulNBits`, so lowering is a pure op mapping at 2, 4 and 8
+bits; 3-bit codes, 8 per 3 bytes, are widened to 4-bit ones in the ONNX graph):
+  codes       uint8 [N, K/block, block*bits/8]   along K as one bit stream, low bits first (4-bit: even k
+                                                 in the low nibble)
   scales      float [N, K/block]
-  zero_points uint8 [N, ceil((K/block)*bits/8)]  packed along blocks the same way
+  zero_points uint8 [N, ceil(G/c)*c*bits/8]      packed along the G = K/block blocks the same way, padded
+                                                 to whole chunks of c values (c = 8 // bits; 8 at 3 bits)
 W[n, k] = (q[n, k] - zero[n, k // block]) * scale[n, k // block];  y = x @ Wᵀ.
 
 With `int8_act`, the input is first rounded to int8 per block of `block` along K (symmetric,
@@ -13,26 +16,54 @@ integer-dot-product path (checked against ONNX Runtime 1.31 to ~1e-6 at 2, 4 and
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def ort_bits(bits: int) -> int:
+    """The MatMulNBits width that runs `bits`-bit codes: ONNX Runtime has kernels for 2, 4 and 8 bits,
+    so 3-bit codes (stored 8 per 3 bytes) run as 4-bit ones, widened when the session loads."""
+    return 4 if bits == 3 else bits
+
+
+def _chunk(bits: int) -> tuple[int, int]:
+    """(values, bytes) of the smallest whole-byte run of `bits`-bit values: (8 // bits, 1) when bits
+    divides 8, (8, 3) at 3 bits."""
+    values = 8 // math.gcd(8, bits)
+    return values, values * bits // 8
 
 
 def pack_along_last(q: Tensor, bits: int) -> Tensor:
-    """Pack integers < 2**bits along the last dim into uint8, low bits first. q: [..., n], n*bits % 8 == 0."""
-    per_byte = 8 // bits
-    q = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per_byte, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
-    return (q << shifts).sum(-1, dtype=torch.uint8)
+    """Pack integers < 2**bits along the last dim into uint8 as one little-endian bit stream (value i
+    at bits [i*bits, (i+1)*bits), so at 4 bits even k is the low nibble). q: [..., n], n a multiple
+    of the chunk (8 // bits values; 8 values in 3 bytes at 3 bits)."""
+    values, nbytes = _chunk(bits)
+    q = q.to(torch.int64).reshape(*q.shape[:-1], q.shape[-1] // values, values)
+    stream = (q << (torch.arange(values) * bits)).sum(-1, keepdim=True)  # <= 24 bits per chunk
+    out = (stream >> (torch.arange(nbytes) * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(*q.shape[:-2], -1)
 
 
 def unpack_along_last(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack_along_last`: uint8 [..., m] -> int32 [..., n] (the first n values)."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
-    q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return q.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int32)
+    values, nbytes = _chunk(bits)
+    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
+    stream = (b << (torch.arange(nbytes, dtype=torch.int32) * 8)).sum(-1, keepdim=True, dtype=torch.int32)
+    q = (stream >> (torch.arange(values, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    return q.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def pack_blocks(q: Tensor, zeros: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """MatMulNBits-layout codes [N, G, block*bits/8] and zero points [N, ceil(G/chunk)*chunk*bits/8]
+    from integer-valued codes q [N, G, block] and zero points [N, G] (padded to whole chunks)."""
+    values, _ = _chunk(bits)
+    G = zeros.shape[-1]
+    zeros = torch.nn.functional.pad(zeros, (0, -(-G // values) * values - G))
+    return pack_along_last(q, bits), pack_along_last(zeros, bits)
 
 
 def dequantize(codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, bits: int, block_size: int) -> Tensor:
@@ -47,6 +78,7 @@ def dequantize(codes: Tensor, scales: Tensor, zero_points: Tensor, K: int, bits:
 def int8_act_supported(bits: int, block_size: int) -> bool:
     """Whether MatMulNBits has an int8-compute kernel for these codes (ONNX Runtime 1.31 CPU, measured:
     4 and 8 bits at blocks 16..256; 2 bits at 32..128 only; elsewhere it silently computes in float)."""
+    bits = ort_bits(bits)
     return (bits in (4, 8) and 16 <= block_size <= 256) or (bits == 2 and 32 <= block_size <= 128)
 
 
@@ -107,10 +139,7 @@ def quantize_rtn(weight: Tensor, bits: int, block_size: int, symmetric: bool = F
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.round(-lo / scale).clamp(0, qmax)
     q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, qmax)
-    codes = pack_along_last(q, bits)  # [N, n_blocks, block*bits/8]
-    zpad = -(-n_blocks * bits // 8) * (8 // bits)
-    z = torch.nn.functional.pad(zero, (0, zpad - n_blocks))
-    zero_points = pack_along_last(z, bits)  # [N, ceil(n_blocks*bits/8)]
+    codes, zero_points = pack_blocks(q, zero, bits)
     return codes, scale.float(), zero_points
 
 

@@ -56,7 +56,8 @@ def test_identity_hessian_is_rtn_bit_for_bit(bits, group, symmetric, K):
                 assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bits,group,K,act_order", [(4, 32, 100, False), (2, 16, 72, True), (8, 64, 64, False)])
+@pytest.mark.parametrize("bits,group,K,act_order", [(4, 32, 100, False), (2, 16, 72, True), (8, 64, 64, False),
+                                                     (3, 16, 200, True)])
 def test_layout_is_matmulnbits(bits, group, K, act_order):
     w, x, h = _correlated(N=24, K=K, S=512, latent=8, seed=K)
     codes, scales, zeros = gptq_quantize(w, h, bits, group, act_order=act_order)
@@ -128,7 +129,7 @@ def test_bad_hessian_and_arguments():
     with pytest.raises(HessianNotPositiveDefinite):
         gptq_quantize(w, -torch.eye(32, dtype=torch.float64), 4, 16)
     with pytest.raises(ValueError, match="bits"):
-        gptq_quantize(w, torch.eye(32), 3, 16)
+        gptq_quantize(w, torch.eye(32), 5, 16)
     with pytest.raises(ValueError, match="H must be"):
         gptq_quantize(w, torch.eye(16), 4, 16)
 
@@ -215,7 +216,7 @@ def test_no_match(tiny_runs):
 
 
 @pytest.mark.parametrize("spec,msg", [
-    ("gptq_quant:bits=3", "bits must be one of"), ("gptq_quant:group=24", "power of two"),
+    ("gptq_quant:bits=5", "bits must be one of"), ("gptq_quant:group=24", "power of two"),
     ("gptq_quant:group=8", "power of two"), ("gptq_quant:damp=0", "damp"), ("gptq_quant:damp=1.5", "damp"),
     ("gptq_quant:targets=(", "regular expression"), ("gptq_quant:act_order=maybe", "true/false")])
 def test_bad_options(spec, msg):

@@ -283,7 +283,7 @@ def test_pass_emits_uint8_codes_and_beats_rtn(tiny_models, tmp_path):
 def test_pass_needs_calibration_and_valid_options(tiny_models):
     with pytest.raises(PassOrderError, match="calibration"):
         llmc.compile(tiny_models["llama"], ["pv_quant"], tokenizer=tiny_tokenizer(), progress=False)
-    for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=3", "format=scalar,group=24", "codebooks=0",
+    for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=5", "format=scalar,group=24", "codebooks=0",
                 "code_change=0", "code_change=2", "mode=fast", "lr=0", "targets=(", "steps=-1"):
         with pytest.raises(ConfigError):
             llmc.compile(tiny_models["llama"], [f"pv_quant:{bad}"], calibration=_calibration(2), progress=False,
@@ -343,7 +343,7 @@ def test_scalar_codes_round_trip_the_matmulnbits_layout():
     from llmc.passes.pv_quant_repr import scalar_from_packed, scalar_to_packed
 
     W = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
-    for bits in (2, 4, 8):
+    for bits in (2, 3, 4, 8):
         packed = quantize_rtn(W, bits, 16)
         q = scalar_from_packed(*packed, 64, bits, 16)
         torch.testing.assert_close(q.weight(), nbits_dequantize(*packed, 64, bits, 16))
