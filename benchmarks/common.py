@@ -39,13 +39,24 @@ def median_time(fn, repeats: int = 3) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+PROVENANCE = ("commit", "date", "machine")
+
+
 def load_rows(name: str) -> list[dict]:
-    """The rows of benchmarks/results/<name>.json, or [] when there is none (resumable benchmarks)."""
+    """The rows of benchmarks/results/<name>.json, or [] when there is none (resumable benchmarks).
+
+    A row without its own commit, date or machine takes the file's: a later run that rewrites the
+    file with new rows must not pass the old rows off as measured at its commit, on its machine."""
     path = os.path.join(RESULTS, f"{name}.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return json.load(f)["rows"]
+        doc = json.load(f)
+    for row in doc["rows"]:
+        for key in PROVENANCE:
+            if key not in row and key in doc:
+                row[key] = doc[key]
+    return doc["rows"]
 
 
 def machine() -> dict:
@@ -64,9 +75,12 @@ def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, 
     from llmc.compiled import versions
 
     os.makedirs(RESULTS, exist_ok=True)
+    now = {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    for row in rows:  # rows of this run; older ones carry theirs (load_rows)
+        for key in PROVENANCE:
+            row.setdefault(key, now[key])
     doc = {"benchmark": name, "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-           "commit": commit(), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-           "machine": machine(),
+           **now, "versions": versions(),
            "model": model, "model_sha256": model_sha256, "data_sha256": data_sha256, "rows": rows}
     if extra:
         doc.update(extra)
