@@ -51,10 +51,13 @@ def pack_along_last(q: Tensor, bits: int) -> Tensor:
 def unpack_along_last(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack_along_last`: uint8 [..., m] -> int32 [..., n] (the first n values)."""
     values, nbytes = _chunk(bits)
-    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
-    stream = (b << (torch.arange(nbytes, dtype=torch.int32) * 8)).sum(-1, keepdim=True, dtype=torch.int32)
-    q = (stream >> (torch.arange(values, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
-    return q.reshape(*packed.shape[:-1], -1)[..., :n]
+    if nbytes == 1:  # bits divides 8: shift the bytes themselves (uint8; dequantize runs on every call)
+        stream = packed.unsqueeze(-1)
+    else:
+        b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
+        stream = (b << (torch.arange(nbytes, dtype=torch.int32) * 8)).sum(-1, keepdim=True, dtype=torch.int32)
+    q = (stream >> (torch.arange(values, dtype=stream.dtype) * bits)) & ((1 << bits) - 1)
+    return q.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int32)
 
 
 def pack_blocks(q: Tensor, zeros: Tensor, bits: int) -> tuple[Tensor, Tensor]:
