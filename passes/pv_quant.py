@@ -89,6 +89,10 @@ class PVQuant(Pass):
     tune_samples: int = dataclasses.field(default=256, metadata={
         "help": "sequences of 512 tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
     tune_data: str = "wikitext2-valid"
+    lr_schedule: Literal["constant", "cosine"] = dataclasses.field(default="constant", metadata={
+        "help": "PV-Tuning learning rates (tune_lr, code_lr): constant, or a cosine decay to 0 over the steps"})
+    tune_extra: str = dataclasses.field(default="", metadata={
+        "help": "regex of non-quantized parameters PV-Tuning also tunes, besides the norms (e.g. embed_tokens)"})
     targets: str = r"layers\.\d+\.(self_attn|mlp)\."
     checkpoint_dir: str | None = None
 
@@ -125,10 +129,13 @@ class PVQuant(Pass):
             raise ConfigError(f"pv_quant.mode must be pv or ste, got '{self.mode}'")
         if self.amp not in ("auto", "on", "off"):
             raise ConfigError(f"pv_quant.amp must be auto, on or off, got '{self.amp}'")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise ConfigError(f"pv_quant.targets is not a valid regular expression: {e}") from None
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"pv_quant.lr_schedule must be constant or cosine, got '{self.lr_schedule}'")
+        for name in ("targets", "tune_extra"):
+            try:
+                re.compile(getattr(self, name))
+            except re.error as e:
+                raise ConfigError(f"pv_quant.{name} is not a valid regular expression: {e}") from None
 
     def _matches(self, target: str) -> bool:
         return bool(re.search(self.targets, target.rpartition(".")[0] + "."))
@@ -180,7 +187,7 @@ class PVQuant(Pass):
 
     def tune_plan(self, seed: int) -> TunePlan:
         return TunePlan(self.steps, self.batch_size, self.tune_lr, self.code_lr, *self.v_step_limits(), self.mode,
-                        amp=self.use_amp(), seed=seed)
+                        amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra, seed=seed)
 
     def use_amp(self) -> bool:
         """Whether PV-Tuning runs under bfloat16 autocast (`amp`, with auto resolved on this CPU)."""

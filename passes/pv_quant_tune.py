@@ -5,15 +5,16 @@ one backward pass of KL(teacher ‖ student) over calibration text gives ∂L/�
 step then does:
 
   P step  the continuous tensors of the codes (codebooks and scales; scales for scalar codes) get
-          ∂L/∂Ŵ pulled back through Ŵ = s · Σ_m C_m[codes] (plus the norms' own gradients) and one
-          LAMB step: a layer-wise relative update, every tensor
-          moving by lr · ‖p‖ in norm;
+          ∂L/∂Ŵ pulled back through Ŵ = s · Σ_m C_m[codes] (plus the own gradients of the norms
+          and of the non-quantized parameters chosen by `extra`) and one LAMB step: a layer-wise
+          relative update, every tensor moving by lr · ‖p‖ in norm;
   V step  a straight-through buffer X per matrix (initialised to Ŵ) takes a LAMB step with
           β1 = 0 on ∂L/∂Ŵ; the groups where X has moved furthest from Ŵ, the top `code_change`
           fraction, are re-encoded towards X by greedy search over the codebooks, and changes are
           kept in that order while ‖ΔŴ‖ stays within `trust_ratio` · ‖Ŵ‖ (the subspace linearised
           V step with a trust region);
-  and rewrites Ŵ from the new codes, codebooks and scales.
+  and rewrites Ŵ from the new codes, codebooks and scales. With `schedule="cosine"` both learning
+  rates decay from their set value to 0 over the run.
 
 `mode="ste"` is the straight-through baseline at the same cost per step: every group is re-encoded
 to the nearest code of X every step, with no subspace and no trust region.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -42,12 +44,14 @@ from llmc.progress import bar, log
 class TunePlan:
     steps: int = 50
     batch_size: int = 4           # sequences per step
-    lr: float = 3e-4              # LAMB, codebooks / scales / norms
+    lr: float = 3e-4              # LAMB, codebooks / scales / norms / extra
     code_lr: float = 1e-2         # LAMB (β1 = 0), straight-through buffers
     code_change: float = 0.01     # fraction of groups re-encoded per matrix per step
     trust_ratio: float = 0.01     # max ‖ΔŴ‖ / ‖Ŵ‖ from code changes per step; 0 = no trust region
     mode: str = "pv"              # "pv" or "ste"
     tune_norms: bool = True
+    schedule: str = "constant"    # "constant" or "cosine": both learning rates decay to 0 over `steps`
+    extra: str = ""               # regex of other non-quantized parameters tuned with the P step (e.g. embeddings)
     amp: bool = True              # teacher and student forward/backward under bfloat16 autocast
     checkpoint_every: int = 10
     seed: int = 0
@@ -94,6 +98,13 @@ class Lamb:
             a.copy_(b)
 
 
+def lr_factor(plan: TunePlan, step: int) -> float:
+    """The learning-rate multiplier at `step` (0-based) of `plan.steps`."""
+    if plan.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / plan.steps))
+    return 1.0
+
+
 @torch.no_grad()
 def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
     """Move some of q's codes towards the buffer X; returns how many code groups changed.
@@ -137,21 +148,44 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def _other_parameters(gm: fx.GraphModule, state: dict, plan: TunePlan) -> dict[str, list[str]]:
+    """The non-quantized parameters to tune (norms, and `plan.extra` matches), one name per storage, each
+    with every name sharing that storage (a tied embedding and lm_head are one tensor to tune)."""
+    extra = re.compile(plan.extra) if plan.extra else None
+    by_storage: dict[tuple, list[str]] = {}
+    picked = set()
+    for n, p in gm.named_parameters(remove_duplicate=False):
+        if n in state:
+            continue
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        by_storage.setdefault(key, []).append(n)
+        if (plan.tune_norms and p.dim() == 1 and "norm" in n) or (extra and extra.search(n)):
+            picked.add(key)
+    return {names[0]: names for key, names in by_storage.items() if key in picked}
+
+
+def _summed_grad(params: list[torch.Tensor]) -> torch.Tensor | None:
+    grads = [p.grad for p in params if p.grad is not None]
+    return sum(grads[1:], grads[0]) if grads else None
+
+
 def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor],
             empty_cache, plan: TunePlan, progress: bool = True, checkpoint_path: str | None = None,
             fingerprint: str = "") -> dict:
-    """Tune `state` (in place) and `gm`'s norms so that gm's logits match the teacher's; `gm` ends
-    with the dequantized weights of the result. Returns KL per step and code-change statistics."""
+    """Tune `state` (in place) and `gm`'s norms (and `plan.extra` parameters) so that gm's logits match
+    the teacher's; `gm` ends with the dequantized weights of the result. Returns KL per step and code-change statistics."""
     targets = sorted(state)
-    norms = sorted(n for n, p in gm.named_parameters() if plan.tune_norms and p.dim() == 1
-                   and ("norm" in n or "layernorm" in n))
+    tied = _other_parameters(gm, state, plan)
+    others = sorted(tied)
     # The student's dense weights: fresh tensors (the teacher may share the graph's storage).
     for t in targets:
         set_attr_tensor(gm, t, state[t].weight().detach().clone(), parameter=True)
-    for n in norms:
-        set_attr_tensor(gm, n, attr_tensor(gm, n).detach().clone(), parameter=True)
+    for n in others:
+        fresh = attr_tensor(gm, n).detach().clone()
+        for name in tied[n]:  # tied names keep one storage (their own parameter objects, as before)
+            set_attr_tensor(gm, name, fresh, parameter=True)
     buffers = [attr_tensor(gm, t).detach().clone() for t in targets]
-    continuous = [x for t in targets for x in state[t].continuous()] + [attr_tensor(gm, n) for n in norms]
+    continuous = [x for t in targets for x in state[t].continuous()] + [attr_tensor(gm, n) for n in others]
     p_opt = Lamb(continuous, plan.lr, betas=(0.9, 0.95))
     v_opt = Lamb(buffers, plan.code_lr, betas=(0.0, 0.95))
     gen = torch.Generator().manual_seed(plan.seed)
@@ -169,7 +203,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                     for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
                         x.copy_(y)
                     attr_tensor(gm, t).copy_(q.weight())
-                for n in norms:
+                for n in others:
                     attr_tensor(gm, n).copy_(saved["norms"][n])
                 for b, x in zip(buffers, saved.get("buffers", ())):
                     b.copy_(x)
@@ -187,7 +221,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             return
         doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
                "state": {t: {"codes": compact_codes(state[t].codes), "continuous": state[t].continuous()} for t in targets},
-               "norms": {n: attr_tensor(gm, n).detach() for n in norms}}
+               "norms": {n: attr_tensor(gm, n).detach() for n in others}}  # the norms and the `extra` ones
         if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
             doc.update({"buffers": buffers, "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(),
                         "gen": gen.get_state()})
@@ -198,8 +232,8 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     for p in gm.parameters():
         p.requires_grad_(False)
     weights = [attr_tensor(gm, t) for t in targets]
-    norm_params = [attr_tensor(gm, n) for n in norms]
-    for p in weights + norm_params:
+    other_params = [attr_tensor(gm, name) for n in others for name in tied[n]]
+    for p in weights + other_params:
         p.requires_grad_(True)
     seconds = {"model": 0.0, "p_step": 0.0, "v_step": 0.0}
     try:
@@ -207,6 +241,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             pbar.update(start)
             for step in range(start, plan.steps):
                 t0 = time.perf_counter()
+                p_opt.lr, v_opt.lr = plan.lr * lr_factor(plan, step), plan.code_lr * lr_factor(plan, step)
                 picked = [order[(step * plan.batch_size + i) % len(order)] for i in range(plan.batch_size)]
                 ids = torch.cat([batches[i] for i in picked])
                 inputs = flat_inputs(ids, empty_cache)
@@ -217,7 +252,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                         logits = gm(ids, inputs[1], inputs[2], inputs[3:])[0]
                     loss = kl_to_teacher(logits, target)
                     del logits
-                    for p in weights + norm_params:
+                    for p in weights + other_params:
                         p.grad = None
                     loss.backward()
                 del target
@@ -233,7 +268,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                         grads += torch.autograd.grad(q.weight(), params, w.grad)
                         for x in params:
                             x.requires_grad_(False)
-                grads += [p.grad for p in norm_params]
+                grads += [_summed_grad([attr_tensor(gm, name) for name in tied[n]]) for n in others]
                 p_opt.step(grads)
                 t2 = time.perf_counter()
                 # V step: straight-through buffers, then a few code groups follow them.
@@ -248,7 +283,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                         total += q.flat_codes().shape[0]
                         w.copy_(q.weight())
                         w.grad = None
-                    for p in norm_params:
+                    for p in other_params:
                         p.grad = None
                 t3 = time.perf_counter()
                 seconds["model"] += t1 - t0
@@ -263,11 +298,13 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        for p in weights + norm_params:
+        for p in weights + other_params:
             p.requires_grad_(False)
             p.grad = None
     head, tail = kl[:3], kl[-3:]
-    return {"mode": plan.mode, "amp": plan.amp, "steps": len(kl), "resumed_from": start,
+    extra = [name for n in others if plan.extra and any(re.search(plan.extra, m) for m in tied[n]) for name in tied[n]]
+    return {"mode": plan.mode, "amp": plan.amp, "schedule": plan.schedule, "extra": extra,
+            "steps": len(kl), "resumed_from": start,
             "kl_first": round(sum(head) / len(head), 5) if head else None,
             "kl_last": round(sum(tail) / len(tail), 5) if tail else None,
             "kl": [round(v, 5) for v in kl], "code_change": [round(c, 6) for c in changes],

@@ -15,7 +15,7 @@ from llmc.passes.pv_quant_aq import (AQConfig, init_kmeans, output_error, quanti
                                      search_codes)
 from llmc.passes.pv_quant_blocks import flat_inputs, split_blocks
 from llmc.passes.pv_quant_calib import FinetunePlan, QuantizedMatrix, calibrate
-from llmc.passes.pv_quant_tune import Lamb, TunePlan, pv_tune, v_step
+from llmc.passes.pv_quant_tune import Lamb, TunePlan, lr_factor, pv_tune, v_step
 from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
 from llmc.passes_base import parse_pass_spec
 from llmc.testing import count_ops, random_batches, tiny_tokenizer
@@ -208,6 +208,35 @@ def test_pv_steps_lower_the_kl(tiny_models, mode):
     torch.testing.assert_close(attr_tensor(program.gm, next(iter(state))), state[next(iter(state))].weight())
 
 
+def test_cosine_schedule_decays_both_rates_to_zero():
+    plan = TunePlan(steps=10, schedule="cosine")
+    assert lr_factor(plan, 0) == 1.0 and lr_factor(plan, 5) == pytest.approx(0.5)
+    assert 0 < lr_factor(plan, 9) < 0.03  # the last step still moves, a little
+    assert all(lr_factor(plan, i) > lr_factor(plan, i + 1) for i in range(9))
+    assert {lr_factor(TunePlan(steps=10), i) for i in range(10)} == {1.0}
+
+
+def test_extra_parameters_are_tuned_and_tied_weights_stay_tied():
+    """`extra` tunes a tied embedding / lm_head as one tensor; the teacher's copy is left alone."""
+    from llmc.testing import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    program, state = _quantized_program({"llama": model}, None)
+    gm = program.gm
+    embed, head = attr_tensor(gm, "model.embed_tokens.weight"), attr_tensor(gm, "lm_head.weight")
+    assert embed.data_ptr() == head.data_ptr()
+    before = embed.detach().clone()
+    batch = _calibration(1, 64, seed=4)
+    plan = TunePlan(steps=6, batch_size=1, lr=3e-3, code_change=0.05, schedule="cosine", extra=r"embed_tokens")
+    stats = pv_tune(gm, state, _teacher(model), batch, lambda b: program.empty_cache(b, 0), plan, progress=False)
+    assert sorted(stats["extra"]) == ["lm_head.weight", "model.embed_tokens.weight"] and stats["schedule"] == "cosine"
+    embed, head = attr_tensor(gm, "model.embed_tokens.weight"), attr_tensor(gm, "lm_head.weight")
+    assert embed.data_ptr() == head.data_ptr()  # still one tensor
+    assert not torch.equal(embed, before)
+    torch.testing.assert_close(model.model.embed_tokens.weight, before, rtol=0, atol=0)  # the teacher's own
+    assert stats["kl_last"] < 0.9 * stats["kl_first"], stats["kl"]
+
+
 def test_interrupted_tuning_resumes_to_the_same_result(tiny_models, tmp_path):
     plan = TunePlan(steps=6, batch_size=1, code_change=0.05, checkpoint_every=2)
     batches = _calibration(3, 32, seed=5)
@@ -284,7 +313,8 @@ def test_pass_needs_calibration_and_valid_options(tiny_models):
     with pytest.raises(PassOrderError, match="calibration"):
         llmc.compile(tiny_models["llama"], ["pv_quant"], tokenizer=tiny_tokenizer(), progress=False)
     for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=5", "format=scalar,group=24", "codebooks=0",
-                "code_change=0", "code_change=2", "mode=fast", "lr=0", "targets=(", "steps=-1"):
+                "code_change=0", "code_change=2", "mode=fast", "lr=0", "targets=(", "steps=-1", "lr_schedule=linear",
+                "tune_extra=("):
         with pytest.raises(ConfigError):
             llmc.compile(tiny_models["llama"], [f"pv_quant:{bad}"], calibration=_calibration(2), progress=False,
                          tokenizer=tiny_tokenizer())
