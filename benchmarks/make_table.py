@@ -14,14 +14,22 @@ def _fmt(v, nd=2):
     return "—" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _provenance(row: dict, doc: dict) -> str:
+    """The commit a row was measured at, and the CPU's kernel level where recorded (speeds, bf16 and
+    even some rounding differ between AVX2 and AVX-512 machines)."""
+    com = row.get("commit", doc.get("commit", "?"))
+    cpu = (row.get("machine") or doc.get("machine") or {}).get("cpu_capability")
+    return f"{com} · {cpu}" if cpu else com
+
+
 def table() -> str:
-    lines = ["| benchmark | row | protocol / measure | value | FP / baseline (same run) | commit |",
+    lines = ["| benchmark | row | protocol / measure | value | FP / baseline (same run) | commit · CPU |",
              "|---|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
         doc = json.load(open(path))
         name, com = doc["benchmark"], doc.get("commit", "?")
         for r in doc["rows"]:
-            com = r.get("commit", doc.get("commit", "?"))  # rows merged from several runs carry their own
+            com = _provenance(r, doc)  # rows merged from several runs carry their own
             if "ppl" in r:
                 bits = (f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param")
                         else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight")
@@ -52,7 +60,7 @@ def table() -> str:
             elif "seconds" in r and "median" in r["seconds"]:
                 lines.append(f"| {name} | {r['method']} | seconds, median of {r.get('repeats')} | "
                              f"{_fmt(r['seconds']['median'], 3)} | {_fmt(r.get('fp_seconds'), 3)} | {com} |")
-        com = doc.get("commit", "?")
+        com = _provenance({}, doc)
         for r in doc.get("ffn_latency_decode_torch") or []:  # structured_ffn: one FFN block at one token
             lines.append(f"| {name} | FFN block latency, layer {r['layer']}, {r['method']} | µs at 1 token, median "
                          f"of {r['repeats']} | {_fmt(r['structured_us'], 1)} ({_fmt(r['latency_ratio'])}× dense) | "

@@ -135,8 +135,8 @@ def main() -> None:
             if h.stats["tuning"]:
                 t = h.stats["tuning"]
                 entry["seconds"]["pv_tuning"] = h.stats["seconds"].get("pv_tuning")
-                entry["tuning"] = {k: t.get(k) for k in ("mode", "amp", "steps", "kl_first", "kl_last", "kl",
-                                                         "code_change", "seconds")}
+                entry["tuning"] = {k: t.get(k) for k in ("mode", "amp", "schedule", "extra", "steps", "kl_first",
+                                                         "kl_last", "kl", "code_change", "seconds")}
         rows.append(entry)
         print(json.dumps({k: entry.get(k) for k in ("row", "ppl", "x_fp", "bits_per_weight", "seconds")}), flush=True)
         save()
