@@ -173,7 +173,8 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             empty_cache, plan: TunePlan, progress: bool = True, checkpoint_path: str | None = None,
             fingerprint: str = "") -> dict:
     """Tune `state` (in place) and `gm`'s norms (and `plan.extra` parameters) so that gm's logits match
-    the teacher's; `gm` ends with the dequantized weights of the result. Returns KL per step and code-change statistics."""
+    the teacher's; `gm` ends with the dequantized weights of the result. Returns KL per step and
+    code-change statistics."""
     targets = sorted(state)
     tied = _other_parameters(gm, state, plan)
     others = sorted(tied)
@@ -302,7 +303,8 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             p.requires_grad_(False)
             p.grad = None
     head, tail = kl[:3], kl[-3:]
-    extra = [name for n in others if plan.extra and any(re.search(plan.extra, m) for m in tied[n]) for name in tied[n]]
+    extra = [name for n in others if plan.extra and any(re.search(plan.extra, m) for m in tied[n])
+             for name in tied[n]]  # with the names tied to a match
     return {"mode": plan.mode, "amp": plan.amp, "schedule": plan.schedule, "extra": extra,
             "steps": len(kl), "resumed_from": start,
             "kl_first": round(sum(head) / len(head), 5) if head else None,
