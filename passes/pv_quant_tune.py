@@ -148,20 +148,24 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def _other_parameters(gm: fx.GraphModule, state: dict, plan: TunePlan) -> dict[str, list[str]]:
+def _other_parameters(gm: fx.GraphModule, state: dict, plan: TunePlan) -> tuple[dict[str, list[str]], list[str]]:
     """The non-quantized parameters to tune (norms, and `plan.extra` matches), one name per storage, each
-    with every name sharing that storage (a tied embedding and lm_head are one tensor to tune)."""
+    with every name sharing that storage (a tied embedding and lm_head are one tensor to tune); and the
+    names tuned because of `plan.extra` (with the names tied to them)."""
     extra = re.compile(plan.extra) if plan.extra else None
     by_storage: dict[tuple, list[str]] = {}
-    picked = set()
+    picked, by_extra = set(), set()
     for n, p in gm.named_parameters(remove_duplicate=False):
         if n in state:
             continue
         key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
         by_storage.setdefault(key, []).append(n)
-        if (plan.tune_norms and p.dim() == 1 and "norm" in n) or (extra and extra.search(n)):
+        if extra and extra.search(n):
+            by_extra.add(key)
+        if (plan.tune_norms and p.dim() == 1 and "norm" in n) or key in by_extra:
             picked.add(key)
-    return {names[0]: names for key, names in by_storage.items() if key in picked}
+    tied = {names[0]: names for key, names in by_storage.items() if key in picked}
+    return tied, [n for key in by_extra for n in by_storage[key]]
 
 
 def _summed_grad(params: list[torch.Tensor]) -> torch.Tensor | None:
@@ -176,7 +180,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     the teacher's; `gm` ends with the dequantized weights of the result. Returns KL per step and
     code-change statistics."""
     targets = sorted(state)
-    tied = _other_parameters(gm, state, plan)
+    tied, extra = _other_parameters(gm, state, plan)
     others = sorted(tied)
     # The student's dense weights: fresh tensors (the teacher may share the graph's storage).
     for t in targets:
@@ -233,7 +237,8 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     for p in gm.parameters():
         p.requires_grad_(False)
     weights = [attr_tensor(gm, t) for t in targets]
-    other_params = [attr_tensor(gm, name) for n in others for name in tied[n]]
+    other_groups = [[attr_tensor(gm, name) for name in tied[n]] for n in others]  # one list per storage
+    other_params = [p for group in other_groups for p in group]
     for p in weights + other_params:
         p.requires_grad_(True)
     seconds = {"model": 0.0, "p_step": 0.0, "v_step": 0.0}
@@ -269,7 +274,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                         grads += torch.autograd.grad(q.weight(), params, w.grad)
                         for x in params:
                             x.requires_grad_(False)
-                grads += [_summed_grad([attr_tensor(gm, name) for name in tied[n]]) for n in others]
+                grads += [_summed_grad(group) for group in other_groups]
                 p_opt.step(grads)
                 t2 = time.perf_counter()
                 # V step: straight-through buffers, then a few code groups follow them.
@@ -303,8 +308,6 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             p.requires_grad_(False)
             p.grad = None
     head, tail = kl[:3], kl[-3:]
-    extra = [name for n in others if plan.extra and any(re.search(plan.extra, m) for m in tied[n])
-             for name in tied[n]]  # with the names tied to a match
     return {"mode": plan.mode, "amp": plan.amp, "schedule": plan.schedule, "extra": extra,
             "steps": len(kl), "resumed_from": start,
             "kl_first": round(sum(head) / len(head), 5) if head else None,
