@@ -85,3 +85,18 @@ def calibration_batches(tokenizer, source: str = "wikitext2-valid", num_samples:
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=gen)
     return [ids[s: s + seq_len][None] for s in starts.tolist()]
+
+
+def prompt_slices(batches: list[torch.Tensor], num: int, length: int, seed: int = 0) -> torch.Tensor:
+    """`num` random slices [num, length] of token batches (each [B, S], S > length), as prompts."""
+    rows = [row for b in batches for row in b]
+    if not rows or any(r.numel() <= length for r in rows):
+        raise DataError(f"prompts of {length} tokens need token batches longer than that")
+    gen = torch.Generator().manual_seed(seed)
+    which = torch.randint(0, len(rows), (num,), generator=gen).tolist()
+    offsets = torch.rand(num, generator=gen).tolist()
+    out = torch.empty(num, length, dtype=torch.long)
+    for i, (r, f) in enumerate(zip(which, offsets)):
+        start = int(f * (rows[r].numel() - length + 1))
+        out[i] = rows[r][start: start + length]
+    return out

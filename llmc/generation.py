@@ -172,3 +172,45 @@ class TextGenerator:
         out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         return out[0] if single else out
 
+
+
+def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: Tensor, length: int,
+                   seed: int, batch_size: int = 32, path: str | None = None, fingerprint: str = "",
+                   progress: bool = True) -> Tensor:
+    """Windows [N, length] of text a model writes itself: each prompt row of `prompts` [N, P]
+    continued by plain sampling (temperature 1, no top-k/top-p, no stop at EOS) to `length` tokens.
+
+    Rows are sampled `batch_size` at a time and batch i is seeded with `seed + i`, so the result
+    does not depend on where a run stopped. With `path`, the rows done so far are saved after
+    each batch (with `fingerprint`); a later call with the same fingerprint continues from them.
+    """
+    import os
+
+    from llmc.fsutil import atomic_file
+    from llmc.progress import bar, log
+
+    n, p = prompts.shape
+    if not 0 < p < length:
+        raise ConfigError(f"prompts of {p} tokens cannot start windows of {length}")
+    done = torch.empty(0, length, dtype=torch.long)
+    if path and os.path.exists(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved.get("fingerprint") == fingerprint and saved["rows"].shape[1:] == (length,):
+                done = saved["rows"][:n].long()
+        except Exception as e:  # noqa: BLE001 - an unreadable file is regenerated, not fatal
+            log(f"{path} is unreadable ({e}); sampling again")
+    if done.shape[0] == n:
+        return done
+    batches = range(done.shape[0] // batch_size, -(-n // batch_size))
+    done = done[: batches.start * batch_size]
+    rows = [done]
+    for i in bar(batches, desc="sampling text", unit="batch", enabled=progress):
+        chunk = prompts[i * batch_size: (i + 1) * batch_size]
+        cfg = SamplingConfig(length - p, do_sample=True, seed=seed + i)
+        new = generate_tokens(step, empty_cache, chunk.tolist(), cfg, pad_id=0)
+        rows.append(torch.cat([chunk, torch.as_tensor(new, dtype=torch.long)], dim=1))
+        if path:
+            with atomic_file(path) as tmp:
+                torch.save({"fingerprint": fingerprint, "rows": torch.cat(rows).int()}, tmp)
+    return torch.cat(rows)

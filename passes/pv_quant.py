@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
+SELF_PROMPT, SELF_WINDOW = 8, 512  # tune_data=self: prompt and window lengths in tokens
+
+
 @register_pass("pv_quant")
 @dataclass(frozen=True)
 class PVQuant(Pass):
@@ -88,7 +91,9 @@ class PVQuant(Pass):
                 "off elsewhere (on AVX2 a bf16 matmul is about 7x slower than float32)"})
     tune_samples: int = dataclasses.field(default=256, metadata={
         "help": "sequences of 512 tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
-    tune_data: str = "wikitext2-valid"
+    tune_data: str = dataclasses.field(default="wikitext2-valid", metadata={
+        "help": "data set or file of the PV-Tuning windows, or 'self': text the model writes itself before "
+                "quantization, sampled from 8-token prompts cut from the calibration batches"})
     lr_schedule: Literal["constant", "cosine"] = dataclasses.field(default="constant", metadata={
         "help": "PV-Tuning learning rates (tune_lr, code_lr): constant, or a cosine decay to 0 over the steps"})
     tune_extra: str = dataclasses.field(default="", metadata={
@@ -217,7 +222,7 @@ class PVQuant(Pass):
         config.pop("checkpoint_dir")
         model_digest = graph_digest(gm)
         tune_digest = ""
-        if self.steps > 0 and self.tune_samples:  # the tuning windows are drawn from this file
+        if self.steps > 0 and self.tune_samples and self.tune_data != "self":  # windows drawn from this file
             from llmc.data import sha256
 
             tune_digest = sha256(self.tune_data)
@@ -231,6 +236,9 @@ class PVQuant(Pass):
             from llmc.passes.structured_ffn_recovery import graph_teacher
 
             teacher = graph_teacher(gm, ctx)
+        written = None  # sampled before calibration: the graph is still the FP model here
+        if self.steps > 0 and self.tune_samples and self.tune_data == "self":
+            written = self._self_written(gm, ctx, model_digest, root)
         targets = {n.args[1].target for n in linears}
         what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}"
         calib_id = tensor_digest(ctx.calibration, f"{model_digest} {what} {self.ft_epochs} {self.ft_lr} "
@@ -243,7 +251,9 @@ class PVQuant(Pass):
         if self.steps > 0:
             t1 = time.perf_counter()
             batches = ctx.calibration
-            if self.tune_samples:
+            if written is not None:
+                batches = list(written.split(1))
+            elif self.tune_samples:
                 from llmc.data import calibration_batches
 
                 batches = calibration_batches(ctx.program.tokenizer, self.tune_data, num_samples=self.tune_samples,
@@ -264,6 +274,29 @@ class PVQuant(Pass):
             f"{stats['mean_relative_output_error']:.4f}" + (f", KL {tstats['kl_first']} -> {tstats['kl_last']}"
                                                             if tstats else ""))
         return PassResult(gm, True, stats)
+
+    def _self_written(self, gm: fx.GraphModule, ctx: PassContext, model_digest: str, root: str) -> torch.Tensor:
+        """`tune_samples` windows of 512 tokens sampled from the graph itself (under the tuning's
+        autocast), cached and resumable under `root`."""
+        from llmc.data import prompt_slices
+        from llmc.generation import sample_windows
+
+        prompts = prompt_slices(ctx.calibration, self.tune_samples, SELF_PROMPT, seed=ctx.seed + 1)
+        amp = self.use_amp()
+        fingerprint = tensor_digest([prompts], f"{model_digest} {SELF_WINDOW} {ctx.seed} amp={amp}")[:16]
+
+        def step(ids, mask, pos, past):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                logits, present = gm(ids, mask, pos, past)
+            return logits.float(), present
+
+        empty = lambda b: ctx.program.empty_cache(b, 0)  # noqa: E731
+        t0 = time.perf_counter()
+        rows = sample_windows(step, empty, prompts, SELF_WINDOW, ctx.seed + 1, path=os.path.join(
+            root, f"self-written-{fingerprint}.pt"), fingerprint=fingerprint, progress=ctx.progress)
+        log(f"pv_quant: {rows.shape[0]} windows of {SELF_WINDOW} tokens written by the model itself "
+            f"({time.perf_counter() - t0:.0f} s)")
+        return rows
 
     def _rewrite(self, gm: fx.GraphModule, linears: list[fx.Node], state) -> None:
         bits, group = self.resolved()

@@ -8,6 +8,7 @@ import torch
 
 import llmc
 from llmc.errors import ConfigError, PassOrderError
+from llmc.generation import sample_windows
 from llmc.graph import attr_tensor
 from llmc.ops.vq import dequantize
 from llmc.passes import pv_quant_calib
@@ -365,6 +366,28 @@ def test_scalar_format_is_gptq_initialised_tunable_and_lowers_to_nbits(tiny_mode
     stats = tuned.program.history[-1].stats["tuning"]
     assert stats["kl_last"] < stats["kl_first"] and max(stats["code_change"]) > 0
     assert _kl(tuned, ref, ids) < kl_scalar
+
+
+def test_tuning_on_text_the_model_writes_itself(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    calib = _calibration(4, 48)
+    fp = llmc.compile(model, tokenizer=tiny_tokenizer(), progress=False)
+    ids = sample_windows(fp.step, fp.empty_cache, _calibration(1, 8, seed=7)[0], 128, seed=9, progress=False)
+    ref = model(ids).logits  # held-out text of the same kind: written by the model from another prompt
+    spec = f"pv_quant:format=scalar,bits=2,group=16,ft_epochs=1,checkpoint_dir={tmp_path}"
+    calibrated = llmc.compile(model, [spec + ",steps=0"], calibration=calib, tokenizer=tiny_tokenizer(),
+                              progress=False)
+    tuning = ",steps=10,batch_size=2,tune_samples=4,tune_data=self,tune_lr=1e-2"
+    cm = llmc.compile(model, [spec + tuning], calibration=calib, tokenizer=tiny_tokenizer(), progress=False)
+    assert cm.program.history[-1].stats["tuning"]["steps"] == 10
+    assert _kl(cm, ref, ids) < 0.85 * _kl(calibrated, ref, ids)
+    (written,) = tmp_path.glob("self-written-*.pt")
+    rows = torch.load(written, weights_only=True)["rows"]
+    assert rows.shape == (4, 512)  # 8-token prompts cut from the calibration batches, then sampled text
+    text = [b[0].tolist() for b in calib]
+    for row in rows[:, :8].tolist():
+        assert any(any(t[s: s + 8] == row for s in range(41)) for t in text)
+    assert rows[:, 8:].float().std() > 0
 
 
 def test_scalar_codes_round_trip_the_matmulnbits_layout():
