@@ -98,6 +98,9 @@ class PVQuant(Pass):
         "help": "PV-Tuning learning rates (tune_lr, code_lr): constant, or a cosine decay to 0 over the steps"})
     tune_extra: str = dataclasses.field(default="", metadata={
         "help": "regex of non-quantized parameters PV-Tuning also tunes, besides the norms (e.g. embed_tokens)"})
+    clip_grid: int = dataclasses.field(default=0, metadata={
+        "help": "scalar: GPTQ picks each group's range among this many shrink ratios down to 0.5, by "
+                "XᵀX-diagonal-weighted rounding error (0: min/max)"})
     targets: str = r"layers\.\d+\.(self_attn|mlp)\."
     checkpoint_dir: str | None = None
 
@@ -119,7 +122,8 @@ class PVQuant(Pass):
             raise ConfigError(f"pv_quant.group must be a power of two >= 16 for scalar (MatMulNBits blocks), "
                               f"got {group}")
         for name, low in (("codebooks", 1), ("bits", 0), ("group", 0), ("kmeans_iters", 1), ("adam_steps", 0),
-                          ("max_epochs", 0), ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0)):
+                          ("max_epochs", 0), ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0),
+                          ("clip_grid", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"pv_quant.{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("lr", "ft_lr", "tune_lr", "code_lr"):
@@ -183,7 +187,7 @@ class PVQuant(Pass):
         def quantize(W, A, seed):
             from llmc.passes.gptq_quant import gptq_quantize
 
-            packed = gptq_quantize(W, A.double(), bits, group, damp=0.01, act_order=True)
+            packed = gptq_quantize(W, A.double(), bits, group, damp=0.01, act_order=True, clip_grid=self.clip_grid)
             q = scalar_from_packed(*packed, W.shape[1], bits, group)
             err = float(output_error(W, q.weight(), A) / output_error(W, torch.zeros_like(W), A))
             return q, {"relative_error": [round(err, 6)]}
@@ -240,7 +244,8 @@ class PVQuant(Pass):
         if self.steps > 0 and self.tune_samples and self.tune_data == "self":
             written = self._self_written(gm, ctx, model_digest, root)
         targets = {n.args[1].target for n in linears}
-        what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}"
+        what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}" + (
+            f" clip {self.clip_grid}" if self.clip_grid > 1 else "")
         calib_id = tensor_digest(ctx.calibration, f"{model_digest} {what} {self.ft_epochs} {self.ft_lr} "
                                                   f"{self.targets} {ctx.seed}")[:16]
         state, cstats = calibrate(gm, ctx.calibration, empty, targets.__contains__, self._quantizer(ctx.seed),
