@@ -173,7 +173,6 @@ class TextGenerator:
         return out[0] if single else out
 
 
-
 def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: Tensor, length: int,
                    seed: int, batch_size: int = 32, path: str | None = None, fingerprint: str = "",
                    progress: bool = True) -> Tensor:

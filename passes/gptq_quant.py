@@ -139,6 +139,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group: int, symmetric: b
 
     scales = torch.empty(N, G, dtype=torch.float32)
     zeros = torch.empty(N, G, dtype=torch.float32)
+
     def params(w: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
         if clip_grid > 1:
             return searched_group_params(w, bits, symmetric, diag[cols].float(), clip_grid)
@@ -208,8 +209,8 @@ class GPTQQuant(Pass):
     quantizes the inputs with the largest XᵀX diagonal first, with each group's scale and zero point
     fixed beforehand so the stored layout is unchanged (on SmolLM2-135M at 4 bits, group 64: ppl
     33.4 with it, 37.2 without, 38.1 for rtn_quant). `clip_grid` > 1 picks each group's range among
-    that many shrink ratios (`searched_group_params`) instead of min/max. With `checkpoint_dir` the statistics are
-    cached there under a fingerprint of the graph and the data. Numerics: lossy.
+    that many shrink ratios (`searched_group_params`) instead of min/max. With `checkpoint_dir` the
+    statistics are cached there under a fingerprint of the graph and the data. Numerics: lossy.
     """
 
     bits: int = 4

@@ -118,6 +118,8 @@ class PVQuant(Pass):
         if self.format == "scalar" and bits not in SUPPORTED_BITS:
             raise ConfigError(f"pv_quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))} for scalar "
                               f"(MatMulNBits), got {bits}")
+        if self.format == "aq" and self.clip_grid:
+            raise ConfigError("pv_quant.clip_grid applies to format=scalar (GPTQ's group ranges); aq codes have none")
         if self.format == "scalar" and (group < 16 or group & (group - 1)):
             raise ConfigError(f"pv_quant.group must be a power of two >= 16 for scalar (MatMulNBits blocks), "
                               f"got {group}")

@@ -315,7 +315,7 @@ def test_pass_needs_calibration_and_valid_options(tiny_models):
         llmc.compile(tiny_models["llama"], ["pv_quant"], tokenizer=tiny_tokenizer(), progress=False)
     for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=5", "format=scalar,group=24", "codebooks=0",
                 "code_change=0", "code_change=2", "mode=fast", "lr=0", "targets=(", "steps=-1", "lr_schedule=linear",
-                "tune_extra=("):
+                "tune_extra=(", "clip_grid=20", "format=scalar,clip_grid=-1"):
         with pytest.raises(ConfigError):
             llmc.compile(tiny_models["llama"], [f"pv_quant:{bad}"], calibration=_calibration(2), progress=False,
                          tokenizer=tiny_tokenizer())
