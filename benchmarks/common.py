@@ -26,6 +26,11 @@ def commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+# The code a run measures is the code it started with: a long run must not take the commit made
+# while it ran (write_result records this one).
+STARTED_AT = commit()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -75,7 +80,7 @@ def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, 
     from llmc.compiled import versions
 
     os.makedirs(RESULTS, exist_ok=True)
-    now = {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    now = {"commit": STARTED_AT, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     for row in rows:  # rows of this run; older ones carry theirs (load_rows)
         for key in PROVENANCE:
             row.setdefault(key, now[key])

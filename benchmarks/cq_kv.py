@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import commit, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
+from common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -141,7 +141,7 @@ def decode_speed(args, src, ids, rows):
                      "tokens_per_s": round(med[label], 2), "fp_cache_tokens_per_s": round(med["fp"], 2),
                      "ratio_to_fp_cache": round(med[label] / med["fp"], 3),
                      "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
-                     "same_tokens_as_fp_cache": tokens[label] == tokens["fp"], "commit": commit()})
+                     "same_tokens_as_fp_cache": tokens[label] == tokens["fp"], "commit": STARTED_AT})
         print(f"decode {label}: {med[label]:.1f} tok/s ({med[label] / med['fp']:.2f}x FP cache), parity {parity}",
               flush=True)
 
@@ -194,7 +194,7 @@ def main() -> None:
                  "x_fp": round(r.ppl / fp_ppl, 4),
                  "bits_per_channel": _bits(cm.program), **kv_cost(cm.program),
                  "seconds": {"compile_and_calibrate": round(compile_s, 1), "eval": round(r.seconds, 1)},
-                 "commit": commit()}
+                 "commit": STARTED_AT}
         if cm.program.history:
             stats = cm.program.history[-1].stats
             entry["mean_relative_mse"] = stats.get("mean_relative_mse")

@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import commit, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
+from common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
                  "x_fp": round(r.ppl / fp_ppl, 4), "model_bytes": size["total_bytes"],
                  "decoder_linear_bits_per_param": size.get("decoder_linear_bits_per_param"),
                  "seconds": {"compile": round(compile_s, 1), "eval": round(r.seconds, 1)},
-                 "peak_rss_mb": round(peak_rss_mb()), "commit": commit()}
+                 "peak_rss_mb": round(peak_rss_mb()), "commit": STARTED_AT}
         h = next((h for h in cm.program.history if h.name == "pv_quant"), None)
         if h is not None:
             entry["bits_per_weight"] = h.stats["bits_per_weight"]
@@ -179,7 +179,7 @@ def onnx_rows(args, src, ids, rows) -> None:
                  "file_mb": round(sz / 1e6, 1), "tokens_per_s": round(med[label], 2),
                  "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": par,
                  "export_seconds": round(ex, 1), "ratio_to_fp32": round(med[label] / med["fp32"], 3),
-                 "ratio_to_rtn4": round(med[label] / med["rtn-4"], 3), "commit": commit()}
+                 "ratio_to_rtn4": round(med[label] / med["rtn-4"], 3), "commit": STARTED_AT}
         if label == row:
             entry.update({"protocol": args.protocol, "ort_ppl": round(ort_ppl.ppl, 4), "torch_ppl": torch_ppl,
                           "ort_minus_torch": round(ort_ppl.ppl - torch_ppl, 4)})
