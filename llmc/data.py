@@ -91,7 +91,8 @@ def prompt_slices(batches: list[torch.Tensor], num: int, length: int, seed: int 
     """`num` random slices [num, length] of token batches (each [B, S], S > length), as prompts."""
     rows = [row for b in batches for row in b]
     if not rows or any(r.numel() <= length for r in rows):
-        raise DataError(f"prompts of {length} tokens need token batches longer than that")
+        raise DataError(f"prompts of {length} tokens need token batches longer than that; calibrate on "
+                        "longer windows")
     gen = torch.Generator().manual_seed(seed)
     which = torch.randint(0, len(rows), (num,), generator=gen).tolist()
     offsets = torch.rand(num, generator=gen).tolist()

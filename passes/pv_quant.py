@@ -246,8 +246,8 @@ class PVQuant(Pass):
         if self.steps > 0 and self.tune_samples and self.tune_data == "self":
             written = self._self_written(gm, ctx, model_digest, root)
         targets = {n.args[1].target for n in linears}
-        what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}" + (
-            f" clip {self.clip_grid}" if self.clip_grid > 1 else "")
+        clip = f" clip {self.clip_grid}" if self.clip_grid > 1 else ""  # min/max runs keep their old ids
+        what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}{clip}"
         calib_id = tensor_digest(ctx.calibration, f"{model_digest} {what} {self.ft_epochs} {self.ft_lr} "
                                                   f"{self.targets} {ctx.seed}")[:16]
         state, cstats = calibrate(gm, ctx.calibration, empty, targets.__contains__, self._quantizer(ctx.seed),
