@@ -7,6 +7,7 @@ then decoded one token per step. Greedy decoding reproduces Hugging Face's `gene
 
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 from llmc.errors import ConfigError
+from llmc.fsutil import atomic_file
+from llmc.progress import bar, log
 
 
 @dataclass(frozen=True)
@@ -183,11 +186,6 @@ def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], li
     does not depend on where a run stopped. With `path`, the rows done so far are saved after
     each batch (with `fingerprint`); a later call with the same fingerprint continues from them.
     """
-    import os
-
-    from llmc.fsutil import atomic_file
-    from llmc.progress import bar, log
-
     n, p = prompts.shape
     if not 0 < p < length:
         raise ConfigError(f"prompts of {p} tokens cannot start windows of {length}")

@@ -244,7 +244,7 @@ class PVQuant(Pass):
             teacher = graph_teacher(gm, ctx)
         written = None  # sampled before calibration: the graph is still the FP model here
         if self.steps > 0 and self.tune_samples and self.tune_data == "self":
-            written = self._self_written(gm, ctx, model_digest, root)
+            written = self._self_written(gm, ctx, empty, model_digest, root)
         targets = {n.args[1].target for n in linears}
         clip = f" clip {self.clip_grid}" if self.clip_grid > 1 else ""  # min/max runs keep their old ids
         what = self.aq_config() if self.format == "aq" else f"scalar gptq {bits} {group}{clip}"
@@ -282,7 +282,8 @@ class PVQuant(Pass):
                                                             if tstats else ""))
         return PassResult(gm, True, stats)
 
-    def _self_written(self, gm: fx.GraphModule, ctx: PassContext, model_digest: str, root: str) -> torch.Tensor:
+    def _self_written(self, gm: fx.GraphModule, ctx: PassContext, empty, model_digest: str,
+                      root: str) -> torch.Tensor:
         """`tune_samples` windows of 512 tokens sampled from the graph itself (under the tuning's
         autocast), cached and resumable under `root`."""
         from llmc.data import prompt_slices
@@ -297,7 +298,6 @@ class PVQuant(Pass):
                 logits, present = gm(ids, mask, pos, past)
             return logits.float(), present
 
-        empty = lambda b: ctx.program.empty_cache(b, 0)  # noqa: E731
         t0 = time.perf_counter()
         rows = sample_windows(step, empty, prompts, SELF_WINDOW, ctx.seed + 1, path=os.path.join(
             root, f"self-written-{fingerprint}.pt"), fingerprint=fingerprint, progress=ctx.progress)
