@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
-SELF_PROMPT, SELF_WINDOW = 8, 512  # tune_data=self: prompt and window lengths in tokens
+TUNE_WINDOW = 512  # tokens per PV-Tuning sequence
+SELF_PROMPT = 8  # tune_data=self: prompt length in tokens
 
 
 @register_pass("pv_quant")
@@ -79,6 +80,9 @@ class PVQuant(Pass):
     ft_lr: float = 1e-4
     steps: int = dataclasses.field(default=120, metadata={"help": "PV-Tuning steps (0: calibration only)"})
     batch_size: int = dataclasses.field(default=2, metadata={"help": "sequences per PV-Tuning step"})
+    micro_batch: int = dataclasses.field(default=8, metadata={
+        "help": "sequences per forward/backward pass; a larger batch_size accumulates gradients over "
+                "micro-batches (bounds memory: SmolLM2-135M takes about 1.3 GB per 512-token sequence)"})
     tune_lr: float = 3e-4
     code_lr: float = 1e-2
     code_change: float | None = dataclasses.field(default=None, metadata={
@@ -90,10 +94,10 @@ class PVQuant(Pass):
         "help": "bfloat16 autocast in PV-Tuning; auto: on where oneDNN has native bf16 kernels (AVX-512, AMX), "
                 "off elsewhere (on AVX2 a bf16 matmul is about 7x slower than float32)"})
     tune_samples: int = dataclasses.field(default=256, metadata={
-        "help": "sequences of 512 tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
+        "help": f"sequences of {TUNE_WINDOW} tokens drawn from tune_data for PV-Tuning (0: the calibration batches)"})
     tune_data: str = dataclasses.field(default="wikitext2-valid", metadata={
         "help": "data set or file of the PV-Tuning windows, or 'self': text the model writes itself before "
-                "quantization, sampled from 8-token prompts cut from the calibration batches"})
+                f"quantization, sampled from {SELF_PROMPT}-token prompts cut from the calibration batches"})
     lr_schedule: Literal["constant", "cosine"] = dataclasses.field(default="constant", metadata={
         "help": "PV-Tuning learning rates (tune_lr, code_lr): constant, or a cosine decay to 0 over the steps"})
     tune_extra: str = dataclasses.field(default="", metadata={
@@ -124,8 +128,8 @@ class PVQuant(Pass):
             raise ConfigError(f"pv_quant.group must be a power of two >= 16 for scalar (MatMulNBits blocks), "
                               f"got {group}")
         for name, low in (("codebooks", 1), ("bits", 0), ("group", 0), ("kmeans_iters", 1), ("adam_steps", 0),
-                          ("max_epochs", 0), ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("tune_samples", 0),
-                          ("clip_grid", 0)):
+                          ("max_epochs", 0), ("ft_epochs", 0), ("steps", 0), ("batch_size", 1), ("micro_batch", 1),
+                          ("tune_samples", 0), ("clip_grid", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"pv_quant.{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("lr", "ft_lr", "tune_lr", "code_lr"):
@@ -198,7 +202,8 @@ class PVQuant(Pass):
 
     def tune_plan(self, seed: int) -> TunePlan:
         return TunePlan(self.steps, self.batch_size, self.tune_lr, self.code_lr, *self.v_step_limits(), self.mode,
-                        amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra, seed=seed)
+                        amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra,
+                        micro_batch=self.micro_batch, seed=seed)
 
     def use_amp(self) -> bool:
         """Whether PV-Tuning runs under bfloat16 autocast (`amp`, with auto resolved on this CPU)."""
@@ -264,7 +269,7 @@ class PVQuant(Pass):
                 from llmc.data import calibration_batches
 
                 batches = calibration_batches(ctx.program.tokenizer, self.tune_data, num_samples=self.tune_samples,
-                                              seed=ctx.seed + 1)
+                                              seq_len=TUNE_WINDOW, seed=ctx.seed + 1)
             os.makedirs(folder, exist_ok=True)
             tstats = pv_tune(gm, state, teacher, batches, empty, self.tune_plan(ctx.seed), ctx.progress,
                              os.path.join(folder, "tuning.pt"), run_id)
@@ -284,14 +289,14 @@ class PVQuant(Pass):
 
     def _self_written(self, gm: fx.GraphModule, ctx: PassContext, empty, model_digest: str,
                       root: str) -> torch.Tensor:
-        """`tune_samples` windows of 512 tokens sampled from the graph itself (under the tuning's
+        """`tune_samples` windows of `TUNE_WINDOW` tokens sampled from the graph itself (under the tuning's
         autocast), cached and resumable under `root`."""
         from llmc.data import prompt_slices
         from llmc.generation import sample_windows
 
         prompts = prompt_slices(ctx.calibration, self.tune_samples, SELF_PROMPT, seed=ctx.seed + 1)
         amp = self.use_amp()
-        fingerprint = tensor_digest([prompts], f"{model_digest} {SELF_WINDOW} {ctx.seed} amp={amp}")[:16]
+        fingerprint = tensor_digest([prompts], f"{model_digest} {TUNE_WINDOW} {ctx.seed} amp={amp}")[:16]
 
         def step(ids, mask, pos, past):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -299,9 +304,9 @@ class PVQuant(Pass):
             return logits.float(), present
 
         t0 = time.perf_counter()
-        rows = sample_windows(step, empty, prompts, SELF_WINDOW, ctx.seed + 1, path=os.path.join(
+        rows = sample_windows(step, empty, prompts, TUNE_WINDOW, ctx.seed + 1, path=os.path.join(
             root, f"self-written-{fingerprint}.pt"), fingerprint=fingerprint, progress=ctx.progress)
-        log(f"pv_quant: {rows.shape[0]} windows of {SELF_WINDOW} tokens written by the model itself "
+        log(f"pv_quant: {rows.shape[0]} windows of {TUNE_WINDOW} tokens written by the model itself "
             f"({time.perf_counter() - t0:.0f} s)")
         return rows
 

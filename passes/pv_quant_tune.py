@@ -44,6 +44,7 @@ from llmc.progress import bar, log
 class TunePlan:
     steps: int = 50
     batch_size: int = 4           # sequences per step
+    micro_batch: int = 8          # sequences per forward/backward; gradients accumulate over a step's micro-batches
     lr: float = 3e-4              # LAMB, codebooks / scales / norms / extra
     code_lr: float = 1e-2         # LAMB (β1 = 0), straight-through buffers
     code_change: float = 0.01     # fraction of groups re-encoded per matrix per step
@@ -250,18 +251,20 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                 p_opt.lr, v_opt.lr = plan.lr * lr_factor(plan, step), plan.code_lr * lr_factor(plan, step)
                 picked = [order[(step * plan.batch_size + i) % len(order)] for i in range(plan.batch_size)]
                 ids = torch.cat([batches[i] for i in picked])
-                inputs = flat_inputs(ids, empty_cache)
-                with torch.no_grad(), _autocast(plan.amp):
-                    target = teacher(ids, inputs[1])
-                with torch.enable_grad():
-                    with _autocast(plan.amp):
-                        logits = gm(ids, inputs[1], inputs[2], inputs[3:])[0]
-                    loss = kl_to_teacher(logits, target)
-                    del logits
-                    for p in weights + other_params:
-                        p.grad = None
-                    loss.backward()
-                del target
+                for p in weights + other_params:
+                    p.grad = None
+                loss = 0.0
+                for chunk in ids.split(plan.micro_batch):  # the gradient of the mean KL over the whole batch
+                    inputs = flat_inputs(chunk, empty_cache)
+                    with torch.no_grad(), _autocast(plan.amp):
+                        target = teacher(chunk, inputs[1])
+                    with torch.enable_grad():
+                        with _autocast(plan.amp):
+                            logits = gm(chunk, inputs[1], inputs[2], inputs[3:])[0]
+                        part = kl_to_teacher(logits, target) * (chunk.shape[0] / ids.shape[0])
+                        del logits, target
+                        part.backward()
+                    loss += float(part.detach())
                 t1 = time.perf_counter()
                 # P step: pull ∂L/∂Ŵ back onto codebooks and scales.
                 grads = []
@@ -295,7 +298,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                 seconds["model"] += t1 - t0
                 seconds["p_step"] += t2 - t1
                 seconds["v_step"] += t3 - t2
-                kl.append(float(loss.detach()))
+                kl.append(loss)
                 changes.append(moved / max(total, 1))
                 pbar.update(1)
                 pbar.set_postfix(kl=f"{kl[-1]:.4f}", changed=f"{changes[-1]:.4f}")

@@ -209,6 +209,23 @@ def test_pv_steps_lower_the_kl(tiny_models, mode):
     torch.testing.assert_close(attr_tensor(program.gm, next(iter(state))), state[next(iter(state))].weight())
 
 
+def test_micro_batches_give_the_full_batch_step(tiny_models):
+    """A batch split 3 + 1 accumulates the gradient of the whole batch's mean KL: same KL trace, same codes."""
+    batches = _calibration(4, 48, seed=6)
+    runs = []
+    for micro in (4, 3):
+        program, state = _quantized_program(tiny_models, None)
+        plan = TunePlan(steps=3, batch_size=4, micro_batch=micro, lr=3e-3, code_lr=0.2, code_change=0.05, amp=False)
+        stats = pv_tune(program.gm, state, _teacher(tiny_models["llama"]), batches,
+                        lambda b: program.empty_cache(b, 0), plan, progress=False)
+        runs.append((stats["kl"], state))
+    (kl_full, full), (kl_split, split) = runs
+    assert kl_split == pytest.approx(kl_full, rel=1e-5)
+    for t in full:
+        assert torch.equal(full[t].codes, split[t].codes)
+        torch.testing.assert_close(full[t].codebooks, split[t].codebooks, rtol=1e-4, atol=1e-6)
+
+
 def test_cosine_schedule_decays_both_rates_to_zero():
     plan = TunePlan(steps=10, schedule="cosine")
     assert lr_factor(plan, 0) == 1.0 and lr_factor(plan, 5) == pytest.approx(0.5)
@@ -315,7 +332,8 @@ def test_pass_needs_calibration_and_valid_options(tiny_models):
         llmc.compile(tiny_models["llama"], ["pv_quant"], tokenizer=tiny_tokenizer(), progress=False)
     for bad in ("bits=12", "bits=-1", "format=int4", "format=scalar,bits=5", "format=scalar,group=24", "codebooks=0",
                 "code_change=0", "code_change=2", "mode=fast", "lr=0", "targets=(", "steps=-1", "lr_schedule=linear",
-                "tune_extra=(", "clip_grid=20", "format=scalar,clip_grid=-1"):
+                "tune_extra=(", "clip_grid=20", "format=scalar,clip_grid=-1",
+                "micro_batch=0"):
         with pytest.raises(ConfigError):
             llmc.compile(tiny_models["llama"], [f"pv_quant:{bad}"], calibration=_calibration(2), progress=False,
                          tokenizer=tiny_tokenizer())
