@@ -201,9 +201,10 @@ class PVQuant(Pass):
         return quantize
 
     def tune_plan(self, seed: int) -> TunePlan:
-        return TunePlan(self.steps, self.batch_size, self.tune_lr, self.code_lr, *self.v_step_limits(), self.mode,
-                        amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra,
-                        micro_batch=self.micro_batch, seed=seed)
+        code_change, trust_ratio = self.v_step_limits()
+        return TunePlan(steps=self.steps, batch_size=self.batch_size, micro_batch=self.micro_batch, lr=self.tune_lr,
+                        code_lr=self.code_lr, code_change=code_change, trust_ratio=trust_ratio, mode=self.mode,
+                        amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra, seed=seed)
 
     def use_amp(self) -> bool:
         """Whether PV-Tuning runs under bfloat16 autocast (`amp`, with auto resolved on this CPU)."""

@@ -226,6 +226,14 @@ def test_micro_batches_give_the_full_batch_step(tiny_models):
         torch.testing.assert_close(full[t].codebooks, split[t].codebooks, rtol=1e-4, atol=1e-6)
 
 
+def test_tuning_plan_carries_every_option():
+    spec = ("pv_quant:steps=7,batch_size=16,micro_batch=4,tune_lr=0.001,code_lr=0.5,code_change=0.02,"
+            "trust_ratio=0.03,mode=ste,lr_schedule=cosine,tune_extra=embed,amp=off")
+    plan = parse_pass_spec(spec).tune_plan(seed=5)
+    assert plan == TunePlan(steps=7, batch_size=16, micro_batch=4, lr=0.001, code_lr=0.5, code_change=0.02,
+                            trust_ratio=0.03, mode="ste", schedule="cosine", extra="embed", amp=False, seed=5)
+
+
 def test_cosine_schedule_decays_both_rates_to_zero():
     plan = TunePlan(steps=10, schedule="cosine")
     assert lr_factor(plan, 0) == 1.0 and lr_factor(plan, 5) == pytest.approx(0.5)
