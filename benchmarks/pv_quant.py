@@ -11,9 +11,10 @@ tuning; the reported seconds are then the tuning's plus the calibration row's. R
 appended to benchmarks/results/<name>.json as rows finish (rerunning skips finished rows). Peak
 memory is the process's, so run heavy rows one per process for a meaningful number.
 
-`--onnx ROW` lowers the saved model of ROW, the FP32 model and RTN 4-bit g64 (MatMulNBits) to ONNX
+`--onnx ROW` lowers the saved model of ROW (with llmc's VQLinear kernel where it builds, and with
+the dequantize lowering as ROW-dequantize), the FP32 model and RTN 4-bit g64 (MatMulNBits) to ONNX
 (each parity-checked), scores ppl-512x40 in ONNX Runtime for ROW, and times greedy decode (batch
-1, 128-token prompt, 128 new tokens) of all three in interleaved rounds.
+1, 128-token prompt, 128 new tokens) of all of them in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -147,19 +148,22 @@ def main() -> None:
 
 def onnx_rows(args, src, ids, rows) -> None:
     """Lower ROW, FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s of all three, interleaved."""
-    from llmc.backends.onnxruntime import lower
+    from llmc.backends.onnxruntime import custom_ops, lower
     from llmc.runtime import OrtModel
 
     row = args.onnx
     models = {}
-    for label, make in ((row, lambda: llmc.load(os.path.join(args.out, row))),
-                        ("fp32", lambda: llmc.compile(src)),
-                        ("rtn-4", lambda: llmc.compile(src, passes=["rtn_quant:bits=4,group=64"]))):
+    exports = [(row, lambda: llmc.load(os.path.join(args.out, row)), "auto"),
+               ("fp32", lambda: llmc.compile(src), "auto"),
+               ("rtn-4", lambda: llmc.compile(src, passes=["rtn_quant:bits=4,group=64"]), "auto")]
+    if custom_ops.available():  # ROW's default export is the kernel lowering; the dequantize one beside it
+        exports.insert(1, (f"{row}-dequantize", exports[0][1], "dequantize"))
+    for label, make, lowering in exports:
         cm = make()
         out = os.path.join(args.out, f"onnx-{label}")
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        lower(cm.program, out)
+        lower(cm.program, out, vq_lowering=lowering)
         export_s = time.perf_counter() - t0
         with open(os.path.join(out, "llmc_onnx.json")) as f:
             parity = json.load(f)["parity"]
@@ -175,7 +179,10 @@ def onnx_rows(args, src, ids, rows) -> None:
     med = {k: statistics.median(v) for k, v in tps.items()}
     rows[:] = [r for r in rows if not r["row"].startswith("ort-")]
     for label, (_, par, sz, _, ex) in models.items():
-        entry = {"row": f"ort-{label}", "method": f"ONNX Runtime {label}: greedy decode, batch 1, 128+128",
+        lowering = json.load(open(os.path.join(args.out, f"onnx-{label}", "llmc_onnx.json"))).get("vq_lowering")
+        how = f" ({'llmc.VQLinear kernel' if lowering == 'kernel' else 'dequantized at load'})" if lowering else ""
+        entry = {"row": f"ort-{label}", "method": f"ONNX Runtime {label}{how}: greedy decode, batch 1, 128+128",
+                 "vq_lowering": lowering,
                  "file_mb": round(sz / 1e6, 1), "tokens_per_s": round(med[label], 2),
                  "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": par,
                  "export_seconds": round(ex, 1), "ratio_to_fp32": round(med[label] / med["fp32"], 3),

@@ -15,8 +15,9 @@ layers; the other methods of a round evict a 1536x576 float32 weight at least pa
 distinct layers holding --cold-mib MiB per method (more than the L3), so that each call reads its
 weight from DRAM, as in a real decode, where the whole model passes between two uses of a layer.
 With --ort, the ONNX formulations of one 1536x576 2x8 g8 layer in ONNX Runtime, at 1 token: the
-lowering's dequantize-then-MatMul (ORT folds it into a float MatMul at session load) and two
-lookup-table graphs, with a float32 MatMul for reference.
+dequantize lowering (ORT folds it into a float MatMul at session load), two lookup-table graphs of
+standard ops, and the kernel lowering (llmc's custom op `llmc.VQLinear`, where a C compiler can
+build it), with a float32 MatMul for reference.
 """
 
 from __future__ import annotations
@@ -211,19 +212,25 @@ def _with_initializer(model_bytes: bytes, name: str, value) -> bytes:
 def ort_rows(args) -> list[dict]:
     import onnxruntime as ort
 
+    from llmc.backends.onnxruntime import custom_ops
+    from llmc.backends.onnxruntime.translations import vq_linear_kernel
+
     N, K, (M, B, g) = 1536, 576, CONFIGS[1]
     gen = torch.Generator().manual_seed(1)
     codes, codebooks, scales = Ring(N, K, M, B, g, 1, gen).layer(0)
     weight = dequantize(codes, codebooks, scales)
     graphs = {  # name -> (model, the initializer that differs between layers, bytes a session holds per layer)
         "dense float32 MatMul": (_export(_Linear(weight, vq=False), K), "weight", N * K * 4),
-        "dequantize-then-MatMul (the lowering)": (_export(_Linear(codes, codebooks, scales), K), "codes",
+        "dequantize-then-MatMul (the dequantize lowering)": (_export(_Linear(codes, codebooks, scales), K), "codes",
                                                   N * K * 4),
         "LUT: MatMul table, Gather, ReduceSum": (_export(_Linear(codes, codebooks, scales), K, _lut_gather),
                                                  "codes", codes.numel() * 4),
         "LUT: MatMul table, GatherElements, ReduceSum": (
             _export(_Linear(codes, codebooks, scales), K, _lut_gather_elements), "codes", codes.numel() * 4),
     }
+    if custom_ops.available():  # the kernel lowering: llmc.VQLinear, uint8 codes read at run time
+        graphs["llmc.VQLinear custom op (the kernel lowering)"] = (
+            _export(_Linear(codes, codebooks, scales), K, vq_linear_kernel), "codes", codes.numel())
     draw = {"weight": lambda: torch.randn(N, K, generator=gen),
             "codes": lambda: torch.randint(0, 256, codes.shape, generator=gen, dtype=torch.uint8)}
     x = torch.randn(1, 1, K, generator=gen)
@@ -233,6 +240,8 @@ def ort_rows(args) -> list[dict]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # ~100 sessions: no spinning pools
+        if custom_ops.available():
+            opts.register_custom_ops_library(custom_ops.library_path())
         hot, rings = {}, {}
         for name, (model, init, resident) in graphs.items():
             hot[name] = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])

@@ -40,7 +40,8 @@ def cmd_compile(args) -> int:
     cm = llmc.compile(args.model, passes=args.passes, calibration=args.calib, seed=args.seed)
     if args.backend == "onnxruntime":
         backend = importlib.import_module("llmc.backends.onnxruntime")
-        backend.lower(cm.program, out, parity=not args.no_parity, overwrite=args.overwrite)
+        backend.lower(cm.program, out, parity=not args.no_parity, overwrite=args.overwrite,
+                      vq_lowering=args.vq_lowering)
     else:
         cm.save(out, overwrite=args.overwrite)
     size = cm.program.size_report()
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--backend", default="torch", help=f"{' | '.join(BACKENDS)} (onnxruntime writes an ONNX folder)")
     c.add_argument("--no-parity", action="store_true", help="skip the ONNX-vs-torch parity check")
+    c.add_argument("--vq-lowering", default="auto", choices=["auto", "kernel", "dequantize"],
+                   help="onnxruntime: vector-quantized layers as llmc's custom op, reading uint8 codes at run time "
+                        "(kernel; the folder carries the op's library), or as standard ONNX that ONNX Runtime "
+                        "dequantizes at load (dequantize); auto: kernel where a C compiler can build it")
     c.set_defaults(fn=cmd_compile)
 
     e = sub.add_parser("eval", help="evaluate a model")

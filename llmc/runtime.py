@@ -45,6 +45,12 @@ class OrtModel(TextGenerator):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise ArtifactError(f"{folder} is incomplete: {name} is missing; export the model again")
         self._threads = threads
+        self._library = None
+        if self.manifest.get("custom_ops_library"):  # llmc's custom ops (llmc.backends.onnxruntime.custom_ops)
+            self._library = os.path.join(folder, self.manifest["custom_ops_library"])
+            if not os.path.isfile(self._library):
+                raise ArtifactError(f"{folder} is incomplete: its custom-op library {self._library} is missing; "
+                                    "export the model again")
         self.session = self._open(model_path)
         # A second session on the last-position variant makes generation's prefill skip lm_head for
         # all but the last prompt token; it costs a second in-memory copy of the weights.
@@ -62,6 +68,13 @@ class OrtModel(TextGenerator):
         opts = ort.SessionOptions()
         if self._threads:
             opts.intra_op_num_threads = self._threads
+        if self._library:
+            try:
+                opts.register_custom_ops_library(self._library)
+            except Exception as e:
+                raise ArtifactError(f"ONNX Runtime cannot load llmc's custom ops {self._library} ({e}); it is built "
+                                    "for the machine that exported the folder: export again here, or with "
+                                    "vq_lowering='dequantize' for standard ONNX") from e
         try:
             return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:

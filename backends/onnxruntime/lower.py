@@ -4,7 +4,8 @@ The folder holds `model.onnx` + `model.onnx.data` (external weights), Optimum-na
 (`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value` -> `logits`,
 `present.{i}.key/value`), the tokenizer and config, `genai_config.json`, and `llmc_onnx.json`
 (cache layout, pass history, versions, parity report); the pass history is also in the ONNX
-metadata. It is written to a temporary sibling folder, checked against the torch program
+metadata. A program with `llmc::vq_linear` layers lowered to llmc's custom op also carries the
+custom-op library (`libllmc_ort_ops.so`, named in the manifest). It is written to a temporary sibling folder, checked against the torch program
 (logits on a padded batch and a greedy decode), and renamed into place only if it agrees.
 """
 
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 
 import torch
 
-from llmc.backends.onnxruntime.translations import TRANSLATIONS
+from llmc.backends.onnxruntime import custom_ops
+from llmc.backends.onnxruntime.translations import TRANSLATIONS, VQ_LOWERINGS, translations
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
 from llmc.fsutil import atomic_folder
 from llmc.progress import log
@@ -136,8 +139,8 @@ def _genai_config(program) -> dict:
     }
 
 
-def _export(program, folder: str) -> float:
-    """torch.onnx.export of the re-exported program into `folder`; returns seconds."""
+def _export(program, folder: str, table: dict) -> float:
+    """torch.onnx.export of the re-exported program into `folder` with translation `table`; returns seconds."""
     t0 = time.perf_counter()
     ep = program.exported()
     input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]
@@ -146,7 +149,7 @@ def _export(program, folder: str) -> float:
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             ep, args=program.example_inputs(), dynamo=True, input_names=input_names, output_names=output_names,
-            custom_translation_table=dict(TRANSLATIONS) or None, external_data=True, optimize=True, verbose=False)
+            custom_translation_table=table, external_data=True, optimize=True, verbose=False)
     history = json.dumps([h.to_json() for h in program.history])
     onnx_program.model.metadata_props.update({"llmc.history": history, "llmc.source": program.source or program.name})
     path = os.path.join(folder, MODEL_FILE)
@@ -236,13 +239,43 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
     return report
 
 
-def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False, atol: float = 1e-3) -> str:
+def has_vq_linear(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target is torch.ops.llmc.vq_linear.default for n in gm.graph.nodes)
+
+
+def resolve_vq_lowering(program, vq_lowering: str) -> str | None:
+    """The lowering of the program's `llmc::vq_linear` layers (None if it has none).
+
+    "auto" is "kernel" (the codes stay uint8 in the session, read by llmc's custom op) where the
+    custom-op library builds here, else "dequantize" (standard ONNX, a float weight in the session).
+    """
+    if vq_lowering not in ("auto", *VQ_LOWERINGS):
+        raise ExportError(f"vq_lowering must be 'auto' or one of {', '.join(VQ_LOWERINGS)}, got {vq_lowering!r}")
+    if not has_vq_linear(program.gm):
+        return None
+    if vq_lowering == "auto":
+        if custom_ops.available():
+            return "kernel"
+        log("llmc's ONNX Runtime custom ops cannot be built here (no C compiler): vq_linear is lowered by "
+            "dequantization, and ONNX Runtime will hold float weights")
+        return "dequantize"
+    if vq_lowering == "kernel":
+        custom_ops.library_path()  # raises ExportError saying why it cannot be built
+    return vq_lowering
+
+
+def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False, atol: float = 1e-3,
+          vq_lowering: str = "auto") -> str:
     """Write `program` as an ONNX folder at `out_dir` and return its path.
 
+    `vq_lowering` picks how `llmc::vq_linear` layers are written (`resolve_vq_lowering`): "kernel"
+    puts llmc's custom-op library in the folder (`libllmc_ort_ops.so`, named in the manifest,
+    registered by OrtModel); "dequantize" writes standard ONNX only.
+
     Raises UnsupportedOpError (naming every op) before writing anything if some llmc op has no
-    translation, ExportError if `out_dir` exists (unless `overwrite`) or the export fails, and
-    ParityError if ONNX Runtime disagrees with torch (unless `parity=False`). On any failure
-    nothing is left at `out_dir`.
+    translation, ExportError if `out_dir` exists (unless `overwrite`), the export fails, or the
+    custom ops are asked for and cannot be built, and ParityError if ONNX Runtime disagrees with
+    torch (unless `parity=False`). On any failure nothing is left at `out_dir`.
     """
     from llmc.compiled import versions
 
@@ -250,17 +283,22 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
     if missing:
         raise UnsupportedOpError(f"the onnxruntime backend cannot lower {', '.join(missing)}: no ONNX translation "
                                  "in llmc.backends.onnxruntime.TRANSLATIONS")
+    lowering = resolve_vq_lowering(program, vq_lowering)
     out_dir = os.path.abspath(out_dir)
     with atomic_folder(out_dir, overwrite, error=ExportError) as tmp:
         log(f"exporting ONNX ({program.num_layers} layers)")
         try:
-            seconds = _export(program, tmp)
+            seconds = _export(program, tmp, translations(lowering or "dequantize"))
         except (ExportError, UnsupportedOpError):
             raise
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
         log(f"exported in {seconds:.1f} s")
+        library = None
+        if lowering == "kernel":
+            library = custom_ops.LIBRARY_NAME
+            shutil.copyfile(custom_ops.library_path(), os.path.join(tmp, library))
         program.config.to_json_file(os.path.join(tmp, "config.json"))
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(tmp)
@@ -270,7 +308,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": program.name, "source": program.source,
             "versions": versions(), "model_file": MODEL_FILE, "data_file": DATA_FILE,
             "prefill_file": PREFILL_FILE if os.path.exists(os.path.join(tmp, PREFILL_FILE)) else None,
-            "export_seconds": round(seconds, 2),
+            "export_seconds": round(seconds, 2), "vq_lowering": lowering, "custom_ops_library": library,
             "cache_layout": [c.to_json() for c in program.cache_layout], "eos_ids": list(program.eos_ids),
             "history": [h.to_json() for h in program.history], "parity": None,
         }

@@ -20,6 +20,7 @@ import llmc.ops  # noqa: F401  (registers the torch ops named below)
 from llmc.ops.nbits_linear import ort_bits
 
 MSFT = values.Opset("com.microsoft", 1)
+LLMC = values.Opset("llmc", 1)  # llmc's own ops, run by the custom-op library (backends/onnxruntime/custom_ops.py)
 
 
 def register_contrib_schemas() -> None:
@@ -55,6 +56,15 @@ def register_contrib_schemas() -> None:
                         A("quantize_axis", INT, "axis quantized in blocks", required=False),
                         A("block_size", INT, "elements per block", required=False),
                         A("bits", INT, "bits per element", required=False)]))
+    if not onnx.defs.has("VQLinear", "llmc"):
+        onnx.defs.register_schema(OpSchema(
+            "VQLinear", "llmc", 1,
+            doc="y = x @ Wᵀ, W an additive vector quantization read from its codes at run time (llmc's custom-op "
+                "library; layout in backends/onnxruntime/vq_linear_ort.c).",
+            inputs=[P("x", "T"), P("codes", "T2"), P("codebooks", "T"), P("scales", "T"), P("codewords", "T")],
+            outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations, codewords, scales"),
+                              ("T2", ["tensor(uint8)"], "codes [J*M, N]")]))
 
 
 def _dims(value, name: str) -> list[int]:
@@ -196,9 +206,45 @@ def vq_linear(x, codes, codebooks, scales):
     return op.MatMul(x, op.Transpose(op.CastLike(w, x), perm=[1, 0]))
 
 
+def vq_linear_kernel(x, codes, codebooks, scales):
+    """llmc::vq_linear -> llmc.VQLinear, the custom op that reads the uint8 codes at run time.
+
+    The codes [N, J, M] go in as [J*M, N] and the codebooks [M, 2^B, 1, g] as [M, g, 2^B] for the
+    lookup tables and [M, 2^B, g] for dequantizing (the kernel's layouts); these reshapes and
+    transposes have initializer inputs only, so ONNX Runtime folds them when it loads the session,
+    and the codes stay uint8 there too. Needs the library of
+    `custom_ops.library_path()` registered in the session (OrtModel does it for an export that
+    names it). Codes above 8 bits (int16) take the dequantize lowering.
+    """
+    if codes.dtype != onnx.TensorProto.UINT8:
+        return vq_linear(x, codes, codebooks, scales)
+    M, C, _, g = _dims(codebooks, "codebooks")
+    N, J, _ = _dims(codes, "codes")
+    rows = op.Transpose(op.Reshape(codes, op.Constant(value_ints=[N, J * M])), perm=[1, 0])
+    words = op.Cast(op.Reshape(codebooks, op.Constant(value_ints=[M, C, g])), to=onnx.TensorProto.FLOAT)
+    scales = op.Cast(op.Reshape(scales, op.Constant(value_ints=[N])), to=onnx.TensorProto.FLOAT)
+    y = LLMC.VQLinear(op.Cast(x, to=onnx.TensorProto.FLOAT), rows, op.Transpose(words, perm=[0, 2, 1]), scales, words)
+    return op.CastLike(y, x)
+
+
 register_contrib_schemas()
 
-# op overload -> translation function.
+VQ_LOWERINGS = ("kernel", "dequantize")
+
+
+def translations(vq_lowering: str = "dequantize") -> dict:
+    """The translation table with `llmc::vq_linear` lowered to `VQ_LOWERINGS[i]`: "kernel" (llmc.VQLinear,
+    codes read at run time; needs llmc's custom-op library) or "dequantize" (standard ONNX, folded by
+    ONNX Runtime into a float weight at load)."""
+    if vq_lowering not in VQ_LOWERINGS:
+        raise ValueError(f"vq_lowering must be one of {VQ_LOWERINGS}, got {vq_lowering!r}")
+    table = dict(TRANSLATIONS)
+    if vq_lowering == "kernel":
+        table[torch.ops.llmc.vq_linear.default] = vq_linear_kernel
+    return table
+
+
+# op overload -> translation function (the portable table: standard ONNX and ONNX Runtime contrib ops).
 TRANSLATIONS: dict = {
     torch.ops.llmc.nbits_linear.default: nbits_linear,
     torch.ops.llmc.nbits_embedding.default: nbits_embedding,

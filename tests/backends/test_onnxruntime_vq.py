@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from collections import Counter
 
 import onnx
 import onnxruntime as ort
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 import llmc
-from llmc.backends.onnxruntime import TRANSLATIONS, lower
+from llmc.backends.onnxruntime import TRANSLATIONS, custom_ops, lower
+from llmc.errors import ArtifactError, ExportError
 from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_attr_tensor
-from llmc.ops.vq import store_codes
+from llmc.ops.vq import dequantize, store_codes
 from llmc.runtime import OrtModel
 from llmc.testing import VQLinear, count_ops, tiny_model, tiny_tokenizer
 
@@ -68,22 +70,28 @@ def test_translation_matches_torch_and_keeps_codes_compact(M, bits, dtype, tmp_p
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     gen = torch.Generator().manual_seed(1)
-    for shape in [(1, 1, K), (2, 7, K)]:
+    for shape in [(1, 1, K), (1, 3, K), (2, 7, K)]:
         x = torch.randn(shape, generator=gen)
         y = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-4)
 
 
-def test_tiny_llama_with_vq_linears_decodes_like_torch(tmp_path):
+@pytest.mark.parametrize("lowering", ["kernel", "dequantize"])
+def test_tiny_llama_with_vq_linears_decodes_like_torch(lowering, tmp_path):
     # hidden 384 (k/v 192 x 384, like SmolLM2's 192 x 576): every layer has more than 8192 codes, so
     # the exporter's optimizer leaves the dequantization to ONNX Runtime and the codes reach the file
     cm = llmc.compile(tiny_model("llama", hidden_size=384, intermediate_size=768), tokenizer=tiny_tokenizer())
     modules = _to_vq_linear(cm.program.gm)
     assert len(modules) == 14 and count_ops(cm.program.gm)["llmc.vq_linear.default"] == 14
     vq_model = llmc.CompiledModel(cm.program)  # a runner over the rewritten graph (cm's is a snapshot)
-    out = lower(cm.program, tmp_path / "vq")
-    parity = json.load(open(os.path.join(out, "llmc_onnx.json")))["parity"]
+    out = lower(cm.program, tmp_path / "vq", vq_lowering=lowering)
+    manifest = json.load(open(os.path.join(out, "llmc_onnx.json")))
+    parity = manifest["parity"]
     assert parity["greedy_identical"] and parity["logits_max_abs_diff"] < 1e-4
+    assert manifest["vq_lowering"] == lowering
+    assert (manifest["custom_ops_library"] is not None) == (lowering == "kernel")
+    ops = Counter(n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node)
+    assert ops["VQLinear"] == (14 if lowering == "kernel" else 0)
 
     model = onnx.load(os.path.join(out, "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
@@ -100,3 +108,114 @@ def test_tiny_llama_with_vq_linears_decodes_like_torch(tmp_path):
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ort_model(ids)[0], vq_model(ids)[0], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(vq_model(ids)[0], cm(ids)[0], atol=1e-2)  # cm still runs the original graph
+
+
+# ---------------------------------------------------------------- llmc.VQLinear, the custom op
+
+def _vq_linear_session(codes, codebooks, scales, threads=2):
+    """An ONNX Runtime session of one llmc.VQLinear node over x [batch, seq, K], inputs as the lowering lays them out."""
+    N, J, M = codes.shape
+    _, C, _, g = codebooks.shape
+    inits = [onnx.numpy_helper.from_array(codes.reshape(N, J * M).T.contiguous().numpy(), "codes"),
+             onnx.numpy_helper.from_array(codebooks.reshape(M, C, g).transpose(1, 2).contiguous().numpy(), "books"),
+             onnx.numpy_helper.from_array(scales.reshape(-1).numpy(), "scales"),
+             onnx.numpy_helper.from_array(codebooks.reshape(M, C, g).numpy(), "words")]
+    node = onnx.helper.make_node("VQLinear", ["x", "codes", "books", "scales", "words"], ["y"], domain="llmc")
+    graph = onnx.helper.make_graph(
+        [node], "vq", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s", "k"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                         onnx.helper.make_opsetid("llmc", 1)])
+    model.ir_version = 10
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(custom_ops.library_path())
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(params=custom_ops.ISA_LEVELS)
+def isa(request):
+    """Each instruction-set path of the kernel (on a CPU without one, the next narrower runs)."""
+    custom_ops.set_isa_limit(request.param)
+    yield request.param
+    custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
+
+
+@pytest.mark.parametrize("N,K,M,bits,g", [(576, 576, 2, 8, 8), (37, 24, 3, 8, 8), (70, 96, 1, 4, 4), (5, 64, 2, 6, 16),
+                                          (130, 64, 2, 8, 8)],
+                         ids=["2x8g8", "3x8-odd-rows", "1x4g4", "2x6g16", "2x8-130-rows"])
+def test_vq_linear_kernel_matches_dequantize_matmul(N, K, M, bits, g, isa):
+    # odd N and J*M not a multiple of 4 take the kernel's tails; 2^bits < 64 its generic table path,
+    # 2^8 its byte-permute path (AVX-512 VBMI; 130 rows: two full chunks of 64 and a partial one);
+    # one token splits the code rows over threads, 2-3 go one per task through the tables, more
+    # dequantize blocks of rows (K = 24: a tail of the 16-wide dot products)
+    codes, codebooks, scales = _random_vq(N, K, M, bits, g, torch.Generator().manual_seed(0))
+    w = dequantize(codes, codebooks, scales)
+    session = _vq_linear_session(codes, codebooks, scales)
+    reference = custom_ops.vq_linear_reference()
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 1, K), (1, 3, K), (2, 7, K)]:
+        x = torch.randn(shape, generator=gen)
+        y = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        assert y.shape == (*shape[:-1], N)
+        torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
+        # the same kernel called directly, single-threaded: the thread split changes only the summation order
+        xs = x.reshape(-1, K).contiguous().numpy()
+        out = torch.empty(xs.shape[0], N)
+        rows = codes.reshape(N, -1).T.contiguous().numpy()
+        books = codebooks.reshape(M, 1 << bits, g).transpose(1, 2).contiguous().numpy()
+        s = scales.reshape(N).contiguous().numpy()
+        words = codebooks.reshape(M, 1 << bits, g).contiguous().numpy()
+        assert reference(xs.ctypes.data, xs.shape[0], K, rows.ctypes.data, books.ctypes.data, s.ctypes.data,
+                         words.ctypes.data, out.numpy().ctypes.data, N, M, g, 1 << bits) == 0
+        torch.testing.assert_close(out.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
+
+
+def test_vq_linear_kernel_rejects_inconsistent_inputs():
+    codes, codebooks, scales = _random_vq(64, 32, 2, 8, 8, torch.Generator().manual_seed(0))
+    session = _vq_linear_session(codes, codebooks, scales[:63])  # one scale short
+    with pytest.raises(Exception, match="VQLinear: inconsistent sizes"):
+        session.run(None, {"x": torch.randn(1, 1, 32).numpy()})
+    session = _vq_linear_session(codes, codebooks, scales)
+    with pytest.raises(Exception, match="VQLinear: inconsistent sizes"):  # x of the wrong width
+        session.run(None, {"x": torch.randn(1, 1, 40).numpy()})
+
+
+def test_kernel_lowering_keeps_codes_uint8_in_the_session(tmp_path):
+    """ONNX Runtime's optimized graph (what the session runs) holds the codes as uint8 and no float weight
+    of a quantized layer; the dequantize lowering, for contrast, is folded to float weights."""
+    cm = llmc.compile(tiny_model("llama", hidden_size=384, intermediate_size=768), tokenizer=tiny_tokenizer())
+    modules = _to_vq_linear(cm.program.gm)
+    shapes = {cm.program.linear_shapes[m] for m in modules}
+    for lowering in ("kernel", "dequantize"):
+        out = lower(cm.program, tmp_path / lowering, vq_lowering=lowering, parity=False)
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"{lowering}-session.onnx")
+        if lowering == "kernel":
+            opts.register_custom_ops_library(os.path.join(out, custom_ops.LIBRARY_NAME))
+        ort.InferenceSession(os.path.join(out, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        inits = {i.name: i for i in graph.initializer}
+        float_shapes = {tuple(i.dims) for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT}
+        dequantized = {s for s in shapes if s in float_shapes or s[::-1] in float_shapes}
+        if lowering == "dequantize":
+            assert dequantized == shapes
+            continue
+        assert not dequantized
+        vq_nodes = [n for n in graph.node if n.op_type == "VQLinear"]
+        assert len(vq_nodes) == len(modules)
+        for node in vq_nodes:
+            codes = inits[node.input[1]]
+            assert codes.data_type == onnx.TensorProto.UINT8 and len(codes.dims) == 2
+
+
+def test_kernel_export_without_its_library_is_a_clear_error(tmp_path):
+    cm = llmc.compile(tiny_model("llama"), tokenizer=tiny_tokenizer())
+    _to_vq_linear(cm.program.gm, g=4)
+    with pytest.raises(ExportError, match="vq_lowering must be"):
+        lower(cm.program, tmp_path / "bad", vq_lowering="lut")
+    assert not os.path.exists(tmp_path / "bad")
+    out = lower(cm.program, tmp_path / "vq", vq_lowering="kernel")
+    os.remove(os.path.join(out, custom_ops.LIBRARY_NAME))
+    with pytest.raises(ArtifactError, match="custom-op library .* is missing"):
+        OrtModel(out)

@@ -1,0 +1,98 @@
+"""llmc's ONNX Runtime custom-op library (domain `llmc`): built from C source on first use, cached.
+
+    from llmc.backends.onnxruntime.custom_ops import library_path
+    opts = onnxruntime.SessionOptions(); opts.register_custom_ops_library(library_path())
+
+The library holds `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear`
+(`vq_linear_ort.c`, which documents the op). It talks to ONNX Runtime through its stable C ABI
+and needs no ONNX Runtime headers, only a C compiler (`$CC`, else `cc`): it is compiled once per
+source, compiler and flags into `$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
+build is portable x86-64 (or the host's architecture elsewhere); the AVX-512 paths are chosen at
+run time, so an export folder can carry the library to another machine of the same architecture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+
+from llmc.errors import ExportError
+from llmc.fsutil import atomic_file
+
+SOURCE = os.path.join(os.path.dirname(__file__), "vq_linear_ort.c")
+LIBRARY_NAME = "libllmc_ort_ops.so"
+FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing"]
+DOMAIN = "llmc"
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def _cache_dir() -> str:
+    from llmc.models import cache_dir
+
+    return os.path.join(cache_dir(), "ort_ops")
+
+
+@functools.lru_cache(maxsize=None)
+def library_path() -> str:
+    """Path of the compiled library, building it if needed. Raises ExportError (with the compiler's
+    message) when there is no working C compiler or the platform is not Linux/macOS."""
+    if platform.system() not in ("Linux", "Darwin"):
+        raise ExportError(f"llmc's ONNX Runtime custom ops are built on Linux or macOS, not {platform.system()}; "
+                          "export with vq_lowering='dequantize'")
+    cc = _compiler()
+    if shutil.which(cc[0]) is None:
+        raise ExportError(f"no C compiler '{cc[0]}' to build llmc's ONNX Runtime custom ops; install one (e.g. "
+                          "`apt install gcc`), set $CC, or export with vq_lowering='dequantize'")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    digest = hashlib.sha256(source + repr((cc, FLAGS, version, platform.machine())).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), digest, LIBRARY_NAME)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_file(path) as tmp:
+        done = subprocess.run([*cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ExportError(f"building llmc's ONNX Runtime custom ops with {' '.join(cc)} failed:\n"
+                              f"{done.stderr.strip()[-2000:]}")
+    return path
+
+
+def available() -> bool:
+    """Whether the library can be built (or is built) here."""
+    try:
+        library_path()
+    except ExportError:
+        return False
+    return True
+
+
+ISA_LEVELS = ("portable", "avx512", "avx512-vbmi")
+
+
+def set_isa_limit(level: str) -> None:
+    """Limit the kernel, in this process, to an instruction set of ISA_LEVELS (for tests: every path
+    on one machine); it still uses only what the CPU has."""
+    ctypes.c_int.in_dll(ctypes.CDLL(library_path()), "llmc_vq_isa_limit").value = ISA_LEVELS.index(level)
+
+
+def vq_linear_reference():
+    """The kernel as a ctypes function, without ONNX Runtime (single thread; for tests):
+    f(x, T, K, codes [J*M, N], codebooks [M, g, C], scales [N], codewords [M, C, g], y, N, M, g, C) -> 0 on
+    success (pointers to contiguous float32 / uint8 buffers)."""
+    lib = ctypes.CDLL(library_path())
+    f = lib.llmc_vq_linear
+    P, I = ctypes.c_void_p, ctypes.c_int
+    f.argtypes = [P, ctypes.c_int64, I, P, P, P, P, P, I, I, I, I]
+    f.restype = I
+    return f
