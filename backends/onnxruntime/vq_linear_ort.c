@@ -195,7 +195,7 @@ static void partial_sums(tables_fn tables, const float *x, const uint8_t *codes,
 
 /* ---------------------------------------------------------------- many tokens: dequantize, multiply */
 
-enum { BLOCK_ROWS = 32, LUT_MAX_TOKENS = 3 };
+enum { BLOCK_ROWS = 32, LUT_MAX_TOKENS = 8 };
 
 /* w[r, :] = scales[n] * sum_m codewords[m, codes[j*M+m, n], :] for rows n = n0 + r < n1: [rows, K]. */
 static void dequantize_rows(const uint8_t *codes, const float *codewords, const float *scales, int N, int M, int g,
@@ -228,41 +228,95 @@ static void multiply_generic(const float *x, int64_t T, int K, const float *w, i
 }
 
 #if defined(__x86_64__)
-/* The same, 4 tokens x 4 rows per pass over K (16 accumulators; 8 loads feed 16 FMAs). */
-__attribute__((target("avx512f,fma"))) static void multiply_avx512(const float *x, int64_t T, int K, const float *w,
-                                                                   int rows, float *y, int N, int n0) {
+/* dequantize_rows for groups of at most 16 weights: one masked 16-float operation per codeword. */
+__attribute__((target("avx512f"))) static void dequantize_rows_avx512(const uint8_t *codes, const float *codewords,
+                                                                      const float *scales, int N, int M, int g,
+                                                                      int C, int J, int n0, int n1, float *w) {
+    if (g > 16) {
+        dequantize_rows(codes, codewords, scales, N, M, g, C, J, n0, n1, w);
+        return;
+    }
+    const int K = J * g;
+    if (g == 8) { /* whole 8-float registers: masked stores are slow on some cores */
+        for (int n = n0; n < n1; n++) {
+            float *row = w + (size_t)(n - n0) * K;
+            const __m256 scale = _mm256_set1_ps(scales[n]);
+            for (int j = 0; j < J; j++) {
+                const uint8_t *code = codes + (size_t)j * M * N + n;
+                __m256 sum = _mm256_loadu_ps(codewords + (size_t)code[0] * 8);
+                for (int m = 1; m < M; m++)
+                    sum = _mm256_add_ps(sum, _mm256_loadu_ps(codewords + ((size_t)m * C + code[(size_t)m * N]) * 8));
+                _mm256_storeu_ps(row + (size_t)j * 8, _mm256_mul_ps(sum, scale));
+            }
+        }
+        return;
+    }
+    const __mmask16 mask = (__mmask16)((1u << g) - 1u);
+    for (int n = n0; n < n1; n++) {
+        float *row = w + (size_t)(n - n0) * K;
+        const __m512 scale = _mm512_set1_ps(scales[n]);
+        for (int j = 0; j < J; j++) {
+            const uint8_t *code = codes + (size_t)j * M * N + n;
+            __m512 sum = _mm512_maskz_loadu_ps(mask, codewords + (size_t)code[0] * g);
+            for (int m = 1; m < M; m++)
+                sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, codewords + ((size_t)m * C + code[(size_t)m * N]) * g));
+            _mm512_mask_storeu_ps(row + (size_t)j * g, mask, _mm512_mul_ps(sum, scale));
+        }
+    }
+}
+#endif
+
+#if defined(__x86_64__)
+/* y[t + a, n0 + r + b] = x[t + a] · w[r + b] for a < tb, b < rb (at most 4 x 4: 16 accumulators; per
+   16 weights, tb + rb loads feed tb * rb FMAs). Inlined with constant tb, rb. */
+__attribute__((target("avx512f,fma"), always_inline)) static inline void micro_avx512(
+    const float *x, int K, const float *w, float *y, int N, int tb, int rb) {
     const int full = K & ~15;
     const __mmask16 tail = (__mmask16)((1u << (K - full)) - 1u);
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) {
-        int r = 0;
-        for (; r + 4 <= rows; r += 4) {
-            __m512 acc[4][4];
-            for (int a = 0; a < 4; a++)
-                for (int b = 0; b < 4; b++) acc[a][b] = _mm512_setzero_ps();
-            for (int k = 0; k < K; k += 16) {
-                const __mmask16 mask = k < full ? (__mmask16)0xFFFF : tail;
-                __m512 xv[4], wv[4];
-                for (int a = 0; a < 4; a++) xv[a] = _mm512_maskz_loadu_ps(mask, x + (size_t)(t + a) * K + k);
-                for (int b = 0; b < 4; b++) wv[b] = _mm512_maskz_loadu_ps(mask, w + (size_t)(r + b) * K + k);
-                for (int a = 0; a < 4; a++)
-                    for (int b = 0; b < 4; b++) acc[a][b] = _mm512_fmadd_ps(xv[a], wv[b], acc[a][b]);
-            }
-            for (int a = 0; a < 4; a++)
-                for (int b = 0; b < 4; b++) y[(size_t)(t + a) * N + n0 + r + b] = _mm512_reduce_add_ps(acc[a][b]);
-        }
-        if (r < rows) multiply_generic(x + (size_t)t * K, 4, K, w + (size_t)r * K, rows - r, y + (size_t)t * N, N, n0 + r);
+    __m512 acc[4][4];
+    for (int a = 0; a < tb; a++)
+        for (int b = 0; b < rb; b++) acc[a][b] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        const __mmask16 mask = k < full ? (__mmask16)0xFFFF : tail;
+        __m512 xv[4], wv[4];
+        for (int a = 0; a < tb; a++) xv[a] = _mm512_maskz_loadu_ps(mask, x + (size_t)a * K + k);
+        for (int b = 0; b < rb; b++) wv[b] = _mm512_maskz_loadu_ps(mask, w + (size_t)b * K + k);
+        for (int a = 0; a < tb; a++)
+            for (int b = 0; b < rb; b++) acc[a][b] = _mm512_fmadd_ps(xv[a], wv[b], acc[a][b]);
     }
-    if (t < T) multiply_generic(x + (size_t)t * K, T - t, K, w, rows, y + (size_t)t * N, N, n0);
+    for (int a = 0; a < tb; a++)
+        for (int b = 0; b < rb; b++) y[(size_t)a * N + b] = _mm512_reduce_add_ps(acc[a][b]);
+}
+
+/* multiply_generic with AVX-512: blocks of 4 tokens x 4 rows, then the tails. */
+__attribute__((target("avx512f,fma"))) static void multiply_avx512(const float *x, int64_t T, int K, const float *w,
+                                                                   int rows, float *y, int N, int n0) {
+    for (int64_t t = 0; t < T; t += 4) {
+        const float *xt = x + (size_t)t * K;
+        float *yt = y + (size_t)t * N + n0;
+        int r = 0;
+        if (t + 4 <= T) {
+            for (; r + 4 <= rows; r += 4) micro_avx512(xt, K, w + (size_t)r * K, yt + r, N, 4, 4);
+            for (; r < rows; r++) micro_avx512(xt, K, w + (size_t)r * K, yt + r, N, 4, 1);
+        } else {
+            for (int64_t a = t; a < T; a++, xt += K, yt += N) {
+                for (r = 0; r + 4 <= rows; r += 4) micro_avx512(xt, K, w + (size_t)r * K, yt + r, N, 1, 4);
+                for (; r < rows; r++) micro_avx512(xt, K, w + (size_t)r * K, yt + r, N, 1, 1);
+            }
+        }
+    }
 }
 #endif
 
 typedef void (*multiply_fn)(const float *, int64_t, int, const float *, int, float *, int, int);
+typedef void (*dequantize_fn)(const uint8_t *, const float *, const float *, int, int, int, int, int, int, int,
+                              float *);
 
 /* The work of one op call, shared by its parallel tasks. */
 typedef struct {
     tables_fn tables;
     multiply_fn multiply;
+    dequantize_fn dequantize;
     const float *x, *codebooks, *scales, *codewords;
     const uint8_t *codes;
     float *y, *partial; /* partial: [segments, N] for one token split by code rows */
@@ -281,10 +335,12 @@ static vq_call make_call(const float *x, int64_t T, int K, const uint8_t *codes,
 #if defined(__x86_64__)
     c.tables = avx512 ? tables_avx512 : tables_generic;
     c.multiply = avx512 ? multiply_avx512 : multiply_generic;
+    c.dequantize = avx512 ? dequantize_rows_avx512 : dequantize_rows;
 #else
     (void)avx512;
     c.tables = tables_generic;
     c.multiply = multiply_generic;
+    c.dequantize = dequantize_rows;
 #endif
 #if defined(__x86_64__)
     c.vbmi = avx512 && llmc_vq_isa_limit >= 2 && __builtin_cpu_supports("avx512bw") &&
@@ -303,7 +359,7 @@ static void block_task(void *arg, size_t b) {
         c->failed = 1; /* (a racy store of the same value) */
         return;
     }
-    dequantize_rows(c->codes, c->codewords, c->scales, c->N, c->M, c->g, c->C, c->K / c->g, n0, n1, w);
+    c->dequantize(c->codes, c->codewords, c->scales, c->N, c->M, c->g, c->C, c->K / c->g, n0, n1, w);
     c->multiply(c->x, c->T, c->K, w, n1 - n0, c->y, c->N, n0);
     free(w);
 }
