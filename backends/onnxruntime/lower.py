@@ -5,8 +5,9 @@ The folder holds `model.onnx` + `model.onnx.data` (external weights), Optimum-na
 `present.{i}.key/value`), the tokenizer and config, `genai_config.json`, and `llmc_onnx.json`
 (cache layout, pass history, versions, parity report); the pass history is also in the ONNX
 metadata. A program with `llmc::vq_linear` layers lowered to llmc's custom op also carries the
-custom-op library (`libllmc_ort_ops.so`, named in the manifest). It is written to a temporary sibling folder, checked against the torch program
-(logits on a padded batch and a greedy decode), and renamed into place only if it agrees.
+custom-op library (`libllmc_ort_ops.so`, named in the manifest). It is written to a temporary
+sibling folder, checked against the torch program (logits on a padded batch and a greedy
+decode), and renamed into place only if it agrees.
 """
 
 from __future__ import annotations

@@ -177,6 +177,9 @@ def nbits_embedding(ids, codes, scales, zero_points, K: int, bits: int, block_si
 def vq_linear(x, codes, codebooks, scales):
     """llmc::vq_linear -> dequantize (one Gather of codewords, ReduceSum over codebooks, Mul scales), MatMul.
 
+    The portable lowering (standard ONNX only: vq_lowering="dequantize"); `vq_linear_kernel` is the
+    one that keeps the codes in the session.
+
     codes [N, J, M] become int64 rows code + m*2^B of the [M*2^B, g] codeword table; the gathered
     [N, J, M, g] sum over the codebooks to W [N, J*g]. Every input of the dequantization is an
     initializer: the codes stay uint8 (int16 above 8 bits) in the file, and ONNX Runtime folds W
@@ -185,7 +188,7 @@ def vq_linear(x, codes, codebooks, scales):
     constant subgraphs whose inputs have at most 8192 elements (onnxscript's default), so a layer
     with that few codes reaches the file already dequantized; SmolLM2's smallest has 13824 (1x8).
 
-    Chosen over a lookup-table graph by timing both in ORT 1.31 (benchmarks/vq_linear.py --ort;
+    Chosen over lookup-table graphs of standard ops by timing them in ORT 1.31 (benchmarks/vq_linear.py --ort;
     1536x576 layer, 2x8 g8, 1 token, medians in us at 1 / 2 threads; "cold": a ring of such
     layers larger than the L3, as in a decode):
         this graph (folded to a MatMul)                          hot  94 /  77   cold 122 / 113

@@ -43,7 +43,10 @@ enum { MAX_CODEWORDS = 256, ROWS_PER_STEP = 4 };
    layer, and 1.07x with this. (A prefetch past the end of the codes is harmless: it never faults.) */
 enum { PREFETCH_BYTES = 4096 };
 
-static inline void prefetch(const uint8_t *p) { __builtin_prefetch(p, 0, 3); }
+/* Prefetch the line PREFETCH_BYTES past p (address arithmetic on integers: it may pass the array's end). */
+static inline void prefetch_ahead(const uint8_t *p) {
+    __builtin_prefetch((const void *)((uintptr_t)p + PREFETCH_BYTES), 0, 3);
+}
 
 /* Tables for code rows i0 .. i0+rows-1 (row i = group i / M, codebook i % M) at stride MAX_CODEWORDS. */
 #define TABLE_BODY                                                           \
@@ -117,10 +120,6 @@ static int has_avx512(void) {
    fixed permutation of each 64 outputs, undone once at the end. */
 #define VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi,fma")))
 
-/* Code rows read ahead: in a decode the codes come from DRAM, and the hardware prefetcher alone left
-   the lookups waiting on them (a ring of 200 layers of 1536x576 ran 2.1x slower than one hot layer). */
-enum { PREFETCH_ROWS = 8 };
-
 VBMI_TARGET static void byte_planes(const __m512 t[16], __m512i planes[4][4]) {
     /* byte 4e + p of a 16-float register -> byte 16p + e: its 128-bit lane p holds plane p */
     uint8_t order[64];
@@ -158,7 +157,7 @@ VBMI_TARGET static void partial_sums_vbmi(const float *x, const uint8_t *codes, 
         byte_planes(t, planes);
         const uint8_t *row = codes + (size_t)i * N;
         for (int ch = 0; ch < chunks; ch++) {
-            prefetch(row + 64 * ch + PREFETCH_BYTES);
+            prefetch_ahead(row + 64 * ch);
             const __m512i idx = _mm512_maskz_loadu_epi8(ch == chunks - 1 ? last : ~(__mmask64)0, row + 64 * ch);
             const __mmask64 high = _mm512_movepi8_mask(idx);
             __m512i b[4];
@@ -196,7 +195,7 @@ static void partial_sums(tables_fn tables, const float *x, const uint8_t *codes,
         tables(x, codebooks, M, g, C, i, ROWS_PER_STEP, table);
         const float *t0 = table, *t1 = t0 + MAX_CODEWORDS, *t2 = t1 + MAX_CODEWORDS, *t3 = t2 + MAX_CODEWORDS;
         const uint8_t *r0 = codes + (size_t)i * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
-        for (int n = 0; n < ROWS_PER_STEP * N; n += 64) prefetch(r0 + n + PREFETCH_BYTES);
+        for (int n = 0; n < ROWS_PER_STEP * N; n += 64) prefetch_ahead(r0 + n);
         for (int n = 0; n < N; n++) acc[n] += (t0[r0[n]] + t1[r1[n]]) + (t2[r2[n]] + t3[r3[n]]);
     }
     for (; i < i1; i++) {
@@ -272,7 +271,8 @@ __attribute__((target("avx512f"))) static void dequantize_rows_avx512(const uint
             const uint8_t *code = codes + (size_t)j * M * N + n;
             __m512 sum = _mm512_maskz_loadu_ps(mask, codewords + (size_t)code[0] * g);
             for (int m = 1; m < M; m++)
-                sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, codewords + ((size_t)m * C + code[(size_t)m * N]) * g));
+                sum = _mm512_add_ps(
+                    sum, _mm512_maskz_loadu_ps(mask, codewords + ((size_t)m * C + code[(size_t)m * N]) * g));
             _mm512_mask_storeu_ps(row + (size_t)j * g, mask, _mm512_mul_ps(sum, scale));
         }
     }
@@ -629,8 +629,8 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     if (!api) api = base->GetApi(OP_API_VERSION);
     if (!api) {
         OrtApiTable v1 = base->GetApi(1);
-        return v1 ? ((CreateStatus_t)v1[SLOT_CreateStatus])(ORT_FAIL, "llmc's custom ops need ONNX Runtime 1.16 or newer")
-                  : NULL;
+        if (!v1) return NULL; /* cannot happen: every runtime serves version 1 */
+        return ((CreateStatus_t)v1[SLOT_CreateStatus])(ORT_FAIL, "llmc's custom ops need ONNX Runtime 1.16 or newer");
     }
     ort = api;
     OrtDomain *domain = NULL;

@@ -113,7 +113,7 @@ def test_tiny_llama_with_vq_linears_decodes_like_torch(lowering, tmp_path):
 # ---------------------------------------------------------------- llmc.VQLinear, the custom op
 
 def _vq_linear_session(codes, codebooks, scales, threads=2):
-    """An ONNX Runtime session of one llmc.VQLinear node over x [batch, seq, K], inputs as the lowering lays them out."""
+    """An ONNX Runtime session of one llmc.VQLinear node over x [batch, seq, K], inputs laid out as the lowering does."""
     N, J, M = codes.shape
     _, C, _, g = codebooks.shape
     inits = [onnx.numpy_helper.from_array(codes.reshape(N, J * M).T.contiguous().numpy(), "codes"),
