@@ -19,6 +19,7 @@ from llmc.runtime import OrtModel
 from llmc.testing import VQLinear, count_ops, tiny_model, tiny_tokenizer
 
 DECODER_LINEARS = r"layers\.\d+\.(self_attn|mlp)\."
+needs_kernel = pytest.mark.skipif(not custom_ops.available(), reason="no C compiler to build llmc's custom ops")
 
 
 def _random_vq(N, K, M, bits, g, gen):
@@ -76,7 +77,7 @@ def test_translation_matches_torch_and_keeps_codes_compact(M, bits, dtype, tmp_p
         torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("lowering", ["kernel", "dequantize"])
+@pytest.mark.parametrize("lowering", [pytest.param("kernel", marks=needs_kernel), "dequantize"])
 def test_tiny_llama_with_vq_linears_decodes_like_torch(lowering, tmp_path):
     # hidden 384 (k/v 192 x 384, like SmolLM2's 192 x 576): every layer has more than 8192 codes, so
     # the exporter's optimizer leaves the dequantization to ONNX Runtime and the codes reach the file
@@ -141,6 +142,7 @@ def isa(request):
     custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
 
 
+@needs_kernel
 @pytest.mark.parametrize("N,K,M,bits,g", [(576, 576, 2, 8, 8), (37, 24, 3, 8, 8), (70, 96, 1, 4, 4), (5, 64, 2, 6, 16),
                                           (130, 64, 2, 8, 8)],
                          ids=["2x8g8", "3x8-odd-rows", "1x4g4", "2x6g16", "2x8-130-rows"])
@@ -171,6 +173,7 @@ def test_vq_linear_kernel_matches_dequantize_matmul(N, K, M, bits, g, isa):
         torch.testing.assert_close(out.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
 def test_vq_linear_kernel_rejects_inconsistent_inputs():
     codes, codebooks, scales = _random_vq(64, 32, 2, 8, 8, torch.Generator().manual_seed(0))
     session = _vq_linear_session(codes, codebooks, scales[:63])  # one scale short
@@ -181,6 +184,7 @@ def test_vq_linear_kernel_rejects_inconsistent_inputs():
         session.run(None, {"x": torch.randn(1, 1, 40).numpy()})
 
 
+@needs_kernel
 def test_kernel_lowering_keeps_codes_uint8_in_the_session(tmp_path):
     """ONNX Runtime's optimized graph (what the session runs) holds the codes as uint8 and no float weight
     of a quantized layer; the dequantize lowering, for contrast, is folded to float weights."""
@@ -209,6 +213,7 @@ def test_kernel_lowering_keeps_codes_uint8_in_the_session(tmp_path):
             assert codes.data_type == onnx.TensorProto.UINT8 and len(codes.dims) == 2
 
 
+@needs_kernel
 def test_kernel_export_without_its_library_is_a_clear_error(tmp_path):
     cm = llmc.compile(tiny_model("llama"), tokenizer=tiny_tokenizer())
     _to_vq_linear(cm.program.gm, g=4)
@@ -219,3 +224,19 @@ def test_kernel_export_without_its_library_is_a_clear_error(tmp_path):
     os.remove(os.path.join(out, custom_ops.LIBRARY_NAME))
     with pytest.raises(ArtifactError, match="custom-op library .* is missing"):
         OrtModel(out)
+
+
+def test_auto_lowering_falls_back_to_dequantize_without_a_compiler(tmp_path, monkeypatch):
+    def no_compiler():
+        raise ExportError("no C compiler 'cc' to build llmc's ONNX Runtime custom ops")
+
+    monkeypatch.setattr(custom_ops, "library_path", no_compiler)
+    cm = llmc.compile(tiny_model("llama"), tokenizer=tiny_tokenizer())
+    _to_vq_linear(cm.program.gm, g=4)
+    with pytest.raises(ExportError, match="no C compiler"):
+        lower(cm.program, tmp_path / "kernel", vq_lowering="kernel")
+    assert not os.path.exists(tmp_path / "kernel")
+    out = lower(cm.program, tmp_path / "auto")
+    manifest = json.load(open(os.path.join(out, "llmc_onnx.json")))
+    assert manifest["vq_lowering"] == "dequantize" and manifest["custom_ops_library"] is None
+    assert manifest["parity"]["greedy_identical"]
