@@ -97,6 +97,22 @@ def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, 
     return path
 
 
+_SESSION_RSS = """
+import resource, sys
+from llmc.runtime import OrtModel
+OrtModel(sys.argv[1], threads=int(sys.argv[2]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def session_rss_mb(folder: str, threads: int) -> float:
+    """Peak RSS (MB) of a fresh Python process that opens the ONNX folder with OrtModel (its two
+    sessions: the model and its last-position variant), imports included."""
+    done = subprocess.run([sys.executable, "-c", _SESSION_RSS, folder, str(threads)], capture_output=True, text=True,
+                          check=True, env={**os.environ, "LLMC_QUIET": "1"})
+    return int(done.stdout.split()[-1]) / 1024
+
+
 def interleaved_rates(engines: dict, repeats: int, new_tokens: int = 128) -> tuple[dict, dict]:
     """Tokens/s of each engine (a callable generating `new_tokens` tokens) over `repeats` rounds.
 

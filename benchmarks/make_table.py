@@ -43,6 +43,8 @@ def table() -> str:
                              f"ppl {_fmt(r['ppl'])}{bits} | {_fmt(r.get('fp_ppl'))} | {com} |")
             elif r.get("ratio_to_fp32") is not None:
                 ppl = f", ORT ppl {_fmt(r['ort_ppl'])} (torch {_fmt(r['torch_ppl'])})" if r.get("ort_ppl") else ""
+                if r.get("session_rss_mb"):
+                    ppl += f", session RSS {r['session_rss_mb']} MB"
                 lines.append(f"| {name} | {r['method']} | tokens/s, median of {len(r['all_tokens_per_s'])}; file MB | "
                              f"{_fmt(r['tokens_per_s'], 1)} ({_fmt(r['ratio_to_fp32'])}× FP32 ORT, "
                              f"{_fmt(r['ratio_to_rtn4'])}× 4-bit ORT); {_fmt(r['file_mb'], 1)} MB{ppl} | "

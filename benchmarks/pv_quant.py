@@ -14,7 +14,8 @@ memory is the process's, so run heavy rows one per process for a meaningful numb
 `--onnx ROW` lowers the saved model of ROW (with llmc's VQLinear kernel where it builds, and with
 the dequantize lowering as ROW-dequantize), the FP32 model and RTN 4-bit g64 (MatMulNBits) to ONNX
 (each parity-checked), scores ppl-512x40 in ONNX Runtime for ROW, and times greedy decode (batch
-1, 128-token prompt, 128 new tokens) of all of them in interleaved rounds.
+1, 128-token prompt, 128 new tokens) of all of them in interleaved rounds, and the peak RSS of a
+process that opens each folder (`--session-memory`: only that, for the folders already written).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
+from common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--row", action="append", default=[], metavar="NAME=SPEC[;SPEC]",
                     help="an extra row: a name and its pass specs")
     ap.add_argument("--onnx", default=None, help="a finished row to export to ONNX and time against FP32 / RTN 4-bit")
+    ap.add_argument("--session-memory", action="store_true",
+                    help="with --onnx: only measure the ORT session memory of the folders the last --onnx run wrote")
     ap.add_argument("--protocol", default="ppl-512x40")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -141,7 +144,14 @@ def main() -> None:
         rows.append(entry)
         print(json.dumps({k: entry.get(k) for k in ("row", "ppl", "x_fp", "bits_per_weight", "seconds")}), flush=True)
         save()
-    if args.onnx:
+    if args.onnx and args.session_memory:  # (ORT decode rows carry no protocol: not among `rows` above)
+        for r in load_rows(args.name):
+            if r["row"].startswith("ort-"):
+                r["session_rss_mb"] = round(session_rss_mb(os.path.join(args.out, "onnx-" + r["row"][4:]), args.threads))
+                print(r["row"], "session RSS MB", r["session_rss_mb"], flush=True)
+                rows.append(r)
+        save()
+    elif args.onnx:
         onnx_rows(args, src, ids, rows)
         save()
 
@@ -186,7 +196,8 @@ def onnx_rows(args, src, ids, rows) -> None:
                  "file_mb": round(sz / 1e6, 1), "tokens_per_s": round(med[label], 2),
                  "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": par,
                  "export_seconds": round(ex, 1), "ratio_to_fp32": round(med[label] / med["fp32"], 3),
-                 "ratio_to_rtn4": round(med[label] / med["rtn-4"], 3), "commit": STARTED_AT}
+                 "ratio_to_rtn4": round(med[label] / med["rtn-4"], 3), "commit": STARTED_AT,
+                 "session_rss_mb": round(session_rss_mb(os.path.join(args.out, f"onnx-{label}"), args.threads))}
         if label == row:
             entry.update({"protocol": args.protocol, "ort_ppl": round(ort_ppl.ppl, 4), "torch_ppl": torch_ppl,
                           "ort_minus_torch": round(ort_ppl.ppl - torch_ppl, 4)})
