@@ -72,9 +72,9 @@ class OrtModel(TextGenerator):
             try:
                 opts.register_custom_ops_library(self._library)
             except Exception as e:
-                raise ArtifactError(f"ONNX Runtime cannot load llmc's custom ops {self._library} ({e}); it is built "
-                                    "for the machine that exported the folder: export again here, or with "
-                                    "vq_lowering='dequantize' for standard ONNX") from e
+                raise ArtifactError(f"ONNX Runtime cannot load llmc's custom ops {self._library} ({e}); export the "
+                                    "folder again on this machine, or with vq_lowering='dequantize' for standard "
+                                    "ONNX") from e
         try:
             return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:

@@ -28,7 +28,6 @@ from llmc.fsutil import atomic_file
 SOURCE = os.path.join(os.path.dirname(__file__), "vq_linear_ort.c")
 LIBRARY_NAME = "libllmc_ort_ops.so"
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing"]
-DOMAIN = "llmc"
 
 
 def _compiler() -> list[str]:

@@ -255,11 +255,12 @@ def resolve_vq_lowering(program, vq_lowering: str) -> str | None:
     if not has_vq_linear(program.gm):
         return None
     if vq_lowering == "auto":
-        if custom_ops.available():
-            return "kernel"
-        log("llmc's ONNX Runtime custom ops cannot be built here (no C compiler): vq_linear is lowered by "
-            "dequantization, and ONNX Runtime will hold float weights")
-        return "dequantize"
+        try:
+            custom_ops.library_path()
+        except ExportError as e:
+            log(f"vq_linear is lowered by dequantization (ONNX Runtime will hold float weights): {e}")
+            return "dequantize"
+        return "kernel"
     if vq_lowering == "kernel":
         custom_ops.library_path()  # raises ExportError saying why it cannot be built
     return vq_lowering
