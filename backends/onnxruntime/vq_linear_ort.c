@@ -40,7 +40,8 @@ enum { MAX_CODEWORDS = 256, ROWS_PER_STEP = 4 };
 
 /* Codes are read this far ahead. In a decode they come from DRAM, and with the hardware prefetcher
    alone the lookups waited on them: a ring of 200 layers of 1536x576 ran 2.1x slower than one hot
-   layer, and 1.07x with this. (A prefetch past the end of the codes is harmless: it never faults.) */
+   layer, and 1.05-1.07x with this. (A prefetch past the end of the codes is harmless: it never
+   faults.) */
 enum { PREFETCH_BYTES = 4096 };
 
 /* Prefetch the line PREFETCH_BYTES past p (address arithmetic on integers: it may pass the array's end). */
@@ -184,8 +185,9 @@ VBMI_TARGET static void partial_sums_vbmi(const float *x, const uint8_t *codes, 
 /* acc[n] = sum over code rows i in [i0, i1) of table_i[codes[i, n]], for one token x [K].
 
    The tables of four code rows (4 KiB) are built and consumed at once, so they never leave L1.
-   Scalar loads, not AVX-512 gathers: on the Zen 4 cores this was written on, the scalar loop ran
-   the lookups 1.3-1.6x faster than vgatherdps (benchmarks/vq_linear.py measures the op end to end). */
+   Scalar loads, not AVX-512 gathers: on the Zen 4 cores this was written on, the scalar loop took
+   1.2-1.45x less time per layer than vgatherdps versions (SmolLM2's shapes, one token, measured
+   while other work shared the cores; benchmarks/vq_linear.py times the op as shipped). */
 static void partial_sums(tables_fn tables, const float *x, const uint8_t *codes, const float *codebooks, int M, int g,
                          int C, int N, int i0, int i1, float *acc) {
     float table[ROWS_PER_STEP * MAX_CODEWORDS];
