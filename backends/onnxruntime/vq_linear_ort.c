@@ -104,13 +104,20 @@ __attribute__((target("avx512f,fma"))) static void tables_avx512(const float *re
 
 typedef void (*tables_fn)(const float *, const float *, int, int, int, int, int, float *);
 
-static int has_avx512(void) {
+/* The widest instruction set this CPU offers the kernel: 0 portable C, 1 AVX-512F (+FMA), 2 also
+   AVX-512 BW and VBMI. Probed once. */
+static int cpu_level(void) {
+    static int level = -1;
+    if (level < 0) {
 #if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+        __builtin_cpu_init();
+        const int f = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+        level = !f ? 0 : __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi") ? 2 : 1;
 #else
-    return 0;
+        level = 0;
 #endif
+    }
+    return level;
 }
 
 #if defined(__x86_64__)
@@ -121,12 +128,15 @@ static int has_avx512(void) {
    fixed permutation of each 64 outputs, undone once at the end. */
 #define VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi,fma")))
 
-VBMI_TARGET static void byte_planes(const __m512 t[16], __m512i planes[4][4]) {
-    /* byte 4e + p of a 16-float register -> byte 16p + e: its 128-bit lane p holds plane p */
-    uint8_t order[64];
+/* by_plane: the byte permute of a 16-float register that puts plane p in its 128-bit lane p. */
+VBMI_TARGET static __m512i plane_order(void) {
+    uint8_t order[64]; /* byte 4e + p -> byte 16p + e */
     for (int p = 0; p < 4; p++)
         for (int e = 0; e < 16; e++) order[16 * p + e] = (uint8_t)(4 * e + p);
-    const __m512i by_plane = _mm512_loadu_si512(order);
+    return _mm512_loadu_si512(order);
+}
+
+VBMI_TARGET static void byte_planes(const __m512 t[16], __m512i by_plane, __m512i planes[4][4]) {
     for (int s = 0; s < 4; s++) {
         __m512i u[4];
         for (int r = 0; r < 4; r++) u[r] = _mm512_permutexvar_epi8(by_plane, _mm512_castps_si512(t[4 * s + r]));
@@ -143,6 +153,7 @@ VBMI_TARGET static void partial_sums_vbmi(const float *x, const uint8_t *codes, 
                                           int N, int i0, int i1, float *acc, float *sums) {
     const int chunks = (N + 63) / 64;
     const __mmask64 last = N % 64 ? (((__mmask64)1 << (N % 64)) - 1) : ~(__mmask64)0;
+    const __m512i by_plane = plane_order();
     for (int k = 0; k < chunks * 64; k++) sums[k] = 0.0f;
     for (int i = i0; i < i1; i++) {
         const int j = i / M, m = i % M;
@@ -155,7 +166,7 @@ VBMI_TARGET static void partial_sums_vbmi(const float *x, const uint8_t *codes, 
                 t[q] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(cb + (size_t)k * MAX_CODEWORDS + 16 * q), t[q]);
         }
         __m512i planes[4][4];
-        byte_planes(t, planes);
+        byte_planes(t, by_plane, planes);
         const uint8_t *row = codes + (size_t)i * N;
         for (int ch = 0; ch < chunks; ch++) {
             prefetch_ahead(row + 64 * ch);
@@ -345,21 +356,17 @@ int llmc_vq_isa_limit = 2;
 
 static vq_call make_call(const float *x, int64_t T, int K, const uint8_t *codes, const float *codebooks,
                          const float *scales, const float *codewords, float *y, int N, int M, int g, int C) {
-    const int avx512 = llmc_vq_isa_limit >= 1 && has_avx512();
+    const int level = cpu_level() < llmc_vq_isa_limit ? cpu_level() : llmc_vq_isa_limit;
     vq_call c = {0};
 #if defined(__x86_64__)
-    c.tables = avx512 ? tables_avx512 : tables_generic;
-    c.multiply = avx512 ? multiply_avx512 : multiply_generic;
-    c.dequantize = avx512 ? dequantize_rows_avx512 : dequantize_rows;
+    c.tables = level >= 1 ? tables_avx512 : tables_generic;
+    c.multiply = level >= 1 ? multiply_avx512 : multiply_generic;
+    c.dequantize = level >= 1 ? dequantize_rows_avx512 : dequantize_rows;
+    c.vbmi = level >= 2;
 #else
-    (void)avx512;
     c.tables = tables_generic;
     c.multiply = multiply_generic;
     c.dequantize = dequantize_rows;
-#endif
-#if defined(__x86_64__)
-    c.vbmi = avx512 && llmc_vq_isa_limit >= 2 && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vbmi");
 #endif
     c.x = x, c.codebooks = codebooks, c.scales = scales, c.codewords = codewords, c.codes = codes, c.y = y;
     c.T = T, c.K = K, c.N = N, c.M = M, c.g = g, c.C = C, c.JM = K / g * M, c.segments = 1;
