@@ -107,11 +107,13 @@ def lr_factor(plan: TunePlan, step: int) -> float:
 
 
 @torch.no_grad()
-def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
+def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen, stats: dict | None = None) -> int:
     """Move some of q's codes towards the buffer X; returns how many code groups changed.
 
     q is any `pv_quant_repr` representation: its groups of `q.group` consecutive input weights are
     ranked by ‖X − Ŵ‖² and the top `code_change` fraction re-encoded (all of them with mode=ste).
+    `stats["proposed"]`, if given, is increased by the groups whose code the search changed before
+    the trust region turned some of them back.
     """
     g = q.group
     diff = (X - W_hat).reshape(-1, g)
@@ -124,6 +126,8 @@ def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen) -> int:
     old = flat[sel]
     new = q.encode(sel, X.reshape(-1, g)[sel], old, gen)
     changed = (new != old).any(-1)
+    if stats is not None:
+        stats["proposed"] = stats.get("proposed", 0) + int(changed.sum())
     if plan.mode != "ste" and plan.trust_ratio > 0:
         step = (q.decode(sel, new) - q.decode(sel, old)).pow(2).sum(-1) * changed  # ‖ΔŴ_group‖²
         budget = (plan.trust_ratio * float(W_hat.norm())) ** 2
@@ -198,6 +202,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(plan.seed + 1)).tolist()
     kl: list[float] = []
     changes: list[float] = []
+    proposals: list[float | None] = []  # the fraction the search changed, before the trust region
     start = 0
     if checkpoint_path and os.path.exists(checkpoint_path):
         saved = torch.load(checkpoint_path, weights_only=True)
@@ -218,6 +223,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                 v_opt.load_state_dict(saved["v_opt"])
                 gen.set_state(saved["gen"])
             start, kl, changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
+            proposals = list(saved.get("proposals", [None] * start))  # None: saved before this was recorded
             log(f"pv_quant: resuming PV-Tuning at step {start}/{plan.steps} from {checkpoint_path}")
         else:
             log(f"pv_quant: {checkpoint_path} belongs to another run; tuning from the start")
@@ -225,7 +231,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     def save(step):
         if not checkpoint_path:
             return
-        doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes,
+        doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes, "proposals": proposals,
                "state": {t: {"codes": compact_codes(state[t].codes), "continuous": state[t].continuous()} for t in targets},
                "norms": {n: attr_tensor(gm, n).detach() for n in others}}  # the norms and the `extra` ones
         if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
@@ -284,11 +290,12 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                 v_opt.step([w.grad for w in weights])
                 moved = 0
                 total = 0
+                stats: dict = {}
                 with torch.no_grad():
                     for t, w, X in zip(targets, weights, buffers):
                         q = state[t]
                         W_hat = q.weight()
-                        moved += v_step(q, X, W_hat, plan, gen)
+                        moved += v_step(q, X, W_hat, plan, gen, stats)
                         total += q.flat_codes().shape[0]
                         w.copy_(q.weight())
                         w.grad = None
@@ -300,6 +307,7 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
                 seconds["v_step"] += t3 - t2
                 kl.append(loss)
                 changes.append(moved / max(total, 1))
+                proposals.append(stats.get("proposed", 0) / max(total, 1))
                 pbar.update(1)
                 pbar.set_postfix(kl=f"{kl[-1]:.4f}", changed=f"{changes[-1]:.4f}")
                 if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
@@ -316,4 +324,5 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
             "kl_first": round(sum(head) / len(head), 5) if head else None,
             "kl_last": round(sum(tail) / len(tail), 5) if tail else None,
             "kl": [round(v, 5) for v in kl], "code_change": [round(c, 6) for c in changes],
+            "code_proposed": [None if c is None else round(c, 6) for c in proposals],
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}
