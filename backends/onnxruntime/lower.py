@@ -106,7 +106,9 @@ def _write_prefill_graph(folder: str) -> bool:
     return True
 
 
-def _genai_config(program) -> dict:
+def _genai_config(program, library: str | None = None) -> dict:
+    """onnxruntime-genai's config for the folder; `library` (a file name in the folder) is llmc's custom-op
+    library, which genai registers from `custom_ops_library` (it must be a real file inside the folder)."""
     cfg = program.config
     layout = program.cache_layout
     eos = list(program.eos_ids) or [getattr(cfg, "eos_token_id", 0)]
@@ -120,7 +122,8 @@ def _genai_config(program) -> dict:
             "type": cfg.model_type,
             "vocab_size": cfg.vocab_size,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    **({"custom_ops_library": library} if library else {})},
                 "filename": MODEL_FILE,
                 "head_size": layout[0].shape[3],
                 "hidden_size": cfg.hidden_size,
@@ -305,7 +308,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "genai_config.json"), "w") as f:
-            json.dump(_genai_config(program), f, indent=2)
+            json.dump(_genai_config(program, library), f, indent=2)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": program.name, "source": program.source,
             "versions": versions(), "model_file": MODEL_FILE, "data_file": DATA_FILE,

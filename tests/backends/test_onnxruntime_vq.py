@@ -91,6 +91,11 @@ def test_tiny_llama_with_vq_linears_decodes_like_torch(lowering, tmp_path):
     assert parity["greedy_identical"] and parity["logits_max_abs_diff"] < 1e-4
     assert manifest["vq_lowering"] == lowering
     assert (manifest["custom_ops_library"] is not None) == (lowering == "kernel")
+    genai = json.load(open(os.path.join(out, "genai_config.json")))["model"]["decoder"]["session_options"]
+    assert genai.get("custom_ops_library") == manifest["custom_ops_library"]  # onnxruntime-genai registers it too
+    if lowering == "kernel":  # genai wants a real file inside the folder
+        library = os.path.join(out, genai["custom_ops_library"])
+        assert os.path.isfile(library) and not os.path.islink(library)
     ops = Counter(n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node)
     assert ops["VQLinear"] == (14 if lowering == "kernel" else 0)
 
