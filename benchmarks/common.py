@@ -113,17 +113,45 @@ def session_rss_mb(folder: str, threads: int) -> float:
     return int(done.stdout.split()[-1]) / 1024
 
 
+class SelfTimed(tuple):
+    """What an engine that times itself returns: (tokens, seconds of its own decode)."""
+
+
 def interleaved_rates(engines: dict, repeats: int, new_tokens: int = 128) -> tuple[dict, dict]:
     """Tokens/s of each engine (a callable generating `new_tokens` tokens) over `repeats` rounds.
 
-    Rounds interleave the engines so that drifts in machine load hit them alike. Returns
-    {name: [tokens/s per round]} and {name: the last round's output}.
+    Rounds interleave the engines so that drifts in machine load hit them alike. An engine that
+    returns SelfTimed is rated by its own seconds. Returns {name: [tokens/s per round]} and
+    {name: the last round's output tokens}.
     """
     rates = {k: [] for k in engines}
     outs = {}
     for _ in range(repeats):
         for name, fn in engines.items():
             t0 = time.perf_counter()
-            outs[name] = fn()
-            rates[name].append(new_tokens / (time.perf_counter() - t0))
+            out = fn()
+            seconds = time.perf_counter() - t0
+            if isinstance(out, SelfTimed):
+                out, seconds = out
+            outs[name] = out
+            rates[name].append(new_tokens / seconds)
     return rates, outs
+
+
+def genai_engine(python: str, folder: str, prompt: list[int], new_tokens: int = 128):
+    """A decode engine for interleaved_rates: greedy decode of `folder` under onnxruntime-genai, run by
+    `python` (which has it) in a subprocess; rated by genai_decode.py's own timing, so the process
+    start and model load are not counted (prompt processing is, as for the other engines)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "genai_decode.py")
+    prompt_file = os.path.join(folder, "..", f"{os.path.basename(folder)}-prompt.json")
+    with open(prompt_file, "w") as f:
+        json.dump(prompt, f)
+
+    def run() -> SelfTimed:
+        res = subprocess.run([python, script, folder, prompt_file, "--new-tokens", str(new_tokens)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"onnxruntime-genai failed on {folder}: {res.stderr.strip()[-2000:]}")
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        return SelfTimed((out["tokens"], new_tokens / out["tokens_per_s"][0]))
+    return run

@@ -11,18 +11,16 @@ and (--genai-builder-dir) genai's own FP32 build under onnxruntime-genai, in a s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import peak_rss_mb, write_result  # noqa: E402
+from common import genai_engine, interleaved_rates, peak_rss_mb, write_result  # noqa: E402
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -79,30 +77,11 @@ def main() -> None:
     if args.passes:  # llmc's torch runtime dequantizes on every call: a reference, not a decoder
         del engines["torch"]
     if args.genai_python:
-        prompt_file = os.path.join(args.out, "..", "llmc-bench-prompt.json")
-        with open(prompt_file, "w") as f:
-            json.dump(prompt, f)
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "genai_decode.py")
-
-        def genai(folder):
-            res = subprocess.run([args.genai_python, script, folder, prompt_file], capture_output=True, text=True,
-                                 check=True)
-            out = json.loads(res.stdout.strip().splitlines()[-1])
-            genai.rate = out["tokens_per_s"][0]
-            return out["tokens"]
-
-        engines["genai (llmc export)"] = lambda: genai(args.out)
+        engines["genai (llmc export)"] = genai_engine(args.genai_python, args.out, prompt)
         if args.genai_builder_dir:
-            engines["genai (genai builder)"] = lambda: genai(args.genai_builder_dir)
-    tps = {k: [] for k in engines}
-    outs = {}
+            engines["genai (genai builder)"] = genai_engine(args.genai_python, args.genai_builder_dir, prompt)
     with torch.inference_mode():
-        for _ in range(args.repeats):
-            for name, fn in engines.items():
-                t0 = time.perf_counter()
-                outs[name] = fn()
-                # genai times itself (its process start and model load are not decode time)
-                tps[name].append(genai.rate if name.startswith("genai") else 128 / (time.perf_counter() - t0))
+        tps, outs = interleaved_rates(engines, args.repeats)
     med = {k: statistics.median(v) for k, v in tps.items()}
     for k in engines:
         print(f"decode {k}: {med[k]:.1f} tok/s ({med[k] / med['hf']:.2f}x HF eager)", flush=True)

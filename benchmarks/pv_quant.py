@@ -31,7 +31,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb, write_result  # noqa: E402
+from common import (STARTED_AT, genai_engine, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb,  # noqa: E402
+                    write_result)
 
 import llmc  # noqa: E402
 from llmc import data  # noqa: E402
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--onnx", default=None, help="a finished row to export to ONNX and time against FP32 / RTN 4-bit")
     ap.add_argument("--session-memory", action="store_true",
                     help="with --onnx: only measure the ORT session memory of the folders the last --onnx run wrote")
+    ap.add_argument("--genai-python", help="with --onnx: a Python that has onnxruntime-genai, to decode ROW's "
+                    "export under genai too")
     ap.add_argument("--protocol", default="ppl-512x40")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -186,9 +189,18 @@ def onnx_rows(args, src, ids, rows) -> None:
     prompt = ids[:128].tolist()
     engines = {label: (lambda m=mm: m.generate(prompt, 128, ignore_eos=True, return_tokens=True))
                for label, (mm, *_rest) in models.items()}
+    if args.genai_python:
+        engines["genai"] = genai_engine(args.genai_python, os.path.join(args.out, f"onnx-{row}"), prompt)
     tps, tokens = interleaved_rates(engines, args.repeats)
     med = {k: statistics.median(v) for k, v in tps.items()}
-    rows[:] = [r for r in rows if not r["row"].startswith("ort-")]
+    rows[:] = [r for r in rows if not r["row"].startswith(("ort-", "genai-"))]
+    if args.genai_python:
+        entry = {"row": f"genai-{row}", "method": f"onnxruntime-genai, llmc's {row} export: greedy decode, batch 1, "
+                 "128+128", "tokens_per_s": round(med["genai"], 2), "all_tokens_per_s": [round(v, 2) for v in tps["genai"]],
+                 "tokens_identical_to_ort": tokens["genai"] == tokens[row],
+                 "ratio_to_rtn4": round(med["genai"] / med["rtn-4"], 3), "commit": STARTED_AT}
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
     for label, (_, par, sz, _, ex) in models.items():
         lowering = json.load(open(os.path.join(args.out, f"onnx-{label}", "llmc_onnx.json"))).get("vq_lowering")
         how = f" ({'llmc.VQLinear kernel' if lowering == 'kernel' else 'dequantized at load'})" if lowering else ""
