@@ -87,6 +87,10 @@ class PVQuant(Pass):
     code_lr: float = 1e-2
     code_change: float | None = dataclasses.field(default=None, metadata={
         "help": "fraction of code groups re-encoded per V step (default: aq 0.01, scalar 0.0001)"})
+    code_select: Literal["scaled", "absolute"] | None = dataclasses.field(default=None, metadata={
+        "help": "how the V step ranks code groups by how far their straight-through buffer moved: in units of "
+                "the group's scale (scaled) or of weight (absolute, AQLM's reference); default: aq scaled, "
+                "scalar absolute"})
     trust_ratio: float | None = dataclasses.field(default=None, metadata={
         "help": "V-step trust region, a fraction of ||W|| (default: aq 0.01, scalar 0)"})
     mode: Literal["pv", "ste"] = "pv"
@@ -140,6 +144,8 @@ class PVQuant(Pass):
             raise ConfigError(f"pv_quant.code_change is a fraction of code groups in (0, 1], got {code_change}")
         if trust_ratio < 0 or not 0 <= self.tol < 1:
             raise ConfigError(f"pv_quant.trust_ratio must be >= 0 and tol in [0, 1), got {trust_ratio}, {self.tol}")
+        if self.code_select not in (None, "scaled", "absolute"):
+            raise ConfigError(f"pv_quant.code_select must be scaled or absolute, got '{self.code_select}'")
         if self.mode not in ("pv", "ste"):
             raise ConfigError(f"pv_quant.mode must be pv or ste, got '{self.mode}'")
         if self.amp not in ("auto", "on", "off"):
@@ -202,8 +208,10 @@ class PVQuant(Pass):
 
     def tune_plan(self, seed: int) -> TunePlan:
         code_change, trust_ratio = self.v_step_limits()
+        select = self.code_select or ("scaled" if self.format == "aq" else "absolute")
         return TunePlan(steps=self.steps, batch_size=self.batch_size, micro_batch=self.micro_batch, lr=self.tune_lr,
-                        code_lr=self.code_lr, code_change=code_change, trust_ratio=trust_ratio, mode=self.mode,
+                        code_lr=self.code_lr, code_change=code_change, code_select=select,
+                        trust_ratio=trust_ratio, mode=self.mode,
                         amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra, seed=seed)
 
     def use_amp(self) -> bool:

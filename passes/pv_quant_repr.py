@@ -5,6 +5,7 @@ Calibration and PV-Tuning only need five things of a representation, so both loo
   continuous()        those tensors (what block fine-tuning and the P step train);
   group               how many consecutive input weights one code group covers (the V step's unit);
   flat_codes()        a [groups, codes per group] view of the codes, to read and write in place;
+  grid_scale()        each group's scale [groups]: the size of its codes' grid in weight units;
   encode / decode     nearest codes for target weight groups, and the weight values of given codes.
 
 `VectorCodes` is AQLM's layout (`llmc.ops.vq`): a group of g inputs of row n is
@@ -48,6 +49,9 @@ class VectorCodes:
     def flat_codes(self) -> Tensor:
         N, J, M = self.codes.shape
         return self.codes.view(N * J, M)
+
+    def grid_scale(self) -> Tensor:
+        return self.scales.reshape(-1).repeat_interleave(self.codes.shape[1])
 
     def _rows(self, sel: Tensor) -> Tensor:
         return sel // self.codes.shape[1]
@@ -99,6 +103,9 @@ class ScalarCodes:
 
     def flat_codes(self) -> Tensor:
         return self.codes.view(-1, 1)
+
+    def grid_scale(self) -> Tensor:
+        return self._expand(self.scales).reshape(-1)
 
     def _params(self, sel: Tensor) -> tuple[Tensor, Tensor]:
         N, K = self.codes.shape

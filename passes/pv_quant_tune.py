@@ -12,7 +12,12 @@ step then does:
           β1 = 0 on ∂L/∂Ŵ; the groups where X has moved furthest from Ŵ, the top `code_change`
           fraction, are re-encoded towards X by greedy search over the codebooks, and changes are
           kept in that order while ‖ΔŴ‖ stays within `trust_ratio` · ‖Ŵ‖ (the subspace linearised
-          V step with a trust region);
+          V step with a trust region). "Furthest" is measured in each group's own grid, ‖X − Ŵ‖ / s
+          with s its scale (`code_select="scaled"`): the buffer's LAMB step moves every weight by
+          about the same amount, so ranked in plain weight units (`"absolute"`, as AQLM's reference
+          code does) the top groups are those of the largest-scale rows, whose codes that move does
+          not change; on SmolLM2 2x8 g8 none of the groups the straight-through search would
+          change at step 10 were among them, and 39 of 43 were in the scaled top 1%;
   and rewrites Ŵ from the new codes, codebooks and scales. With `schedule="cosine"` both learning
   rates decay from their set value to 0 over the run.
 
@@ -48,6 +53,7 @@ class TunePlan:
     lr: float = 3e-4              # LAMB, codebooks / scales / norms / extra
     code_lr: float = 1e-2         # LAMB (β1 = 0), straight-through buffers
     code_change: float = 0.01     # fraction of groups re-encoded per matrix per step
+    code_select: str = "scaled"   # rank groups by ‖X − Ŵ‖ in units of their grid scale ("scaled") or of weight ("absolute")
     trust_ratio: float = 0.01     # max ‖ΔŴ‖ / ‖Ŵ‖ from code changes per step; 0 = no trust region
     mode: str = "pv"              # "pv" or "ste"
     tune_norms: bool = True
@@ -121,7 +127,10 @@ def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen, stats: 
         sel = torch.arange(diff.shape[0])
     else:
         k = max(1, math.ceil(plan.code_change * diff.shape[0]))
-        sel = diff.pow(2).sum(-1).topk(k).indices  # descending: the furthest groups first
+        distance = diff.pow(2).sum(-1)
+        if plan.code_select == "scaled":  # how far in the group's own grid: what decides whether its code moves
+            distance /= q.grid_scale().pow(2).clamp_min(torch.finfo(distance.dtype).tiny)
+        sel = distance.topk(k).indices  # descending: the furthest groups first
     flat = q.flat_codes()
     old = flat[sel]
     new = q.encode(sel, X.reshape(-1, g)[sel], old, gen)

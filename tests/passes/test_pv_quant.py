@@ -186,6 +186,27 @@ def test_v_step_changes_few_groups_within_the_trust_region():
     assert v_step(q3, X, W_hat, TunePlan(mode="ste"), gen) > changed  # STE moves every group that wants to
 
 
+def test_v_step_ranks_groups_in_their_own_grid():
+    # Rows with scales 100x apart and a buffer that moved every weight by the same amount (as a LAMB
+    # step does): only the small-scale rows' codes can follow it, and only the scaled ranking finds them.
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 32, generator=gen)
+    codes, books, scales = init_kmeans(W, torch.eye(32), AQConfig(codebooks=2, bits=4, group=4, kmeans_iters=5))
+    scales = scales * torch.where(torch.arange(64) < 32, 10.0, 0.1).reshape(-1, 1, 1, 1)
+    W_hat = QuantizedMatrix(codes, books, scales).weight()
+    X = W_hat + 0.05 * torch.sign(torch.randn(W_hat.shape, generator=gen))
+    moved = {}
+    for select in ("scaled", "absolute"):
+        q = QuantizedMatrix(codes.clone(), books, scales)
+        plan = TunePlan(code_change=0.25, code_select=select, trust_ratio=0.0)
+        changed = v_step(q, X, W_hat, plan, gen)
+        rows = (q.codes != codes).any(-1).any(-1)
+        assert int(changed) == int((q.codes != codes).any(-1).sum())
+        moved[select] = (changed, int(rows[:32].sum()))
+    assert moved["scaled"][0] >= 0.5 * 0.25 * 64 * 8 and moved["scaled"][1] == 0  # the small-scale rows'
+    assert moved["absolute"][0] < moved["scaled"][0] / 4
+
+
 def _quantized_program(tiny_models, tmp):
     program = llmc.api.to_program(tiny_models["llama"], tiny_tokenizer())
     state, _ = calibrate(program.gm, _calibration(), lambda b: program.empty_cache(b, 0), lambda t: ".layers." in t,
@@ -229,10 +250,11 @@ def test_micro_batches_give_the_full_batch_step(tiny_models):
 
 def test_tuning_plan_carries_every_option():
     spec = ("pv_quant:steps=7,batch_size=16,micro_batch=4,tune_lr=0.001,code_lr=0.5,code_change=0.02,"
-            "trust_ratio=0.03,mode=ste,lr_schedule=cosine,tune_extra=embed,amp=off")
+            "code_select=absolute,trust_ratio=0.03,mode=ste,lr_schedule=cosine,tune_extra=embed,amp=off")
     plan = parse_pass_spec(spec).tune_plan(seed=5)
     assert plan == TunePlan(steps=7, batch_size=16, micro_batch=4, lr=0.001, code_lr=0.5, code_change=0.02,
-                            trust_ratio=0.03, mode="ste", schedule="cosine", extra="embed", amp=False, seed=5)
+                            code_select="absolute", trust_ratio=0.03, mode="ste", schedule="cosine", extra="embed",
+                            amp=False, seed=5)
 
 
 def test_cosine_schedule_decays_both_rates_to_zero():
@@ -358,8 +380,12 @@ def test_v_step_defaults_depend_on_the_format():
     assert PVQuant(format="scalar").v_step_limits() == (0.0001, 0.0)  # one code change is a whole step there
     assert PVQuant(format="scalar", code_change=0.05, trust_ratio=0.02).v_step_limits() == (0.05, 0.02)
     assert PVQuant(format="scalar").tune_plan(0).code_change == 0.0001
+    assert PVQuant().tune_plan(0).code_select == "scaled"
+    assert PVQuant(format="scalar").tune_plan(0).code_select == "absolute"  # as the scalar results were measured
     with pytest.raises(ConfigError, match="trust_ratio"):
         parse_pass_spec("pv_quant:trust_ratio=-1")
+    with pytest.raises(ConfigError, match="code_select"):
+        parse_pass_spec("pv_quant:code_select=nearest")
 
 
 def test_amp_follows_the_cpu_unless_set():
