@@ -30,6 +30,8 @@ def table() -> str:
         name, com = doc["benchmark"], doc.get("commit", "?")
         for r in doc["rows"]:
             com = _provenance(r, doc)  # rows merged from several runs carry their own
+            if r.get("note"):  # what a row's spec meant when it ran, where that has changed since
+                r = {**r, "method": f"{r['method']} ({r['note']})"}
             if "ppl" in r:
                 bits = (f", {_fmt(r['bits_per_param'])} bits/param" if r.get("bits_per_param")
                         else f", {_fmt(r['bits_per_weight'])} bits/weight" if r.get("bits_per_weight")

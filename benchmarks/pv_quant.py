@@ -197,7 +197,8 @@ def onnx_rows(args, src, ids, rows) -> None:
     if args.genai_python:
         entry = {"row": f"genai-{row}", "method": f"onnxruntime-genai, llmc's {row} export: greedy decode, batch 1, "
                  "128+128", "tokens_per_s": round(med["genai"], 2), "all_tokens_per_s": [round(v, 2) for v in tps["genai"]],
-                 "tokens_identical_to_ort": tokens["genai"] == tokens[row],
+                 "tokens_identical_to_ort": tokens["genai"] == tokens[row], "file_mb": round(models[row][2] / 1e6, 1),
+                 "ratio_to_fp32": round(med["genai"] / med["fp32"], 3),
                  "ratio_to_rtn4": round(med["genai"] / med["rtn-4"], 3), "commit": STARTED_AT}
         rows.append(entry)
         print(json.dumps(entry), flush=True)
