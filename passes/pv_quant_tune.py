@@ -117,7 +117,8 @@ def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen, stats: 
     """Move some of q's codes towards the buffer X; returns how many code groups changed.
 
     q is any `pv_quant_repr` representation: its groups of `q.group` consecutive input weights are
-    ranked by ‖X − Ŵ‖² and the top `code_change` fraction re-encoded (all of them with mode=ste).
+    ranked by ‖X − Ŵ‖² (divided by their grid scale², with code_select="scaled") and the top
+    `code_change` fraction re-encoded (all of them with mode=ste).
     `stats["proposed"]`, if given, is increased by the groups whose code the search changed before
     the trust region turned some of them back.
     """
