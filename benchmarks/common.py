@@ -101,7 +101,10 @@ _SESSION_RSS = """
 import resource, sys
 from llmc.runtime import OrtModel
 OrtModel(sys.argv[1], threads=int(sys.argv[2]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+try:  # this process's own peak: ru_maxrss keeps the parent's peak across the spawn on Linux
+    print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 

@@ -143,7 +143,7 @@ def main() -> None:
                 t = h.stats["tuning"]
                 entry["seconds"]["pv_tuning"] = h.stats["seconds"].get("pv_tuning")
                 entry["tuning"] = {k: t.get(k) for k in ("mode", "amp", "schedule", "extra", "steps", "kl_first",
-                                                         "kl_last", "kl", "code_change", "seconds")}
+                                                         "kl_last", "kl", "code_change", "code_proposed", "seconds")}
         rows.append(entry)
         print(json.dumps({k: entry.get(k) for k in ("row", "ppl", "x_fp", "bits_per_weight", "seconds")}), flush=True)
         save()
