@@ -160,8 +160,8 @@ def main() -> None:
 
 
 def onnx_rows(args, src, ids, rows) -> None:
-    """Lower ROW (and ROW-dequantize), FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s of all, interleaved;
-    each folder's session memory."""
+    """Lower ROW (and ROW-dequantize), FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s of all, interleaved
+    (with --genai-python, ROW's folder under onnxruntime-genai too); each folder's session memory."""
     from llmc.backends.onnxruntime import custom_ops, lower
     from llmc.runtime import OrtModel
 
