@@ -203,7 +203,7 @@ def test_v_step_ranks_groups_in_their_own_grid():
         rows = (q.codes != codes).any(-1).any(-1)
         assert int(changed) == int((q.codes != codes).any(-1).sum())
         moved[select] = (changed, int(rows[:32].sum()))
-    assert moved["scaled"][0] >= 0.5 * 0.25 * 64 * 8 and moved["scaled"][1] == 0  # the small-scale rows'
+    assert moved["scaled"][0] >= 0.5 * 0.25 * 64 * 8 and moved["scaled"][1] == 0  # none in the large-scale rows
     assert moved["absolute"][0] < moved["scaled"][0] / 4
 
 
