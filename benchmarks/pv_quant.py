@@ -48,6 +48,7 @@ ROWS = {
     "4x8g8": ["pv_quant:codebooks=4"],
     "scalar4": ["pv_quant:format=scalar,bits=4"],
 }
+DECODE_ROWS = ("ort-", "genai-")  # the rows an --onnx run writes, all in one run
 
 
 
@@ -98,8 +99,11 @@ def main() -> None:
     rows = [r for r in load_rows(args.name) if r.get("protocol") == args.protocol]
     done = {r["row"] for r in rows}
 
-    def save():  # merged with the file's rows by name: several processes may run rows at once
-        merged = {r["row"]: r for r in load_rows(args.name) if r.get("protocol", args.protocol) == args.protocol}
+    def save(replace: tuple[str, ...] = ()):
+        """Write `rows` merged with the file's rows by name (several processes may run rows at once); the
+        file's rows whose names start with a `replace` prefix are dropped, not merged."""
+        merged = {r["row"]: r for r in load_rows(args.name) if r.get("protocol", args.protocol) == args.protocol
+                  and not (replace and r["row"].startswith(replace))}
         merged.update({r["row"]: r for r in rows})
         rows[:] = list(merged.values())
         write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
@@ -154,9 +158,9 @@ def main() -> None:
                 print(r["row"], "session RSS MB", r["session_rss_mb"], flush=True)
                 rows.append(r)
         save()
-    elif args.onnx:
+    elif args.onnx:  # a new set of decode rows: those of an earlier --onnx run (maybe another ROW) go
         onnx_rows(args, src, ids, rows)
-        save()
+        save(replace=DECODE_ROWS)
 
 
 def onnx_rows(args, src, ids, rows) -> None:
@@ -193,7 +197,7 @@ def onnx_rows(args, src, ids, rows) -> None:
         engines["genai"] = genai_engine(args.genai_python, os.path.join(args.out, f"onnx-{row}"), prompt)
     tps, tokens = interleaved_rates(engines, args.repeats)
     med = {k: statistics.median(v) for k, v in tps.items()}
-    rows[:] = [r for r in rows if not r["row"].startswith(("ort-", "genai-"))]
+    rows[:] = [r for r in rows if not r["row"].startswith(DECODE_ROWS)]
     if args.genai_python:
         entry = {"row": f"genai-{row}", "method": f"onnxruntime-genai, llmc's {row} export: greedy decode, batch 1, "
                  "128+128", "tokens_per_s": round(med["genai"], 2), "all_tokens_per_s": [round(v, 2) for v in tps["genai"]],
