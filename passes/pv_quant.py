@@ -28,7 +28,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import fx
@@ -52,6 +52,15 @@ aten = torch.ops.aten
 
 TUNE_WINDOW = 512  # tokens per PV-Tuning sequence
 SELF_PROMPT = 8  # tune_data=self: prompt length in tokens
+
+
+class VStep(NamedTuple):
+    """The V step's settings (`TunePlan` fields of the same names)."""
+
+    code_lr: float
+    code_change: float
+    code_select: str
+    trust_ratio: float
 
 
 @register_pass("pv_quant")
@@ -84,7 +93,8 @@ class PVQuant(Pass):
         "help": "sequences per forward/backward pass; a larger batch_size accumulates gradients over "
                 "micro-batches (bounds memory: SmolLM2-135M takes about 1.3 GB per 512-token sequence)"})
     tune_lr: float = 3e-4
-    code_lr: float = 1e-2
+    code_lr: float | None = dataclasses.field(default=None, metadata={
+        "help": "LAMB rate of the V step's straight-through buffers (default: aq 0.02, scalar 0.01)"})
     code_change: float | None = dataclasses.field(default=None, metadata={
         "help": "fraction of code groups re-encoded per V step (default: aq 0.01, scalar 0.0001)"})
     code_select: Literal["scaled", "absolute"] | None = dataclasses.field(default=None, metadata={
@@ -136,16 +146,16 @@ class PVQuant(Pass):
                           ("tune_samples", 0), ("clip_grid", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"pv_quant.{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("lr", "ft_lr", "tune_lr", "code_lr"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"pv_quant.{name} must be > 0, got {getattr(self, name)}")
-        code_change, trust_ratio = self.v_step_limits()
-        if not 0 < code_change <= 1:
-            raise ConfigError(f"pv_quant.code_change is a fraction of code groups in (0, 1], got {code_change}")
-        if trust_ratio < 0 or not 0 <= self.tol < 1:
-            raise ConfigError(f"pv_quant.trust_ratio must be >= 0 and tol in [0, 1), got {trust_ratio}, {self.tol}")
         if self.code_select not in (None, "scaled", "absolute"):
             raise ConfigError(f"pv_quant.code_select must be scaled or absolute, got '{self.code_select}'")
+        v = self.v_step()
+        for name, value in (("lr", self.lr), ("ft_lr", self.ft_lr), ("tune_lr", self.tune_lr), ("code_lr", v.code_lr)):
+            if value <= 0:
+                raise ConfigError(f"pv_quant.{name} must be > 0, got {value}")
+        if not 0 < v.code_change <= 1:
+            raise ConfigError(f"pv_quant.code_change is a fraction of code groups in (0, 1], got {v.code_change}")
+        if v.trust_ratio < 0 or not 0 <= self.tol < 1:
+            raise ConfigError(f"pv_quant.trust_ratio must be >= 0 and tol in [0, 1), got {v.trust_ratio}, {self.tol}")
         if self.mode not in ("pv", "ste"):
             raise ConfigError(f"pv_quant.mode must be pv or ste, got '{self.mode}'")
         if self.amp not in ("auto", "on", "off"):
@@ -167,17 +177,24 @@ class PVQuant(Pass):
             return self.bits or 8, self.group or 8
         return self.bits or 4, self.group or 64
 
-    def v_step_limits(self) -> tuple[float, float]:
-        """(code_change, trust_ratio) with the format's defaults filled in.
+    def v_step(self) -> VStep:
+        """The V step's settings, each left unset filled in with the format's default (SmolLM2-135M,
+        ppl-512x40, 120 steps of batch 2).
 
-        Scalar codes default to an almost frozen V step: there one code change moves a weight by a
-        whole quantization step, and on SmolLM2 4-bit g64 the aq defaults (1% of groups, trust 1%)
-        raised the tuning KL and left ppl-512x40 at 31.91, while 0.0001 / 0 (in effect the P step
-        alone) reached 29.51 from the calibration's 31.48."""
+        Vector codes: buffers at code_lr 0.02, the top 1% of groups in their own grid, trust 1%.
+        2x8 g8 gave 52.22 there against 54.31 at code_lr 0.01 (and 55.21 at 0.05, where the trust
+        region turns most of the search's changes back).
+        Scalar codes: an almost frozen V step (code_lr 0.01, 0.0001 of the weights ranked by plain
+        distance, no trust region), as one code change moves a weight by a whole quantization step.
+        At 4 bits g64 the vector codes' limits (1%, trust 1%) raised the tuning KL and left ppl at
+        31.91, where these reached 29.51 from the calibration's 31.48. At 2 bits the V step pays:
+        code_change 0.001, trust 0.01, scaled ranking gave 59.64 against these defaults' 62.90."""
         aq = self.format == "aq"
-        code_change = self.code_change if self.code_change is not None else (0.01 if aq else 0.0001)
-        trust_ratio = self.trust_ratio if self.trust_ratio is not None else (0.01 if aq else 0.0)
-        return code_change, trust_ratio
+        pick = lambda value, vector, scalar: value if value is not None else (vector if aq else scalar)  # noqa: E731
+        return VStep(code_lr=pick(self.code_lr, 0.02, 0.01),
+                     code_change=pick(self.code_change, 0.01, 0.0001),
+                     code_select=pick(self.code_select, "scaled", "absolute"),
+                     trust_ratio=pick(self.trust_ratio, 0.01, 0.0))
 
     def aq_config(self) -> AQConfig:
         bits, group = self.resolved()
@@ -207,11 +224,8 @@ class PVQuant(Pass):
         return quantize
 
     def tune_plan(self, seed: int) -> TunePlan:
-        code_change, trust_ratio = self.v_step_limits()
-        select = self.code_select or ("scaled" if self.format == "aq" else "absolute")
         return TunePlan(steps=self.steps, batch_size=self.batch_size, micro_batch=self.micro_batch, lr=self.tune_lr,
-                        code_lr=self.code_lr, code_change=code_change, code_select=select,
-                        trust_ratio=trust_ratio, mode=self.mode,
+                        **self.v_step()._asdict(), mode=self.mode,
                         amp=self.use_amp(), schedule=self.lr_schedule, extra=self.tune_extra, seed=seed)
 
     def use_amp(self) -> bool:

@@ -376,16 +376,19 @@ def test_pass_needs_calibration_and_valid_options(tiny_models):
 def test_v_step_defaults_depend_on_the_format():
     from llmc.passes.pv_quant import PVQuant
 
-    assert PVQuant().v_step_limits() == (0.01, 0.01)
-    assert PVQuant(format="scalar").v_step_limits() == (0.0001, 0.0)  # one code change is a whole step there
-    assert PVQuant(format="scalar", code_change=0.05, trust_ratio=0.02).v_step_limits() == (0.05, 0.02)
-    assert PVQuant(format="scalar").tune_plan(0).code_change == 0.0001
-    assert PVQuant().tune_plan(0).code_select == "scaled"
-    assert PVQuant(format="scalar").tune_plan(0).code_select == "absolute"  # as the scalar results were measured
+    assert PVQuant().v_step() == (0.02, 0.01, "scaled", 0.01)
+    assert PVQuant(format="scalar").v_step() == (0.01, 0.0001, "absolute", 0.0)  # a code change is a whole step
+    scalar = PVQuant(format="scalar", code_lr=0.03, code_change=0.05, code_select="scaled", trust_ratio=0.02)
+    assert scalar.v_step() == (0.03, 0.05, "scaled", 0.02)
+    plan = PVQuant(format="scalar").tune_plan(0)
+    assert (plan.code_lr, plan.code_change, plan.code_select, plan.trust_ratio) == (0.01, 0.0001, "absolute", 0.0)
+    assert PVQuant(mode="ste").tune_plan(0).code_lr == 0.02  # the baseline gets the same buffers
     with pytest.raises(ConfigError, match="trust_ratio"):
         parse_pass_spec("pv_quant:trust_ratio=-1")
     with pytest.raises(ConfigError, match="code_select"):
         parse_pass_spec("pv_quant:code_select=nearest")
+    with pytest.raises(ConfigError, match="code_lr"):
+        parse_pass_spec("pv_quant:code_lr=0")
 
 
 def test_amp_follows_the_cpu_unless_set():
