@@ -190,7 +190,10 @@ class PVQuant(Pass):
         31.91, where these reached 29.51 from the calibration's 31.48. At 2 bits the V step pays:
         code_change 0.001, trust 0.01, scaled ranking gave 59.64 against these defaults' 62.90."""
         aq = self.format == "aq"
-        pick = lambda value, vector, scalar: value if value is not None else (vector if aq else scalar)  # noqa: E731
+
+        def pick(value, vector, scalar):
+            return value if value is not None else (vector if aq else scalar)
+
         return VStep(code_lr=pick(self.code_lr, 0.02, 0.01),
                      code_change=pick(self.code_change, 0.01, 0.0001),
                      code_select=pick(self.code_select, "scaled", "absolute"),
