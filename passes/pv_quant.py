@@ -63,6 +63,15 @@ class VStep(NamedTuple):
     trust_ratio: float
 
 
+# Each format's V-step defaults (why: PVQuant.v_step); the options' help names them from here.
+V_STEP_DEFAULTS = {"aq": VStep(code_lr=0.02, code_change=0.01, code_select="scaled", trust_ratio=0.01),
+                   "scalar": VStep(code_lr=0.01, code_change=0.0001, code_select="absolute", trust_ratio=0.0)}
+
+
+def _defaults(field: str) -> str:
+    return f"default: aq {getattr(V_STEP_DEFAULTS['aq'], field)}, scalar {getattr(V_STEP_DEFAULTS['scalar'], field)}"
+
+
 @register_pass("pv_quant")
 @dataclass(frozen=True)
 class PVQuant(Pass):
@@ -94,15 +103,14 @@ class PVQuant(Pass):
                 "micro-batches (bounds memory: SmolLM2-135M takes about 1.3 GB per 512-token sequence)"})
     tune_lr: float = 3e-4
     code_lr: float | None = dataclasses.field(default=None, metadata={
-        "help": "LAMB rate of the V step's straight-through buffers (default: aq 0.02, scalar 0.01)"})
+        "help": f"LAMB rate of the V step's straight-through buffers ({_defaults('code_lr')})"})
     code_change: float | None = dataclasses.field(default=None, metadata={
-        "help": "fraction of code groups re-encoded per V step (default: aq 0.01, scalar 0.0001)"})
+        "help": f"fraction of code groups re-encoded per V step ({_defaults('code_change')})"})
     code_select: Literal["scaled", "absolute"] | None = dataclasses.field(default=None, metadata={
         "help": "how the V step ranks code groups by how far their straight-through buffer moved: in units of "
-                "the group's scale (scaled) or of weight (absolute, AQLM's reference); default: aq scaled, "
-                "scalar absolute"})
+                f"the group's scale (scaled) or of weight (absolute, AQLM's reference); {_defaults('code_select')}"})
     trust_ratio: float | None = dataclasses.field(default=None, metadata={
-        "help": "V-step trust region, a fraction of ||W|| (default: aq 0.01, scalar 0)"})
+        "help": f"V-step trust region, a fraction of ||W|| ({_defaults('trust_ratio')})"})
     mode: Literal["pv", "ste"] = "pv"
     amp: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={
         "help": "bfloat16 autocast in PV-Tuning; auto: on where oneDNN has native bf16 kernels (AVX-512, AMX), "
@@ -189,15 +197,8 @@ class PVQuant(Pass):
         At 4 bits g64 the vector codes' limits (1%, trust 1%) raised the tuning KL and left ppl at
         31.91, where these reached 29.51 from the calibration's 31.48. At 2 bits the V step pays:
         code_change 0.001, trust 0.01, scaled ranking gave 59.64 against these defaults' 62.90."""
-        aq = self.format == "aq"
-
-        def pick(value, vector, scalar):
-            return value if value is not None else (vector if aq else scalar)
-
-        return VStep(code_lr=pick(self.code_lr, 0.02, 0.01),
-                     code_change=pick(self.code_change, 0.01, 0.0001),
-                     code_select=pick(self.code_select, "scaled", "absolute"),
-                     trust_ratio=pick(self.trust_ratio, 0.01, 0.0))
+        chosen = {f: getattr(self, f) for f in VStep._fields if getattr(self, f) is not None}
+        return V_STEP_DEFAULTS[self.format]._replace(**chosen)
 
     def aq_config(self) -> AQConfig:
         bits, group = self.resolved()
