@@ -1,1 +1,2 @@
-"""llmc's backends (installed as `llmc.backends`). The eager torch backend is the Program itself."""
+"""llmc's backends (installed as `llmc.backends`), found by name through the `llmc.backends`
+entry points. The eager torch backend is the core's own (llmc.compiled.TorchBackend)."""

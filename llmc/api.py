@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import typing
 
 from torch import nn
 
+from llmc.backend import get_backend
 from llmc.compiled import CompiledModel
 from llmc.errors import ConfigError
 from llmc.models import SourceModel, load_model
@@ -48,15 +50,24 @@ def to_program(model, tokenizer=None) -> Program:
 
 
 def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=None, backend: str = "torch",
-            seed: int = 0, progress: bool = True, dump_dir: str | None = None, teacher=None) -> CompiledModel:
-    """Trace `model`, run `passes` (Pass objects or spec strings) and return a CompiledModel.
+            out: str | None = None, backend_options=None, overwrite: bool = False, seed: int = 0,
+            progress: bool = True, dump_dir: str | None = None, teacher=None):
+    """Trace `model`, run `passes` (Pass objects or spec strings) and return a runnable Model.
 
-    calibration: a data set name/path (tokenized with the model's tokenizer) or a list of LongTensor
-    batches. teacher: `(input_ids, attention_mask) -> logits`; by default the source model itself.
-    The pass pipeline is checked for order before anything is loaded or traced.
+    backend: a registered backend (`llmc backends`): "torch" returns a CompiledModel (saved to
+    `out` when given); another backend lowers the program to `out` (required) with
+    `backend_options` (its Options, or a dict) and returns the model it loads from there, e.g. an
+    OrtModel for "onnxruntime". calibration: a data set name/path (tokenized with the model's
+    tokenizer) or a list of LongTensor batches. teacher: `(input_ids, attention_mask) -> logits`;
+    by default the source model itself.
+    The pipeline order, the backend and its options are checked before anything is loaded or traced.
     """
-    if backend != "torch":
-        raise ConfigError(f"unknown backend '{backend}'; available: torch")
+    target = get_backend(backend)
+    options = target.options(backend_options)
+    if backend != "torch" and out is None:
+        raise ConfigError(f"backend '{backend}' writes a folder: pass out='DIR'")
+    if out is not None and os.path.exists(out) and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another folder or pass overwrite=True")
     manager = PassManager(passes)
     manager.check(extra_facts={"teacher"} | ({"calibration"} if calibration is not None else set()))
     src = _source(model, tokenizer)
@@ -72,4 +83,9 @@ def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=
     elif calibration is not None:
         ctx.calibration = list(calibration)
     manager.run(program, ctx)
-    return CompiledModel(program, backend=backend)
+    compiled = CompiledModel(program)
+    if backend == "torch":
+        if out is not None:
+            compiled.save(out, overwrite=overwrite)
+        return compiled
+    return target.load(target.lower(program, out, options, overwrite=overwrite))

@@ -1,4 +1,4 @@
-"""The `llmc` command line: compile, eval, generate, inspect, export-hf, passes.
+"""The `llmc` command line: compile, eval, generate, inspect, export-hf, passes, backends.
 
 Bad input prints one line `llmc: error: ...` and exits with status 2; an llmc failure while
 working exits with status 1. Output folders are written atomically (see CompiledModel.save).
@@ -7,43 +7,54 @@ working exits with status 1. Output folders are written atomically (see Compiled
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 
 from llmc.errors import ConfigError, LlmcError
 
-BACKENDS = ("torch", "onnxruntime")
-
 
 def _open_model(spec: str):
-    """A compiled folder is loaded, an ONNX folder opened in ONNX Runtime; anything else is traced."""
+    """A folder some backend wrote is opened by that backend; anything else is traced."""
     import llmc
-    from llmc.runtime import OrtModel, is_onnx_folder
 
-    if os.path.isdir(spec) and is_onnx_folder(spec):
-        return OrtModel(spec)
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
+    if _is_artifact(spec):
         return llmc.load(spec)
     return llmc.compile(spec)
 
 
+def _is_artifact(path: str) -> bool:
+    from llmc.backend import available_backends, get_backend
+
+    return os.path.isdir(path) and any(get_backend(n).owns(path) for n in available_backends())
+
+
+def _backend_options(args) -> dict:
+    """--backend-option KEY=VALUE (repeatable), plus the onnxruntime shortcuts --no-parity / --vq-lowering."""
+    options = {}
+    for item in args.backend_options:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--backend-option '{item}' has no value; write KEY=VALUE")
+        options[key.strip()] = value.strip()
+    if args.no_parity:
+        options["parity"] = False
+    if args.vq_lowering is not None:
+        options["vq_lowering"] = args.vq_lowering
+    return options
+
+
 def cmd_compile(args) -> int:
     import llmc
+    from llmc.backend import get_backend
 
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not args.overwrite:
         raise LlmcError(f"{args.output} already exists; choose another folder or pass --overwrite")
-    if args.backend not in BACKENDS:
-        raise ConfigError(f"unknown backend '{args.backend}'; available: {', '.join(BACKENDS)}")
+    backend = get_backend(args.backend)
+    options = backend.options(_backend_options(args))  # checked before anything is traced
     cm = llmc.compile(args.model, passes=args.passes, calibration=args.calib, seed=args.seed)
-    if args.backend == "onnxruntime":
-        backend = importlib.import_module("llmc.backends.onnxruntime")
-        backend.lower(cm.program, out, parity=not args.no_parity, overwrite=args.overwrite,
-                      vq_lowering=args.vq_lowering)
-    else:
-        cm.save(out, overwrite=args.overwrite)
+    backend.lower(cm.program, out, options, overwrite=args.overwrite)
     size = cm.program.size_report()
     print(f"wrote {args.output} ({args.backend}): {len(cm.program.history)} pass(es), "
           f"{size['total_bytes'] / 1e6:.1f} MB of weights, "
@@ -127,6 +138,19 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_backends(args) -> int:
+    from llmc.backend import available_backends, get_backend
+    from llmc.passes_base import pass_options
+
+    for name in available_backends():
+        backend = get_backend(name)
+        doc = (type(backend).__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for opt, tp, default, help_ in pass_options(backend.Options):
+            print(f"    {opt} ({tp}, default {default!r}){': ' + help_ if help_ else ''}")
+    return 0
+
+
 def cmd_passes(args) -> int:
     from llmc.passes_base import pass_options, registered_passes
 
@@ -159,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--backend", default="torch", help=f"{' | '.join(BACKENDS)} (onnxruntime writes an ONNX folder)")
-    c.add_argument("--no-parity", action="store_true", help="skip the ONNX-vs-torch parity check")
-    c.add_argument("--vq-lowering", default="auto", choices=["auto", "kernel", "dequantize"],
+    c.add_argument("--backend", default="torch", help="a backend of `llmc backends`: torch (the default) or "
+                   "onnxruntime (an ONNX folder)")
+    c.add_argument("--backend-option", dest="backend_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the backend (see `llmc backends`); repeatable")
+    c.add_argument("--no-parity", action="store_true", help="onnxruntime: skip the ONNX-vs-torch parity check")
+    c.add_argument("--vq-lowering", default=None, choices=["auto", "kernel", "dequantize"],
                    help="onnxruntime: vector-quantized layers as llmc's custom op, reading uint8 codes at run time "
                         "(kernel; the folder carries the op's library), or as standard ONNX that ONNX Runtime "
                         "dequantizes at load (dequantize); auto: kernel where a C compiler can build it")
@@ -202,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("passes", help="list registered passes and their options")
     ps.set_defaults(fn=cmd_passes)
+
+    bs = sub.add_parser("backends", help="list registered backends and their options")
+    bs.set_defaults(fn=cmd_backends)
     return p
 
 

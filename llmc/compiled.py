@@ -1,4 +1,4 @@
-"""CompiledModel: a Program ready to run, generate, evaluate, save and load."""
+"""CompiledModel: a Program ready to run, generate, evaluate, save and load; the `torch` backend."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import warnings
 
 import torch
 
-from llmc.errors import ArtifactError, ConfigError
+from llmc.backend import Backend
+from llmc.errors import ArtifactError
 from llmc.fsutil import atomic_folder
-from llmc.generation import TextGenerator
 from llmc.graph import strip_runtime_noops
+from llmc.model import Model
 from llmc.models import sha256_file as _sha256
 from llmc.program import PassRecord, Program
 from llmc.runner import TorchRunner
@@ -40,18 +41,17 @@ def versions() -> dict:
     return out
 
 
-class CompiledModel(TextGenerator):
-    """A compiled model: call it, `generate()` text, `save()` it, `report()` on it.
+class CompiledModel(Model):
+    """A compiled Program in eager PyTorch: call it, `generate()` text, `save()` it, `report()` on it.
 
     `step(input_ids, attention_mask, position_ids, past) -> (logits, present)` is the traced decode
     step; `__call__` is the same with defaults (full attention mask, positions after the past).
     """
 
-    def __init__(self, program: Program, backend: str = "torch"):
-        if backend != "torch":
-            raise ConfigError(f"backend '{backend}' is not available here; use backend='torch'")
+    backend = "torch"
+
+    def __init__(self, program: Program):
         self.program = program
-        self.backend = backend
         self._runner = TorchRunner(program)
         self._runner.prepare()
 
@@ -64,8 +64,9 @@ class CompiledModel(TextGenerator):
         """One decode step of the traced graph (no autograd)."""
         return self._runner.step(input_ids, attention_mask, position_ids, past)
 
-    def empty_cache(self, batch: int) -> list[torch.Tensor]:
-        return self.program.empty_cache(batch, 0)
+    @property
+    def cache_layout(self):
+        return self.program.cache_layout
 
     @property
     def eos_ids(self) -> tuple:
@@ -78,7 +79,7 @@ class CompiledModel(TextGenerator):
     # -- reporting -------------------------------------------------------------------------
     def report(self) -> dict:
         """Name, source, pass history, cache layout, op histogram and size report."""
-        from llmc.testing import count_ops
+        from llmc.graph import count_ops
 
         return {
             "name": self.program.name,
@@ -146,6 +147,23 @@ class CompiledModel(TextGenerator):
 def _placeholder(t: torch.Tensor) -> torch.Tensor:
     p = torch.zeros((), dtype=t.dtype).expand(t.shape)
     return torch.nn.Parameter(p, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else p
+
+
+class TorchBackend(Backend):
+    """The eager PyTorch reference: a folder with the exported graph (graph.pt2), its weights in
+    their compact form (weights.safetensors), config, tokenizer and manifest."""
+
+    name = "torch"
+
+    def lower(self, program: Program, out_dir: str, options=None, overwrite: bool = False) -> str:
+        self.options(options)
+        return CompiledModel(program).save(out_dir, overwrite=overwrite)
+
+    def load(self, folder: str) -> CompiledModel:
+        return load(folder)
+
+    def owns(self, folder: str) -> bool:
+        return os.path.isfile(os.path.join(folder, MANIFEST))  # `load` says what is wrong with one
 
 
 def load(directory: str) -> CompiledModel:

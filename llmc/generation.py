@@ -1,6 +1,6 @@
 """Token generation over any decode step `(input_ids, attention_mask, position_ids, past) -> (logits, present)`.
 
-Shared by every runtime: prompts are left-padded into one batch, prefilled with an empty cache,
+Shared by every runtime (`llmc.model.Model.generate`): prompts are left-padded into one batch, prefilled with an empty cache,
 then decoded one token per step. Greedy decoding reproduces Hugging Face's `generate` exactly
 (same position ids for left padding, same padding of finished rows).
 """
@@ -116,64 +116,6 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
         cut = next((j for j, tok in enumerate(row) if tok in stop_set), None)
         rows.append(row if cut is None else row[: cut + 1])
     return rows
-
-
-class TextGenerator:
-    """`generate()` and `__call__` for a model object with `tokenizer`, `eos_ids`, `step` and
-    `empty_cache` (and optionally `prefill_step`); shared by the torch and ONNX Runtime models."""
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, past=None):
-        """`step` with defaults: an empty cache, a full attention mask, positions after the past."""
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        B, S = input_ids.shape
-        past = past if past is not None else self.empty_cache(B)
-        shape = past[0].shape() if callable(past[0].shape) else past[0].shape  # torch tensor or OrtValue
-        past_len = shape[2]
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past_len + S, dtype=torch.long)
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + S).expand(B, S)
-        return self.step(input_ids, attention_mask, position_ids, past)
-
-    def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
-        """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""
-        ids = set() if ignore_eos else set(self.eos_ids)
-        if not ids and not ignore_eos and isinstance(getattr(self.tokenizer, "eos_token_id", None), int):
-            ids.add(self.tokenizer.eos_token_id)
-        for s in stop or ():
-            if isinstance(s, int):
-                ids.add(s)
-                continue
-            toks = self.tokenizer.encode(s, add_special_tokens=False)
-            if len(toks) != 1:
-                raise ConfigError(f"stop string {s!r} is {len(toks)} tokens; stop strings must be one token")
-            ids.add(toks[0])
-        return ids
-
-    def generate(self, prompts, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop=None, seed: int | None = None,
-                 return_tokens: bool = False, ignore_eos: bool = False):
-        """Continue one prompt (str) or a batch (list of str, or lists of token ids).
-
-        Greedy by default; `do_sample=True` samples with temperature / top_k / top_p (seeded by
-        `seed`). Stops at the model's EOS (unless `ignore_eos`) and at `stop` (token ids or
-        single-token strings).
-        Returns the continuation text (a str for one prompt, else a list), or the new token ids
-        with `return_tokens=True`.
-        """
-        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
-        batch = [prompts] if single else list(prompts)
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(self.tokenizer, "eos_token_id", None) or 0
-        rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop, ignore_eos),
-                               prefill_step=getattr(self, "prefill_step", None))
-        out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-        return out[0] if single else out
 
 
 def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: Tensor, length: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import fx, nn
 
@@ -165,3 +167,19 @@ def graph_digest(gm: fx.GraphModule) -> str:
     from llmc.fsutil import tensor_digest
 
     return tensor_digest([t for _, t in sorted(gm.state_dict(keep_vars=True).items())], gm.code)
+
+
+def count_ops(gm: torch.fx.GraphModule) -> collections.Counter:
+    """Histogram of call_function targets in a GraphModule, keyed by op name (`aten.linear.default`)."""
+    hist: collections.Counter = collections.Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            hist[op_name(node.target)] += 1
+    return hist
+
+
+def op_name(target) -> str:
+    """A readable name of an FX call_function target: `aten.linear.default`, `llmc.vq_linear.default`."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # "aten.mul.Tensor"
+    return getattr(target, "__name__", str(target))

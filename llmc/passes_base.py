@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import time
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import fx
 
 from llmc.errors import ConfigError, LlmcError, PassError, PassOrderError
 from llmc.progress import log
+from llmc.registry import PASSES
 
 # Facts true of a freshly traced Program.
 INITIAL_FACTS = frozenset({"dense_linear_weights", "float_kv_cache"})
@@ -31,11 +31,16 @@ CONTEXT_FACTS = {"calibration": "calibration data (compile(..., calibration=...)
 
 @dataclass
 class PassResult:
-    """What a pass did: the (rewritten) GraphModule, whether anything changed, and its statistics."""
+    """What a pass did: the (rewritten) GraphModule, whether anything changed, and its statistics.
+
+    cache_layout: the new KV-cache layout when the pass changed what the cache holds (the graph's
+    past/present tensors); None when it left the cache alone. The PassManager installs it.
+    """
 
     gm: fx.GraphModule
     modified: bool
     stats: dict = field(default_factory=dict)
+    cache_layout: list | None = None
 
 
 @dataclass
@@ -54,6 +59,15 @@ class PassContext:
     device: str = "cpu"
     progress: bool = True
     dump_dir: str | None = None
+
+    def require_calibration(self, pass_name: str) -> list:
+        """The calibration batches, or a ConfigError saying how to provide them."""
+        if not self.calibration:
+            raise ConfigError(f"{pass_name} needs calibration data: pass calibration=... to llmc.compile or --calib")
+        if self.program is None:
+            raise PassError(f"{pass_name} needs the Program (its cache layout) in the pass context; run it through "
+                            "llmc.compile or a PassManager")
+        return self.calibration
 
     def facts(self) -> set[str]:
         out = set()
@@ -106,26 +120,33 @@ def _format_value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
-
-
 def register_pass(name: str):
-    """Class decorator: register a Pass subclass under `name` (used by specs, the CLI and history)."""
+    """Class decorator: name a Pass subclass `name` (its spec and history name) and register it in
+    this process. Installed passes are found through their `llmc.passes` entry point, whose name
+    must be the same."""
 
     def deco(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise LlmcError(f"pass name '{name}' is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
         cls.name = name
-        _REGISTRY[name] = cls
+        PASSES.register(name, cls)
         return cls
 
     return deco
 
 
+def pass_class(name: str) -> type[Pass]:
+    """The pass class registered as `name` (loading its entry point); ConfigError when there is none."""
+    cls = PASSES.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise LlmcError(f"the entry point of pass '{name}' is {cls!r}, not a Pass subclass")
+    if cls.name != name:
+        raise LlmcError(f"pass '{name}' is the class {cls.__qualname__}, whose name is '{cls.name}': an entry "
+                        "point's name and its class's @register_pass name must agree")
+    return cls
+
+
 def registered_passes() -> dict[str, type[Pass]]:
-    """Every registered pass by name. Imports `llmc.passes`, whose modules register themselves."""
-    importlib.import_module("llmc.passes")
-    return dict(sorted(_REGISTRY.items()))
+    """Every pass by name: llmc's own, those of other installed packages, those registered here."""
+    return {name: pass_class(name) for name in PASSES.names()}
 
 
 def pass_options(cls: type[Pass]) -> list[tuple[str, str, object, str]]:
@@ -142,13 +163,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _convert(value: str, tp, where: str):
+def convert_option(value: str, tp, where: str):
+    """`value` (a string from a spec or the command line) as the type `tp` of the option `where`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value.lower() in ("none", "null"):
             return None
-        return _convert(value, args[0], where)
+        return convert_option(value, args[0], where)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -156,7 +178,7 @@ def _convert(value: str, tp, where: str):
         return value
     if origin is tuple:
         (elem, *_) = typing.get_args(tp) or (str,)
-        return tuple(_convert(v, elem, where) for v in value.split("+") if v)
+        return tuple(convert_option(v, elem, where) for v in value.split("+") if v)
     if tp is bool:
         low = value.lower()
         if low in ("1", "true", "yes", "on"):
@@ -177,12 +199,7 @@ def parse_pass_spec(spec: str) -> Pass:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"empty pass spec {spec!r}; expected name or name:key=value,...")
     name, _, rest = spec.strip().partition(":")
-    registry = registered_passes()
-    if name not in registry:
-        close = difflib.get_close_matches(name, registry, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown pass '{name}'{hint}; registered passes: {', '.join(registry)} (see `llmc passes`)")
-    cls = registry[name]
+    cls = pass_class(name)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -197,7 +214,7 @@ def parse_pass_spec(spec: str) -> Pass:
             raise ConfigError(f"pass '{name}' has no option '{key}'{hint}; options: {', '.join(sorted(fields)) or 'none'}")
         if key in kwargs:
             raise ConfigError(f"pass spec '{spec}': option '{key}' given twice")
-        kwargs[key] = _convert(value.strip(), hints.get(key, str), f"{name}.{key}")
+        kwargs[key] = convert_option(value.strip(), hints.get(key, str), f"{name}.{key}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -232,7 +249,6 @@ class PassManager:
         Facts available at the start: `initial` (a fresh trace), what `ctx` carries, and `extra_facts`.
         """
         facts = set(initial) | set(extra_facts) | (ctx.facts() if ctx is not None else set())
-        registry = registered_passes()
         removed_by: dict[str, str] = {}
         for i, p in enumerate(self.passes):
             for fact in p.requires:
@@ -248,7 +264,7 @@ class PassManager:
                                          f"move '{later[0]}' before '{p.name}'")
                 if fact in CONTEXT_FACTS:
                     raise PassOrderError(f"{where}: provide {CONTEXT_FACTS[fact]}")
-                providers = _providers(fact, registry)
+                providers = _providers(fact, registered_passes())
                 fix = f"add '{providers[0]}' before it" if providers else "no registered pass provides it"
                 raise PassOrderError(f"{where}, which nothing before it provides: {fix}")
             for fact in p.invalidates:
@@ -278,6 +294,8 @@ class PassManager:
                 raise PassError(f"pass '{p.name}' failed (after: {done}): {type(e).__name__}: {e}") from e
             program.gm = result.gm
             program.gm.recompile()
+            if result.cache_layout is not None:
+                program.cache_layout = list(result.cache_layout)
             seconds = time.perf_counter() - t0
             stats = dict(result.stats, modified=result.modified)
             program.history.append(PassRecord(p.name, p.spec(), p.config_dict(), stats, seconds))

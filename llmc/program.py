@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from llmc.graph import get_attr_tensor, strip_runtime_noops
-from llmc.trace import CacheTensor, dynamic_shapes
+from llmc.trace import CacheTensor, dynamic_shapes, empty_cache
 
 
 @dataclass
@@ -98,11 +98,7 @@ class Program:
 
     def empty_cache(self, batch: int, past_len: int = 0) -> list[torch.Tensor]:
         """Cache tensors of `past_len` positions (zeros) in the layout the graph expects."""
-        out = []
-        for c in self.cache_layout:
-            shape = [batch if d == "batch" else past_len if d == "past_sequence_length" else d for d in c.shape]
-            out.append(torch.zeros(shape, dtype=getattr(torch, c.dtype)))
-        return out
+        return empty_cache(self.cache_layout, batch, past_len)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of the graph by FQN (tied tensors appear under each name)."""
@@ -151,7 +147,31 @@ class Program:
             "decoder_linear_params": dec_params,
             "decoder_linear_bits_per_param": round(dec_bits / max(dec_params, 1), 4),
             "tied": tied,
+            "kv_cache": self.kv_cache_report(comps.get("kv cache codebooks/ranges", {}).get("bytes", 0)),
         }
+
+    def kv_cache_report(self, table_bytes: int = 0) -> dict:
+        """What the KV cache costs, every layer, keys and values together.
+
+        bits_per_channel / bytes_per_token: as a real cache of its representation stores it
+        (`CacheTensor.cost`: packed codes, scales and zero points; a simulated quantization counted
+        as the codes it simulates). stored_bytes_per_token: what llmc's runtime holds (the tensors'
+        dtypes). fixed_bytes: what does not grow with the context (float windows at batch 1,
+        codebooks and ranges).
+        """
+        bits = stored = channels = 0.0
+        fixed = table_bytes
+        for c in self.cache_layout:
+            size = torch.empty((), dtype=getattr(torch, c.dtype)).element_size()
+            if "past_sequence_length" in c.shape:
+                ch, bpc = c.cost()
+                bits += c.shape[1] * ch * bpc
+                stored += c.shape[1] * c.shape[3] * size
+                channels += c.shape[1] * ch
+            else:  # a fixed-length float window or sink
+                fixed += c.shape[1] * c.shape[2] * c.shape[3] * size
+        return {"bits_per_channel": round(bits / max(channels, 1), 4), "bytes_per_token": round(bits / 8, 2),
+                "stored_bytes_per_token": int(stored), "fixed_bytes": int(fixed)}
 
 
 def linear_weight_shapes(gm: fx.GraphModule) -> dict:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import collections
-
 import torch
 from torch import Tensor
+
+from llmc.graph import count_ops, op_name  # noqa: F401  (re-exported: tests count ops)
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -96,17 +96,3 @@ def sqnr(reference: Tensor, approx: Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
-def count_ops(gm: torch.fx.GraphModule) -> collections.Counter:
-    """Histogram of call_function targets in a GraphModule, keyed by op name (`aten.linear.default`)."""
-    hist: collections.Counter = collections.Counter()
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            hist[op_name(node.target)] += 1
-    return hist
-
-
-def op_name(target) -> str:
-    """A readable name of an FX call_function target: `aten.linear.default`, `llmc.vq_linear.default`."""
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)  # "aten.mul.Tensor"
-    return getattr(target, "__name__", str(target))

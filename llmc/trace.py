@@ -58,6 +58,18 @@ class CacheTensor:
     dtype: str  # "float32", or "uint8" for codes
     shape: tuple  # e.g. ("batch", 3, "past_sequence_length", 64)
     meaning: str  # e.g. "key after RoPE, float"
+    # What the tensor costs when that is not its dtype times its last dim: the channels per head it
+    # stands for (codes of groups of channels) and the bits a real cache of its representation stores
+    # per channel per token (packed codes; scales and zero points; a simulated quantization's floats).
+    channels: int | None = None
+    bits_per_channel: float | None = None
+
+    def cost(self) -> tuple[int, float]:
+        """(channels per head, bits per channel per token) of this tensor as the size report counts it."""
+        channels = self.channels if self.channels is not None else self.shape[3]
+        if self.bits_per_channel is not None:
+            return channels, self.bits_per_channel
+        return channels, 8 * torch.empty((), dtype=getattr(torch, self.dtype)).element_size() * self.shape[3] / channels
 
     @property
     def input_name(self) -> str:
@@ -68,12 +80,27 @@ class CacheTensor:
         return present_name(self.layer, self.kind)
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "kind": self.kind, "dtype": self.dtype,
-                "shape": list(self.shape), "meaning": self.meaning}
+        out = {"layer": self.layer, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
+               "meaning": self.meaning}
+        if self.channels is not None:
+            out["channels"] = self.channels
+        if self.bits_per_channel is not None:
+            out["bits_per_channel"] = self.bits_per_channel
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "CacheTensor":
-        return cls(d["layer"], d["kind"], d["dtype"], tuple(d["shape"]), d["meaning"])
+        return cls(d["layer"], d["kind"], d["dtype"], tuple(d["shape"]), d["meaning"], d.get("channels"),
+                   d.get("bits_per_channel"))
+
+
+def empty_cache(layout: list[CacheTensor], batch: int, past_len: int = 0) -> list[torch.Tensor]:
+    """Cache tensors of `past_len` positions (zeros) in `layout`."""
+    out = []
+    for c in layout:
+        shape = [batch if d == "batch" else past_len if d == "past_sequence_length" else d for d in c.shape]
+        out.append(torch.zeros(shape, dtype=getattr(torch, c.dtype)))
+    return out
 
 
 def check_architecture(config, fallback_name: str = "model") -> None:

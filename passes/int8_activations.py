@@ -6,7 +6,7 @@ weight with int8 dot-product instructions, which on CPU decodes faster than dequ
 weight to float. This pass sets `int8_act` on every `llmc::nbits_linear`, so the Program itself
 computes those numerics (the torch op rounds the input bit for bit as the kernel does) and its
 perplexity in torch is the exported model's. The exported model is parity-checked statistically
-(see `llmc.backends.onnxruntime.lower.check_parity`: rounding ties make the two runtimes drift
+(see `llmc.backends.onnxruntime.export.check_parity`: rounding ties make the two runtimes drift
 apart token by token at depth). Apply it after the pass that emitted the scalar codes
 (`rtn_quant`, `gptq_quant`, `pv_quant:format=scalar`).
 """

@@ -20,6 +20,7 @@ from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_att
 from llmc.ops.nbits_linear import SUPPORTED_BITS, quantize_rtn
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
+from llmc.rewrite import emit_nbits_embedding, emit_nbits_linear, embedding_lookups, matches_target, quantizable_linears
 
 logger = logging.getLogger(__name__)
 
@@ -94,67 +95,3 @@ class RTNQuant(Pass):
         if not nodes:
             logger.debug("rtn_quant: no linear matches %r", self.targets)
         return PassResult(gm, bool(nodes), stats)
-
-
-def embedding_lookups(gm: fx.GraphModule) -> list[fx.Node]:
-    """The `aten.embedding` nodes that read a stored 2-D table."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
-            and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"]
-
-
-def emit_nbits_embedding(gm: fx.GraphModule, node: fx.Node, module: str, K: int, bits: int, group: int) -> fx.Node:
-    """Replace the `aten.embedding` `node` by `llmc::nbits_embedding` over `<module>.codes/scales/zero_points`."""
-    with gm.graph.inserting_before(node):
-        attrs = [gm.graph.get_attr(f"{module}.{leaf}") for leaf in ("codes", "scales", "zero_points")]
-        out = gm.graph.call_function(torch.ops.llmc.nbits_embedding.default, (node.args[1], *attrs, K, bits, group))
-    for new in (out, *attrs):
-        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-    out.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
-    return out
-
-
-# Shared with the other passes that emit `llmc::nbits_linear` (gptq_quant).
-
-def matches_target(fqn: str, targets: str, lm_head: bool) -> bool:
-    """Whether the linear in module `fqn` is quantized: `targets` matches `fqn + "."`, or it is the
-    `lm_head` and `lm_head` is set."""
-    return bool(re.search(targets, fqn + ".")) or (lm_head and fqn.rpartition(".")[2] == "lm_head")
-
-
-def quantizable_linears(gm: fx.GraphModule, targets: str, lm_head: bool) -> list[fx.Node]:
-    """The `aten.linear` nodes with a stored weight whose module matches (see `matches_target`), in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
-            and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
-            and matches_target(module_fqn(n), targets, lm_head)]
-
-
-def emit_nbits_linear(gm: fx.GraphModule, node: fx.Node, codes: torch.Tensor, scales: torch.Tensor,
-                      zero_points: torch.Tensor, bits: int, group: int) -> fx.Node:
-    """Replace the `aten.linear` `node` by `llmc::nbits_linear` over MatMulNBits-layout tensors (stored as
-    `<module>.codes/scales/zero_points` buffers beside its weight), plus an `aten.add` for its bias.
-
-    Returns the node now standing for the linear's output. The weight's get_attr stays in the graph
-    until `remove_unused_attrs`.
-    """
-    x, w_node = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else None
-    N, K = get_attr_tensor(gm, w_node).shape
-    module = w_node.target.rpartition(".")[0]
-    attrs = {}
-    for leaf, t in (("codes", codes), ("scales", scales), ("zero_points", zero_points)):
-        set_attr_tensor(gm, f"{module}.{leaf}", t, parameter=False)
-        with gm.graph.inserting_before(node):
-            attrs[leaf] = gm.graph.get_attr(f"{module}.{leaf}")
-    with gm.graph.inserting_before(node):
-        y = gm.graph.call_function(
-            torch.ops.llmc.nbits_linear.default,
-            (x, attrs["codes"], attrs["scales"], attrs["zero_points"], K, N, bits, group))
-        out = gm.graph.call_function(torch.ops.aten.add.Tensor, (y, bias)) if bias is not None else y
-    for new in {y, out, *attrs.values()}:
-        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-    y.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
-    return out

@@ -6,8 +6,9 @@ import sys
 
 
 def test_passes_and_backends_live_under_llmc():
-    assert importlib.import_module("llmc.passes").FoldNormScales.name == "fold_norm_scales"
-    importlib.import_module("llmc.backends")
+    assert importlib.import_module("llmc.passes.fold_norm_scales").FoldNormScales.name == "fold_norm_scales"
+    assert importlib.import_module("llmc.passes.pv_quant").PVQuant.name == "pv_quant"
+    importlib.import_module("llmc.backends.onnxruntime")
 
 
 def test_nothing_else_is_importable_at_top_level(tmp_path):

@@ -7,7 +7,7 @@ import llmc
 from llmc.data import prompt_slices
 from llmc.errors import ConfigError, DataError
 from llmc.generation import sample_windows
-from llmc.passes.structured_ffn_recovery import decode_inputs
+from llmc.calibration import decode_inputs
 from llmc.testing import random_batches, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,10 +1,25 @@
-"""ONNX Runtime backend: lower a Program to a compact, parity-checked ONNX folder.
+"""ONNX Runtime backend: lower a Program to a compact, parity-checked ONNX folder, and run it.
 
-    from llmc.backends.onnxruntime import lower
+    from llmc.backends.onnxruntime import OrtModel, lower
     lower(program, "out/onnx")          # model.onnx + external data, tokenizer, genai_config.json
+    model = OrtModel("out/onnx")        # step / generate / perplexity / report
+
+`lower`, `unsupported_ops` and `TRANSLATIONS` import the exporter (onnx, onnxscript) on first use.
 """
 
-from llmc.backends.onnxruntime.lower import ONNX_MANIFEST, lower, unsupported_ops
-from llmc.backends.onnxruntime.translations import TRANSLATIONS
+from llmc.backends.onnxruntime.backend import OnnxRuntimeBackend, OnnxRuntimeOptions
+from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel, is_onnx_folder
 
-__all__ = ["lower", "unsupported_ops", "TRANSLATIONS", "ONNX_MANIFEST"]
+_LAZY = {"lower": "export", "unsupported_ops": "export", "check_parity": "export", "TRANSLATIONS": "translations"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"llmc.backends.onnxruntime.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "OrtModel", "is_onnx_folder", "ONNX_MANIFEST", "lower",
+           "unsupported_ops", "check_parity", "TRANSLATIONS"]

@@ -9,7 +9,7 @@ import torch
 import llmc
 from llmc.backends.onnxruntime import lower, unsupported_ops
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
-from llmc.runtime import OrtModel
+from llmc.backends.onnxruntime import OrtModel
 from llmc.testing import TINY_ARCHITECTURES, tiny_tokenizer
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]]
@@ -64,7 +64,7 @@ def test_existing_folder_refused_and_failed_parity_leaves_nothing(tiny_compiled,
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExportError, match="already exists"):
         lower(tiny_compiled.program, tmp_path / "taken")
-    import llmc.runtime as runtime
+    import llmc.backends.onnxruntime.runtime as runtime
 
     real_step = runtime.OrtModel.step
 

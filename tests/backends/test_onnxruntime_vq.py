@@ -15,7 +15,7 @@ from llmc.backends.onnxruntime import TRANSLATIONS, custom_ops, lower
 from llmc.errors import ArtifactError, ExportError
 from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.ops.vq import dequantize, store_codes
-from llmc.runtime import OrtModel
+from llmc.backends.onnxruntime import OrtModel
 from llmc.testing import VQLinear, count_ops, tiny_model, tiny_tokenizer
 
 DECODER_LINEARS = r"layers\.\d+\.(self_attn|mlp)\."

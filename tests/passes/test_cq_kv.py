@@ -113,7 +113,8 @@ def test_cq_error_below_uniform_at_equal_bits_on_real_kv(tiny_models):
     """On keys/values collected from the model, 2-bit CQ reconstructs better than 2-bit uniform."""
     from llmc.api import to_program
     from llmc.ops.cq import decode, encode
-    from llmc.passes.cq_kv import cache_sites, calibrate_channel_ranges, collect_kv
+    from llmc.kv_cache import cache_sites, collect_kv
+    from llmc.passes.uniform_kv import calibrate_channel_ranges
 
     program = to_program(tiny_models["llama"])
     sites = cache_sites(program.gm, program.cache_layout)
@@ -145,7 +146,7 @@ def test_onnx_export_carries_codes_and_decodes_like_torch(cq_models, tmp_path):
     import onnx
 
     from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel
 
     for name in ("4c8b", "4c8b_w4", "4c8b_x"):
         cm = cq_models[name]
@@ -261,7 +262,7 @@ def test_bad_configurations_are_refused(tiny_models):
 def test_fisher_gradients_do_not_depend_on_which_tensors_are_probed(tiny_models):
     """dL/dK of layer 0 is the full gradient: probing later layers' K/V must not cut paths through them."""
     from llmc.api import to_program
-    from llmc.passes.cq_kv import cache_sites, collect_kv
+    from llmc.kv_cache import cache_sites, collect_kv
 
     program = to_program(tiny_models["llama"])
     sites = cache_sites(program.gm, program.cache_layout)

@@ -8,8 +8,10 @@ import torch
 import llmc
 from llmc.errors import ConfigError, PassOrderError
 from llmc.ops.nbits_linear import dequantize, quantize_rtn, unpack_along_last
-from llmc.passes.gptq_quant import GPTQQuant, group_params, gptq_quantize, output_error, searched_group_params
-from llmc.passes.structured_ffn_recovery import decode_inputs
+from llmc.calibration import relative_output_error as output_error
+from llmc.passes.gptq_quant import GPTQQuant
+from llmc.quantization import group_params, gptq_quantize, searched_group_params
+from llmc.calibration import decode_inputs
 from llmc.passes_base import PassContext, parse_pass_spec
 from llmc.testing import count_ops, tiny_model
 
@@ -144,7 +146,7 @@ def test_dead_inputs_get_zero_weight():
 
 
 def test_bad_hessian_and_arguments():
-    from llmc.passes.gptq_quant import HessianNotPositiveDefinite
+    from llmc.quantization import HessianNotPositiveDefinite
 
     w = torch.randn(8, 32)
     with pytest.raises(HessianNotPositiveDefinite):

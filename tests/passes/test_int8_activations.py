@@ -69,7 +69,7 @@ def test_pass_marks_every_scalar_linear_and_exports_with_parity(tiny_models, tmp
     import onnx
 
     from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel
 
     model = tiny_models["llama"]
     base = llmc.compile(model, passes=["rtn_quant:bits=4,group=16,lm_head=true"], tokenizer=tiny_tokenizer())

@@ -11,13 +11,13 @@ from llmc.errors import ConfigError, PassOrderError
 from llmc.generation import sample_windows
 from llmc.graph import attr_tensor
 from llmc.ops.vq import dequantize
-from llmc.passes import pv_quant_calib
-from llmc.passes.pv_quant_aq import (AQConfig, init_kmeans, output_error, quantize_matrix, rtn_relative_error,
-                                     search_codes)
-from llmc.passes.pv_quant_blocks import flat_inputs, split_blocks
-from llmc.passes.pv_quant_calib import FinetunePlan, QuantizedMatrix, calibrate
-from llmc.passes.pv_quant_tune import Lamb, TunePlan, lr_factor, pv_tune, v_step
-from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
+from llmc.passes.pv_quant import calibrate as pv_quant_calib
+from llmc.calibration import output_error
+from llmc.passes.pv_quant.aq import AQConfig, init_kmeans, quantize_matrix, rtn_relative_error, search_codes
+from llmc.calibration import flat_inputs, split_blocks
+from llmc.passes.pv_quant.calibrate import FinetunePlan, QuantizedMatrix, calibrate
+from llmc.passes.pv_quant.tune import Lamb, TunePlan, lr_factor, pv_tune, v_step
+from llmc.calibration import decode_inputs, kl_to_teacher
 from llmc.passes_base import parse_pass_spec
 from llmc.testing import count_ops, random_batches, tiny_tokenizer
 
@@ -394,7 +394,7 @@ def test_v_step_defaults_depend_on_the_format():
 def test_amp_follows_the_cpu_unless_set():
     """bf16 autocast only where oneDNN has native bf16 kernels (on AVX2 it is several times slower)."""
     from llmc.passes.pv_quant import PVQuant
-    from llmc.passes.pv_quant_tune import native_bf16
+    from llmc.passes.pv_quant.tune import native_bf16
 
     native = native_bf16()
     assert PVQuant().tune_plan(0).amp is native
@@ -449,7 +449,7 @@ def test_tuning_on_text_the_model_writes_itself(tiny_models, tmp_path):
 def test_scalar_codes_round_trip_the_matmulnbits_layout():
     from llmc.ops.nbits_linear import dequantize as nbits_dequantize
     from llmc.ops.nbits_linear import quantize_rtn
-    from llmc.passes.pv_quant_repr import scalar_from_packed, scalar_to_packed
+    from llmc.passes.pv_quant.representations import scalar_from_packed, scalar_to_packed
 
     W = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
     for bits in (2, 3, 4, 8):

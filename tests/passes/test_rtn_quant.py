@@ -46,7 +46,7 @@ def test_lowers_to_matmulnbits_and_stays_compact(tiny_models, tmp_path):
     import onnxruntime as ort
 
     from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel
 
     cm = llmc.compile(tiny_models["llama"], passes=["rtn_quant:bits=4,group=16"], tokenizer=tiny_tokenizer())
     out = lower(cm.program, tmp_path / "q")
@@ -77,7 +77,7 @@ def test_embeddings_tied_to_lm_head_share_codes_and_export(tmp_path):
     import onnx
 
     from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel
     from llmc.testing import tiny_model
 
     model = tiny_model("llama", tie_word_embeddings=True)
@@ -124,7 +124,7 @@ def test_three_bit_codes_stay_three_bit_in_the_file_and_run_as_four_bit(tmp_path
     import onnx
 
     from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel
     from llmc.testing import tiny_model
 
     # wide MLPs: the exporter folds constant subgraphs of <= 8192 elements, so the small attention

@@ -7,10 +7,10 @@ import torch
 
 import llmc
 from llmc.errors import ConfigError
-from llmc.passes.structured_ffn import PREMERGE_MARGIN
-from llmc.passes.structured_ffn_factors import (KINDS, cosine_alpha, factorize, merged_weight, plan,
+from llmc.passes.structured_ffn.pass_ import PREMERGE_MARGIN
+from llmc.passes.structured_ffn.factors import (KINDS, cosine_alpha, factorize, merged_weight, plan,
                                                 structured_linear)
-from llmc.passes.structured_ffn_recovery import decode_inputs, kl_to_teacher
+from llmc.calibration import decode_inputs, kl_to_teacher
 from llmc.passes_base import parse_pass_spec
 from llmc.testing import count_ops, random_batches, tiny_model, tiny_tokenizer
 
@@ -98,8 +98,8 @@ def test_phi3_fused_gate_up_and_unfused_option(tiny_models):
 
 def test_aware_init_beats_svd_on_real_activations(tiny_models):
     from llmc.graph import get_attr_tensor, module_fqn
-    from llmc.passes.structured_ffn_factors import output_error
-    from llmc.passes.structured_ffn_recovery import input_grams
+    from llmc.calibration import relative_output_error as output_error
+    from llmc.calibration import input_grams
 
     model, calib = tiny_models["llama"], _calibration()
     program = llmc.compile(model).program
@@ -121,7 +121,7 @@ def test_aware_init_beats_svd_on_real_activations(tiny_models):
 
 
 def test_layerwise_init_streams_fine_tunes_and_resumes(tiny_models, tmp_path, monkeypatch):
-    from llmc.passes import structured_ffn_local
+    from llmc.passes.structured_ffn import local as structured_ffn_local
 
     model, calib = tiny_models["llama"], _calibration()
     ids = torch.cat(_calibration(n=2, seed=5))
@@ -261,7 +261,7 @@ def test_premerge_choice_recorded_and_merged_form_exact(tiny_models):
 
 def test_lowers_to_onnx_with_parity(tiny_models, tmp_path):
     from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel
 
     cm = llmc.compile(tiny_models["llama"], passes=["structured_ffn:kind=blockshuffle,budget=0.4,init=svd,"
                                                     "premerge=never"], tokenizer=tiny_tokenizer())

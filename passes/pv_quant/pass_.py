@@ -33,18 +33,20 @@ from typing import Literal, NamedTuple
 import torch
 from torch import fx
 
+from llmc.calibration import graph_teacher, output_error
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.ops.nbits_linear import SUPPORTED_BITS
 from llmc.ops.vq import bits_per_weight, store_codes
-from llmc.passes.pv_quant_aq import AQConfig, output_error
-from llmc.passes.pv_quant_calib import FinetunePlan, calibrate
-from llmc.passes.pv_quant_repr import scalar_from_packed, scalar_to_packed
-from llmc.passes.pv_quant_tune import TunePlan, native_bf16, pv_tune
-from llmc.passes.rtn_quant import emit_nbits_linear
+from llmc.passes.pv_quant.aq import AQConfig
+from llmc.passes.pv_quant.calibrate import FinetunePlan, calibrate
+from llmc.passes.pv_quant.representations import scalar_from_packed, scalar_to_packed
+from llmc.passes.pv_quant.tune import TunePlan, native_bf16, pv_tune
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import log
+from llmc.quantization import gptq_quantize
+from llmc.rewrite import emit_nbits_linear
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -218,8 +220,6 @@ class PVQuant(Pass):
         bits, group = self.resolved()
 
         def quantize(W, A, seed):
-            from llmc.passes.gptq_quant import gptq_quantize
-
             packed = gptq_quantize(W, A.double(), bits, group, damp=0.01, act_order=True, clip_grid=self.clip_grid)
             q = scalar_from_packed(*packed, W.shape[1], bits, group)
             err = float(output_error(W, q.weight(), A) / output_error(W, torch.zeros_like(W), A))
@@ -271,9 +271,7 @@ class PVQuant(Pass):
         folder = os.path.join(root, run_id)
         teacher = ctx.teacher
         if self.steps > 0 and teacher is None:
-            from llmc.passes.structured_ffn_recovery import graph_teacher
-
-            teacher = graph_teacher(gm, ctx)
+            teacher = graph_teacher(gm, empty)
         written = None  # sampled before calibration: the graph is still the FP model here
         if self.steps > 0 and self.tune_samples and self.tune_data == "self":
             written = self._self_written(gm, ctx, empty, model_digest, root)

@@ -251,12 +251,6 @@ def factorize(shape: Shape, weight: Tensor, h: Tensor | None = None, damp: float
     return first.to(dtype).contiguous(), second.to(dtype).contiguous()
 
 
-def output_error(weight: Tensor, approx: Tensor, h: Tensor) -> float:
-    """Relative output error ‖X (W − Ŵ)ᵀ‖² / ‖X Wᵀ‖² from H = XᵀX."""
-    w, e, h = weight.double(), (weight - approx).double(), h.double()
-    return float(((e @ h) * e).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
-
-
 def cosine_alpha(step: int, guided_steps: int) -> float:
     """Weight of the dense guide after `step` optimizer steps: ½(1 + cos(π·step/T_g)), 0 after T_g (§4.4)."""
     if guided_steps <= 0 or step >= guided_steps:

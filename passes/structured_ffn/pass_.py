@@ -30,14 +30,13 @@ from typing import Literal
 import torch
 from torch import fx
 
+from llmc.calibration import fingerprint, graph_teacher, input_grams, relative_output_error
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
 from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
-from llmc.passes.structured_ffn_factors import (KINDS, Shape, factorize, merged_weight, output_error, plan,
-                                                structured_linear)
-from llmc.passes.structured_ffn_local import LocalPlan, LocalUnit, local_init
-from llmc.passes.structured_ffn_recovery import (RecoveryPlan, config_fingerprint, graph_teacher, input_grams,
-                                                  self_guided_distill)
+from llmc.passes.structured_ffn.factors import KINDS, Shape, factorize, merged_weight, plan, structured_linear
+from llmc.passes.structured_ffn.local import LocalPlan, LocalUnit, local_init
+from llmc.passes.structured_ffn.recovery import RecoveryPlan, self_guided_distill
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
 
@@ -197,7 +196,7 @@ class StructuredFFN(Pass):
         # 2. rewrite: structured branch per unit (+ a dense guide blended by α while recovering)
         teacher = ctx.teacher
         if self.steps > 0 and teacher is None:
-            teacher = graph_teacher(gm, ctx)
+            teacher = graph_teacher(gm, lambda b: ctx.program.empty_cache(b, 0))
         guides = self._rewrite(gm, units, guided=self.steps > 0)
         recovery = None
         if self.steps > 0:
@@ -212,7 +211,7 @@ class StructuredFFN(Pass):
             if self.checkpoint_dir:
                 config = {k: v for k, v in self.config_dict().items()
                           if k not in ("checkpoint_dir", "checkpoint_every", "premerge", "premerge_repeats")}
-                fp = config_fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
+                fp = fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
                 path = os.path.join(self.checkpoint_dir, f"recovery-{fp}.pt")
             recovery = self_guided_distill(gm, params, attr_tensor(gm, ALPHA), teacher, ctx.calibration,
                                            lambda b: ctx.program.empty_cache(b, 0), rplan, ctx.progress, path, fp)
@@ -256,7 +255,7 @@ class StructuredFFN(Pass):
             watch = {u.nodes[0]: u.nodes[0].args[0].name for u in units}
             path = None
             if self.checkpoint_dir:
-                key = config_fingerprint({}, model_digest, data_digest)
+                key = fingerprint({}, model_digest, data_digest)
                 path = os.path.join(self.checkpoint_dir, f"grams-{key}.pt")
             grams = input_grams(gm, watch, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), ctx.progress,
                                 path, model_digest + data_digest)
@@ -267,7 +266,7 @@ class StructuredFFN(Pass):
             h = grams.get(u.nodes[0].args[0].name)
             u.first, u.second = factorize(u.shape, u.weight, h if self.init == "aware" else None, self.damp)
             if h is not None:
-                errors[u.module] = round(output_error(u.weight, merged_weight(self.kind, u.first, u.second), h), 5)
+                errors[u.module] = round(relative_output_error(u.weight, merged_weight(self.kind, u.first, u.second), h), 5)
         seconds["init"] = round(time.perf_counter() - t1, 1)
         return errors
 
@@ -281,7 +280,7 @@ class StructuredFFN(Pass):
         if self.checkpoint_dir:
             config = {k: getattr(self, k) for k in ("kind", "budget", "blocks", "skip_first", "fuse_gate_up",
                                                     "targets", "damp", "local_epochs", "local_lr")}
-            fp = config_fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
+            fp = fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
             path = os.path.join(self.checkpoint_dir, f"layerwise-{fp}.pt")
         t0 = time.perf_counter()
         stats = local_init(gm, self.kind, local, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), plan,

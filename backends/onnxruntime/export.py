@@ -1,4 +1,4 @@
-"""`lower(program, out_dir)`: a Program as an ONNX folder that ONNX Runtime (and onnxruntime-genai) run.
+"""`lower(program, out_dir)`: a Program exported as an ONNX folder that ONNX Runtime (and onnxruntime-genai) run.
 
 The folder holds `model.onnx` + `model.onnx.data` (external weights), Optimum-named I/O
 (`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value` -> `logits`,
@@ -22,14 +22,14 @@ import warnings
 import torch
 
 from llmc.backends.onnxruntime import custom_ops
+from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel
 from llmc.backends.onnxruntime.translations import TRANSLATIONS, VQ_LOWERINGS, translations
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
 from llmc.fsutil import atomic_folder
+from llmc.graph import op_name
 from llmc.progress import log
-from llmc.testing import op_name
 from llmc.trace import INPUT_NAMES
 
-ONNX_MANIFEST = "llmc_onnx.json"
 MODEL_FILE = "model.onnx"
 PREFILL_FILE = "model_prefill.onnx"
 DATA_FILE = "model.onnx.data"
@@ -194,7 +194,6 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
     """
     from llmc.generation import SamplingConfig, generate_tokens, left_pad, position_ids_from_mask
     from llmc.runner import TorchRunner
-    from llmc.runtime import OrtModel
 
     ort_model = OrtModel(folder)
     runner = TorchRunner(program)

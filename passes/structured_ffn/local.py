@@ -3,7 +3,7 @@
 `init=aware` alone fits every FFN linear to the FP model's activations, independently: the down
 projection never sees the error of the structured gate/up in front of it, and layer i never sees
 the error of layers < i. `local_init` streams the calibration batches through the decoder one
-layer at a time (`pv_quant_blocks.split_blocks`, as GPTQ and AQLM calibrate), so each layer is
+layer at a time (`llmc.calibration.split_blocks`, as GPTQ and AQLM calibrate), so each layer is
 fitted to the inputs it will really receive:
 
   for each layer i, on the hidden states h_i produced by the already-structured layers < i:
@@ -21,19 +21,16 @@ every layer to `checkpoint_path` (when given), so an interrupted run continues a
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
-from llmc.fsutil import atomic_file
+from llmc.calibration import (Block, GramRecorder, block_inputs, load_checkpoint, save_checkpoint, split_blocks)
+from llmc.calibration.blocks import block_outputs, fit_outputs, relative_error
 from llmc.graph import attr_tensor
-from llmc.passes.pv_quant_blocks import Block, block_inputs, split_blocks
-from llmc.passes.structured_ffn_factors import Shape, factorize, merged_weight
-from llmc.passes.structured_ffn_recovery import GramRecorder
+from llmc.passes.structured_ffn.factors import Shape, factorize, merged_weight
 from llmc.progress import bar, log
 
 
@@ -70,10 +67,8 @@ def _weights(kind: str, units: list[LocalUnit], factors: dict[int, tuple[Tensor,
 
 def _run(block: Block, hs, ys, ext_by_shape, params) -> tuple[list[Tensor], float]:
     """The block's outputs on `hs` and their relative error ‖out − y‖² / ‖y‖² against `ys`."""
-    with torch.no_grad():
-        outs = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
-        num = sum(float((o - y).pow(2).sum()) for o, y in zip(outs, ys))
-        return outs, num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
+    outs = block_outputs(block, hs, ext_by_shape, params)
+    return outs, relative_error(outs, ys)
 
 
 def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int], params: dict, hs, ys,
@@ -82,16 +77,14 @@ def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int],
     structured layer's outputs on `hs` (the next layer's inputs) and statistics."""
     keys = {block.linears[units[k].targets[0]]: str(k) for k in mine}
     rec = GramRecorder(block.gm, keys)
-    tokens = 0
     with torch.no_grad():
         for h in hs:
             rec.run(h, *(ext_by_shape[tuple(h.shape[:2])][n] for n in block.externals),
                     *(params[p] for p in block.params))
-            tokens += h.shape[0] * h.shape[1]
     factors = {}
     for k in mine:
         u = units[k]
-        factors[k] = factorize(u.shape, u.weight, rec.grams[str(k)] / tokens, plan.damp)
+        factors[k] = factorize(u.shape, u.weight, rec.grams[str(k)] / rec.tokens, plan.damp)
 
     def forward(h, fs):
         p = dict(params)
@@ -104,15 +97,8 @@ def _fit_layer(kind: str, block: Block, units: list[LocalUnit], mine: list[int],
     after = before
     if plan.epochs > 0:
         trained = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in factors.items()}
-        opt = torch.optim.Adam([t for pair in trained.values() for t in pair], lr=plan.lr, betas=(0.9, 0.95))
-        gen = torch.Generator().manual_seed(plan.seed + block.index)
-        with torch.enable_grad():
-            for _ in range(plan.epochs):
-                for i in torch.randperm(len(hs), generator=gen).tolist():
-                    loss = F.mse_loss(forward(hs[i], trained), ys[i])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+        fit_outputs(lambda h: forward(h, trained), [t for pair in trained.values() for t in pair], hs, ys,
+                    plan.epochs, plan.lr, plan.seed + block.index)
         trained = {k: (a.detach(), b.detach()) for k, (a, b) in trained.items()}
         p1 = dict(params)
         p1.update(_weights(kind, units, trained))
@@ -136,35 +122,30 @@ def local_init(gm: fx.GraphModule, kind: str, units: list[LocalUnit], batches: l
     fp_hs = list(hs)
     layers: list[dict] = []
     start = 0
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        saved = torch.load(checkpoint_path, weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
-            start, hs, fp_hs, layers = saved["next"], saved["hidden"], saved["fp_hidden"], saved["layers"]
-            for k, (a, b) in saved["factors"].items():
-                units[int(k)].first, units[int(k)].second = a, b
-            log(f"structured_ffn: resuming the layer-by-layer init at layer {start}/{len(blocks)} "
-                f"from {checkpoint_path}")
+    saved = load_checkpoint(checkpoint_path, fingerprint, "structured_ffn")
+    if saved is not None:
+        start, hs, fp_hs, layers = saved["next"], saved["hidden"], saved["fp_hidden"], saved["layers"]
+        for k, (a, b) in saved["factors"].items():
+            units[int(k)].first, units[int(k)].second = a, b
+        log(f"structured_ffn: resuming the layer-by-layer init at layer {start}/{len(blocks)} from {checkpoint_path}")
     t0 = time.perf_counter()
     with bar(total=len(blocks), desc="structured_ffn layer-by-layer init", unit="layer", enabled=progress) as pbar:
         pbar.update(start)
         for block in blocks[start:]:
             params = {t: attr_tensor(gm, t).detach() for t in block.params}
             mine = sorted({owner[t] for t in block.params if t in owner})
-            with torch.no_grad():
-                ys = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in fp_hs]
+            ys = block_outputs(block, fp_hs, ext_by_shape, params)
             if mine:
                 hs, stats = _fit_layer(kind, block, units, mine, params, hs, ys, ext_by_shape, plan)
                 layers.append(stats)
                 pbar.set_postfix(err=f"{stats['error_after']:.4f}")
             else:
-                with torch.no_grad():
-                    hs = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+                hs = block_outputs(block, hs, ext_by_shape, params)
             fp_hs = ys
             if checkpoint_path:
                 done = {str(k): (u.first, u.second) for k, u in enumerate(units) if u.first is not None}
-                with atomic_file(checkpoint_path) as tmp:
-                    torch.save({"fingerprint": fingerprint, "next": block.index + 1, "hidden": hs,
-                                "fp_hidden": fp_hs, "layers": layers, "factors": done}, tmp)
+                save_checkpoint(checkpoint_path, fingerprint, next=block.index + 1, hidden=hs, fp_hidden=fp_hs,
+                                layers=layers, factors=done)
             pbar.update(1)
     missing = [u.targets for u in units if u.first is None]
     if missing:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmc.calibration import output_error
 from llmc.ops.cq import nearest, weighted_kmeans
 from llmc.ops.vq import dequantize
 
@@ -42,12 +43,6 @@ class AQConfig:
     max_epochs: int = 6
     tol: float = 0.01
     seed: int = 0
-
-
-def output_error(W: Tensor, W_hat: Tensor, A: Tensor) -> Tensor:
-    """tr((W − Ŵ) A (W − Ŵ)ᵀ): the summed squared output error per calibration token."""
-    R = W - W_hat
-    return ((R @ A) * R).sum()
 
 
 def init_kmeans(W: Tensor, A: Tensor, cfg: AQConfig) -> tuple[Tensor, Tensor, Tensor]:

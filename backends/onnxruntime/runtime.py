@@ -9,18 +9,18 @@ import numpy as np
 import torch
 
 from llmc.errors import ArtifactError
-from llmc.generation import TextGenerator
+from llmc.model import Model
 from llmc.trace import INPUT_NAMES, CacheTensor
 
-ONNX_MANIFEST = "llmc_onnx.json"  # same name as llmc.backends.onnxruntime.ONNX_MANIFEST (core must not import it)
+ONNX_MANIFEST = "llmc_onnx.json"
 
 
 def is_onnx_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ONNX_MANIFEST))
 
 
-class OrtModel(TextGenerator):
-    """An exported folder in an ONNX Runtime session, with the same step/generate API as CompiledModel.
+class OrtModel(Model):
+    """An exported folder in an ONNX Runtime session, with the Model interface of every llmc runtime.
 
     `step(input_ids, attention_mask, position_ids, past) -> (logits, present)` takes and returns
     torch tensors (shared with ORT's numpy buffers, no copies on the way out).
@@ -79,13 +79,6 @@ class OrtModel(TextGenerator):
             return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
-
-    def empty_cache(self, batch: int) -> list[torch.Tensor]:
-        out = []
-        for c in self.cache_layout:
-            shape = [batch if d == "batch" else 0 if d == "past_sequence_length" else d for d in c.shape]
-            out.append(torch.zeros(shape, dtype=getattr(torch, c.dtype)))
-        return out
 
     def step(self, input_ids, attention_mask, position_ids, past):
         """One decode step in ONNX Runtime (see `_run`)."""

@@ -3,7 +3,7 @@
 For each decoder block, in order:
   1. run the FP block on the current hidden states (the outputs of the already quantized blocks
      before it), accumulating XᵀX of every linear's input and keeping the block's outputs Y;
-  2. quantize each target linear against its XᵀX (`pv_quant_aq.quantize_matrix` for AQLM codes,
+  2. quantize each target linear against its XᵀX (`aq.quantize_matrix` for AQLM codes,
      GPTQ for scalar codes);
   3. fine-tune the block's continuous parameters (codebooks and/or scales, norm weights, biases;
      codes fixed) by Adam on ‖block_q(h) − Y‖², the FP outputs on the same inputs;
@@ -23,14 +23,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from llmc.fsutil import atomic_file
+from llmc.calibration import Block, GramRecorder, block_inputs, load_checkpoint, save_checkpoint, split_blocks
+from llmc.calibration.blocks import block_outputs, fit_outputs, relative_error
 from llmc.graph import attr_tensor, set_attr_tensor
-from llmc.passes.pv_quant_aq import AQConfig, quantize_matrix
-from llmc.passes.pv_quant_blocks import Block, block_inputs, split_blocks
-from llmc.passes.pv_quant_repr import REPRESENTATIONS, VectorCodes, compact_codes
+from llmc.passes.pv_quant.aq import AQConfig, quantize_matrix
+from llmc.passes.pv_quant.representations import REPRESENTATIONS, VectorCodes, compact_codes
 from llmc.progress import bar, log
 
 QuantizedMatrix = VectorCodes  # the default representation
@@ -43,34 +42,6 @@ class FinetunePlan:
     epochs: int = 2
     lr: float = 1e-4
     seed: int = 0
-
-
-class _GramRecorder(fx.Interpreter):
-    """Runs a block and adds xᵀx of the input of each watched linear to `grams[input node]`."""
-
-    def __init__(self, gm: fx.GraphModule, watch: set):
-        super().__init__(gm)
-        self.watch = watch
-        self.grams: dict[fx.Node, torch.Tensor] = {}
-        self.tokens = 0
-
-    def run_node(self, n: fx.Node):
-        if n in self.watch:
-            x = self.env[n.args[0]]
-            x = x.reshape(-1, x.shape[-1]).float()
-            g = x.t() @ x
-            key = n.args[0]
-            if key in self.grams:
-                self.grams[key] += g
-            else:
-                self.grams[key] = g
-        return super().run_node(n)
-
-
-
-def _save(obj, path: str) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def aq_quantizer(aq: AQConfig):
@@ -116,15 +87,14 @@ def calibrate(gm: fx.GraphModule, batches: list[torch.Tensor], empty_cache, is_t
             stats["blocks"].append(bstats)
             if checkpoint_dir:
                 tuned = {t: attr_tensor(gm, t).detach() for t in block.params if t not in bstate}
-                _save({"fingerprint": fingerprint, "index": block.index, "stats": bstats, "hidden": hs,
-                       "quantized": {t: _packed_fields(q) for t, q in bstate.items()}, "tuned": tuned},
-                      _block_path(checkpoint_dir, block.index))
+                save_checkpoint(_block_path(checkpoint_dir, block.index), fingerprint, index=block.index,
+                                stats=bstats, hidden=hs, quantized={t: _packed_fields(q) for t, q in bstate.items()},
+                                tuned=tuned)
                 previous = _block_path(checkpoint_dir, block.index - 1)
-                if os.path.exists(previous):  # only the last block's hidden states are needed to resume
-                    saved = torch.load(previous, weights_only=True)
-                    if saved.get("hidden") is not None:
-                        saved["hidden"] = None
-                        _save(saved, previous)
+                saved = load_checkpoint(previous, fingerprint, "pv_quant")
+                if saved is not None and saved.get("hidden") is not None:  # only the last block's are needed
+                    saved["hidden"] = None
+                    save_checkpoint(previous, **saved)
             pbar.update(1)
             errs = [v["relative_error"][-1] for v in bstats["matrices"].values()]
             pbar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.4f}", ft=f"{bstats['finetune_after']:.4f}")
@@ -149,9 +119,9 @@ def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: 
         path = _block_path(directory, block.index)
         if not os.path.exists(path):
             break
-        saved = torch.load(path, weights_only=True)
-        if saved.get("fingerprint") != fingerprint:
-            log(f"pv_quant: {path} belongs to another run; calibrating from block {block.index}")
+        saved = load_checkpoint(path, fingerprint, "pv_quant")
+        if saved is None:
+            log(f"pv_quant: calibrating from block {block.index}")
             break
         for t, q in saved["quantized"].items():
             state[t] = cls(**{**q, "codes": q["codes"].long()})
@@ -173,14 +143,13 @@ def _resume(gm, blocks: list[Block], state, stats, directory: str, fingerprint: 
 def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, quantize, ft: FinetunePlan, progress: bool):
     params = {t: attr_tensor(gm, t).detach() for t in block.params}
     targets = [t for t in block.linears if is_target(t)]
-    watch = {block.linears[t] for t in targets}
-    rec = _GramRecorder(block.gm, watch)
+    # Linears reading one input (q/k/v, gate/up) share its XᵀX; accumulated in float32.
+    rec = GramRecorder(block.gm, {block.linears[t]: block.linears[t].args[0] for t in targets}, torch.float32)
     ys = []
     with torch.no_grad():
         for h in hs:
             ext = ext_by_shape[tuple(h.shape[:2])]
             ys.append(rec.run(h, *(ext[n] for n in block.externals), *(params[p] for p in block.params)))
-            rec.tokens += h.shape[0] * h.shape[1]
     quantized = {}
     mstats = {}
     for t in bar(targets, desc=f"block {block.index}", unit="matrix", enabled=progress):
@@ -189,8 +158,7 @@ def _calibrate_block(gm, block: Block, hs, ext_by_shape, is_target, quantize, ft
     before, after = _finetune_block(block, hs, ys, ext_by_shape, params, quantized, ft)
     for t, q in quantized.items():
         params[t] = q.weight().detach()
-    with torch.no_grad():
-        out = [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+    out = block_outputs(block, hs, ext_by_shape, params)
     for t in block.params:  # dequantized weights and tuned norms/biases into the full graph
         if t in quantized or params[t] is not attr_tensor(gm, t):
             set_attr_tensor(gm, t, params[t].detach().clone())
@@ -218,21 +186,11 @@ def _finetune_block(block: Block, hs, ys, ext_by_shape, params: dict, quantized:
 
     def error() -> float:
         with torch.no_grad():
-            num = sum(float((forward(h) - y).pow(2).sum()) for h, y in zip(hs, ys))
-            return num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
+            return relative_error((forward(h) for h in hs), ys)
 
     before = error()
     snapshot = [t.detach().clone() for t in trainable]
-    if ft.epochs > 0:
-        opt = torch.optim.Adam(trainable, lr=ft.lr, betas=(0.9, 0.95))
-        gen = torch.Generator().manual_seed(ft.seed + block.index)
-        with torch.enable_grad():
-            for _ in range(ft.epochs):
-                for i in torch.randperm(len(hs), generator=gen).tolist():
-                    loss = F.mse_loss(forward(hs[i]), ys[i])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+    fit_outputs(forward, trainable, hs, ys, ft.epochs, ft.lr, ft.seed + block.index)
     after = error() if ft.epochs > 0 else before
     if after > before:  # fine-tuning made it worse (too few batches or too high a rate): keep the start
         with torch.no_grad():

@@ -37,11 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from llmc.fsutil import atomic_file
+from llmc.calibration import flat_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
 from llmc.graph import attr_tensor, set_attr_tensor
-from llmc.passes.pv_quant_blocks import flat_inputs
-from llmc.passes.pv_quant_repr import compact_codes
-from llmc.passes.structured_ffn_recovery import kl_to_teacher
+from llmc.passes.pv_quant.representations import compact_codes
 from llmc.progress import bar, log
 
 
@@ -214,41 +212,37 @@ def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor
     changes: list[float] = []
     proposals: list[float | None] = []  # the fraction the search changed, before the trust region
     start = 0
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        saved = torch.load(checkpoint_path, weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
-            with torch.no_grad():
-                for t in targets:
-                    q = state[t]
-                    q.codes.copy_(saved["state"][t]["codes"])
-                    for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
-                        x.copy_(y)
-                    attr_tensor(gm, t).copy_(q.weight())
-                for n in others:
-                    attr_tensor(gm, n).copy_(saved["norms"][n])
-                for b, x in zip(buffers, saved.get("buffers", ())):
-                    b.copy_(x)
-            if "p_opt" in saved:
-                p_opt.load_state_dict(saved["p_opt"])
-                v_opt.load_state_dict(saved["v_opt"])
-                gen.set_state(saved["gen"])
-            start, kl, changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
-            proposals = list(saved.get("proposals", [None] * start))  # None: saved before this was recorded
-            log(f"pv_quant: resuming PV-Tuning at step {start}/{plan.steps} from {checkpoint_path}")
-        else:
-            log(f"pv_quant: {checkpoint_path} belongs to another run; tuning from the start")
+    saved = load_checkpoint(checkpoint_path, fingerprint, "pv_quant")
+    if saved is not None:
+        with torch.no_grad():
+            for t in targets:
+                q = state[t]
+                q.codes.copy_(saved["state"][t]["codes"])
+                for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
+                    x.copy_(y)
+                attr_tensor(gm, t).copy_(q.weight())
+            for n in others:
+                attr_tensor(gm, n).copy_(saved["norms"][n])
+            for b, x in zip(buffers, saved.get("buffers", ())):
+                b.copy_(x)
+        if "p_opt" in saved:
+            p_opt.load_state_dict(saved["p_opt"])
+            v_opt.load_state_dict(saved["v_opt"])
+            gen.set_state(saved["gen"])
+        start, kl, changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
+        proposals = list(saved.get("proposals", [None] * start))  # None: saved before this was recorded
+        log(f"pv_quant: resuming PV-Tuning at step {start}/{plan.steps} from {checkpoint_path}")
 
     def save(step):
         if not checkpoint_path:
             return
-        doc = {"fingerprint": fingerprint, "step": step, "kl": kl, "changes": changes, "proposals": proposals,
+        doc = {"step": step, "kl": kl, "changes": changes, "proposals": proposals,
                "state": {t: {"codes": compact_codes(state[t].codes), "continuous": state[t].continuous()} for t in targets},
                "norms": {n: attr_tensor(gm, n).detach() for n in others}}  # the norms and the `extra` ones
         if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
             doc.update({"buffers": buffers, "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(),
                         "gen": gen.get_state()})
-        with atomic_file(checkpoint_path) as tmp:
-            torch.save(doc, tmp)
+        save_checkpoint(checkpoint_path, fingerprint, **doc)
 
     flags = {p: p.requires_grad for p in gm.parameters()}
     for p in gm.parameters():

@@ -43,7 +43,7 @@ def _stream_input(gm: fx.GraphModule, fqn_matches) -> fx.Node:
     inside = set(nodes)
     outside = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
     if len(outside) != 1:
-        raise PassError(f"pv_quant: cannot find the residual stream entering a norm ({len(outside)} candidates); "
+        raise PassError(f"calibration: cannot find the residual stream entering a norm ({len(outside)} candidates); "
                         "the graph does not have the decoder structure this pass expects")
     return outside.pop()
 
@@ -85,7 +85,7 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node], lis
     the stream entering block 0 first, then every block's externals."""
     layers = sorted({int(m.group(1)) for n in gm.graph.nodes if (m := _NORM.search(module_fqn(n)))})
     if not layers or layers != list(range(len(layers))):
-        raise PassError("pv_quant: the graph has no numbered decoder layers with an input_layernorm")
+        raise PassError("calibration: the graph has no numbered decoder layers with an input_layernorm")
     streams = [_stream_input(gm, lambda f, i=i: bool((m := _NORM.search(f)) and int(m.group(1)) == i))
                for i in layers]
     streams.append(_stream_input(gm, lambda f: f.rpartition(".")[2] == "norm" and ".layers." not in "." + f))
@@ -104,7 +104,7 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node], lis
     for n in needed:
         prefix_nodes |= ancestors(n)
     if prefix_nodes & body_nodes:
-        raise PassError("pv_quant: a block input depends on another block; the graph is not a plain stack of layers")
+        raise PassError("calibration: a block input depends on another block; the graph is not a plain stack of layers")
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     body = sorted((n for n in prefix_nodes if n.op != "placeholder"), key=order.__getitem__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -117,10 +117,14 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node], lis
     return prefix, needed, blocks
 
 
+def decode_inputs(ids: torch.Tensor):
+    """(attention_mask, position_ids) of a full, unpadded batch of token ids [B, S]."""
+    B, S = ids.shape
+    return torch.ones(B, S, dtype=torch.long), torch.arange(S).expand(B, S).contiguous()
+
+
 def flat_inputs(ids: torch.Tensor, empty_cache) -> list:
     """The decode-step inputs of a full, unpadded batch (no past): ids, mask, positions, *cache."""
-    from llmc.passes.structured_ffn_recovery import decode_inputs
-
     return [ids, *decode_inputs(ids), *empty_cache(ids.shape[0])]
 
 
@@ -134,3 +138,33 @@ def block_inputs(prefix: fx.GraphModule, needed: list[fx.Node], batches, empty_c
         hs.append(vals[0])
         ext_by_shape.setdefault(tuple(ids.shape), dict(zip(needed, vals)))
     return hs, ext_by_shape
+
+
+@torch.no_grad()
+def block_outputs(block: Block, hs: list, ext_by_shape: dict, params: dict) -> list[torch.Tensor]:
+    """The block's outputs on each stored hidden state of `hs`, with weights `params`."""
+    return [block(h, ext_by_shape[tuple(h.shape[:2])], params) for h in hs]
+
+
+def relative_error(outs, ys: list[torch.Tensor]) -> float:
+    """‖out − y‖² / ‖y‖² summed over all batches (`outs` may be a generator: one output at a time)."""
+    with torch.no_grad():
+        num = sum(float((o - y).pow(2).sum()) for o, y in zip(outs, ys))
+        return num / max(sum(float(y.pow(2).sum()) for y in ys), 1e-30)
+
+
+def fit_outputs(forward, trainable: list[torch.Tensor], hs: list, ys: list, epochs: int, lr: float,
+                seed: int) -> None:
+    """Adam(lr, betas (0.9, 0.95)) on `trainable` (leaf tensors requiring grad) minimising the MSE
+    between `forward(h)` and `y`, `epochs` passes over the batches in a seeded random order."""
+    if epochs <= 0:
+        return
+    opt = torch.optim.Adam(trainable, lr=lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for i in torch.randperm(len(hs), generator=gen).tolist():
+                loss = torch.nn.functional.mse_loss(forward(hs[i]), ys[i])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
