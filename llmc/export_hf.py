@@ -78,17 +78,7 @@ def _plan(program) -> dict:
     folded_norms = any(h.name == "fold_norm_scales" for h in program.history)
 
     expected = skeleton.state_dict(keep_vars=True)
-    first_name: dict[int, str] = {}
-    aliases: dict[str, str] = {}  # a tied name -> the name it shares its tensor with in the architecture
-    for name, t in expected.items():
-        if id(t) in first_name:
-            aliases[name] = first_name[id(t)]
-        else:
-            first_name[id(t)] = name
-    tie_group = {n: [n] for n in set(aliases.values())}
-    for name, source in aliases.items():
-        tie_group[source].append(name)
-        tie_group[name] = tie_group[source]
+    aliases, tie_group = _tied_names(expected)
 
     tensors: dict[str, torch.Tensor] = {}
     problems = [f"{m}: quantized in the program but {type(skeleton).__name__} has no linear weight {m}.weight"
@@ -132,8 +122,36 @@ def _plan(program) -> dict:
                           + "; ".join(problems[:12])
                           + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else ""))
 
-    # Tied tensors (lm_head = embed_tokens) are stored once while they are still equal; a program
-    # whose tied tensors diverged (or whose head is quantized) is written untied.
+    tie = _tie(program, tensors, aliases, quantized)
+
+    dense_linears = [name for name, m in skeleton.named_modules()
+                     if isinstance(m, torch.nn.Linear) and name not in quantized]
+    embeddings = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Embedding)]
+    not_quantized = [f"{n}.weight" for n in embeddings + dense_linears] + dense_linears
+    return {"tensors": tensors, "layout": layout, "tie": tie, "quantized": sorted(quantized),
+            "architecture": type(skeleton).__name__, "not_quantized": not_quantized}
+
+
+def _tied_names(expected: dict) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(a tied name -> the name it shares its tensor with in the architecture, name -> its tie group)."""
+    first_name: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in expected.items():
+        if id(t) in first_name:
+            aliases[name] = first_name[id(t)]
+        else:
+            first_name[id(t)] = name
+    tie_group = {n: [n] for n in set(aliases.values())}
+    for name, source in aliases.items():
+        tie_group[source].append(name)
+        tie_group[name] = tie_group[source]
+    return aliases, tie_group
+
+
+def _tie(program, tensors: dict, aliases: dict, quantized: dict) -> bool:
+    """Whether tied tensors (lm_head = embed_tokens) are stored once: while they are still equal. A
+    program whose tied tensors diverged (or whose head is quantized) is written untied; the aliases
+    are dropped from `tensors` when tied."""
     tie = bool(getattr(program.config, "tie_word_embeddings", False))
     for name, source in aliases.items():
         a, b = tensors.get(name), tensors.get(source)
@@ -146,13 +164,7 @@ def _plan(program) -> dict:
         missing = [n for n in aliases if n not in tensors and n.rpartition(".")[0] not in quantized]
         if missing:
             raise ExportError(f"{program.name} cannot be written untied: {', '.join(missing)} missing from the program")
-
-    dense_linears = [name for name, m in skeleton.named_modules()
-                     if isinstance(m, torch.nn.Linear) and name not in quantized]
-    embeddings = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Embedding)]
-    not_quantized = [f"{n}.weight" for n in embeddings + dense_linears] + dense_linears
-    return {"tensors": tensors, "layout": layout, "tie": tie, "quantized": sorted(quantized),
-            "architecture": type(skeleton).__name__, "not_quantized": not_quantized}
+    return tie
 
 
 def _refuse_other_ops(program) -> None:

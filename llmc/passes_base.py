@@ -63,7 +63,8 @@ class PassContext:
     def require_calibration(self, pass_name: str) -> list:
         """The calibration batches, or a ConfigError saying how to provide them."""
         if not self.calibration:
-            raise ConfigError(f"{pass_name} needs calibration data: pass calibration=... to llmc.compile or --calib")
+            raise ConfigError(f"{pass_name} needs calibration data: pass compile(..., calibration='wikitext2-valid') "
+                              "or --calib")
         if self.program is None:
             raise PassError(f"{pass_name} needs the Program (its cache layout) in the pass context; run it through "
                             "llmc.compile or a PassManager")

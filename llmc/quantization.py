@@ -71,6 +71,35 @@ def _pack(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int):
     return codes, scales.float().contiguous(), zero_points
 
 
+def _padded(weight: Tensor, H: Tensor, Kp: int, damp: float) -> tuple[Tensor, Tensor]:
+    """W [N, Kp] float32 and H [Kp, Kp] float64 padded to whole groups, dampened by `damp` × the mean
+    diagonal. Dead inputs (zero diagonal, and the padding) get H = 1 and weight 0, which quantizes to
+    exactly 0 (as RTN pads)."""
+    N, K = weight.shape
+    W = torch.zeros(N, Kp, dtype=torch.float32)
+    W[:, :K] = weight.detach().float()
+    Hd = torch.zeros(Kp, Kp, dtype=torch.float64)
+    Hd[:K, :K] = H.detach().double()
+    diag = Hd.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    W[:, dead] = 0.0
+    diag[:K] += damp * diag[:K].mean()
+    return W, Hd
+
+
+def _inverse_cholesky(Hd: Tensor, damp: float) -> Tensor:
+    """U, the upper Cholesky factor of H⁻¹ (float32); HessianNotPositiveDefinite when H is too ill-conditioned."""
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info):
+        raise HessianNotPositiveDefinite(f"XᵀX + {damp}·mean(diag)·I is not positive definite; raise damp")
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info):
+        raise HessianNotPositiveDefinite(f"the inverse of XᵀX + {damp}·mean(diag)·I is not positive definite; "
+                                         "raise damp")
+    return U.float()
+
+
 def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group: int, symmetric: bool = False, damp: float = 0.01,
                   block: int = 128, act_order: bool = False, clip_grid: int = 0):
     """GPTQ of weight [N, K] against H = XᵀX [K, K] into the MatMulNBits layout of `quantize_rtn`.
@@ -104,16 +133,8 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group: int, symmetric: b
     qmax = (1 << bits) - 1
     G = -(-K // group)
     Kp = G * group
-    # Padding to whole groups: zero weights on dead inputs, which quantize to exactly 0 (as RTN pads).
-    W = torch.zeros(N, Kp, dtype=torch.float32)
-    W[:, :K] = weight.detach().float()
-    Hd = torch.zeros(Kp, Kp, dtype=torch.float64)
-    Hd[:K, :K] = H.detach().double()
+    W, Hd = _padded(weight, H, Kp, damp)
     diag = Hd.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    W[:, dead] = 0.0
-    diag[:K] += damp * diag[:K].mean()
 
     scales = torch.empty(N, G, dtype=torch.float32)
     zeros = torch.empty(N, G, dtype=torch.float32)
@@ -135,14 +156,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group: int, symmetric: b
         col_of = list(range(Kp))
         block = -(-block // group) * group
 
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if int(info):
-        raise HessianNotPositiveDefinite(f"XᵀX + {damp}·mean(diag)·I is not positive definite; raise damp")
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(info):
-        raise HessianNotPositiveDefinite(f"the inverse of XᵀX + {damp}·mean(diag)·I is not positive definite; "
-                                         "raise damp")
-    U = U.float()
+    U = _inverse_cholesky(Hd, damp)
 
     Q = torch.empty(N, Kp, dtype=torch.float32)
     for i1 in range(0, Kp, block):

@@ -15,7 +15,9 @@ import torch
 from torch import fx
 
 import llmc.ops  # noqa: F401  (registers torch.ops.llmc.*)
+from llmc.errors import ConfigError
 from llmc.graph import get_attr_tensor, module_fqn, set_attr_tensor
+from llmc.ops.nbits_linear import SUPPORTED_BITS
 
 
 def embedding_lookups(gm: fx.GraphModule) -> list[fx.Node]:
@@ -78,3 +80,19 @@ def emit_nbits_linear(gm: fx.GraphModule, node: fx.Node, codes: torch.Tensor, sc
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return out
+
+
+def check_targets(pass_name: str, targets: str) -> None:
+    """ConfigError unless a pass's `targets` option is a valid regular expression."""
+    try:
+        re.compile(targets)
+    except re.error as e:
+        raise ConfigError(f"{pass_name}.targets is not a valid regular expression: {e}") from None
+
+
+def check_scalar_layout(pass_name: str, bits: int, group: int) -> None:
+    """ConfigError unless (bits, group) is a scalar layout `llmc::nbits_linear` stores (MatMulNBits' blocks)."""
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"{pass_name}.bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+    if group < 16 or group & (group - 1):
+        raise ConfigError(f"{pass_name}.group must be a power of two >= 16 (MatMulNBits blocks), got {group}")

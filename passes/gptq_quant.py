@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -37,11 +36,11 @@ from llmc.calibration import fingerprint, input_grams, relative_output_error
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, remove_unused_attrs, shares_storage
-from llmc.ops.nbits_linear import SUPPORTED_BITS, dequantize, quantize_rtn
+from llmc.ops.nbits_linear import dequantize, quantize_rtn
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
 from llmc.quantization import gptq_quantize_damped
-from llmc.rewrite import emit_nbits_linear, quantizable_linears
+from llmc.rewrite import (check_scalar_layout, check_targets, emit_nbits_linear, quantizable_linears)
 
 logger = logging.getLogger(__name__)
 
@@ -77,32 +76,21 @@ class GPTQQuant(Pass):
     provides = ("scalar_quantized_weights",)
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"gptq_quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
-        if self.group < 16 or self.group & (self.group - 1):
-            raise ConfigError(f"gptq_quant.group must be a power of two >= 16 (MatMulNBits blocks), got {self.group}")
+        check_scalar_layout("gptq_quant", self.bits, self.group)
         if self.clip_grid < 0:
             raise ConfigError(f"gptq_quant.clip_grid is a number of shrink ratios to try (0: none), got "
                               f"{self.clip_grid}")
         if not 0 < self.damp < 1:
             raise ConfigError(f"gptq_quant.damp is the fraction of the mean XᵀX diagonal added to it and must be in "
                               f"(0, 1), got {self.damp}")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise ConfigError(f"gptq_quant.targets is not a valid regular expression: {e}") from None
+        check_targets("gptq_quant", self.targets)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         nodes = quantizable_linears(gm, self.targets, self.lm_head)
         if not nodes:
             logger.debug("gptq_quant: no linear matches %r", self.targets)
             return PassResult(gm, False, {"quantized": 0, "weights": 0, "untied": []})
-        if not ctx.calibration:
-            raise ConfigError("gptq_quant needs calibration data: pass compile(..., calibration='wikitext2-valid') "
-                              "or --calib")
-        if ctx.program is None:
-            raise ConfigError("gptq_quant needs the Program (its cache layout) in the PassContext; "
-                              "run it through llmc.compile or a PassManager")
+        ctx.require_calibration("gptq_quant")
         t0 = time.perf_counter()
         grams = self._grams(gm, nodes, ctx)
         t1 = time.perf_counter()

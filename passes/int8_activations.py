@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from llmc.errors import ConfigError
 from llmc.graph import module_fqn
 from llmc.ops.nbits_linear import int8_act_supported
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
+from llmc.rewrite import check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,7 @@ class Int8Activations(Pass):
     targets: str = r"."
 
     def __post_init__(self):
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise ConfigError(f"int8_activations.targets is not a valid regular expression: {e}") from None
+        check_targets("int8_activations", self.targets)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         pattern = re.compile(self.targets)

@@ -9,18 +9,15 @@ in the file and in the session.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
-from llmc.errors import ConfigError
 from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_attr_tensor, shares_storage
-from llmc.ops.nbits_linear import SUPPORTED_BITS, quantize_rtn
+from llmc.ops.nbits_linear import quantize_rtn
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
-from llmc.rewrite import emit_nbits_embedding, emit_nbits_linear, embedding_lookups, matches_target, quantizable_linears
+from llmc.rewrite import (check_scalar_layout, check_targets, emit_nbits_embedding, emit_nbits_linear, embedding_lookups, matches_target, quantizable_linears)
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +45,8 @@ class RTNQuant(Pass):
     provides = ("scalar_quantized_weights",)
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"rtn_quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
-        if self.group < 16 or self.group & (self.group - 1):
-            raise ConfigError(f"rtn_quant.group must be a power of two >= 16 (MatMulNBits blocks), got {self.group}")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise ConfigError(f"rtn_quant.targets is not a valid regular expression: {e}") from None
+        check_scalar_layout("rtn_quant", self.bits, self.group)
+        check_targets("rtn_quant", self.targets)
 
     def _matches(self, fqn: str) -> bool:
         return matches_target(fqn, self.targets, self.lm_head)

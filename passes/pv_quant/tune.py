@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -186,147 +185,168 @@ def _summed_grad(params: list[torch.Tensor]) -> torch.Tensor | None:
     return sum(grads[1:], grads[0]) if grads else None
 
 
+class _Tuner:
+    """The state of one PV-Tuning run: the student's weights and buffers, both optimizers, the
+    batch order, the per-step records, and how they are checkpointed (see `pv_tune`)."""
+
+    def __init__(self, gm: fx.GraphModule, state: dict, plan: TunePlan, batches: list[torch.Tensor]):
+        self.gm, self.state, self.plan = gm, state, plan
+        self.targets = sorted(state)
+        self.tied, self.extra = _other_parameters(gm, state, plan)
+        self.others = sorted(self.tied)
+        # The student's dense weights: fresh tensors (the teacher may share the graph's storage).
+        for t in self.targets:
+            set_attr_tensor(gm, t, state[t].weight().detach().clone(), parameter=True)
+        for n in self.others:
+            fresh = attr_tensor(gm, n).detach().clone()
+            for name in self.tied[n]:  # tied names keep one storage (their own parameter objects, as before)
+                set_attr_tensor(gm, name, fresh, parameter=True)
+        self.buffers = [attr_tensor(gm, t).detach().clone() for t in self.targets]
+        continuous = [x for t in self.targets for x in state[t].continuous()] + [attr_tensor(gm, n) for n in self.others]
+        self.p_opt = Lamb(continuous, plan.lr, betas=(0.9, 0.95))
+        self.v_opt = Lamb(self.buffers, plan.code_lr, betas=(0.0, 0.95))
+        self.gen = torch.Generator().manual_seed(plan.seed)
+        self.order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(plan.seed + 1)).tolist()
+        self.kl: list[float] = []
+        self.changes: list[float] = []
+        self.proposals: list[float | None] = []  # the fraction the search changed, before the trust region
+        self.start = 0
+        self.weights = [attr_tensor(gm, t) for t in self.targets]
+        self.other_groups = [[attr_tensor(gm, name) for name in self.tied[n]] for n in self.others]  # per storage
+        self.other_params = [p for group in self.other_groups for p in group]
+
+    def resume(self, saved: dict) -> None:
+        gm, state = self.gm, self.state
+        with torch.no_grad():
+            for t in self.targets:
+                q = state[t]
+                q.codes.copy_(saved["state"][t]["codes"])
+                for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
+                    x.copy_(y)
+                attr_tensor(gm, t).copy_(q.weight())
+            for n in self.others:
+                attr_tensor(gm, n).copy_(saved["norms"][n])
+            for b, x in zip(self.buffers, saved.get("buffers", ())):
+                b.copy_(x)
+        if "p_opt" in saved:
+            self.p_opt.load_state_dict(saved["p_opt"])
+            self.v_opt.load_state_dict(saved["v_opt"])
+            self.gen.set_state(saved["gen"])
+        self.start, self.kl, self.changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
+        self.proposals = list(saved.get("proposals", [None] * self.start))  # None: saved before this was recorded
+
+    def checkpoint(self, step: int) -> dict:
+        doc = {"step": step, "kl": self.kl, "changes": self.changes, "proposals": self.proposals,
+               "state": {t: {"codes": compact_codes(self.state[t].codes), "continuous": self.state[t].continuous()}
+                         for t in self.targets},
+               "norms": {n: attr_tensor(self.gm, n).detach() for n in self.others}}  # norms and `extra` ones
+        if step < self.plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
+            doc.update({"buffers": self.buffers, "p_opt": self.p_opt.state_dict(), "v_opt": self.v_opt.state_dict(),
+                        "gen": self.gen.get_state()})
+        return doc
+
+    def backward(self, ids: torch.Tensor, teacher, empty_cache) -> float:
+        """Gradients of the batch's mean KL(teacher ‖ student) on the weights, micro-batch by micro-batch."""
+        plan = self.plan
+        for p in self.weights + self.other_params:
+            p.grad = None
+        loss = 0.0
+        for chunk in ids.split(plan.micro_batch):
+            inputs = flat_inputs(chunk, empty_cache)
+            with torch.no_grad(), _autocast(plan.amp):
+                target = teacher(chunk, inputs[1])
+            with torch.enable_grad():
+                with _autocast(plan.amp):
+                    logits = self.gm(chunk, inputs[1], inputs[2], inputs[3:])[0]
+                part = kl_to_teacher(logits, target) * (chunk.shape[0] / ids.shape[0])
+                del logits, target
+                part.backward()
+            loss += float(part.detach())
+        return loss
+
+    def p_step(self) -> None:
+        """Pull ∂L/∂Ŵ back onto codebooks and scales; one Lamb step on them and on the norms."""
+        grads = []
+        with torch.enable_grad():
+            for t, w in zip(self.targets, self.weights):
+                q = self.state[t]
+                params = q.continuous()
+                for x in params:
+                    x.requires_grad_(True)
+                grads += torch.autograd.grad(q.weight(), params, w.grad)
+                for x in params:
+                    x.requires_grad_(False)
+        grads += [_summed_grad(group) for group in self.other_groups]
+        self.p_opt.step(grads)
+
+    def v_step(self) -> tuple[int, int, dict]:
+        """Straight-through buffers take a step, then a few code groups follow them (`v_step`).
+        Returns (code groups changed, code groups in all, search statistics)."""
+        self.v_opt.step([w.grad for w in self.weights])
+        moved = total = 0
+        stats: dict = {}
+        with torch.no_grad():
+            for t, w, X in zip(self.targets, self.weights, self.buffers):
+                q = self.state[t]
+                moved += v_step(q, X, q.weight(), self.plan, self.gen, stats)
+                total += q.flat_codes().shape[0]
+                w.copy_(q.weight())
+                w.grad = None
+            for p in self.other_params:
+                p.grad = None
+        return moved, total, stats
+
+
 def pv_tune(gm: fx.GraphModule, state: dict, teacher, batches: list[torch.Tensor],
             empty_cache, plan: TunePlan, progress: bool = True, checkpoint_path: str | None = None,
             fingerprint: str = "") -> dict:
     """Tune `state` (in place) and `gm`'s norms (and `plan.extra` parameters) so that gm's logits match
     the teacher's; `gm` ends with the dequantized weights of the result. Returns KL per step and
     code-change statistics."""
-    targets = sorted(state)
-    tied, extra = _other_parameters(gm, state, plan)
-    others = sorted(tied)
-    # The student's dense weights: fresh tensors (the teacher may share the graph's storage).
-    for t in targets:
-        set_attr_tensor(gm, t, state[t].weight().detach().clone(), parameter=True)
-    for n in others:
-        fresh = attr_tensor(gm, n).detach().clone()
-        for name in tied[n]:  # tied names keep one storage (their own parameter objects, as before)
-            set_attr_tensor(gm, name, fresh, parameter=True)
-    buffers = [attr_tensor(gm, t).detach().clone() for t in targets]
-    continuous = [x for t in targets for x in state[t].continuous()] + [attr_tensor(gm, n) for n in others]
-    p_opt = Lamb(continuous, plan.lr, betas=(0.9, 0.95))
-    v_opt = Lamb(buffers, plan.code_lr, betas=(0.0, 0.95))
-    gen = torch.Generator().manual_seed(plan.seed)
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(plan.seed + 1)).tolist()
-    kl: list[float] = []
-    changes: list[float] = []
-    proposals: list[float | None] = []  # the fraction the search changed, before the trust region
-    start = 0
+    run = _Tuner(gm, state, plan, batches)
     saved = load_checkpoint(checkpoint_path, fingerprint, "pv_quant")
     if saved is not None:
-        with torch.no_grad():
-            for t in targets:
-                q = state[t]
-                q.codes.copy_(saved["state"][t]["codes"])
-                for x, y in zip(q.continuous(), saved["state"][t]["continuous"]):
-                    x.copy_(y)
-                attr_tensor(gm, t).copy_(q.weight())
-            for n in others:
-                attr_tensor(gm, n).copy_(saved["norms"][n])
-            for b, x in zip(buffers, saved.get("buffers", ())):
-                b.copy_(x)
-        if "p_opt" in saved:
-            p_opt.load_state_dict(saved["p_opt"])
-            v_opt.load_state_dict(saved["v_opt"])
-            gen.set_state(saved["gen"])
-        start, kl, changes = int(saved["step"]), list(saved["kl"]), list(saved["changes"])
-        proposals = list(saved.get("proposals", [None] * start))  # None: saved before this was recorded
-        log(f"pv_quant: resuming PV-Tuning at step {start}/{plan.steps} from {checkpoint_path}")
-
-    def save(step):
-        if not checkpoint_path:
-            return
-        doc = {"step": step, "kl": kl, "changes": changes, "proposals": proposals,
-               "state": {t: {"codes": compact_codes(state[t].codes), "continuous": state[t].continuous()} for t in targets},
-               "norms": {n: attr_tensor(gm, n).detach() for n in others}}  # the norms and the `extra` ones
-        if step < plan.steps:  # what continuing needs; a finished run keeps only its result (~30x smaller)
-            doc.update({"buffers": buffers, "p_opt": p_opt.state_dict(), "v_opt": v_opt.state_dict(),
-                        "gen": gen.get_state()})
-        save_checkpoint(checkpoint_path, fingerprint, **doc)
-
+        run.resume(saved)
+        log(f"pv_quant: resuming PV-Tuning at step {run.start}/{plan.steps} from {checkpoint_path}")
     flags = {p: p.requires_grad for p in gm.parameters()}
     for p in gm.parameters():
         p.requires_grad_(False)
-    weights = [attr_tensor(gm, t) for t in targets]
-    other_groups = [[attr_tensor(gm, name) for name in tied[n]] for n in others]  # one list per storage
-    other_params = [p for group in other_groups for p in group]
-    for p in weights + other_params:
+    for p in run.weights + run.other_params:
         p.requires_grad_(True)
     seconds = {"model": 0.0, "p_step": 0.0, "v_step": 0.0}
     try:
         with bar(total=plan.steps, desc=f"pv_quant {plan.mode}-tuning", unit="step", enabled=progress) as pbar:
-            pbar.update(start)
-            for step in range(start, plan.steps):
+            pbar.update(run.start)
+            for step in range(run.start, plan.steps):
                 t0 = time.perf_counter()
-                p_opt.lr, v_opt.lr = plan.lr * lr_factor(plan, step), plan.code_lr * lr_factor(plan, step)
-                picked = [order[(step * plan.batch_size + i) % len(order)] for i in range(plan.batch_size)]
-                ids = torch.cat([batches[i] for i in picked])
-                for p in weights + other_params:
-                    p.grad = None
-                loss = 0.0
-                for chunk in ids.split(plan.micro_batch):  # the gradient of the mean KL over the whole batch
-                    inputs = flat_inputs(chunk, empty_cache)
-                    with torch.no_grad(), _autocast(plan.amp):
-                        target = teacher(chunk, inputs[1])
-                    with torch.enable_grad():
-                        with _autocast(plan.amp):
-                            logits = gm(chunk, inputs[1], inputs[2], inputs[3:])[0]
-                        part = kl_to_teacher(logits, target) * (chunk.shape[0] / ids.shape[0])
-                        del logits, target
-                        part.backward()
-                    loss += float(part.detach())
+                run.p_opt.lr, run.v_opt.lr = plan.lr * lr_factor(plan, step), plan.code_lr * lr_factor(plan, step)
+                picked = [run.order[(step * plan.batch_size + i) % len(run.order)] for i in range(plan.batch_size)]
+                loss = run.backward(torch.cat([batches[i] for i in picked]), teacher, empty_cache)
                 t1 = time.perf_counter()
-                # P step: pull ∂L/∂Ŵ back onto codebooks and scales.
-                grads = []
-                with torch.enable_grad():
-                    for t, w in zip(targets, weights):
-                        q = state[t]
-                        params = q.continuous()
-                        for x in params:
-                            x.requires_grad_(True)
-                        grads += torch.autograd.grad(q.weight(), params, w.grad)
-                        for x in params:
-                            x.requires_grad_(False)
-                grads += [_summed_grad(group) for group in other_groups]
-                p_opt.step(grads)
+                run.p_step()
                 t2 = time.perf_counter()
-                # V step: straight-through buffers, then a few code groups follow them.
-                v_opt.step([w.grad for w in weights])
-                moved = 0
-                total = 0
-                stats: dict = {}
-                with torch.no_grad():
-                    for t, w, X in zip(targets, weights, buffers):
-                        q = state[t]
-                        W_hat = q.weight()
-                        moved += v_step(q, X, W_hat, plan, gen, stats)
-                        total += q.flat_codes().shape[0]
-                        w.copy_(q.weight())
-                        w.grad = None
-                    for p in other_params:
-                        p.grad = None
-                t3 = time.perf_counter()
+                moved, total, stats = run.v_step()
                 seconds["model"] += t1 - t0
                 seconds["p_step"] += t2 - t1
-                seconds["v_step"] += t3 - t2
-                kl.append(loss)
-                changes.append(moved / max(total, 1))
-                proposals.append(stats.get("proposed", 0) / max(total, 1))
+                seconds["v_step"] += time.perf_counter() - t2
+                run.kl.append(loss)
+                run.changes.append(moved / max(total, 1))
+                run.proposals.append(stats.get("proposed", 0) / max(total, 1))
                 pbar.update(1)
-                pbar.set_postfix(kl=f"{kl[-1]:.4f}", changed=f"{changes[-1]:.4f}")
-                if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
-                    save(step + 1)
+                pbar.set_postfix(kl=f"{run.kl[-1]:.4f}", changed=f"{run.changes[-1]:.4f}")
+                if checkpoint_path and ((step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps):
+                    save_checkpoint(checkpoint_path, fingerprint, **run.checkpoint(step + 1))
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        for p in weights + other_params:
+        for p in run.weights + run.other_params:
             p.requires_grad_(False)
             p.grad = None
-    head, tail = kl[:3], kl[-3:]
-    return {"mode": plan.mode, "amp": plan.amp, "schedule": plan.schedule, "extra": extra,
-            "steps": len(kl), "resumed_from": start,
+    kl, head, tail = run.kl, run.kl[:3], run.kl[-3:]
+    return {"mode": plan.mode, "amp": plan.amp, "schedule": plan.schedule, "extra": run.extra,
+            "steps": len(kl), "resumed_from": run.start,
             "kl_first": round(sum(head) / len(head), 5) if head else None,
             "kl_last": round(sum(tail) / len(tail), 5) if tail else None,
-            "kl": [round(v, 5) for v in kl], "code_change": [round(c, 6) for c in changes],
-            "code_proposed": [None if c is None else round(c, 6) for c in proposals],
+            "kl": [round(v, 5) for v in kl], "code_change": [round(c, 6) for c in run.changes],
+            "code_proposed": [None if c is None else round(c, 6) for c in run.proposals],
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}

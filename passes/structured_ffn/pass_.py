@@ -39,6 +39,7 @@ from llmc.passes.structured_ffn.local import LocalPlan, LocalUnit, local_init
 from llmc.passes.structured_ffn.recovery import RecoveryPlan, self_guided_distill
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
+from llmc.rewrite import check_targets
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -117,10 +118,7 @@ class StructuredFFN(Pass):
         if self.lr <= 0 or self.local_lr <= 0 or self.damp < 0:
             raise ConfigError(f"structured_ffn.lr and local_lr must be > 0 and damp >= 0, got lr={self.lr}, "
                               f"local_lr={self.local_lr}, damp={self.damp}")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise ConfigError(f"structured_ffn.targets is not a valid regular expression: {e}") from None
+        check_targets("structured_ffn", self.targets)
 
     # -- matching ----------------------------------------------------------------------------
     def _units(self, gm: fx.GraphModule) -> tuple[list[_Unit], dict]:
@@ -193,33 +191,15 @@ class StructuredFFN(Pass):
         else:
             errors = self._aware_init(gm, units, ctx, model_digest, data_digest, seconds)
 
-        # 2. rewrite: structured branch per unit (+ a dense guide blended by α while recovering)
+        # 2. rewrite: structured branch per unit (+ a dense guide blended by α while recovering); the
+        #    recovery's teacher, when the context brings none, is the graph as it is before the rewrite
         teacher = ctx.teacher
         if self.steps > 0 and teacher is None:
-            teacher = graph_teacher(gm, lambda b: ctx.program.empty_cache(b, 0))
+            teacher = graph_teacher(gm, ctx.program.empty_cache)
         guides = self._rewrite(gm, units, guided=self.steps > 0)
         recovery = None
         if self.steps > 0:
-            t2 = time.perf_counter()
-            params = {}
-            for u in units:
-                for leaf in ("factor_in", "factor_out") + (("guide_weight",) if self.train_guide else ()):
-                    params[f"{u.module}.{leaf}"] = attr_tensor(gm, f"{u.module}.{leaf}")
-            rplan = RecoveryPlan(self.steps, self.lr, self.guided_fraction, self.batch_size, self.checkpoint_every,
-                                 ctx.seed)
-            path, fp = None, ""
-            if self.checkpoint_dir:
-                config = {k: v for k, v in self.config_dict().items()
-                          if k not in ("checkpoint_dir", "checkpoint_every", "premerge", "premerge_repeats")}
-                fp = fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
-                path = os.path.join(self.checkpoint_dir, f"recovery-{fp}.pt")
-            recovery = self_guided_distill(gm, params, attr_tensor(gm, ALPHA), teacher, ctx.calibration,
-                                           lambda b: ctx.program.empty_cache(b, 0), rplan, ctx.progress, path, fp)
-            self._drop_guides(gm, units, guides)
-            for u in units:
-                u.first = attr_tensor(gm, f"{u.module}.factor_in").detach()
-                u.second = attr_tensor(gm, f"{u.module}.factor_out").detach()
-            seconds["recovery"] = round(time.perf_counter() - t2, 1)
+            recovery = self._recover(gm, units, guides, teacher, ctx, model_digest, data_digest, seconds)
 
         # 3. pre-merge: keep whichever form is faster for one token
         t3 = time.perf_counter()
@@ -245,6 +225,31 @@ class StructuredFFN(Pass):
         if recovery is not None:
             stats["recovery"] = recovery
         return PassResult(gm, True, stats)
+
+    def _recover(self, gm, units: list[_Unit], guides, teacher, ctx: PassContext, model_digest: str,
+                 data_digest: str, seconds: dict) -> dict:
+        """Self-guided recovery of the factors (recovery.py), then the dense guides leave the graph."""
+        t0 = time.perf_counter()
+        params = {}
+        for u in units:
+            for leaf in ("factor_in", "factor_out") + (("guide_weight",) if self.train_guide else ()):
+                params[f"{u.module}.{leaf}"] = attr_tensor(gm, f"{u.module}.{leaf}")
+        rplan = RecoveryPlan(self.steps, self.lr, self.guided_fraction, self.batch_size, self.checkpoint_every,
+                             ctx.seed)
+        path, fp = None, ""
+        if self.checkpoint_dir:
+            config = {k: v for k, v in self.config_dict().items()
+                      if k not in ("checkpoint_dir", "checkpoint_every", "premerge", "premerge_repeats")}
+            fp = fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
+            path = os.path.join(self.checkpoint_dir, f"recovery-{fp}.pt")
+        recovery = self_guided_distill(gm, params, attr_tensor(gm, ALPHA), teacher, ctx.calibration,
+                                       ctx.program.empty_cache, rplan, ctx.progress, path, fp)
+        self._drop_guides(gm, units, guides)
+        for u in units:
+            u.first = attr_tensor(gm, f"{u.module}.factor_in").detach()
+            u.second = attr_tensor(gm, f"{u.module}.factor_out").detach()
+        seconds["recovery"] = round(time.perf_counter() - t0, 1)
+        return recovery
 
     def _aware_init(self, gm, units: list[_Unit], ctx: PassContext, model_digest: str, data_digest: str,
                     seconds: dict) -> dict:
