@@ -12,8 +12,7 @@ correlated, which they are in a trained model.
 Column order: by default (`act_order`) the inputs with the largest XᵀX diagonal are quantized first,
 while their error can still be absorbed by the most columns; the groups' scales and zero points are
 then fixed before the permutation on the original contiguous groups ("static groups"), so the
-layout and the kernel are those of rtn_quant. On SmolLM2-135M (4 bits, group 64) it takes ppl from
-37.2 to 33.4, where natural-order GPTQ barely improves on RTN's 38.1.
+layout and the kernel are those of rtn_quant (docs/passes/gptq_quant.md: what act-order buys).
 
 Calibration statistics: all at once, from the FP graph. One forward pass over the calibration
 batches records XᵀX of the input of every targeted linear (linears reading the same tensor, e.g.
@@ -21,6 +20,8 @@ q/k/v and gate/up, share one matrix); each linear is then quantized against its 
 reference implementation instead quantizes layer by layer and records each layer's statistics
 from the already-quantized model before it (sequential), which costs one calibration pass per
 decoder layer; the all-at-once variant does not see the upstream quantization error.
+
+The algorithm itself is core code (`llmc.quantization.gptq_quantize`): pv_quant starts from it too.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ class GPTQQuant(Pass):
     bias). Needs calibration data: XᵀX of each targeted linear's input, recorded in one pass over
     the FP graph (not layer by layer on the partly quantized model). `act_order` (default on)
     quantizes the inputs with the largest XᵀX diagonal first, with each group's scale and zero point
-    fixed beforehand so the stored layout is unchanged (on SmolLM2-135M at 4 bits, group 64: ppl
-    33.4 with it, 37.2 without, 38.1 for rtn_quant). `clip_grid` > 1 picks each group's range among
+    fixed beforehand so the stored layout is unchanged. `clip_grid` > 1 picks each group's range among
     that many shrink ratios (`searched_group_params`) instead of min/max. With `checkpoint_dir` the
     statistics are cached there under a fingerprint of the graph and the data. Numerics: lossy.
     """
@@ -136,5 +136,5 @@ class GPTQQuant(Pass):
             os.makedirs(self.checkpoint_dir, exist_ok=True)
         log(f"gptq_quant: recording XᵀX of {len(set(watch.values()))} linear inputs over "
             f"{len(ctx.calibration)} calibration batches")
-        return input_grams(gm, watch, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), ctx.progress,
+        return input_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
                            path, fp, label="gptq_quant")

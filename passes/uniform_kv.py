@@ -122,7 +122,7 @@ class UniformKVQuant(Pass):
             return self._run_kivi(gm, program, sites, head_dim)
         batches = ctx.require_calibration("uniform_kv")[: self.calib_sequences]
         keys = [s for s in sites if s.kind == "key"]
-        data = collect_kv(gm, keys, batches, lambda B: program.empty_cache(B, 0), fisher=False,
+        data = collect_kv(gm, keys, batches, program.empty_cache, fisher=False,
                           max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress)
         qmax = 2 ** self.bits - 1
         graph = gm.graph

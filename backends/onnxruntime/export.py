@@ -227,7 +227,7 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
     else:
         report.update(mode="exact", atol=atol)
     cfg = SamplingConfig(max_new_tokens=decode_tokens)
-    t_tokens = generate_tokens(runner.step, lambda b: program.empty_cache(b, 0), prompts, cfg, pad_id=0)
+    t_tokens = generate_tokens(runner.step, program.empty_cache, prompts, cfg, pad_id=0)
     o_tokens = generate_tokens(ort_model.step, ort_model.empty_cache, prompts, cfg, pad_id=0,
                                prefill_step=ort_model.prefill_step)
     same = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

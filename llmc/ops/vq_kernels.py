@@ -7,19 +7,11 @@ lut[t, j, m, c] of K/g * M * 2^B floats per token (144 KiB for K=576 at 2x8 g8: 
 and each output is then a sum of K/g * M table entries picked by its codes. A row reads 1 byte per
 codebook per group of g weights (2x8 g8: 0.25 B/weight) where a float32 matvec reads 4 B/weight.
 
-SmolLM2-135M's shapes, 2x8 g8, 1 token, medians in us at 1 / 2 threads (benchmarks/vq_linear.py,
-2-core AMD EPYC; "cold": the layer's weight comes from DRAM, as it does in a decode, where the
-whole model passes between two uses of a layer; "hot": an L3-resident weight):
-    N x K         F.linear cold   F.linear hot   lut_linear (cold)   dequantize + F.linear
-    576 x 576        82 / 84         26 / 23          59 / 52             254 / 164
-    192 x 576        30 / 30          9 / 9           37 / 40              95 / 86
-    1536 x 576      226 / 250       48 / 48 (*)       119 / 98             830 / 648
-    576 x 1536      182 / 179       43 / 45 (*)       135 / 100            839 / 487
-(*) measured alone (in the benchmark's rounds the other methods evict these 3.5 MB from the L3).
-So the kernel wins wherever the weight is not already cached, except on the k/v projections (192
-rows), where its fixed cost (the table, ~10 us, and the call) dominates. Its cost grows with the
-tokens while a matvec's barely does: at 4 tokens (2x8) it is 1.2-2.3x the cold F.linear, and still
-under the dequantize path that `vq_linear` takes past `vq.LUT_MAX_TOKENS`.
+The kernel wins wherever the weight is not already cached (a decode, where the whole model passes
+between two uses of a layer), except on small layers where its fixed cost (the table and the call)
+dominates; its cost grows with the tokens while a matvec's barely does, so `vq_linear` takes the
+dequantize path past `vq.LUT_MAX_TOKENS`. benchmarks/vq_linear.py measures it per layer shape
+(docs/backends/onnxruntime.md has the numbers).
 """
 
 from __future__ import annotations

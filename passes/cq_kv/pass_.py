@@ -204,7 +204,7 @@ class CoupledKVQuant(Pass):
 
         def calibrate():
             log(f"cq_kv: calibrating on {len(batches)} sequences ({n_tokens} tokens, fisher={self.fisher})")
-            data = collect_kv(gm, sites, batches, lambda B: program.empty_cache(B, 0), fisher=self.fisher,
+            data = collect_kv(gm, sites, batches, program.empty_cache, fisher=self.fisher,
                               max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress)
             return {f"{k}.{f}": t for k, d in data.items() for f, t in d.items()}
 

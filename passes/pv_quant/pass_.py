@@ -3,10 +3,10 @@
 Each decoder linear becomes `llmc::vq_linear` over M codebooks of 2^B codewords for input groups of
 g weights, plus one scale per output row (default 2x8 g8: about 2.1 bits per weight). Three phases:
 
-  1. one-shot AQLM calibration, streamed block by block (`pv_quant_calib`, `pv_quant_aq`):
+  1. one-shot AQLM calibration, streamed block by block (`calibrate.py`, `aq.py`):
      residual k-means, then codebook/scale Adam alternating with greedy code search on each
      layer's XᵀX-weighted output error, then block fine-tuning against the FP block's outputs;
-  2. PV-Tuning (`pv_quant_tune`): `steps` steps of KL(teacher ‖ student) over calibration text,
+  2. PV-Tuning (`tune.py`): `steps` steps of KL(teacher ‖ student) over calibration text,
      P step on codebooks/scales/norms, subspace linearised V step on codes (or `mode=ste`);
   3. the rewrite: aten.linear -> llmc::vq_linear with uint8 codes.
 
@@ -188,17 +188,12 @@ class PVQuant(Pass):
         return self.bits or 4, self.group or 64
 
     def v_step(self) -> VStep:
-        """The V step's settings, each left unset filled in with the format's default (SmolLM2-135M,
-        ppl-512x40, 120 steps of batch 2).
+        """The V step's settings, each left unset filled in with the format's default
+        (`V_STEP_DEFAULTS`; docs/passes/pv_quant.md has the measurements that chose them).
 
         Vector codes: buffers at code_lr 0.02, the top 1% of groups in their own grid, trust 1%.
-        2x8 g8 gave 52.22 there against 54.31 at code_lr 0.01 (and 55.21 at 0.05, where the trust
-        region turns most of the search's changes back).
         Scalar codes: an almost frozen V step (code_lr 0.01, 0.0001 of the weights ranked by plain
-        distance, no trust region), as one code change moves a weight by a whole quantization step.
-        At 4 bits g64 the vector codes' limits (1%, trust 1%) raised the tuning KL and left ppl at
-        31.91, where these reached 29.51 from the calibration's 31.48. At 2 bits the V step pays:
-        code_change 0.001, trust 0.01, scaled ranking gave 59.64 against these defaults' 62.90."""
+        distance, no trust region), as one code change moves a weight by a whole quantization step."""
         chosen = {f: getattr(self, f) for f in VStep._fields if getattr(self, f) is not None}
         return V_STEP_DEFAULTS[self.format]._replace(**chosen)
 
@@ -255,7 +250,7 @@ class PVQuant(Pass):
         if not ctx.calibration or ctx.program is None:
             raise ConfigError("pv_quant needs calibration data: pass compile(..., calibration='wikitext2-valid') "
                               "or --calib")
-        empty = lambda b: ctx.program.empty_cache(b, 0)  # noqa: E731
+        empty = ctx.program.empty_cache
         config = self.config_dict()
         config.pop("checkpoint_dir")
         model_digest = graph_digest(gm)

@@ -262,7 +262,7 @@ class StructuredFFN(Pass):
             if self.checkpoint_dir:
                 key = fingerprint({}, model_digest, data_digest)
                 path = os.path.join(self.checkpoint_dir, f"grams-{key}.pt")
-            grams = input_grams(gm, watch, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), ctx.progress,
+            grams = input_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
                                 path, model_digest + data_digest)
             seconds["calibration"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
@@ -288,7 +288,7 @@ class StructuredFFN(Pass):
             fp = fingerprint(dict(config, seed=ctx.seed), model_digest, data_digest)
             path = os.path.join(self.checkpoint_dir, f"layerwise-{fp}.pt")
         t0 = time.perf_counter()
-        stats = local_init(gm, self.kind, local, ctx.calibration, lambda b: ctx.program.empty_cache(b, 0), plan,
+        stats = local_init(gm, self.kind, local, ctx.calibration, ctx.program.empty_cache, plan,
                            ctx.progress, path, fp)
         for u, lu in zip(units, local):
             u.first, u.second = lu.first, lu.second
