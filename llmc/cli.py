@@ -117,6 +117,10 @@ def cmd_inspect(args) -> int:
         print(f"  file {name}: {nbytes / 1e6:.3f} MB")
     for t in size["tied"]:
         print(f"  tied: {t}")
+    kv = size.get("kv_cache")
+    if kv:
+        print(f"  kv cache: {kv['bits_per_channel']:.2f} bits/channel, {kv['bytes_per_token']:g} bytes per token "
+              f"({kv['stored_bytes_per_token']} stored), {kv['fixed_bytes']} fixed bytes")
     return 0
 
 

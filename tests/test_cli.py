@@ -45,6 +45,12 @@ def test_generate_matches_api(compiled_dir, capsys):
     assert out.strip() == "Hello" + llmc.load(compiled_dir).generate("Hello", 8)
 
 
+def test_backends_lists_options(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "torch: " in out and "onnxruntime: " in out and "vq_lowering (Literal" in out
+
+
 def test_passes_lists_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
@@ -65,6 +71,11 @@ def _one_line_error(capsys, argv, code, message):
     (["eval", "ppl", "{hf}", "--data", "no-such-data"], "no such data set"),
     (["generate", "{hf}", "hi", "--top-p", "2"], "top_p"),
     (["inspect", "{tmp}/missing-dir"], "no such model"),
+    (["compile", "{hf}", "--backend", "onnxrt", "-o", "{tmp}/o"], "unknown backend 'onnxrt' (did you mean 'onnxruntime'?)"),
+    (["compile", "{hf}", "--backend", "onnxruntime", "--backend-option", "vq_lowerin=kernel", "-o", "{tmp}/o"],
+     "backend 'onnxruntime' has no option 'vq_lowerin' (did you mean 'vq_lowering'?)"),
+    (["compile", "{hf}", "--backend", "onnxruntime", "--backend-option", "parity", "-o", "{tmp}/o"], "has no value"),
+    (["compile", "{hf}", "--no-parity", "-o", "{tmp}/o"], "backend 'torch' has no option 'parity'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, hf_folder, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, hf=hf_folder) for a in argv]
@@ -114,5 +125,8 @@ def test_compile_with_calibrated_kv_pass_and_eval_through_the_cache(hf_folder, t
     assert main(["inspect", out, "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert {c["dtype"] for c in rep["cache_layout"]} == {"uint8"} and rep["ops"]["llmc.cq_decode.default"] == 4
+    # 2 layers x (keys + values) x 2 KV heads x 16 channels at 8 bits per 4 channels; uint8 codes hold 4 bytes
+    kv = rep["size"]["kv_cache"]
+    assert kv["bits_per_channel"] == 2.0 and kv["bytes_per_token"] == 32 and kv["stored_bytes_per_token"] == 32
     assert main(["eval", "ppl", out, "--data", text_file, "--protocol", "ppl-320x2-kv", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["windows"] == 2

@@ -166,6 +166,9 @@ def test_onnx_export_carries_codes_and_decodes_like_torch(cq_models, tmp_path):
 def test_uniform_baseline_simulates_quantized_cache(cq_models, tiny_models):
     cm = llmc.compile(tiny_models["llama"], passes=["uniform_kv:bits=2"], calibration=_calib(), progress=False)
     assert cm.program.cache_layout[0].dtype == "float32" and "uniform 2-bit" in cm.program.cache_layout[0].meaning
+    # what a real cache of these codes holds: keys 2 bits, values 2 bits + an fp16 scale and zero per 16 channels
+    kv = cm.program.size_report()["kv_cache"]
+    assert kv["bits_per_channel"] == (2 + (2 + 32 / 16)) / 2 and kv["stored_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     _, present = _logits(cm, ids)
     # values: per token, at most 4 distinct levels among a head's 16 channels
@@ -184,6 +187,7 @@ def test_kivi_baseline_quantizes_leaving_tokens_once_and_keeps_the_tail_float(cq
                       progress=False)
     assert "KIVI 2-bit" in cm.program.cache_layout[0].meaning
     assert cm.program.history[-1].stats["bits_per_channel"] == 2 + 16 / 4 + 16 / 8
+    assert cm.program.size_report()["kv_cache"]["bits_per_channel"] == 2 + 16 / 4 + 16 / 8
     ids = torch.randint(3, 256, (1, 14), generator=torch.Generator().manual_seed(5))
     logits, present = _logits(cm, ids)
     _, fp_present = _logits(cq_models["fp"], ids)
