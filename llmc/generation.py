@@ -7,7 +7,6 @@ then decoded one token per step. Greedy decoding reproduces Hugging Face's `gene
 
 from __future__ import annotations
 
-import os
 import typing
 from dataclasses import dataclass
 
@@ -15,8 +14,7 @@ import torch
 from torch import Tensor
 
 from llmc.errors import ConfigError
-from llmc.fsutil import atomic_file
-from llmc.progress import bar, log
+from llmc.progress import bar
 
 
 @dataclass(frozen=True)
@@ -131,14 +129,12 @@ def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], li
     n, p = prompts.shape
     if not 0 < p < length:
         raise ConfigError(f"prompts of {p} tokens cannot start windows of {length}")
+    from llmc.calibration.checkpoint import load_checkpoint, save_checkpoint
+
     done = torch.empty(0, length, dtype=torch.long)
-    if path and os.path.exists(path):
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved.get("fingerprint") == fingerprint and saved["rows"].shape[1:] == (length,):
-                done = saved["rows"][:n].long()
-        except Exception as e:  # noqa: BLE001 - an unreadable file is regenerated, not fatal
-            log(f"{path} is unreadable ({e}); sampling again")
+    saved = load_checkpoint(path, fingerprint, "sampling")
+    if saved is not None and saved["rows"].shape[1:] == (length,):
+        done = saved["rows"][:n].long()
     if done.shape[0] == n:
         return done
     batches = range(done.shape[0] // batch_size, -(-n // batch_size))
@@ -150,6 +146,5 @@ def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], li
         new = generate_tokens(step, empty_cache, chunk.tolist(), cfg, pad_id=0)
         rows.append(torch.cat([chunk, torch.as_tensor(new, dtype=torch.long)], dim=1))
         if path:
-            with atomic_file(path) as tmp:
-                torch.save({"fingerprint": fingerprint, "rows": torch.cat(rows).int()}, tmp)
+            save_checkpoint(path, fingerprint, rows=torch.cat(rows).int())
     return torch.cat(rows)

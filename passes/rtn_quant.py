@@ -17,7 +17,7 @@ from llmc.graph import get_attr_tensor, module_fqn, remove_unused_attrs, set_att
 from llmc.ops.nbits_linear import quantize_rtn
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar
-from llmc.rewrite import (check_scalar_layout, check_targets, emit_nbits_embedding, emit_nbits_linear, embedding_lookups, matches_target, quantizable_linears)
+from llmc.rewrite import (check_scalar_layout, check_targets, emit_nbits_embedding, emit_nbits_linear, embedding_lookups, quantizable_linears)
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ class RTNQuant(Pass):
     def __post_init__(self):
         check_scalar_layout("rtn_quant", self.bits, self.group)
         check_targets("rtn_quant", self.targets)
-
-    def _matches(self, fqn: str) -> bool:
-        return matches_target(fqn, self.targets, self.lm_head)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         nodes = quantizable_linears(gm, self.targets, self.lm_head)

@@ -46,7 +46,7 @@ from llmc.passes.pv_quant.tune import TunePlan, native_bf16, pv_tune
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import log
 from llmc.quantization import gptq_quantize
-from llmc.rewrite import emit_nbits_linear
+from llmc.rewrite import emit_nbits_linear, quantizable_linears
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -178,9 +178,6 @@ class PVQuant(Pass):
             except re.error as e:
                 raise ConfigError(f"pv_quant.{name} is not a valid regular expression: {e}") from None
 
-    def _matches(self, target: str) -> bool:
-        return bool(re.search(self.targets, target.rpartition(".")[0] + "."))
-
     def resolved(self) -> tuple[int, int]:
         """(bits, group) with the format's defaults filled in."""
         if self.format == "aq":
@@ -235,9 +232,7 @@ class PVQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
-        linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default
-                   and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
-                   and self._matches(n.args[1].target)]
+        linears = quantizable_linears(gm, self.targets, lm_head=False)
         if not linears:
             logger.debug("pv_quant: no linear matches %r", self.targets)
             return PassResult(gm, False, {"quantized": 0})
