@@ -78,3 +78,12 @@ def test_calibration_batches_are_seeded(tmp_path):
                     reason="shared data not present")
 def test_shared_test_split_is_found():
     assert data.sha256("wikitext2-test") == "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+
+
+def test_model_perplexity_method_is_the_protocol_on_its_tokenized_data(tiny_compiled, text_file):
+    ids = data.tokenize(tiny_compiled.tokenizer, data.text(text_file))
+    direct = perplexity(tiny_compiled, ids, "ppl-64x4", progress=False)
+    via_model = tiny_compiled.perplexity(text_file, "ppl-64x4", progress=False)
+    assert via_model.ppl == direct.ppl and via_model.tokens == 4 * 63
+    with pytest.raises(ConfigError):
+        tiny_compiled.perplexity(text_file, "ppl-64")
