@@ -1,9 +1,9 @@
 """KV-cache quantization on SmolLM2-135M: CQ vs uniform at 4/2/1 bits per channel, KV-chunked perplexity.
 
-    python benchmarks/cq_kv.py [--windows 5] [--rows cq-4c8b,uniform-2,...] [--ort]
+    python -m benchmarks.cq_kv [--windows 5] [--rows cq-4c8b,uniform-2,...] [--ort]
 
-`kivi-*` rows are KIVI's cache (uniform_kv:mode=kivi): their bits per channel include the fp16
-scales and zero points, and their float tail is counted in the fixed bytes.
+(from the repository root). `kivi-*` rows are KIVI's cache (uniform_kv:mode=kivi): their bits per
+channel include the fp16 scales and zero points, and their float tail is counted in the fixed bytes.
 
 Each row compiles the model with one cache pass (calibrating on wikitext2-valid) and scores
 `ppl-512x<windows>-kv`: per 512-token window, prefill 256 tokens, then chunks of 32 through the
@@ -11,9 +11,19 @@ cache the graph really carries. Rows are written as they finish and skipped when
 results file for the same protocol, so an interrupted run resumes. Calibration activations and
 codebooks are kept in --cache-dir and shared between rows.
 
-Also per row: KV bytes per token per layer, the largest context whose cache fits in 1 GiB at
-batch 1, codebook bytes. With --ort: the FP and the `--ort-pass` models exported to ONNX,
-decode tokens/s (batch 1, 128+128, medians of interleaved rounds) and parity, in the same run.
+Also per row, from the Program's size report (`size_report()["kv_cache"]`, recorded as `kv_cache`):
+bits per channel, KV bytes per token per layer, fixed bytes (codebooks, key ranges, float
+windows), and from them the largest context whose cache fits in 1 GiB at batch 1. With --ort: the
+FP and the `--ort-pass` models exported to ONNX, decode tokens/s (batch 1, 128+128, medians of
+interleaved rounds) and parity, in the same run.
+
+Accounting of rows written before the size report had a `kv_cache` entry (rows without
+`kv_cache`), where it differs: `uniform-N` rows' `bits_per_channel` was N, the key and value codes
+only (the report adds the values' fp16 scale and zero per token: N + 0.25 at head dim 64, as the
+bytes per token always counted them); their `kv_fixed_bytes` left out the per-channel key ranges;
+and CQ rows' `kv_bytes_per_token_per_layer` was the uint8 code storage (the report's
+`stored_bytes_per_token`), which equals the packed b/c accounting for 8-bit codes, every CQ row so
+far. `codebook_bytes` is now `kv_table_bytes` (codebooks, or uniform_kv's key ranges).
 """
 
 from __future__ import annotations
@@ -24,17 +34,14 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, write_result  # noqa: E402
-
-import llmc  # noqa: E402
-from llmc import data  # noqa: E402
-from llmc.eval import perplexity  # noqa: E402
+import llmc
+from benchmarks.common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, write_result
+from llmc import data
+from llmc.eval import perplexity
 
 ROWS = {  # cq_kv rows without "-x": every token read back from codes (exact_current=false)
     "fp": [],
@@ -83,42 +90,39 @@ ROWS = {  # cq_kv rows without "-x": every token read back from codes (exact_cur
 GIB = 1 << 30
 
 
-def kv_cost(program) -> dict:
-    """Cache bytes per token per layer (and what is constant: codebooks, float windows)."""
-    layers = program.num_layers
-    per_token = fixed = 0
-    for c in program.cache_layout:
-        size = torch.empty((), dtype=getattr(torch, c.dtype)).element_size()
-        if "past_sequence_length" in c.shape:
-            per_token += c.shape[1] * c.shape[3] * size
-        else:  # a float window: fixed length
-            fixed += c.shape[1] * c.shape[2] * c.shape[3] * size
-    spec = " ".join(h.spec for h in program.history)
-    if "uniform_kv" in spec:  # simulated: count what a real cache of these codes would hold
-        cfg = next(h.config for h in program.history if h.name == "uniform_kv")
-        bits = cfg["bits"]
-        c = program.cache_layout[0]
-        heads, dim = c.shape[1], c.shape[3]
-        if cfg.get("mode", "static") == "kivi":
-            # codes + fp16 scale and zero per (channel, group tokens) of keys and per (token, value_group
-            # channels) of values; the float tail (residual + an unfinished key group) in fp16, counted as fixed
-            per_token = layers * heads * (2 * dim * bits / 8 + dim * 4 / cfg["group"] + dim // cfg["value_group"] * 4)
-            fixed = layers * 2 * heads * dim * 2 * (cfg["residual"] + cfg["group"] - 1)
-        else:
-            # keys: codes (per-channel ranges are per layer, constant); values: codes + fp16 scale and zero per token
-            per_token = layers * (2 * heads * dim * bits / 8 + heads * 4)
-    codebook_bytes = sum(t.numel() * t.element_size() for n, t in program.gm.named_buffers() if n.endswith("codebooks"))
-    per_layer = per_token / layers
-    return {"kv_bytes_per_token_per_layer": round(per_layer, 2), "kv_fixed_bytes": fixed + codebook_bytes,
-            "codebook_bytes": codebook_bytes,
-            "max_context_1gib_batch1": int((GIB - fixed - codebook_bytes) // per_token)}
+def kivi_tail_bytes(program) -> int:
+    """KIVI's float tail (the newest `residual` tokens and an unfinished key group, fp16), which
+    uniform_kv simulates in float32 and the cache layout does not describe: computed here from the
+    pass config, 0 for every other cache."""
+    cfg = next((h.config for h in program.history if h.name == "uniform_kv"), None)
+    if not cfg or cfg.get("mode", "static") != "kivi":
+        return 0
+    c = program.cache_layout[0]
+    heads, dim = c.shape[1], c.shape[3]
+    return program.num_layers * 2 * heads * dim * 2 * (cfg["residual"] + cfg["group"] - 1)
 
+
+def kv_cost(program) -> dict:
+    """What the cache costs, from the Program's size report (`size_report()["kv_cache"]`, kept whole
+    as `kv_cache`): bits per channel and bytes per token as a real cache of the representation
+    stores them (packed codes, scales, zero points), fixed bytes (codebooks / key ranges, float
+    windows; plus KIVI's float tail, `kivi_tail_bytes`), and the context that fits in 1 GiB."""
+    size = program.size_report()
+    kv = size["kv_cache"]
+    layers = program.num_layers
+    tables = size["components"].get("kv cache codebooks/ranges", {}).get("bytes", 0)
+    fixed = kv["fixed_bytes"] + kivi_tail_bytes(program)
+    return {"bits_per_channel": kv["bits_per_channel"],
+            # packed accounting (bytes_per_token); the runtime's storage beside it (stored_bytes_per_token)
+            "kv_bytes_per_token_per_layer": round(kv["bytes_per_token"] / layers, 2),
+            "kv_stored_bytes_per_token_per_layer": round(kv["stored_bytes_per_token"] / layers, 2),
+            "kv_fixed_bytes": fixed, "kv_table_bytes": tables,
+            "max_context_1gib_batch1": int((GIB - fixed) // kv["bytes_per_token"]), "kv_cache": kv}
 
 
 def decode_speed(args, src, ids, rows):
     """Export FP and `--ort-pass` (default CQ 4c8b) to ONNX; decode speed of both, interleaved, same prompt."""
-    from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel, lower
 
     calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0)
     models = {}
@@ -192,7 +196,7 @@ def main() -> None:
         entry = {"row": row, "method": f"KV cache {row}: {' + '.join(ROWS[row]) or 'float32'}", "passes": ROWS[row],
                  "protocol": protocol, "windows": r.windows, "ppl": round(r.ppl, 4), "fp_ppl": round(fp_ppl, 4),
                  "x_fp": round(r.ppl / fp_ppl, 4),
-                 "bits_per_channel": _bits(cm.program), **kv_cost(cm.program),
+                 **kv_cost(cm.program),
                  "seconds": {"compile_and_calibrate": round(compile_s, 1), "eval": round(r.seconds, 1)},
                  "commit": STARTED_AT}
         if cm.program.history:
@@ -206,15 +210,6 @@ def main() -> None:
         decode_speed(args, src, ids, rows)
         save()
     print("peak RSS", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "MB")
-
-
-def _bits(program) -> float:
-    for h in program.history:
-        if h.name == "cq_kv":
-            return h.stats["bits_per_channel"]
-        if h.name == "uniform_kv":
-            return h.stats.get("bits_per_channel", float(h.config["bits"]))  # kivi: with scales and zeros
-    return 32.0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Reconstruction error of SmolLM2-135M's real keys (before RoPE) and values: CQ vs uniform at equal bits.
 
-    python benchmarks/cq_kv_mse.py [--layers 0,7,15,23,29] [--threads 1]
+    python -m benchmarks.cq_kv_mse [--layers 0,7,15,23,29] [--threads 1]     # from the repository root
 
 Keys and values are collected by running the FP model over calibration text (wikitext2-valid,
 8 x 512 tokens) to fit codebooks / key ranges, and over held-out text (wikitext2-test, 4 x 512
@@ -12,18 +12,15 @@ held-out tokens for CQ (plain k-means, c channels per 8-bit code) and for the un
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import write_result  # noqa: E402
-
-import llmc  # noqa: E402
-from llmc import data  # noqa: E402
-from llmc.ops.cq import decode, encode, weighted_kmeans  # noqa: E402
-from llmc.passes.cq_kv import cache_sites, calibrate_channel_ranges, collect_kv  # noqa: E402
+import llmc
+from benchmarks.common import write_result
+from llmc import data
+from llmc.kv_cache import cache_sites, collect_kv
+from llmc.ops.cq import decode, encode, weighted_kmeans
+from llmc.passes.uniform_kv import calibrate_channel_ranges
 
 
 def uniform(x: torch.Tensor, fit: torch.Tensor, kind: str, bits: int, head_dim: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Foundation benchmark on SmolLM2-135M: FP perplexity, trace time, forward and decode speed.
 
-    python benchmarks/foundation.py [--windows 40] [--repeats 3]
+    python -m benchmarks.foundation [--windows 40] [--repeats 3]     # from the repository root
 
 Rows: FP ppl (ppl-512x40 and ppl-512x5 through the traced graph, ppl-512x5 through HF eager as
 a cross-check), a 512-token forward (traced graph vs HF eager), and greedy decode tokens/s at
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import median_time, peak_rss_mb, write_result  # noqa: E402
-
-import llmc  # noqa: E402
-from llmc import data  # noqa: E402
-from llmc.eval import perplexity  # noqa: E402
+import llmc
+from benchmarks.common import median_time, peak_rss_mb, write_result
+from llmc import data
+from llmc.eval import perplexity
 
 
 def main() -> None:

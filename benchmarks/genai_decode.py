@@ -1,24 +1,26 @@
 """Greedy decode speed of an ONNX folder under onnxruntime-genai (run with a Python that has it).
 
-    python benchmarks/genai_decode.py FOLDER PROMPT_JSON [--new-tokens 128] [--runs 1]
+    python -m benchmarks.genai_decode FOLDER PROMPT_JSON [--new-tokens 128] [--runs 1]
 
-Prints one JSON line: tokens/s of each run (prompt processing included) and the new tokens.
+Prints one JSON line: tokens/s of each run (prompt processing included) and the new tokens. It
+imports nothing of llmc or of the benchmarks package, so `common.genai_engine` runs it by its path
+with another Python (one that has onnxruntime-genai).
 """
 
 import argparse
 import json
 import time
 
-import onnxruntime_genai as og
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder")
     ap.add_argument("prompt_json")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
+    import onnxruntime_genai as og  # here, so that --help and imports work without it
+
     prompt = json.load(open(args.prompt_json))
     model = og.Model(args.folder)
     rates, tokens = [], []

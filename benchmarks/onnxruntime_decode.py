@@ -1,6 +1,6 @@
 """ONNX Runtime backend on SmolLM2-135M: export time, file size, session load, decode speed, ppl.
 
-    python benchmarks/onnxruntime_decode.py [--repeats 3] [--out /tmp/llmc-bench-onnx]
+    python -m benchmarks.onnxruntime_decode [--repeats 3] [--out /tmp/llmc-bench-onnx]     # from the repo root
 
 Decode: batch 1, 128-token prompt from the test text, 128 new greedy tokens, medians of
 interleaved rounds, for llmc's ORT FP32 export, llmc's torch runtime and HF eager (the
@@ -14,19 +14,15 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import genai_engine, interleaved_rates, peak_rss_mb, write_result  # noqa: E402
-
-import llmc  # noqa: E402
-from llmc import data  # noqa: E402
-from llmc.backends.onnxruntime import lower  # noqa: E402
-from llmc.eval import perplexity  # noqa: E402
-from llmc.runtime import OrtModel  # noqa: E402
+import llmc
+from benchmarks.common import genai_engine, interleaved_rates, peak_rss_mb, write_result
+from llmc import data
+from llmc.backends.onnxruntime import OrtModel, lower
+from llmc.eval import perplexity
 
 
 def main() -> None:

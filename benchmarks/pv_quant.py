@@ -1,7 +1,9 @@
 """pv_quant on SmolLM2-135M: perplexity, bits per weight, time and memory per configuration; ONNX.
 
-    python benchmarks/pv_quant.py --rows 2x8g8,2x8g8-pv50 [--threads 2]
-    python benchmarks/pv_quant.py --onnx 2x8g8-pv50          # export it, FP32 and RTN 4-bit; ORT ppl and decode
+    python -m benchmarks.pv_quant --rows 2x8g8,2x8g8-pv50 [--threads 2]
+    python -m benchmarks.pv_quant --onnx 2x8g8-pv50          # export it, FP32 and RTN 4-bit; ORT ppl and decode
+
+(from the repository root).
 
 Every row compiles the built-in model with its passes on the calibration windows the CLI uses
 (`--calib wikitext2-valid`: 32 x 512 tokens, seed 0), with the FP model as the PV-Tuning teacher,
@@ -10,6 +12,14 @@ checkpoint (`~/.cache/llmc/pv_quant`), so a PV row after a calibration-only row 
 tuning; the reported seconds are then the tuning's plus the calibration row's. Results are
 appended to benchmarks/results/<name>.json as rows finish (rerunning skips finished rows). Peak
 memory is the process's, so run heavy rows one per process for a meaningful number.
+
+Bits: `bits_per_weight` is the pass's own accounting (AQLM's: codes at their bit width, 16-bit
+codebooks and scales); `decoder_linear_bits_per_param` and `stored_bits_breakdown` are the Program's
+size report (every stored byte of the decoder's linears as llmc stores them: uint8 codes, float32
+codebooks and scales), the breakdown summing to it. Rows written before this script used the size
+report carry `bits_breakdown` instead: the AQLM accounting by part, summing to `bits_per_weight`.
+PV-Tuning's per-step traces (KL, code changes) go to results/traces/<name>.json; the row keeps
+`tuning.kl_first`, `kl_last`, `steps` and the timings.
 
 `--onnx ROW` lowers the saved model of ROW (with llmc's VQLinear kernel where it builds, and with
 the dequantize lowering as ROW-dequantize), the FP32 model and RTN 4-bit g64 (MatMulNBits) to ONNX
@@ -25,18 +35,15 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import (STARTED_AT, genai_engine, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb,  # noqa: E402
-                    write_result)
-
-import llmc  # noqa: E402
-from llmc import data  # noqa: E402
-from llmc.eval import perplexity  # noqa: E402
+import llmc
+from benchmarks.common import (STARTED_AT, genai_engine, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb,
+                               write_result)
+from llmc import data
+from llmc.eval import perplexity
 
 ROWS = {
     "fp": [],
@@ -50,25 +57,18 @@ ROWS = {
 }
 DECODE_ROWS = ("ort-", "genai-")  # the rows an --onnx run writes, all in one run
 
+# The size report's components that it files under the decoder's linear layers (lm_head and the
+# embeddings are components of their own).
+LINEAR_COMPONENTS = ("codes", "codebooks", "scales", "linear weights", "linear biases", "linear other")
 
 
-def bits_breakdown(program) -> dict:
-    """Bits per weight of the quantized linears by part (AQLM's accounting: 16-bit codebooks and scales)."""
-    h = next((h for h in program.history if h.name == "pv_quant"), None)
-    if h is None:
-        return {}
-    from llmc.passes.pv_quant import PVQuant
-
-    B, g = PVQuant(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in h.config.items()}).resolved()
-    if h.config.get("format", "aq") != "aq":
-        return {"codes": B, "scales_and_zeros": round((16 + B) / g, 4)}
-    M = h.config["codebooks"]
-    weights = h.stats["weights"]
-    gm = program.gm
-    books = sum(t.numel() for n, t in gm.named_buffers() if n.endswith(".codebooks"))
-    scales = sum(t.numel() for n, t in gm.named_buffers() if n.endswith(".scales") and ".layers." in n)
-    return {"codes": round(M * B / g, 4), "codebooks": round(16 * books / weights, 4),
-            "scales": round(16 * scales / weights, 4)}
+def stored_bits_breakdown(size: dict) -> dict:
+    """Stored bits per decoder linear weight by component, from `Program.size_report()`: each
+    component's bytes over the weights the linears had at trace time (sums to
+    `decoder_linear_bits_per_param`)."""
+    params = size["decoder_linear_params"]
+    return {c: round(8 * v["bytes"] / params, 4) for c, v in size["components"].items()
+            if c in LINEAR_COMPONENTS and v["bytes"]}
 
 
 def main() -> None:
@@ -135,10 +135,11 @@ def main() -> None:
                  "decoder_linear_bits_per_param": size.get("decoder_linear_bits_per_param"),
                  "seconds": {"compile": round(compile_s, 1), "eval": round(r.seconds, 1)},
                  "peak_rss_mb": round(peak_rss_mb()), "commit": STARTED_AT}
+        if passes:
+            entry["stored_bits_breakdown"] = stored_bits_breakdown(size)  # the size report's accounting
         h = next((h for h in cm.program.history if h.name == "pv_quant"), None)
         if h is not None:
-            entry["bits_per_weight"] = h.stats["bits_per_weight"]
-            entry["bits_breakdown"] = bits_breakdown(cm.program)
+            entry["bits_per_weight"] = h.stats["bits_per_weight"]  # the pass's (AQLM) accounting
             entry["mean_relative_output_error"] = h.stats["mean_relative_output_error"]
             cal = h.stats["calibration"]
             entry["seconds"]["calibration"] = round(sum(b.get("seconds", 0) for b in cal["blocks"]), 1)
@@ -146,6 +147,7 @@ def main() -> None:
             if h.stats["tuning"]:
                 t = h.stats["tuning"]
                 entry["seconds"]["pv_tuning"] = h.stats["seconds"].get("pv_tuning")
+                # the per-step lists (kl, code_change, code_proposed) go to results/traces/ (write_result)
                 entry["tuning"] = {k: t.get(k) for k in ("mode", "amp", "schedule", "extra", "steps", "kl_first",
                                                          "kl_last", "kl", "code_change", "code_proposed", "seconds")}
         rows.append(entry)
@@ -166,8 +168,7 @@ def main() -> None:
 def onnx_rows(args, src, ids, rows) -> None:
     """Lower ROW (and ROW-dequantize), FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s of all, interleaved
     (with --genai-python, ROW's folder under onnxruntime-genai too); each folder's session memory."""
-    from llmc.backends.onnxruntime import custom_ops, lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel, custom_ops, lower
 
     row = args.onnx
     models = {}

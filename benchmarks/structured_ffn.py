@@ -1,6 +1,6 @@
 """structured_ffn on SmolLM2-135M: perplexity, FFN parameters and size per configuration; ORT decode speed.
 
-    python benchmarks/structured_ffn.py [--steps 100] [--recover lowrank:aware blockdense:aware]
+    python -m benchmarks.structured_ffn [--steps 100] [--recover lowrank:aware blockdense:aware]   # from the repo root
 
 Quality grid: kind (lowrank, blockdense, blockshuffle) × budget (0.63, 0.32) × init (svd, aware)
 without recovery, plus the `--recover` kind:init pairs with `--steps` recovery steps, each scored
@@ -22,22 +22,19 @@ import copy
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_rates, peak_rss_mb, write_result  # noqa: E402
-
-import llmc  # noqa: E402
-from llmc import data  # noqa: E402
-from llmc.api import to_program  # noqa: E402
-from llmc.compiled import CompiledModel  # noqa: E402
-from llmc.eval import perplexity  # noqa: E402
-from llmc.passes.structured_ffn_factors import structured_linear  # noqa: E402
-from llmc.passes_base import PassContext, PassManager  # noqa: E402
+import llmc
+from benchmarks.common import interleaved_rates, peak_rss_mb, write_result
+from llmc import data
+from llmc.api import to_program
+from llmc.compiled import CompiledModel
+from llmc.eval import perplexity
+from llmc.passes.structured_ffn.factors import structured_linear
+from llmc.passes_base import PassContext, PassManager
 
 KINDS = ("lowrank", "blockdense", "blockshuffle")
 BUDGETS = (0.63, 0.32)
@@ -210,8 +207,7 @@ def main() -> None:
 
 def decode_rows(args, src, base, keep, ids) -> list[dict]:
     """ORT decode tokens/s of the dense export and the kept structured models, with HF eager beside."""
-    from llmc.backends.onnxruntime import lower
-    from llmc.runtime import OrtModel
+    from llmc.backends.onnxruntime import OrtModel, lower
 
     models = {"dense": (base, "onnxruntime FP32 (dense FFN)", [])}
     for b, (program, method, spec) in sorted(keep.items()):

@@ -1,6 +1,6 @@
 """Micro-benchmark of `llmc::vq_linear` at decode sizes, on SmolLM2-135M's linear shapes (random codes).
 
-    python benchmarks/vq_linear.py [--rounds 200] [--threads 1 2] [--tokens 1] [--cold-mib 64] [--ort]
+    python -m benchmarks.vq_linear [--rounds 200] [--threads 1 2] [--tokens 1] [--cold-mib 64] [--ort]   # repo root
 
 Per shape (N x K: 576x576, 192x576, 1536x576, 576x1536), configuration (M codebooks x B bits, groups
 of g: 1x8, 2x8, 3x8, g=8), thread count and token count, medians in microseconds over interleaved
@@ -32,11 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import peak_rss_mb, write_result  # noqa: E402
-
-from llmc.ops import vq_kernels  # noqa: E402
-from llmc.ops.vq import bits_per_weight, dequantize  # noqa: E402
+from benchmarks.common import peak_rss_mb, write_result
+from llmc.ops import vq_kernels
+from llmc.ops.vq import bits_per_weight, dequantize
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down (N out, K in)
 CONFIGS = [(1, 8, 8), (2, 8, 8), (3, 8, 8)]  # (M codebooks, B bits, g)

@@ -8,10 +8,6 @@ import argparse
 import json
 
 import llmc
-from llmc import data
-from llmc.backends.onnxruntime import lower
-from llmc.eval import perplexity
-from llmc.runtime import OrtModel
 
 
 def main(argv=None):
@@ -26,11 +22,12 @@ def main(argv=None):
     prompt = "The capital of France is"
     print(f"{prompt!r} -> {cm.generate(prompt, max_new_tokens=20)!r}")
     cm.save(args.out, overwrite=True)
-    loaded = llmc.load(args.out)
-    onnx_dir = lower(loaded.program, args.out + "-onnx", overwrite=True)  # fails loudly unless ORT == torch
-    ids = data.tokenize(loaded.tokenizer, data.text(args.data))
-    result = perplexity(loaded, ids, args.protocol)
-    ort_result = perplexity(OrtModel(onnx_dir), ids, args.protocol)
+    loaded = llmc.load(args.out)  # a torch folder: a CompiledModel
+    onnx_dir = llmc.get_backend("onnxruntime").lower(loaded.program, args.out + "-onnx",
+                                                     overwrite=True)  # fails loudly unless ORT == torch
+    ort = llmc.load(onnx_dir)  # an ONNX folder: an OrtModel, with the same interface
+    result = loaded.perplexity(args.data, args.protocol)
+    ort_result = ort.perplexity(args.data, args.protocol)
     report = loaded.report()
     print(json.dumps({"saved": args.out, "onnx": onnx_dir, "history": report["history"], "size": report["size"],
                       "perplexity": result.to_json(), "onnxruntime_perplexity": ort_result.to_json()}, indent=2))
