@@ -95,53 +95,59 @@ class CompiledModel(Model):
 
     # -- saving ----------------------------------------------------------------------------
     def save(self, directory: str, overwrite: bool = False) -> str:
-        """Save to `directory`: weights.safetensors, graph.pt2, config, tokenizer, manifest.json.
+        """Save to `directory` (see `save_program`)."""
+        return save_program(self.program, directory, overwrite)
 
-        Written to a temporary sibling folder and renamed at the end, so a failure leaves nothing.
-        """
-        directory = os.path.abspath(directory)
-        with atomic_folder(directory, overwrite) as tmp:
-            self._write(tmp)
-        return directory
 
-    def _write(self, folder: str) -> None:
-        from safetensors.torch import save_file
+def save_program(program: Program, directory: str, overwrite: bool = False) -> str:
+    """Save a Program to `directory`: weights.safetensors, graph.pt2, config, tokenizer, manifest.json.
 
-        ep = self.program.exported()
-        state = {k: v for k, v in ep.state_dict.items()}
-        state.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
-        # Tied tensors are stored once; the manifest records the aliases.
-        unique, aliases, seen = {}, {}, {}
-        for k, v in state.items():
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-            if key in seen:
-                aliases[k] = seen[key]
-            else:
-                seen[key] = k
-                unique[k] = v.detach().contiguous()
-        save_file(unique, os.path.join(folder, WEIGHTS_FILE))
-        # The graph without its weights: every state tensor is swapped for a stride-0 placeholder.
-        light = copy.copy(ep)
-        light._state_dict = {k: _placeholder(v) for k, v in ep.state_dict.items()}
-        light._constants = {k: _placeholder(v) if isinstance(v, torch.Tensor) else v for k, v in ep.constants.items()}
-        with warnings.catch_warnings():  # the placeholders are not "complete tensors"; that is the point
-            warnings.simplefilter("ignore", UserWarning)
-            torch.export.save(light, os.path.join(folder, GRAPH_FILE))
-        self.program.config.to_json_file(os.path.join(folder, "config.json"))
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(folder)
-        files = {name: _sha256(os.path.join(folder, name)) for name in (WEIGHTS_FILE, GRAPH_FILE)}
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "name": self.program.name,
-            "source": self.program.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": versions(), "files": files, "aliases": aliases,
-            "cache_layout": [c.to_json() for c in self.program.cache_layout],
-            "linear_shapes": {k: list(v) for k, v in self.program.linear_shapes.items()},
-            "eos_ids": list(self.program.eos_ids),
-            "history": [h.to_json() for h in self.program.history],
-        }
-        with open(os.path.join(folder, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
+    Written to a temporary sibling folder and renamed at the end, so a failure leaves nothing.
+    """
+    directory = os.path.abspath(directory)
+    with atomic_folder(directory, overwrite) as tmp:
+        _write(program, tmp)
+    return directory
+
+
+def _write(program: Program, folder: str) -> None:
+    from safetensors.torch import save_file
+
+    ep = program.exported()
+    state = {k: v for k, v in ep.state_dict.items()}
+    state.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+    # Tied tensors are stored once; the manifest records the aliases.
+    unique, aliases, seen = {}, {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            unique[k] = v.detach().contiguous()
+    save_file(unique, os.path.join(folder, WEIGHTS_FILE))
+    # The graph without its weights: every state tensor is swapped for a stride-0 placeholder.
+    light = copy.copy(ep)
+    light._state_dict = {k: _placeholder(v) for k, v in ep.state_dict.items()}
+    light._constants = {k: _placeholder(v) if isinstance(v, torch.Tensor) else v for k, v in ep.constants.items()}
+    with warnings.catch_warnings():  # the placeholders are not "complete tensors"; that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        torch.export.save(light, os.path.join(folder, GRAPH_FILE))
+    program.config.to_json_file(os.path.join(folder, "config.json"))
+    if program.tokenizer is not None:
+        program.tokenizer.save_pretrained(folder)
+    files = {name: _sha256(os.path.join(folder, name)) for name in (WEIGHTS_FILE, GRAPH_FILE)}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": program.name,
+        "source": program.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(), "files": files, "aliases": aliases,
+        "cache_layout": [c.to_json() for c in program.cache_layout],
+        "linear_shapes": {k: list(v) for k, v in program.linear_shapes.items()},
+        "eos_ids": list(program.eos_ids),
+        "history": [h.to_json() for h in program.history],
+    }
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 def _placeholder(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +163,7 @@ class TorchBackend(Backend):
 
     def lower(self, program: Program, out_dir: str, options=None, overwrite: bool = False) -> str:
         self.options(options)
-        return CompiledModel(program).save(out_dir, overwrite=overwrite)
+        return save_program(program, out_dir, overwrite=overwrite)
 
     def load(self, folder: str) -> CompiledModel:
         return load(folder)
