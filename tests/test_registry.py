@@ -17,7 +17,7 @@ def test_builtin_passes_and_backends_come_from_entry_points():
     import importlib.metadata as md
 
     passes = {ep.name for ep in md.entry_points(group="llmc.passes")}
-    assert {"pv_quant", "gptq_quant", "rtn_quant", "structured_ffn", "cq_kv", "uniform_kv"} <= passes
+    assert {"pv_quant", "gptq_quant", "rtn_quant", "structured_ffn", "cq_kv", "uniform_kv", "ircan"} <= passes
     assert set(llmc.registered_passes()) >= passes
     assert {"torch", "onnxruntime"} <= set(llmc.available_backends())
     assert llmc.get_backend("onnxruntime").name == "onnxruntime"
