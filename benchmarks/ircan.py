@@ -20,7 +20,7 @@ import llmc
 from llmc import data
 from benchmarks.common import load_rows, write_result
 from llmc.passes.ircan import Attributor, example_neurons, load_examples
-from llmc.passes.ircan.data import answer_token, encode, task_file
+from llmc.context_tasks import answer_token, encode, task_file
 
 
 def naive_step_seconds(hf, ids: list[int], layer: int, repeats: int = 3) -> float:

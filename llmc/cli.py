@@ -79,6 +79,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_context(args) -> int:
+    from llmc.context_tasks import context_following, load_examples, task_file
+
+    if args.cad < 0:
+        raise ConfigError(f"--cad must be >= 0, got {args.cad}")
+    path = args.data or task_file("memotrap" if args.metric == "memotrap" else "cose", "test")
+    examples = load_examples(path)  # validated before the model is loaded
+    kind = "memotrap" if args.metric == "memotrap" else "kre"
+    wrong = [ex.where for ex in examples if ex.task != kind]
+    if wrong:
+        raise ConfigError(f"{path} is not a {args.metric} file ({wrong[0]} is a {examples[0].task} record)")
+    if args.limit:
+        examples = examples[:args.limit]
+    result = context_following(_open_model(args.model), examples, cad=args.cad)
+    if args.json:
+        print(json.dumps(dict(result, model=args.model, data=str(path))))
+    else:
+        print(f"{args.metric} ({result['examples']} examples of {path}{f', CAD alpha {args.cad:g}' if args.cad else ''})")
+        print(f"accuracy {result['accuracy']:.3f}")
+        print(f"stubbornness {result['stubbornness']:.3f}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from llmc.generation import SamplingConfig
 
@@ -207,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(fn=cmd_eval)
+    for metric, what in (("memotrap", "MemoTrap JSONL (default: the shared test file)"),
+                         ("kre", "KRE JSON, e.g. COSE_KRE (default: the shared COSE_KRE test file)")):
+        ctx = esub.add_parser(metric, help=f"{metric}: accuracy (follows the context) and stubbornness (gives "
+                                           "the memorised answer)")
+        ctx.add_argument("model", help="a compiled or ONNX folder, or anything `compile` accepts")
+        ctx.add_argument("--data", help=what)
+        ctx.add_argument("--cad", type=float, default=0.0, metavar="ALPHA",
+                         help="context-aware decoding: logits (1+ALPHA)*with-context - ALPHA*without (0: off)")
+        ctx.add_argument("--limit", type=int, default=0, help="the first N examples only (0: all)")
+        ctx.add_argument("--json", action="store_true", help="print the result as JSON")
+        ctx.set_defaults(fn=cmd_eval_context)
 
     g = sub.add_parser("generate", help="continue prompts")
     g.add_argument("model")

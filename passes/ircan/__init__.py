@@ -26,7 +26,7 @@ from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
 
 from llmc.passes.ircan.attribution import IG_METHODS, Attribution, Attributor, down_proj_linears
-from llmc.passes.ircan.data import TASKS, Example, answer_token, encode, load_examples, task_file
+from llmc.context_tasks import TASKS, Example, answer_token, encode, load_examples, task_file
 from llmc.passes.ircan.select import example_neurons, rank_neurons, reweight
 
 __all__ = ["IRCAN", "Attributor", "Attribution", "Example", "load_examples", "example_neurons", "rank_neurons",

@@ -9,7 +9,7 @@ import llmc
 from llmc.api import to_program
 from llmc.errors import ConfigError, DataError
 from llmc.passes.ircan import IRCAN, Attributor, example_neurons, load_examples, rank_neurons, read_neurons
-from llmc.passes.ircan.data import task_file
+from llmc.context_tasks import task_file
 from llmc.passes_base import parse_pass_spec
 from llmc.testing import tiny_tokenizer
 

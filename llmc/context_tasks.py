@@ -1,4 +1,7 @@
-"""IRCAN's data: MemoTrap (JSONL) and COSE_KRE (a JSON array) examples as prompt pairs and answer tokens.
+"""Knowledge-conflict tasks: MemoTrap (JSONL) and KRE (COSE_KRE, a JSON array) examples as prompt pairs
+and answer tokens, and how a model is scored on them (does it follow the context or its memory?).
+
+Used by the `ircan` pass (to mine context-aware neurons) and by `llmc eval memotrap|kre`.
 
 A file's format is recognised by its records' fields: `prompt`, `classes`, `answer_index` (MemoTrap)
 or `question`, `choices`, `candidate`, `negative_context` (KRE). Every error names the file and the
@@ -24,11 +27,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmc.data import data_dirs
-from llmc.errors import DataError
+import torch
 
-# task shortcut -> dev file under a data folder (../shared/data or $LLMC_DATA_DIR)
-TASKS = {"memotrap": "ircan/memotrap/dev.jsonl", "cose": "ircan/cose/dev.json"}
+from llmc.data import data_dirs
+from llmc.errors import ConfigError, DataError
+from llmc.progress import bar
+
+# task shortcut -> its files under a data folder (../shared/data or $LLMC_DATA_DIR); {split}: dev | test
+TASKS = {"memotrap": "ircan/memotrap/{split}.jsonl", "cose": "ircan/cose/{split}.json"}
 LETTERS = "ABCDEFGHIJ"
 KRE_FIELDS = ("question", "choices", "candidate", "negative_context", "answer")
 MEMOTRAP_FIELDS = ("prompt", "classes", "answer_index")
@@ -44,15 +50,16 @@ class Example:
     answer: str          # context-consistent answer, e.g. " kings" or " A"
     memorised: str       # the parametric answer, e.g. " masters" or " C"
     where: str           # "file:line"
+    options: tuple = ()  # KRE: every option letter (" A", " B", ...), scored against each other
 
 
-def task_file(task: str) -> Path:
-    """The dev file of a task shortcut, found in llmc's data folders."""
-    rel = TASKS[task]
+def task_file(task: str, split: str = "dev") -> Path:
+    """The `split` (dev | test) file of a task shortcut, found in llmc's data folders."""
+    rel = TASKS[task].format(split=split)
     for d in data_dirs():
         if (d / rel).is_file():
             return d / rel
-    raise DataError(f"ircan: the {task} dev file ({rel}) is not in {', '.join(str(d) for d in data_dirs())}; "
+    raise DataError(f"the {task} {split} file ({rel}) is not in {', '.join(str(d) for d in data_dirs())}; "
                     "set LLMC_DATA_DIR to the folder holding it or pass data=PATH")
 
 
@@ -62,10 +69,10 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"ircan: cannot read {path}: {e}") from e
+        raise DataError(f"cannot read {path}: {e}") from e
     records = _array_records(text, path) if text.lstrip().startswith("[") else _jsonl_records(text, path)
     if not records:
-        raise DataError(f"ircan: {path} holds no examples")
+        raise DataError(f"{path} holds no examples")
     out = []
     for line, rec in records:
         where = f"{path}:{line}"
@@ -177,7 +184,8 @@ def _kre(rec: dict, where: str) -> Example:
         if not isinstance(rec[key], str) or not rec[key].strip():
             raise DataError(f"{where}: '{key}' must be a non-empty string")
     return Example("kre", kre_prompt(rec["question"], choices, rec["negative_context"]),
-                   kre_prompt(rec["question"], choices, None), " " + rec["candidate"], " " + rec["answer"], where)
+                   kre_prompt(rec["question"], choices, None), " " + rec["candidate"], " " + rec["answer"], where,
+                   tuple(" " + letter for letter in valid))
 
 
 def encode(tokenizer, text: str, special: bool = True) -> list[int]:
@@ -190,3 +198,79 @@ def answer_token(tokenizer, answer: str, where: str) -> int:
     if not ids:
         raise DataError(f"{where}: the answer {answer!r} tokenizes to nothing")
     return ids[0]
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+# A KRE example is answered by the argmax over its option letters' logits at the last prompt
+# position; a MemoTrap example by a greedy continuation of MEMOTRAP_TOKENS tokens, whose text up to
+# the first period (stripped) is matched exactly against the two classes. Accuracy: the fraction
+# that follow the context; stubbornness: the fraction that give the memorised answer. With `cad`
+# = α > 0 (context-aware decoding), every next-token logit is (1 + α)·ℓ(with context) − α·ℓ(without).
+
+MEMOTRAP_TOKENS = 10
+
+
+def _prefill(model, ids: list[int]):
+    t = torch.tensor([ids], dtype=torch.long)
+    mask = torch.ones_like(t)
+    pos = torch.arange(len(ids))[None]
+    logits, cache = model.prefill_step(t, mask, pos, model.empty_cache(1))
+    return logits[0, -1].float(), cache, len(ids)
+
+
+def _next(model, token: int, cache, length: int):
+    t = torch.tensor([[token]], dtype=torch.long)
+    logits, cache = model.step(t, torch.ones(1, length + 1, dtype=torch.long), torch.tensor([[length]]), cache)
+    return logits[0, -1].float(), cache, length + 1
+
+
+def continuation(model, with_ids: list[int], without_ids: list[int] | None, tokens: int, cad: float = 0.0,
+                 stop_ids=()) -> list[int]:
+    """Greedy continuation of `with_ids`; with `cad` > 0 each step's logits are CAD-combined with the
+    same continuation of `without_ids` (both prompts carry their own cache)."""
+    lw, cw, nw = _prefill(model, with_ids)
+    if cad:
+        lo, co, no = _prefill(model, without_ids)
+    out: list[int] = []
+    for _ in range(tokens):
+        logits = (1 + cad) * lw - cad * lo if cad else lw
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt in stop_ids or len(out) == tokens:
+            break
+        lw, cw, nw = _next(model, nxt, cw, nw)
+        if cad:
+            lo, co, no = _next(model, nxt, co, no)
+    return out
+
+
+def predict(model, ex: Example, cad: float = 0.0) -> str:
+    """The model's answer to one example: an option letter (KRE) or the continuation's first sentence
+    (MemoTrap), with a leading space as the Example's answers have."""
+    tok = model.tokenizer
+    with_ids = encode(tok, ex.with_context)
+    without_ids = encode(tok, ex.without_context) if cad else None
+    if ex.task == "kre":
+        letters = [answer_token(tok, o, ex.where) for o in ex.options]
+        lw = _prefill(model, with_ids)[0]
+        logits = (1 + cad) * lw - cad * _prefill(model, without_ids)[0] if cad else lw
+        return ex.options[int(logits[letters].argmax())]
+    eos = set(getattr(model, "eos_ids", ()) or ())
+    text = tok.decode(continuation(model, with_ids, without_ids, MEMOTRAP_TOKENS, cad, eos),
+                      skip_special_tokens=True)
+    return " " + text.strip().split(".")[0].strip()
+
+
+def context_following(model, examples: list[Example], cad: float = 0.0, progress: bool = True) -> dict:
+    """Accuracy (follows the context) and stubbornness (gives the memorised answer) over `examples`."""
+    if cad < 0:
+        raise ConfigError(f"cad (context-aware decoding's alpha) must be >= 0, got {cad}")
+    follows = stubborn = 0
+    with torch.inference_mode():
+        for ex in bar(examples, desc="context tasks", unit="example", enabled=progress):
+            answer = predict(model, ex, cad)
+            follows += answer == ex.answer
+            stubborn += answer == ex.memorised
+    n = len(examples)
+    return {"examples": n, "accuracy": follows / n, "stubbornness": stubborn / n, "cad": cad}
+
