@@ -41,8 +41,9 @@ DPI = 110
 # Where each benchmark script's results are discussed (docs/results.md links there).
 PAGES = {"foundation": "architecture.md", "onnxruntime_decode": "backends/onnxruntime.md",
          "pv_quant": "passes/pv_quant.md", "vq_linear": "passes/pv_quant.md", "cq_kv": "passes/cq_kv.md",
-         "cq_kv_mse": "passes/cq_kv.md", "structured_ffn": "passes/structured_ffn.md", "ircan": "passes/ircan.md"}
-ORDER = ["foundation", "onnxruntime_decode", "pv_quant", "vq_linear", "cq_kv", "cq_kv_mse", "structured_ffn", "ircan"]
+         "cq_kv_mse": "passes/cq_kv.md", "structured_ffn": "passes/structured_ffn.md", "ircan": "passes/ircan.md",
+         "context_tasks": "passes/ircan.md"}
+ORDER = ["foundation", "onnxruntime_decode", "pv_quant", "vq_linear", "cq_kv", "cq_kv_mse", "structured_ffn", "ircan", "context_tasks"]
 
 # Pass defaults that changed after some rows were measured, where the row does not say so itself
 # (pv_quant rows carry a `note` instead): (pass, option, the old default, commits measured before

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from llmc.calibration import fingerprint, load_checkpoint, save_checkpoint
+from llmc.context_tasks import TASKS, Example, answer_token, encode, load_examples, task_file
 from llmc.errors import ConfigError, DataError, PassError
 from llmc.fsutil import atomic_file
 from llmc.graph import get_attr_tensor, graph_digest
@@ -26,7 +27,6 @@ from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
 
 from llmc.passes.ircan.attribution import IG_METHODS, Attribution, Attributor, down_proj_linears
-from llmc.context_tasks import TASKS, Example, answer_token, encode, load_examples, task_file
 from llmc.passes.ircan.select import example_neurons, rank_neurons, reweight
 
 __all__ = ["IRCAN", "Attributor", "Attribution", "Example", "load_examples", "example_neurons", "rank_neurons",
