@@ -19,9 +19,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # LLMC_BENCH_RESULTS: write (and resume from) another folder, e.g. for a smoke run
 RESULTS = os.environ.get("LLMC_BENCH_RESULTS") or os.path.join(ROOT, "benchmarks", "results")
-TRACES = os.path.join(RESULTS, "traces")
+TRACES = os.path.join(os.path.dirname(RESULTS), "traces")  # beside results/, not in it: not results files
 # A list of more numbers than this inside a row is a per-step trace: write_result moves it to
-# results/traces/<name>.json (keyed by row) and the row keeps its summary fields (kl_first, steps, ...).
+# benchmarks/traces/<name>.json (keyed by row) and the row keeps its summary fields (kl_first, steps, ...).
 TRACE_MIN_LEN = 20
 
 
@@ -119,16 +119,16 @@ def _pop_traces(d: dict) -> dict:
 
 
 def split_traces(name: str, rows: list[dict]) -> str | None:
-    """Move the per-step traces out of `rows` (in place) into results/traces/<name>.json, keyed by row
+    """Move the per-step traces out of `rows` (in place) into benchmarks/traces/<name>.json, keyed by row
     (`row`, else index and method), beside the row's commit and date. Entries of the file for rows
     that are still in `rows` with the same commit and date are kept (a row read back by load_rows
-    has no traces left); the rest go. Returns the trace file's path relative to RESULTS, or None when
+    has no traces left); the rest go. Returns the trace file's path relative to the repository, or None when
     there are no traces (an old trace file is then removed)."""
     path = os.path.join(TRACES, f"{name}.json")
     old = {}
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f).get("rows", {})
+            old = json.load(f).get("by_row", {})
     traces = {}
     for i, row in enumerate(rows):
         key = _row_key(row, i)
@@ -148,16 +148,17 @@ def split_traces(name: str, rows: list[dict]) -> str | None:
     body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in traces.items())  # one line per row
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(head[:-2] + ',\n  "rows": {\n' + body + "\n  }\n}\n")
+        f.write(head[:-2] + ',\n  "by_row": {\n' + body + "\n  }\n}\n")
     os.replace(tmp, path)
-    return os.path.relpath(path, RESULTS)
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel  # a results folder outside the repository: absolute
 
 
 def write_result(name: str, rows: list[dict], *, model: str, model_sha256: str, data_sha256: str,
                  extra: dict | None = None) -> str:
     """Write benchmarks/results/<name>.json in the format of BENCHMARKS.md and return its path.
 
-    Long per-step traces in the rows go to results/traces/<name>.json (`split_traces`); the file
+    Long per-step traces in the rows go to benchmarks/traces/<name>.json (`split_traces`); the file
     names it under "traces"."""
     from llmc.compiled import versions
 

@@ -18,7 +18,7 @@ codebooks and scales); `decoder_linear_bits_per_param` and `stored_bits_breakdow
 size report (every stored byte of the decoder's linears as llmc stores them: uint8 codes, float32
 codebooks and scales), the breakdown summing to it. Rows written before this script used the size
 report carry `bits_breakdown` instead: the AQLM accounting by part, summing to `bits_per_weight`.
-PV-Tuning's per-step traces (KL, code changes) go to results/traces/<name>.json; the row keeps
+PV-Tuning's per-step traces (KL, code changes) go to benchmarks/traces/<name>.json; the row keeps
 `tuning.kl_first`, `kl_last`, `steps` and the timings.
 
 `--onnx ROW` lowers the saved model of ROW (with llmc's VQLinear kernel where it builds, and with
@@ -147,7 +147,7 @@ def main() -> None:
             if h.stats["tuning"]:
                 t = h.stats["tuning"]
                 entry["seconds"]["pv_tuning"] = h.stats["seconds"].get("pv_tuning")
-                # the per-step lists (kl, code_change, code_proposed) go to results/traces/ (write_result)
+                # the per-step lists (kl, code_change, code_proposed) go to benchmarks/traces/ (write_result)
                 entry["tuning"] = {k: t.get(k) for k in ("mode", "amp", "schedule", "extra", "steps", "kl_first",
                                                          "kl_last", "kl", "code_change", "code_proposed", "seconds")}
         rows.append(entry)

@@ -1,4 +1,4 @@
-"""llmc's graph passes (installed as `llmc.passes`), one module or package per method.
+"""llmc's graph passes, one module or package per method.
 
 Passes are found by name through the `llmc.passes` entry points (pyproject.toml); importing this
 package imports none of them. A pass never imports another pass: what several share is core code
