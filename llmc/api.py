@@ -83,9 +83,9 @@ def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=
     elif calibration is not None:
         ctx.calibration = list(calibration)
     manager.run(program, ctx)
+    if backend != "torch":  # the backend's own runtime, from the folder it wrote
+        return target.load(target.lower(program, out, options, overwrite=overwrite))
     compiled = CompiledModel(program)
-    if backend == "torch":
-        if out is not None:
-            compiled.save(out, overwrite=overwrite)
-        return compiled
-    return target.load(target.lower(program, out, options, overwrite=overwrite))
+    if out is not None:
+        compiled.save(out, overwrite=overwrite)
+    return compiled

@@ -13,12 +13,11 @@ never imports one. `torch` (the eager reference, llmc.compiled) and `onnxruntime
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llmc.errors import ArtifactError, ConfigError, LlmcError
+from llmc.errors import ArtifactError, ConfigError, LlmcError, did_you_mean
 from llmc.registry import BACKENDS
 
 
@@ -50,9 +49,7 @@ class Backend:
         values = {}
         for key, value in given.items():
             if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"backend '{self.name}' has no option '{key}'{hint}; options: "
+                raise ConfigError(f"backend '{self.name}' has no option '{key}'{did_you_mean(key, fields)}; options: "
                                   f"{', '.join(sorted(fields)) or 'none'}")
             values[key] = convert_option(value, hints.get(key, str), f"{self.name}.{key}") if isinstance(
                 value, str) else value
@@ -88,6 +85,15 @@ def available_backends() -> list[str]:
     return BACKENDS.names()
 
 
+def owner(folder: str) -> Backend | None:
+    """The backend that wrote `folder`, or None when no registered backend owns it."""
+    for name in available_backends():
+        backend = get_backend(name)
+        if backend.owns(folder):
+            return backend
+    return None
+
+
 def load(folder: str):
     """Open a folder written by any backend (`llmc compile ... -o DIR`) as a runnable Model."""
     import os
@@ -95,9 +101,8 @@ def load(folder: str):
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise ArtifactError(f"no such folder: {folder}")
-    for name in available_backends():
-        backend = get_backend(name)
-        if backend.owns(folder):
-            return backend.load(folder)
+    backend = owner(folder)
+    if backend is not None:
+        return backend.load(folder)
     raise ArtifactError(f"{folder} is not a compiled llmc model of any backend ({', '.join(available_backends())}); "
                         "compile one with `llmc compile MODEL -o DIR`")

@@ -18,15 +18,12 @@ def _open_model(spec: str):
     """A folder some backend wrote is opened by that backend; anything else is traced."""
     import llmc
 
-    if _is_artifact(spec):
-        return llmc.load(spec)
+    from llmc.backend import owner
+
+    backend = owner(spec) if os.path.isdir(spec) else None
+    if backend is not None:
+        return backend.load(os.path.abspath(spec))
     return llmc.compile(spec)
-
-
-def _is_artifact(path: str) -> bool:
-    from llmc.backend import available_backends, get_backend
-
-    return os.path.isdir(path) and any(get_backend(n).owns(path) for n in available_backends())
 
 
 def _backend_options(args) -> dict:

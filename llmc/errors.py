@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+
+
+def did_you_mean(name: str, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices` to a misspelt `name`, or ``."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
 
 class LlmcError(Exception):
     """Base class of every error llmc raises on purpose (the CLI prints these as one line)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmc.calibration.checkpoint import load_checkpoint, save_checkpoint
 from llmc.errors import ConfigError
 from llmc.progress import bar
 
@@ -129,8 +130,6 @@ def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], li
     n, p = prompts.shape
     if not 0 < p < length:
         raise ConfigError(f"prompts of {p} tokens cannot start windows of {length}")
-    from llmc.calibration.checkpoint import load_checkpoint, save_checkpoint
-
     done = torch.empty(0, length, dtype=torch.long)
     saved = load_checkpoint(path, fingerprint, "sampling")
     if saved is not None and saved["rows"].shape[1:] == (length,):

@@ -9,7 +9,6 @@ before anything runs and names the pass that would fix a bad order.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from llmc.errors import ConfigError, LlmcError, PassError, PassOrderError
+from llmc.errors import ConfigError, LlmcError, PassError, PassOrderError, did_you_mean
 from llmc.progress import log
 from llmc.registry import PASSES
 
@@ -210,9 +209,7 @@ def parse_pass_spec(spec: str) -> Pass:
         if not eq:
             raise ConfigError(f"pass spec '{spec}': option '{item}' has no value; write {key}=VALUE")
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"pass '{name}' has no option '{key}'{hint}; options: {', '.join(sorted(fields)) or 'none'}")
+            raise ConfigError(f"pass '{name}' has no option '{key}'{did_you_mean(key, fields)}; options: {', '.join(sorted(fields)) or 'none'}")
         if key in kwargs:
             raise ConfigError(f"pass spec '{spec}': option '{key}' given twice")
         kwargs[key] = convert_option(value.strip(), hints.get(key, str), f"{name}.{key}")

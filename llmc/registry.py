@@ -15,10 +15,9 @@ found too, and take precedence over an entry point of the same name.
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 
-from llmc.errors import ConfigError, LlmcError
+from llmc.errors import ConfigError, LlmcError, did_you_mean
 
 
 class Registry:
@@ -54,9 +53,7 @@ class Registry:
         ep = self._entry_points().get(name)
         if ep is None:
             names = self.names()
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown {self.kind} '{name}'{hint}; available: {', '.join(names) or 'none'} "
+            raise ConfigError(f"unknown {self.kind} '{name}'{did_you_mean(name, names)}; available: {', '.join(names) or 'none'} "
                               f"(see `{self.command}`)")
         try:
             obj = ep.load()

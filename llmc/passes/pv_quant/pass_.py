@@ -242,9 +242,7 @@ class PVQuant(Pass):
             if K % group:
                 raise ConfigError(f"pv_quant.group={group} does not divide the input size {K} of "
                                   f"{module_fqn(n)}; choose a group that divides every targeted layer's inputs")
-        if not ctx.calibration or ctx.program is None:
-            raise ConfigError("pv_quant needs calibration data: pass compile(..., calibration='wikitext2-valid') "
-                              "or --calib")
+        ctx.require_calibration("pv_quant")
         empty = ctx.program.empty_cache
         config = self.config_dict()
         config.pop("checkpoint_dir")
