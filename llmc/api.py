@@ -54,6 +54,10 @@ def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=
             progress: bool = True, dump_dir: str | None = None, teacher=None):
     """Trace `model`, run `passes` (Pass objects or spec strings) and return a runnable Model.
 
+    `model` may also be a Program or a CompiledModel: its passes' history is kept, the graph is not
+    traced again, and the passes run on a fork (the given model is left unchanged); the default
+    teacher is then that model as it is.
+
     backend: a registered backend (`llmc backends`): "torch" returns a CompiledModel (saved to
     `out` when given); another backend lowers the program to `out` (required) with
     `backend_options` (its Options, or a dict) and returns the model it loads from there, e.g. an
@@ -70,8 +74,17 @@ def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=
         raise ConfigError(f"{out} already exists; choose another folder or pass overwrite=True")
     manager = PassManager(passes)
     manager.check(extra_facts={"teacher"} | ({"calibration"} if calibration is not None else set()))
-    src = _source(model, tokenizer)
-    program = to_program(src, tokenizer)
+    if isinstance(model, (Program, CompiledModel)):  # already traced: run the passes on a fork of it
+        program = (model.program if isinstance(model, CompiledModel) else model).fork()
+        if tokenizer is not None:
+            program.tokenizer = tokenizer
+        if teacher is None:
+            from llmc.calibration import graph_teacher
+
+            teacher = graph_teacher(program.gm, program.empty_cache)
+    else:
+        src = _source(model, tokenizer)
+        program = to_program(src, tokenizer)
     if teacher is None:
         def teacher(input_ids, attention_mask=None):
             return src.model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -31,6 +31,7 @@ import torch
 
 from llmc.data import data_dirs
 from llmc.errors import ConfigError, DataError
+from llmc.generation import left_pad, position_ids_from_mask
 from llmc.progress import bar
 
 # task shortcut -> its files under a data folder (../shared/data or $LLMC_DATA_DIR); {split}: dev | test
@@ -210,67 +211,105 @@ def answer_token(tokenizer, answer: str, where: str) -> int:
 MEMOTRAP_TOKENS = 10
 
 
-def _prefill(model, ids: list[int]):
-    t = torch.tensor([ids], dtype=torch.long)
-    mask = torch.ones_like(t)
-    pos = torch.arange(len(ids))[None]
-    logits, cache = model.prefill_step(t, mask, pos, model.empty_cache(1))
-    return logits[0, -1].float(), cache, len(ids)
+def _pad_id(model) -> int:
+    tok = model.tokenizer
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tok, "eos_token_id", None) or 0
+    return int(pad)
 
 
-def _next(model, token: int, cache, length: int):
-    t = torch.tensor([[token]], dtype=torch.long)
-    logits, cache = model.step(t, torch.ones(1, length + 1, dtype=torch.long), torch.tensor([[length]]), cache)
-    return logits[0, -1].float(), cache, length + 1
+class _Batch:
+    """A left-padded batch of prompts decoded together; `logits` is the last position's, [B, V]."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int):
+        ids, self.mask = left_pad(prompts, pad_id)
+        self.model, self.pos = model, position_ids_from_mask(self.mask)
+        logits, self.cache = model.prefill_step(ids, self.mask, self.pos, model.empty_cache(len(prompts)))
+        self.logits = logits[:, -1].float()
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos[:, -1:] + 1
+        logits, self.cache = self.model.step(tokens[:, None], self.mask, self.pos, self.cache)
+        self.logits = logits[:, -1].float()
+
+
+def continuations(model, with_ids: list[list[int]], without_ids: list[list[int]] | None, tokens: int,
+                  cad: float = 0.0, stop_ids=()) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts `with_ids` (left-padded together); with `cad` > 0
+    every step's logits are CAD-combined with the same continuation of `without_ids` (a second batch
+    with its own cache). A row stops after a stop id (kept); finished rows are fed the pad token."""
+    pad = _pad_id(model)
+    w = _Batch(model, with_ids, pad)
+    o = _Batch(model, without_ids, pad) if cad else None
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    done = torch.zeros(len(with_ids), dtype=torch.bool)
+    out = []
+    for t in range(tokens):
+        logits = (1 + cad) * w.logits - cad * o.logits if cad else w.logits
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+        out.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()) or t == tokens - 1:
+            break
+        w.advance(nxt)
+        if cad:
+            o.advance(nxt)
+    rows = []
+    for row in torch.stack(out, 1).tolist():
+        cut = next((j for j, tok in enumerate(row) if tok in set(stop.tolist())), None)
+        rows.append(row if cut is None else row[: cut + 1])
+    return rows
 
 
 def continuation(model, with_ids: list[int], without_ids: list[int] | None, tokens: int, cad: float = 0.0,
                  stop_ids=()) -> list[int]:
-    """Greedy continuation of `with_ids`; with `cad` > 0 each step's logits are CAD-combined with the
-    same continuation of `without_ids` (both prompts carry their own cache)."""
-    lw, cw, nw = _prefill(model, with_ids)
-    if cad:
-        lo, co, no = _prefill(model, without_ids)
-    out: list[int] = []
-    for _ in range(tokens):
-        logits = (1 + cad) * lw - cad * lo if cad else lw
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        if nxt in stop_ids or len(out) == tokens:
-            break
-        lw, cw, nw = _next(model, nxt, cw, nw)
+    """`continuations` of one prompt."""
+    return continuations(model, [with_ids], [without_ids] if cad else None, tokens, cad, stop_ids)[0]
+
+
+def predict_batch(model, examples: list[Example], cad: float = 0.0) -> list[str]:
+    """The model's answers to examples of one task, run as one batch: an option letter (KRE) or the
+    continuation's first sentence (MemoTrap), with a leading space as the Example's answers have."""
+    tok = model.tokenizer
+    with_ids = [encode(tok, ex.with_context) for ex in examples]
+    without_ids = [encode(tok, ex.without_context) for ex in examples] if cad else None
+    if examples[0].task == "kre":
+        pad = _pad_id(model)
+        logits = _Batch(model, with_ids, pad).logits
         if cad:
-            lo, co, no = _next(model, nxt, co, no)
-    return out
+            logits = (1 + cad) * logits - cad * _Batch(model, without_ids, pad).logits
+        answers = []
+        for ex, row in zip(examples, logits):
+            letters = [answer_token(tok, o, ex.where) for o in ex.options]
+            answers.append(ex.options[int(row[letters].argmax())])
+        return answers
+    eos = set(getattr(model, "eos_ids", ()) or ())
+    rows = continuations(model, with_ids, without_ids, MEMOTRAP_TOKENS, cad, eos)
+    return [" " + tok.decode(r, skip_special_tokens=True).strip().split(".")[0].strip() for r in rows]
 
 
 def predict(model, ex: Example, cad: float = 0.0) -> str:
-    """The model's answer to one example: an option letter (KRE) or the continuation's first sentence
-    (MemoTrap), with a leading space as the Example's answers have."""
-    tok = model.tokenizer
-    with_ids = encode(tok, ex.with_context)
-    without_ids = encode(tok, ex.without_context) if cad else None
-    if ex.task == "kre":
-        letters = [answer_token(tok, o, ex.where) for o in ex.options]
-        lw = _prefill(model, with_ids)[0]
-        logits = (1 + cad) * lw - cad * _prefill(model, without_ids)[0] if cad else lw
-        return ex.options[int(logits[letters].argmax())]
-    eos = set(getattr(model, "eos_ids", ()) or ())
-    text = tok.decode(continuation(model, with_ids, without_ids, MEMOTRAP_TOKENS, cad, eos),
-                      skip_special_tokens=True)
-    return " " + text.strip().split(".")[0].strip()
+    """The model's answer to one example (see `predict_batch`)."""
+    return predict_batch(model, [ex], cad)[0]
 
 
-def context_following(model, examples: list[Example], cad: float = 0.0, progress: bool = True) -> dict:
-    """Accuracy (follows the context) and stubbornness (gives the memorised answer) over `examples`."""
+def context_following(model, examples: list[Example], cad: float = 0.0, progress: bool = True,
+                      batch_size: int = 16) -> dict:
+    """Accuracy (follows the context) and stubbornness (gives the memorised answer) over `examples`,
+    scored `batch_size` examples at a time (left-padded; greedy answers as at batch 1 up to float
+    rounding)."""
     if cad < 0:
         raise ConfigError(f"cad (context-aware decoding's alpha) must be >= 0, got {cad}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     follows = stubborn = 0
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     with torch.inference_mode():
-        for ex in bar(examples, desc="context tasks", unit="example", enabled=progress):
-            answer = predict(model, ex, cad)
-            follows += answer == ex.answer
-            stubborn += answer == ex.memorised
+        for chunk in bar(batches, desc="context tasks", unit="batch", enabled=progress):
+            for ex, answer in zip(chunk, predict_batch(model, chunk, cad)):
+                follows += answer == ex.answer
+                stubborn += answer == ex.memorised
     n = len(examples)
     return {"examples": n, "accuracy": follows / n, "stubbornness": stubborn / n, "cad": cad}
-

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +77,16 @@ class Program:
         strip_runtime_noops(gm)
         return cls(gm, config, traced.cache_layout, tokenizer, name, [], linear_weight_shapes(gm), source,
                    tuple(eos_ids))
+
+    def fork(self) -> "Program":
+        """A Program with its own copy of the graph and history that shares this one's tensors: passes run
+        on the fork replace tensors (they never mutate one in place), so this Program is left as it is.
+        Trace once, fork per pipeline."""
+        with warnings.catch_warnings():  # pytree's deprecation notice, raised while copying node metadata
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        return dataclasses.replace(self, gm=gm, history=list(self.history), linear_shapes=dict(self.linear_shapes),
+                                   cache_layout=list(self.cache_layout))
 
     @property
     def num_layers(self) -> int:

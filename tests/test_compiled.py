@@ -30,6 +30,22 @@ def test_history_survives_save(tiny_models, tmp_path):
     assert loaded.program.history[0].stats["folded"] == 5
 
 
+def test_compiling_a_compiled_model_keeps_history_and_never_retraces(tiny_models, monkeypatch):
+    cm = llmc.compile(tiny_models["llama"], passes=["fold_norm_scales"])
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    before = cm(ids)[0].clone()
+    monkeypatch.setattr(llmc.api, "trace", lambda *a, **k: pytest.fail("traced again"))
+    q = llmc.compile(cm, passes=["rtn_quant:bits=4,group=32"])
+    assert [h.spec for h in q.program.history] == ["fold_norm_scales", "rtn_quant:group=32"]  # bits=4: default
+    torch.testing.assert_close(cm(ids)[0], before, atol=0, rtol=0)  # the given model is unchanged
+    monkeypatch.undo()
+    direct = llmc.compile(tiny_models["llama"], passes=["fold_norm_scales", "rtn_quant:bits=4,group=32"])
+    torch.testing.assert_close(q(ids)[0], direct(ids)[0], atol=1e-6, rtol=1e-6)  # as if compiled in one go
+    assert not torch.allclose(q(ids)[0], before, atol=1e-3)
+    again = llmc.compile(q.program)  # a Program works too
+    torch.testing.assert_close(again(ids)[0], q(ids)[0], atol=0, rtol=0)
+
+
 def test_tied_weights_are_stored_once(tmp_path):
     from llmc.testing import tiny_model
 

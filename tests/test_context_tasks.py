@@ -57,7 +57,8 @@ class Scripted(Model):
 
     def step(self, input_ids, attention_mask, position_ids, past):
         seq = torch.cat([past[0][:, 0, :, 0], input_ids], dim=1)
-        logits = torch.stack([self._next(seq[0, :k + 1].tolist()) for k in range(seq.shape[1])])[None]
+        logits = torch.stack([torch.stack([self._next(row[:k + 1].tolist()) for k in range(seq.shape[1])])
+                              for row in seq])
         return logits[:, -input_ids.shape[1]:], [seq[:, None, :, None]]
 
 
@@ -84,6 +85,23 @@ def test_accuracy_stubbornness_and_cad(files):
     assert context_following(model, memo, progress=False)["accuracy"] == 1.0
     with pytest.raises(Exception, match="cad"):
         context_following(model, kre, cad=-1, progress=False)
+
+
+@pytest.mark.parametrize("cad", [0.0, 0.5])
+def test_batched_scoring_equals_batch_one(tiny_compiled, cad):
+    """Left-padded batches give a real model's batch-1 last-position logits and greedy continuations."""
+    from llmc.context_tasks import _Batch, continuations
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    without = [p[2:] for p in prompts]
+    batched = _Batch(tiny_compiled, prompts, 0).logits
+    for row, p in zip(batched, prompts):
+        torch.testing.assert_close(row, _Batch(tiny_compiled, [p], 0).logits[0], atol=1e-4, rtol=1e-4)
+    rows = continuations(tiny_compiled, prompts, without if cad else None, 8, cad)
+    assert rows == [continuations(tiny_compiled, [p], [w] if cad else None, 8, cad)[0]
+                    for p, w in zip(prompts, without)]
+
 
 
 def test_cli_on_a_compiled_model(hf_folder, files, capsys):

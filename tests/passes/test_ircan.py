@@ -210,6 +210,23 @@ def test_pass_mines_caches_and_writes_neurons(tiny_models, tmp_path, monkeypatch
         assert torch.equal(w, cm3.program.gm.state_dict()[name]), name
 
 
+def test_random_neuron_control(tiny_models, tmp_path):
+    from llmc.passes.ircan import random_neurons
+
+    hf = tiny_models["llama"]
+    draws = [random_neurons(2, 128, 6, seed) for seed in (0, 0, 1)]
+    assert draws[0] == draws[1] != draws[2] and len(set(draws[0])) == 6
+    assert all(0 <= l < 2 and 0 <= n < 128 for l, n in draws[0])
+    neurons = _neurons_file(tmp_path / "n.json", [(0, 1), (1, 2)])
+    cm = llmc.compile(hf, passes=[f"ircan:neurons={neurons},h=6,beta=2,random=1"], tokenizer=tiny_tokenizer(),
+                      progress=False)
+    stats = cm.program.history[-1].stats
+    assert stats["random"] == 1 and stats["selected"] == [list(s) for s in draws[2]]
+    for layer, neuron in draws[2]:
+        w1 = getattr(cm.program.gm.model.layers, str(layer)).mlp.down_proj.weight
+        torch.testing.assert_close(w1[:, neuron], 2 * hf.model.layers[layer].mlp.down_proj.weight[:, neuron])
+
+
 def test_beta_one_is_a_no_op(tiny_models, tmp_path):
     hf = tiny_models["llama"]
     for p in (IRCAN(neurons=_neurons_file(tmp_path / "n.json", [(0, 1), (1, 2)]), h=2, beta=1.0),
@@ -222,11 +239,50 @@ def test_beta_one_is_a_no_op(tiny_models, tmp_path):
                                hf.model.layers[layer].mlp.down_proj.weight)
 
 
+def test_grid_search_scores_each_setting_on_the_reweighted_model(tiny_models, tmp_path, monkeypatch):
+    """Without h and beta the pass scores every grid setting on the data and keeps the best; each setting is
+    scored on the model that setting gives (checked against compiling it explicitly), and the source
+    model is never touched."""
+    import llmc.passes.ircan as ircan_pass
+
+    hf = tiny_models["llama"]
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    ids = torch.tensor([WITH])
+    S = ids.shape[1]
+    inputs = (ids, torch.ones(1, S, dtype=torch.long), torch.arange(S)[None])
+    seen, table = [], {(1, 0.0): 0.2, (1, 3.0): 0.4, (2, 0.0): 0.1, (2, 3.0): 0.4}
+
+    def fake_score(model, examples, progress=True):
+        seen.append(model.step(*inputs, model.empty_cache(1))[0])
+        h, beta = [(h, b) for h in (1, 2) for b in (0.0, 3.0)][len(seen) - 1]
+        assert len(examples) == 2  # grid_samples
+        return {"accuracy": table[(h, beta)], "stubbornness": 0.5 if h == 1 else 0.25}
+
+    monkeypatch.setattr(ircan_pass, "context_following", fake_score)
+    dump = tmp_path / "dump"
+    p = IRCAN(data=_memotrap_file(tmp_path), samples=2, steps=2, grid_h=(2, 1), grid_beta=(3.0, 0.0), grid_samples=2)
+    cm = llmc.compile(hf, passes=[p], tokenizer=tiny_tokenizer(), progress=False, dump_dir=str(dump))
+    stats = cm.program.history[-1].stats
+    assert stats["h"] == 2 and stats["beta"] == 3.0  # accuracy ties at 0.4: lower stubbornness wins
+    doc = read_neurons(stats["neurons_file"])
+    assert [(r["h"], r["beta"], r["accuracy"]) for r in doc["grid"]["rows"]] == [
+        (h, b, table[(h, b)]) for h in (1, 2) for b in (0.0, 3.0)]
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for (h, beta), logits in zip([(h, b) for h in (1, 2) for b in (0.0, 3.0)], seen):
+        ref = llmc.compile(hf, passes=[IRCAN(neurons=stats["neurons_file"], h=h, beta=beta)],
+                           tokenizer=tiny_tokenizer(), progress=False)
+        torch.testing.assert_close(logits, ref(*inputs)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cm(*inputs)[0], seen[-1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("ircan:h=3,beta=2", "needs examples"),
     ("ircan:task=memotrap,data=x.jsonl,h=3,beta=2", "only one of"),
     ("ircan:task=ecare,h=3,beta=2", "one of memotrap, cose"),
-    ("ircan:task=memotrap", "h= and beta="),
+    ("ircan:task=memotrap,grid_h=0+2", "ircan.grid_h lists"),
+    ("ircan:task=memotrap,grid_beta=2+-1", "ircan.grid_beta lists"),
+    ("ircan:task=memotrap,grid_samples=-1", "ircan.grid_samples"),
     ("ircan:task=memotrap,h=0,beta=2", "ircan.h must be an integer >= 1"),
     ("ircan:task=memotrap,h=3,beta=-1", "a number >= 0"),
     ("ircan:task=memotrap,h=3,beta=nan", "a number >= 0"),

@@ -9,20 +9,26 @@ later pass and the export. See docs/passes/ircan.md.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from llmc.calibration import fingerprint, load_checkpoint, save_checkpoint
-from llmc.context_tasks import TASKS, Example, answer_token, encode, load_examples, task_file
+from llmc.compiled import CompiledModel
+from llmc.context_tasks import TASKS, Example, answer_token, context_following, encode, load_examples, task_file
 from llmc.errors import ConfigError, DataError, PassError
 from llmc.fsutil import atomic_file
-from llmc.graph import get_attr_tensor, graph_digest
+from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, set_attr_tensor
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
 
@@ -60,6 +66,13 @@ class IRCAN(Pass):
     ig: str = _opt("plain (the paper's IG) | alpha (the reference code's alpha-weighted sum)", "plain")
     top: int = _opt("neurons kept per example (highest scores)", 20)
     ratio: float = _opt("per example, keep scores >= ratio x its maximum", 0.1)
+    grid_h: tuple[int, ...] = _opt("h values the grid search on the data tries when h is not given (e.g. 2+4+8+14)",
+                                   (2, 4, 8, 14))
+    grid_beta: tuple[float, ...] = _opt("beta values the grid search tries when beta is not given (e.g. 2+3+5+8+12)",
+                                        (2.0, 3.0, 5.0, 8.0, 12.0))
+    grid_samples: int = _opt("examples of the file each grid setting is scored on (the first ones); 0: all", 200)
+    random: int | None = _opt("the random-neuron control: reweight h neurons drawn uniformly over all layers, "
+                              "seeded by this, instead of the most context-aware ones")
     checkpoint_dir: str | None = _opt("folder caching each example's attribution (default: DUMP_DIR/ircan)")
     neurons_out: str | None = _opt("where to write the neurons JSON (default: DUMP_DIR/ircan_neurons.json)")
 
@@ -80,15 +93,19 @@ class IRCAN(Pass):
             path = getattr(self, key)
             if path is not None and not os.path.isfile(os.path.expanduser(path)):
                 raise ConfigError(f"ircan.{key}: no such file: {path}")
-        if self.neurons is None and (self.h is None or self.beta is None):
-            raise ConfigError("ircan needs h= and beta= (the grid search of h and beta on dev is not implemented "
-                              "yet), e.g. ircan:task=memotrap,h=14,beta=3")
         _check_int("h", self.h, 1, allow_none=True)
         _check_int("samples", self.samples, 0)
+        _check_int("grid_samples", self.grid_samples, 0)
+        _check_int("random", self.random, 0, allow_none=True)
+        if not self.grid_h or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.grid_h):
+            raise ConfigError(f"ircan.grid_h lists the h values to try, integers >= 1 joined by '+' (e.g. 2+4+8), "
+                              f"got {self.grid_h!r}")
+        if not self.grid_beta or not all(_is_beta(b) for b in self.grid_beta):
+            raise ConfigError(f"ircan.grid_beta lists the beta values to try, numbers >= 0 joined by '+' (e.g. "
+                              f"2+3+5), got {self.grid_beta!r}")
         _check_int("steps", self.steps, 1)
         _check_int("top", self.top, 1)
-        if self.beta is not None and (not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool)
-                                      or not math.isfinite(self.beta) or self.beta < 0):
+        if self.beta is not None and not _is_beta(self.beta):
             raise ConfigError(f"ircan.beta is the factor of the selected down_proj columns, a number >= 0 (0 erases "
                               f"the neurons, 1 changes nothing), got {self.beta!r}")
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
@@ -109,18 +126,26 @@ class IRCAN(Pass):
             h = self.h if self.h is not None else doc.get("h")
             beta = self.beta if self.beta is not None else doc.get("beta")
             if h is None or beta is None:
-                raise ConfigError(f"ircan: {self.neurons} holds no h/beta; pass h= and beta=")
+                raise ConfigError(f"ircan: {self.neurons} holds no h/beta; pass h= and beta= (or mine again with "
+                                  "data= or task= to grid-search them)")
             IRCAN(neurons=self.neurons, h=h, beta=beta)  # the file's values pass the same checks as options
             ranking, out_path = doc["ranking"], None
             source = {"neurons": os.path.abspath(os.path.expanduser(self.neurons))}
         else:
-            h, beta = self.h, self.beta
             doc = self._mine(gm, ctx, program)
             ranking = doc["ranking"]
+            h, beta = self.h, self.beta
+            if h is None or beta is None:
+                h, beta, doc["grid"] = self._grid_search(gm, ctx, program, linears, ranking, doc["data"])
             doc.update(h=h, beta=beta)
             out_path = self._write(doc, ctx)
             source = {"data": doc["data"], "examples": len(doc["examples"])}
+            if "grid" in doc:
+                source["grid"] = {"examples": doc["grid"]["examples"], "best": [h, beta]}
         selected = [(int(r["layer"]), int(r["neuron"])) for r in ranking[:h]]
+        if self.random is not None:
+            width = get_attr_tensor(gm, linears[0].args[1]).shape[1]
+            selected = random_neurons(len(linears), width, h, self.random)
         where = self.neurons or "the mined ranking"
         for layer, neuron in selected:
             if layer >= len(linears):
@@ -134,6 +159,8 @@ class IRCAN(Pass):
         changed = reweight(gm, linears, selected, float(beta)) if modified else {}
         if modified:
             gm.recompile()
+        if self.random is not None:
+            source["random"] = self.random
         stats = {**source, "h": h, "beta": beta, "selected": [list(s) for s in selected],
                  "layers": sorted({s[0] for s in selected}), "weights": sorted(changed),
                  "neurons_file": out_path}
@@ -172,6 +199,30 @@ class IRCAN(Pass):
                 "steps": self.steps, "ig": self.ig, "top": self.top, "ratio": self.ratio,
                 "ranking": rank_neurons(kept), "examples": rows}
 
+    def _grid_search(self, gm, ctx, program, linears, ranking, path) -> tuple[int, float, dict]:
+        """The (h, beta) with the best accuracy on the first `grid_samples` examples of the file (ties: lower
+        stubbornness, then smaller h, then smaller beta), trying `grid_h` x `grid_beta` where not given."""
+        hs = (self.h,) if self.h is not None else tuple(sorted(set(self.grid_h)))
+        betas = (self.beta,) if self.beta is not None else tuple(sorted(set(float(b) for b in self.grid_beta)))
+        examples = load_examples(path)
+        if self.grid_samples:
+            examples = examples[:self.grid_samples]
+        model = _scratch_model(gm, program)
+        weights = {layer: attr_tensor(model.program.gm, linears[layer].args[1].target)
+                   for layer in {int(r["layer"]) for r in ranking[:max(hs)]}}
+        rows = []
+        settings = [(h, b) for h in hs for b in betas]
+        for h, beta in bar(settings, desc="ircan grid search", unit="setting", enabled=ctx.progress):
+            selected = [(int(r["layer"]), int(r["neuron"])) for r in ranking[:h]]
+            with _scaled(weights, selected, beta):
+                score = context_following(model, examples, progress=False)
+            rows.append({"h": h, "beta": beta, "accuracy": score["accuracy"], "stubbornness": score["stubbornness"]})
+            log(f"ircan grid: h={h} beta={beta:g}: accuracy {score['accuracy']:.3f} "
+                f"stubbornness {score['stubbornness']:.3f}")
+        best = min(rows, key=lambda r: (-r["accuracy"], r["stubbornness"], r["h"], r["beta"]))
+        log(f"ircan grid: chose h={best['h']} beta={best['beta']:g} ({len(examples)} examples of {path})")
+        return best["h"], best["beta"], {"examples": len(examples), "rows": rows}
+
     def _attribute(self, attributor, cache, model_fp, with_ids, without_ids, target) -> Attribution:
         if not cache:
             return attributor(with_ids, without_ids, target)
@@ -194,6 +245,47 @@ class IRCAN(Pass):
             json.dump(doc, fh, indent=1)
         log(f"ircan: neurons written to {path}")
         return path
+
+
+def random_neurons(layers: int, width: int, h: int, seed: int) -> list[tuple[int, int]]:
+    """h distinct (layer, neuron) pairs drawn uniformly from layers x width (the paper's ERN control)."""
+    if h > layers * width:
+        raise ConfigError(f"ircan: h={h} is more than the model's {layers * width} neurons")
+    flat = torch.randperm(layers * width, generator=torch.Generator().manual_seed(seed))[:h]
+    return sorted((int(i) // width, int(i) % width) for i in flat)
+
+
+def _is_beta(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _scratch_model(gm: fx.GraphModule, program) -> CompiledModel:
+    """A torch runtime over a copy of `gm` whose down_proj weights are its own copies, so scaling them in
+    place never touches `gm` (get them from `model.program.gm` after this: the runner re-stores them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        copy_gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for node in down_proj_linears(copy_gm):
+        name = node.args[1].target
+        set_attr_tensor(copy_gm, name, attr_tensor(copy_gm, name).detach().clone())
+    return CompiledModel(dataclasses.replace(program, gm=copy_gm, history=[]))
+
+
+@contextlib.contextmanager
+def _scaled(weights: dict, selected: list[tuple[int, int]], beta: float):
+    """Scale the selected columns of the scratch model's down_proj weights in place, and restore them."""
+    saved = {}
+    with torch.no_grad():
+        for layer, neuron in selected:
+            w = weights[layer]
+            saved[(layer, neuron)] = w[:, neuron].clone()
+            w[:, neuron] *= beta
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (layer, neuron), col in saved.items():
+                weights[layer][:, neuron] = col
 
 
 def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:

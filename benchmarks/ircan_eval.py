@@ -1,0 +1,132 @@
+"""IRCAN on SmolLM2-135M: h and beta chosen by the pass's grid search on dev, then accuracy and stubbornness
+on the MemoTrap / COSE_KRE test files for the FP model, CAD, IRCAN, IRCAN + CAD and the random-neuron
+control (same h and beta, `--seeds` seeds), and the IRCAN model's ppl-512x40.
+
+    python -m benchmarks.ircan_eval [--tasks memotrap cose] [--samples 100] [--seeds 10] [--threads 1]
+
+(from the repository root). Neurons are mined on the first `--samples` dev examples (attribution cached
+in `--cache`, so an interrupted run resumes), h/beta are searched on the first `--grid-samples` dev
+examples, everything else is measured on test. Rows already in benchmarks/results/ircan_eval.json
+are kept and skipped (resumable); `--fresh` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import time
+
+import torch
+
+import llmc
+from benchmarks.common import load_rows, write_result
+from llmc.context_tasks import context_following, load_examples, task_file
+
+NAME = "ircan_eval"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=["memotrap", "cose"])
+    ap.add_argument("--samples", type=int, default=100, help="dev examples to mine neurons on")
+    ap.add_argument("--grid-samples", type=int, default=200, help="dev examples each grid setting is scored on")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds of the random-neuron control")
+    ap.add_argument("--cad", type=float, default=0.5, help="context-aware decoding alpha of the CAD rows")
+    ap.add_argument("--ig", default="plain", choices=["plain", "alpha"])
+    ap.add_argument("--cache", default=os.path.join("benchmarks", "cache", "ircan"),
+                    help="attribution cache (resumable mining)")
+    ap.add_argument("--limit", type=int, default=0, help="the first N test examples only (0: all)")
+    ap.add_argument("--no-ppl", action="store_true", help="skip the ppl-512x40 of the IRCAN models")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = [] if args.fresh else load_rows(NAME)
+    have = {r["row"] for r in rows}
+    src = llmc.load_model("smollm2-135m", traceable=True)
+    traced = llmc.to_program(src)  # traced once; every model below is compiled from a fork of it
+    digests = []
+
+    def save() -> None:
+        write_result(NAME, rows, model="smollm2-135m", model_sha256=src.fingerprint, data_sha256=" ".join(digests))
+
+    def measure(row: str, model, examples, cad: float, **extra) -> dict:
+        if row in have:
+            return next(r for r in rows if r["row"] == row)
+        t0 = time.perf_counter()
+        result = context_following(model, examples, cad=cad)
+        rows.append({"row": row, **extra, **result, "seconds": round(time.perf_counter() - t0, 1),
+                     "threads": args.threads})
+        have.add(row)
+        print(rows[-1], flush=True)
+        save()
+        return rows[-1]
+
+    for task in args.tasks:
+        test = task_file(task, "test")
+        dev = task_file(task, "dev")
+        digests += [hashlib.sha256(p.read_bytes()).hexdigest() for p in (dev, test)]
+        examples = load_examples(test)[: args.limit or None]
+        base = {"task": task, "data": test.name, "ig": args.ig}
+
+        fp = llmc.compile(traced, progress=False)
+        measure(f"{task}:FP", fp, examples, 0.0, method="FP", **base)
+        measure(f"{task}:CAD", fp, examples, args.cad, method="CAD", **base)
+        del fp
+
+        neurons = os.path.join(args.cache, f"{task}-{args.ig}-{args.samples}-neurons.json")
+        spec = (f"ircan:task={task},samples={args.samples},ig={args.ig},grid_samples={args.grid_samples},"
+                f"checkpoint_dir={args.cache},neurons_out={neurons}")
+        t0 = time.perf_counter()
+        ircan = llmc.compile(traced, passes=[spec], progress=True)
+        stats = ircan.program.history[-1].stats
+        h, beta = stats["h"], stats["beta"]
+        grid_row = f"{task}:grid"
+        if grid_row not in have:
+            from llmc.passes.ircan import read_neurons  # the pass's own reader of its neurons file
+
+            doc = read_neurons(neurons)
+            rows.append({"row": grid_row, "method": "grid", **base, "data": dev.name, "mined": args.samples,
+                         "h": h, "beta": beta, "grid_examples": doc["grid"]["examples"], "grid": doc["grid"]["rows"],
+                         "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads})
+            have.add(grid_row)
+            save()
+        knobs = {"h": h, "beta": beta, "mined": args.samples}
+        measure(f"{task}:IRCAN", ircan, examples, 0.0, method="IRCAN", **base, **knobs)
+        measure(f"{task}:IRCAN+CAD", ircan, examples, args.cad, method="IRCAN+CAD", **base, **knobs)
+        ppl_row = f"{task}:IRCAN:ppl"
+        if not args.no_ppl and ppl_row not in have:
+            t0 = time.perf_counter()
+            ppl = ircan.perplexity("wikitext2-test", "ppl-512x40").ppl
+            rows.append({"row": ppl_row, "method": "IRCAN", **base, **knobs, "ppl-512x40": ppl,
+                         "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads})
+            have.add(ppl_row)
+            print(rows[-1], flush=True)
+            save()
+        del ircan
+
+        control = []
+        for seed in range(args.seeds):
+            row = f"{task}:random:{seed}"
+            if row not in have:
+                model = llmc.compile(traced, passes=[f"ircan:neurons={neurons},random={seed}"], progress=False)
+            else:
+                model = None
+            control.append(measure(row, model, examples, 0.0, method="random", seed=seed, **base, **knobs))
+        summary = f"{task}:random"
+        acc = [r["accuracy"] for r in control]
+        stub = [r["stubbornness"] for r in control]
+        rows[:] = [r for r in rows if r["row"] != summary]
+        rows.append({"row": summary, "method": "random (mean ± std)", **base, **knobs, "seeds": len(control),
+                     "accuracy": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "stubbornness": statistics.mean(stub),
+                     "stubbornness_std": statistics.stdev(stub) if len(stub) > 1 else 0.0})
+        save()
+    print(os.path.join("benchmarks", "results", f"{NAME}.json"))
+
+
+if __name__ == "__main__":
+    main()
