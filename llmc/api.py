@@ -34,6 +34,10 @@ def _source(model, tokenizer=None) -> SourceModel:
         return model
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        if tokenizer is None and name and os.path.isdir(name):  # from_pretrained(folder): its tokenizer is there
+            from llmc.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(name)
         return SourceModel(model, tokenizer, name, "")
     raise ConfigError(f"cannot compile a {type(model).__name__}: pass a model spec, llmc.load_model(...) "
                       "or a Hugging Face causal LM")
@@ -66,6 +70,8 @@ def compile(model, passes: typing.Sequence = (), *, calibration=None, tokenizer=
     by default the source model itself.
     The pipeline order, the backend and its options are checked before anything is loaded or traced.
     """
+    if isinstance(passes, str) or not isinstance(passes, typing.Iterable):  # one spec or one Pass
+        passes = [passes]
     target = get_backend(backend)
     options = target.options(backend_options)
     if backend != "torch" and out is None:

@@ -13,7 +13,7 @@ import torch
 
 from llmc.backend import Backend
 from llmc.errors import ArtifactError
-from llmc.fsutil import atomic_folder
+from llmc.fsutil import atomic_folder, verify_folder
 from llmc.graph import strip_runtime_noops
 from llmc.model import Model
 from llmc.models import sha256_file as _sha256
@@ -77,6 +77,15 @@ class CompiledModel(Model):
         return self._runner.step_last(input_ids, attention_mask, position_ids, past)
 
     # -- reporting -------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        p = self.program
+        passes = ", ".join(h.spec for h in p.history) or "none"
+        size = p.size_report()
+        bits = size.get("decoder_linear_bits_per_param")
+        return (f"<CompiledModel {p.name!r} ({getattr(p.config, 'model_type', '?')}, {p.num_layers} layers), passes: "
+                f"{passes}; {size['total_bytes'] / 1e6:.1f} MB of weights"
+                + (f", {bits:.2f} bits/param over decoder linears" if bits is not None else "") + ">")
+
     def report(self) -> dict:
         """Name, source, pass history, cache layout, op histogram and size report."""
         from llmc.graph import count_ops
@@ -202,7 +211,8 @@ def load(directory: str) -> CompiledModel:
     if saved_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
         raise ArtifactError(f"{directory} was saved with torch {saved_torch}, this is torch {torch.__version__}: "
                             "exported graphs are not portable across torch releases; recompile it")
-    for name, digest in manifest.get("files", {}).items():
+    verified = verify_folder(directory) is not None  # every file; older folders: the manifest's own list
+    for name, digest in ({} if verified else manifest.get("files", {})).items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise ArtifactError(f"{directory} is incomplete: {name} is missing; recompile the model")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from llmc.data import data_dirs
-from llmc.errors import ConfigError, DataError
+from llmc.errors import ConfigError, DataError, check_finite
 from llmc.generation import left_pad, position_ids_from_mask
 from llmc.progress import bar
 
@@ -227,12 +227,14 @@ class _Batch:
         self.model, self.pos = model, position_ids_from_mask(self.mask)
         logits, self.cache = model.prefill_step(ids, self.mask, self.pos, model.empty_cache(len(prompts)))
         self.logits = logits[:, -1].float()
+        check_finite(self.logits, "the prompts' last position")
 
     def advance(self, tokens: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.pos = self.pos[:, -1:] + 1
         logits, self.cache = self.model.step(tokens[:, None], self.mask, self.pos, self.cache)
         self.logits = logits[:, -1].float()
+        check_finite(self.logits, "a decode step")
 
 
 def continuations(model, with_ids: list[list[int]], without_ids: list[list[int]] | None, tokens: int,

@@ -51,6 +51,19 @@ class ParityError(LlmcError):
     """A lowered artifact disagrees with the torch program."""
 
 
+class NumericalError(LlmcError):
+    """A model produced NaN or infinite logits (corrupt weights, or a pass that broke the model)."""
+
+
+def check_finite(logits, where: str) -> None:
+    """Raise NumericalError when `logits` (a torch tensor) hold a NaN or an infinity."""
+    import torch
+
+    if not bool(torch.isfinite(logits).all()):
+        raise NumericalError(f"the model produced NaN or infinite logits ({where}): its weights may be corrupt "
+                             "(check the folder with `llmc verify DIR`) or a pass broke the model")
+
+
 class ArtifactError(LlmcError):
     """A saved folder is missing, corrupt, or was written by an incompatible version."""
 

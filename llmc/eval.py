@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmc.errors import ConfigError
+from llmc.errors import ConfigError, NumericalError, check_finite
 from llmc.progress import bar
 
 PROTOCOL_RE = re.compile(r"^ppl-(\d+)x(\d+)(-kv)?$")
@@ -138,7 +138,11 @@ def perplexity(model, token_ids: torch.Tensor, protocol: str | Protocol = "ppl-5
                 # logits at position t predict token t+1; the window's last logit predicts nothing
                 targets = ids[:, start + 1:start + n + 1]
                 lg = logits[:, : targets.shape[1]].float()
-                nll += float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="sum"))
+                loss = float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="sum"))
+                if not math.isfinite(loss):
+                    check_finite(lg, f"perplexity, tokens {start}..{start + n} of a window")
+                    raise NumericalError(f"the loss is {loss} at tokens {start}..{start + n} of a window")
+                nll += loss
                 count += targets.numel()
                 start += n
             pbar.update(ids.shape[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,12 +12,24 @@ import tempfile
 from llmc.errors import ArtifactError
 
 
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "llmc-checksums/1"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_folder(directory: str, overwrite: bool = False, error=ArtifactError):
+def atomic_folder(directory: str, overwrite: bool = False, error=ArtifactError, checksums: bool = True):
     """Yield a temporary sibling of `directory` to write into; rename it into place on success.
 
     An existing `directory` is refused (raising `error`) unless `overwrite`; on any exception the
-    temporary folder is removed and `directory` is left as it was.
+    temporary folder is removed and `directory` is left as it was. With `checksums`, the size and
+    sha256 of every file written are recorded in `checksums.json` before the rename (`verify_folder`).
+    The folder gets the permissions the umask gives a new folder (not the private ones of a temporary).
     """
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
@@ -26,13 +39,78 @@ def atomic_folder(directory: str, overwrite: bool = False, error=ArtifactError):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        if checksums:
+            write_checksums(tmp)
         if os.path.exists(directory):
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != CHECKSUMS:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_checksums(folder: str) -> None:
+    """Record the size and sha256 of every file under `folder` in `folder/checksums.json`."""
+    files = {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)), "sha256": file_sha256(os.path.join(folder, rel))}
+             for rel in _files(folder)}
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        json.dump({"format": CHECKSUMS_FORMAT, "files": files}, f, indent=1)
+
+
+def verify_folder(folder: str, required: bool = False) -> int | None:
+    """Check every file listed in `folder/checksums.json`: present, of its size, of its sha256.
+
+    Returns how many files were checked, or None when the folder has no checksums.json (written before
+    llmc recorded them) and not `required`. A missing, truncated or altered file is an ArtifactError
+    naming the file and saying to write the folder again.
+    """
+    folder = os.path.abspath(folder)
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+        if required:
+            raise ArtifactError(f"{folder} has no {CHECKSUMS}: it was not written by this llmc (or before llmc "
+                                "recorded checksums); its files cannot be verified. Compile or export it again")
+        return None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        files = doc["files"]
+        if doc.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {doc.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path} is corrupt ({e}); compile or export the model again") from None
+    for rel, want in files.items():
+        f = os.path.join(folder, rel)
+        if not os.path.isfile(f):
+            raise ArtifactError(f"{folder} is incomplete: {rel} is missing; compile or export the model again")
+        size = os.path.getsize(f)
+        if size != want["bytes"]:
+            raise ArtifactError(f"{folder} is corrupt: {rel} is {size} bytes, {want['bytes']} were written "
+                                f"({'truncated' if size < want['bytes'] else 'grown'}); compile or export the model again")
+        if file_sha256(f) != want["sha256"]:
+            raise ArtifactError(f"{folder} is corrupt: {rel} does not match the checksum written with it; compile "
+                                "or export the model again")
+    return len(files)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from llmc.calibration.checkpoint import load_checkpoint, save_checkpoint
-from llmc.errors import ConfigError
+from llmc.errors import ConfigError, check_finite
 from llmc.progress import bar
 
 
@@ -95,6 +95,7 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
         logits, cache = (prefill_step or step)(ids, mask, pos, empty_cache(batch))
         for t in range(cfg.max_new_tokens):
             last = logits[:, -1, :].float()
+            check_finite(last, f"generating token {t + 1}")
             if cfg.do_sample:
                 probs = _filter_logits(last, cfg).softmax(-1)
                 nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)

@@ -69,6 +69,12 @@ class Model:
             position_ids = torch.arange(past_len, past_len + S).expand(B, S)
         return self.step(input_ids, attention_mask, position_ids, past)
 
+    def __repr__(self) -> str:
+        layout = getattr(self, "cache_layout", None) or []
+        where = f" {self.folder}" if getattr(self, "folder", None) else ""
+        return (f"<{type(self).__name__}{where}: {len(layout)} cache tensors, "
+                f"tokenizer {'loaded' if self.tokenizer is not None else 'none'}>")
+
     def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
         """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""
         ids = set() if ignore_eos else set(self.eos_ids)
@@ -98,6 +104,10 @@ class Model:
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
+        if self.tokenizer is None and (return_tokens is False or any(isinstance(p, str) for p in batch)):
+            raise ConfigError("this model has no tokenizer, so it cannot encode or decode text: pass tokenizer= to "
+                              "llmc.compile (e.g. AutoTokenizer.from_pretrained(...)), or give token ids and "
+                              "return_tokens=True")
         token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
         pad = getattr(self.tokenizer, "pad_token_id", None)
         if pad is None:

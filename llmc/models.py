@@ -6,8 +6,10 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import sysconfig
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +75,12 @@ def find_builtin_gguf(name: str) -> str:
         f"(a wheel holding {info['gguf']}), or pass a local model folder or .gguf file instead")
 
 
-def _load_hf_folder(path: str, gguf_file: str | None = None):
+def _load_hf_folder(path: str, gguf_file: str | None = None, local_files_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if local_files_only:
+        kw["local_files_only"] = True
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     return model.eval(), tokenizer
@@ -174,13 +178,42 @@ def _check_folder_architecture(path: str) -> None:
     check_architecture(types.SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
 
 
-def _load_hub(repo_id: str) -> SourceModel:
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) accepts a TCP connection within `timeout` seconds, and
+    offline mode (HF_HUB_OFFLINE) is off. Checked before a hub id is fetched, so that an offline machine
+    fails at once instead of spending its time in retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        model, tok = _load_hf_folder(repo_id)
-    except OSError as e:  # offline: transformers raises OSError (connection, not found, gated)
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+_OFFLINE = ("'{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached (offline mode, or no "
+            "network): download the model elsewhere and pass its local folder")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+    return os.path.isdir(os.path.join(cache, "models--" + repo_id.replace("/", "--")))
+
+
+def _load_hub(repo_id: str) -> SourceModel:
+    online = hub_reachable()
+    if not online and not _hub_cached(repo_id):  # fail before transformers is even imported
+        raise ModelLoadError(_OFFLINE.format(repo_id=repo_id))
+    try:
+        model, tok = _load_hf_folder(repo_id, local_files_only=not online)
+    except OSError as e:  # transformers raises OSError (connection, not found, gated, not cached)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({first}); if this machine "
-                             "is offline, download the model elsewhere and pass its local folder") from e
+        if not online:
+            raise ModelLoadError(_OFFLINE.format(repo_id=repo_id)) from e
+        raise ModelLoadError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({first}); check the name, or "
+                             "download the model elsewhere and pass its local folder") from e
     except Exception as e:
         raise ModelLoadError(f"cannot load hub model '{repo_id}': {type(e).__name__}: {e}") from e
     return SourceModel(model, tok, repo_id, f"hub:{repo_id}")

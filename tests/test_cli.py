@@ -96,7 +96,7 @@ def test_corrupt_folder_is_one_line(compiled_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(compiled_dir, bad)
     (bad / "weights.safetensors").write_bytes(b"garbage")
-    _one_line_error(capsys, ["generate", str(bad), "hi"], 1, "corrupt")
+    _one_line_error(capsys, ["generate", str(bad), "hi"], 2, "corrupt")  # a bad folder is bad input
 
 
 def test_usage_errors_exit_2(capsys):

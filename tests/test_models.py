@@ -45,7 +45,7 @@ def test_compiled_folder_points_to_llmc_load(tiny_compiled, tmp_path):
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="cannot fetch 'someorg/somemodel'.*local folder"):
+    with pytest.raises(ModelLoadError, match="'someorg/somemodel' is not in the local Hugging Face cache.*local folder"):
         llmc.load_model("someorg/somemodel")
 
 

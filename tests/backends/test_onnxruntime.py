@@ -36,7 +36,8 @@ def test_folder_contents_and_io_names(tiny_compiled, tmp_path):
 
     out = lower(tiny_compiled.program, tmp_path / "m")
     assert sorted(os.listdir(out)) == sorted(["model.onnx", "model.onnx.data", "model_prefill.onnx", "config.json",
-                                              "genai_config.json", "llmc_onnx.json", "llmc_byte_tokenizer.json"])
+                                              "genai_config.json", "llmc_onnx.json", "llmc_byte_tokenizer.json",
+                                              "checksums.json"])
     model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]

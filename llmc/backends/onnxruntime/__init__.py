@@ -7,8 +7,14 @@
 `lower`, `unsupported_ops` and `TRANSLATIONS` import the exporter (onnx, onnxscript) on first use.
 """
 
+import logging
+
 from llmc.backends.onnxruntime.backend import OnnxRuntimeBackend, OnnxRuntimeOptions
 from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel, is_onnx_folder
+
+# torch's ONNX exporter logs "torchvision is not installed. Skipping ..." for each torchvision op it could
+# register; llmc graphs never contain one, so the line says nothing to a user.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 _LAZY = {"lower": "export", "unsupported_ops": "export", "check_parity": "export", "TRANSLATIONS": "translations"}
 

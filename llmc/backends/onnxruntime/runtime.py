@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from llmc.errors import ArtifactError
+from llmc.fsutil import verify_folder
 from llmc.model import Model
 from llmc.trace import INPUT_NAMES, CacheTensor
 
@@ -44,6 +45,7 @@ class OrtModel(Model):
         for name in (self.manifest.get("model_file", "model.onnx"), self.manifest.get("data_file", "model.onnx.data")):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise ArtifactError(f"{folder} is incomplete: {name} is missing; export the model again")
+        verify_folder(folder)  # sizes and sha256 of every file, when the export recorded them
         self._threads = threads
         self._library = None
         if self.manifest.get("custom_ops_library"):  # llmc's custom ops (llmc.backends.onnxruntime.custom_ops)
