@@ -7,7 +7,8 @@ control (same h and beta, `--seeds` seeds), and the IRCAN model's ppl-512x40.
 (from the repository root). Neurons are mined on the first `--samples` dev examples (attribution cached
 in `--cache`, so an interrupted run resumes), h/beta are searched on the first `--grid-samples` dev
 examples, everything else is measured on test. Rows already in benchmarks/results/ircan_eval.json
-are kept and skipped (resumable); `--fresh` starts over.
+are kept and skipped (resumable; runs of different tasks may share the file); `--fresh` measures every
+row again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["memotrap", "cose"])
     ap.add_argument("--samples", type=int, default=100, help="dev examples to mine neurons on")
     ap.add_argument("--grid-samples", type=int, default=200, help="dev examples each grid setting is scored on")
+    ap.add_argument("--grid-h", default="2+4+8+14", help="h values of the grid search ('+'-separated)")
+    ap.add_argument("--grid-beta", default="2+3+5+8+12", help="beta values of the grid search ('+'-separated)")
     ap.add_argument("--seeds", type=int, default=10, help="seeds of the random-neuron control")
     ap.add_argument("--cad", type=float, default=0.5, help="context-aware decoding alpha of the CAD rows")
     ap.add_argument("--ig", default="plain", choices=["plain", "alpha"])
@@ -48,10 +51,14 @@ def main() -> None:
     have = {r["row"] for r in rows}
     src = llmc.load_model("smollm2-135m", traceable=True)
     traced = llmc.to_program(src)  # traced once; every model below is compiled from a fork of it
-    digests = []
+    digests = [hashlib.sha256(task_file(t, split).read_bytes()).hexdigest()  # every file a row may come from
+               for t in ("memotrap", "cose") for split in ("dev", "test")]
 
-    def save() -> None:
-        write_result(NAME, rows, model="smollm2-135m", model_sha256=src.fingerprint, data_sha256=" ".join(digests))
+    def save() -> None:  # merged with the file's rows, so runs of different tasks can share it
+        merged = {r["row"]: r for r in load_rows(NAME)}
+        merged.update({r["row"]: r for r in rows})
+        write_result(NAME, list(merged.values()), model="smollm2-135m", model_sha256=src.fingerprint,
+                     data_sha256=" ".join(digests))
 
     def measure(row: str, model, examples, cad: float, **extra) -> dict:
         if row in have:
@@ -68,18 +75,12 @@ def main() -> None:
     for task in args.tasks:
         test = task_file(task, "test")
         dev = task_file(task, "dev")
-        digests += [hashlib.sha256(p.read_bytes()).hexdigest() for p in (dev, test)]
         examples = load_examples(test)[: args.limit or None]
         base = {"task": task, "data": test.name, "ig": args.ig}
 
-        fp = llmc.compile(traced, progress=False)
-        measure(f"{task}:FP", fp, examples, 0.0, method="FP", **base)
-        measure(f"{task}:CAD", fp, examples, args.cad, method="CAD", **base)
-        del fp
-
         neurons = os.path.join(args.cache, f"{task}-{args.ig}-{args.samples}-neurons.json")
         spec = (f"ircan:task={task},samples={args.samples},ig={args.ig},grid_samples={args.grid_samples},"
-                f"checkpoint_dir={args.cache},neurons_out={neurons}")
+                f"grid_h={args.grid_h},grid_beta={args.grid_beta},checkpoint_dir={args.cache},neurons_out={neurons}")
         t0 = time.perf_counter()
         ircan = llmc.compile(traced, passes=[spec], progress=True)
         stats = ircan.program.history[-1].stats
@@ -96,7 +97,8 @@ def main() -> None:
             save()
         knobs = {"h": h, "beta": beta, "mined": args.samples}
         measure(f"{task}:IRCAN", ircan, examples, 0.0, method="IRCAN", **base, **knobs)
-        measure(f"{task}:IRCAN+CAD", ircan, examples, args.cad, method="IRCAN+CAD", **base, **knobs)
+        fp = llmc.compile(traced, progress=False)
+        measure(f"{task}:FP", fp, examples, 0.0, method="FP", **base)
         ppl_row = f"{task}:IRCAN:ppl"
         if not args.no_ppl and ppl_row not in have:
             t0 = time.perf_counter()
@@ -106,7 +108,6 @@ def main() -> None:
             have.add(ppl_row)
             print(rows[-1], flush=True)
             save()
-        del ircan
 
         control = []
         for seed in range(args.seeds):
@@ -125,6 +126,10 @@ def main() -> None:
                      "stubbornness": statistics.mean(stub),
                      "stubbornness_std": statistics.stdev(stub) if len(stub) > 1 else 0.0})
         save()
+        # context-aware decoding runs two prompts per example: the costliest rows come last
+        measure(f"{task}:CAD", fp, examples, args.cad, method="CAD", **base)
+        measure(f"{task}:IRCAN+CAD", ircan, examples, args.cad, method="IRCAN+CAD", **base, **knobs)
+        del fp, ircan
     print(os.path.join("benchmarks", "results", f"{NAME}.json"))
 
 

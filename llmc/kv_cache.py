@@ -108,7 +108,7 @@ def attention_users(site: CacheSite) -> list[fx.Node]:
 
 
 _RECORDER = None
-CALIBRATION_VERSION = 2  # part of the cache fingerprint: bump when what collect_kv records changes
+CALIBRATION_VERSION = 3  # part of the cache fingerprint: bump when what collect_kv records changes
 
 
 def _probe(x: torch.Tensor, key: str) -> torch.Tensor:
@@ -140,12 +140,14 @@ class _Recorder:
 
 
 def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.Tensor], empty_cache, *,
-               fisher: bool, max_tokens: int, seed: int, progress: bool, batch_size: int = 4) -> dict:
+               fisher: bool, max_tokens: int, seed: int, progress: bool, batch_size: int = 1) -> dict:
     """Run calibration text through `gm`; per site key "<layer>.<kind>": activations [N, H*D] (and
     Fisher weights, the squared LM-loss gradients, same shape) for up to `max_tokens` sampled tokens.
 
     Probes are spliced into the graph for the run and removed afterwards. With `fisher`, each
-    batch runs forward and backward (next-token cross-entropy), one batch in memory at a time.
+    batch runs forward and backward (next-token cross-entropy), one batch in memory at a time, with
+    the weights frozen: autograd then keeps and computes only what the gradients to the keys and
+    values need (no weight gradients), which bounds memory by one sequence's activations.
     """
     global _RECORDER
     graph = gm.graph
@@ -162,6 +164,9 @@ def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.T
     n, S = ids.shape
     per_batch = max(1, math.ceil(max_tokens / math.ceil(n / batch_size)))
     _RECORDER = rec
+    frozen = [p for p in gm.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         for i in bar(range(0, n, batch_size), desc="kv calibration", unit="batch", enabled=progress):
             x = ids[i:i + batch_size]
@@ -177,6 +182,8 @@ def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.T
             del logits
     finally:
         _RECORDER = None
+        for p in frozen:
+            p.requires_grad_(True)
         for p in probes:
             p.replace_all_uses_with(p.args[0])
             graph.erase_node(p)

@@ -279,3 +279,32 @@ def test_fisher_gradients_do_not_depend_on_which_tensors_are_probed(tiny_models)
     alone, together = fisher([sites[0]]), fisher(sites)
     assert alone.abs().sum() > 0
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_equals_autograd_on_the_source_model_and_leaves_weights_alone(tiny_models):
+    """The Fisher weights are the squared gradients of the LM loss to the pre-RoPE keys (k_proj's output) of
+    the source model, although collect_kv freezes the weights; it leaves no .grad and restores requires_grad."""
+    import torch.nn.functional as F
+
+    from llmc.api import to_program
+    from llmc.kv_cache import cache_sites, collect_kv
+
+    hf = tiny_models["llama"]
+    program = to_program(hf)
+    sites = cache_sites(program.gm, program.cache_layout)
+    batches = _calib(1)
+    out = collect_kv(program.gm, sites, batches, lambda b: program.empty_cache(b, 0), fisher=True,
+                     max_tokens=10 ** 6, seed=0, progress=False)
+    assert all(p.grad is None and p.requires_grad for p in program.gm.parameters())
+    kept = {}
+    hook = hf.model.layers[0].self_attn.k_proj.register_forward_hook(  # its paths run through layer 1
+        lambda m, a, y: kept.setdefault("k", y).retain_grad())  # returns None: the output is unchanged
+    try:
+        x = batches[0]
+        logits = hf(x).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+    finally:
+        hook.remove()
+        hf.zero_grad(set_to_none=True)
+    ref = kept["k"].grad.reshape(-1, kept["k"].shape[-1]).pow(2)
+    torch.testing.assert_close(out["0.key"]["fisher"], ref, rtol=1e-4, atol=1e-12)
