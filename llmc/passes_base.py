@@ -9,6 +9,7 @@ before anything runs and names the pass that would fix a bad order.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -230,6 +231,15 @@ def as_pass(p) -> Pass:
     raise ConfigError(f"a pass must be a Pass or a spec string like 'name:key=value', got {type(p).__name__}")
 
 
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB elsewhere
+
+
 def _providers(fact: str, registry: dict[str, type[Pass]]) -> list[str]:
     return [n for n, c in registry.items() if fact in c.provides]
 
@@ -282,6 +292,7 @@ class PassManager:
             done = ", ".join(q.name for q in self.passes[:i]) or "none"
             log(f"pass {i + 1}/{len(self.passes)}: {p.spec()}")
             t0 = time.perf_counter()
+            rss_before = _peak_rss_mb()
             torch.manual_seed(ctx.seed)
             try:
                 result = p.run(program.gm, ctx)
@@ -295,5 +306,8 @@ class PassManager:
             if result.cache_layout is not None:
                 program.cache_layout = list(result.cache_layout)
             seconds = time.perf_counter() - t0
-            stats = dict(result.stats, modified=result.modified)
+            # the process's peak resident memory before and after the pass (a pass that needed more memory
+            # than everything before it raises the second above the first)
+            stats = dict(result.stats, modified=result.modified, peak_rss_mb_before=rss_before,
+                         peak_rss_mb=_peak_rss_mb())
             program.history.append(PassRecord(p.name, p.spec(), p.config_dict(), stats, seconds))

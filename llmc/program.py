@@ -85,6 +85,13 @@ class Program:
         with warnings.catch_warnings():  # pytree's deprecation notice, raised while copying node metadata
             warnings.simplefilter("ignore", FutureWarning)
             gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        # GraphModule copies every tensor the graph reads as a persistent buffer; keep non-persistent ones
+        # (rotary inv_freq) out of the state dict as they were, so the fork has the same digest
+        persistent = set(self.gm.state_dict(keep_vars=True))
+        for name in gm.state_dict(keep_vars=True):
+            if name not in persistent:
+                owner, _, leaf = name.rpartition(".")
+                (gm.get_submodule(owner) if owner else gm)._non_persistent_buffers_set.add(leaf)
         return dataclasses.replace(self, gm=gm, history=list(self.history), linear_shapes=dict(self.linear_shapes),
                                    cache_layout=list(self.cache_layout))
 

@@ -42,6 +42,9 @@ def test_compiling_a_compiled_model_keeps_history_and_never_retraces(tiny_models
     direct = llmc.compile(tiny_models["llama"], passes=["fold_norm_scales", "rtn_quant:bits=4,group=32"])
     torch.testing.assert_close(q(ids)[0], direct(ids)[0], atol=1e-6, rtol=1e-6)  # as if compiled in one go
     assert not torch.allclose(q(ids)[0], before, atol=1e-3)
+    from llmc.graph import graph_digest
+
+    assert graph_digest(cm.program.fork().gm) == graph_digest(cm.program.gm)  # what resumable caches key on
     again = llmc.compile(q.program)  # a Program works too
     torch.testing.assert_close(again(ids)[0], q(ids)[0], atol=0, rtol=0)
 
