@@ -92,6 +92,7 @@ def main() -> None:
             doc = read_neurons(neurons)
             rows.append({"row": grid_row, "method": "grid", **base, "data": dev.name, "mined": args.samples,
                          "h": h, "beta": beta, "grid_examples": doc["grid"]["examples"], "grid": doc["grid"]["rows"],
+                         "grid_unmodified": doc["grid"].get("baseline"),
                          "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads})
             have.add(grid_row)
             save()

@@ -14,6 +14,7 @@ import torch
 from llmc.backend import Backend
 from llmc.errors import ArtifactError
 from llmc.fsutil import atomic_folder, verify_folder
+from llmc.progress import log
 from llmc.graph import strip_runtime_noops
 from llmc.model import Model
 from llmc.models import sha256_file as _sha256
@@ -114,8 +115,11 @@ def save_program(program: Program, directory: str, overwrite: bool = False) -> s
     Written to a temporary sibling folder and renamed at the end, so a failure leaves nothing.
     """
     directory = os.path.abspath(directory)
+    t0 = time.perf_counter()
+    log(f"saving to {directory}")
     with atomic_folder(directory, overwrite) as tmp:
         _write(program, tmp)
+    log(f"saved in {time.perf_counter() - t0:.1f} s")
     return directory
 
 

@@ -76,7 +76,7 @@ def _filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
 
 def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: list[list[int]],
                     cfg: SamplingConfig, pad_id: int, stop_ids: typing.Iterable[int] = (),
-                    prefill_step: typing.Callable | None = None) -> list[list[int]]:
+                    prefill_step: typing.Callable | None = None, progress: bool = False) -> list[list[int]]:
     """Generate up to cfg.max_new_tokens for each prompt; returns only the new tokens of each row.
 
     A row stops after emitting a stop id (the stop id is kept); finished rows are fed `pad_id`.
@@ -91,9 +91,11 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
     done = torch.zeros(batch, dtype=torch.bool)
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
-    with torch.inference_mode():
+    with torch.inference_mode(), bar(total=cfg.max_new_tokens, desc="generating", unit="token",
+                                     enabled=progress) as pbar:
         logits, cache = (prefill_step or step)(ids, mask, pos, empty_cache(batch))
         for t in range(cfg.max_new_tokens):
+            pbar.update(1)
             last = logits[:, -1, :].float()
             check_finite(last, f"generating token {t + 1}")
             if cfg.do_sample:

@@ -92,14 +92,14 @@ class Model:
 
     def generate(self, prompts, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, stop=None, seed: int | None = None,
-                 return_tokens: bool = False, ignore_eos: bool = False):
+                 return_tokens: bool = False, ignore_eos: bool = False, progress: bool = False):
         """Continue one prompt (str) or a batch (list of str, or lists of token ids).
 
         Greedy by default; `do_sample=True` samples with temperature / top_k / top_p (seeded by
         `seed`). Stops at the model's EOS (unless `ignore_eos`) and at `stop` (token ids or
         single-token strings).
         Returns the continuation text (a str for one prompt, else a list), or the new token ids
-        with `return_tokens=True`.
+        with `return_tokens=True`. `progress`: a bar of the tokens generated, on stderr.
         """
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
@@ -113,6 +113,6 @@ class Model:
         if pad is None:
             pad = getattr(self.tokenizer, "eos_token_id", None) or 0
         rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop, ignore_eos),
-                               prefill_step=self.prefill_step)
+                               prefill_step=self.prefill_step, progress=progress)
         out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         return out[0] if single else out

@@ -254,7 +254,9 @@ def test_grid_search_scores_each_setting_on_the_reweighted_model(tiny_models, tm
 
     def fake_score(model, examples, progress=True):
         seen.append(model.step(*inputs, model.empty_cache(1))[0])
-        h, beta = [(h, b) for h in (1, 2) for b in (0.0, 3.0)][len(seen) - 1]
+        if len(seen) == 1:  # the unmodified model comes first
+            return {"accuracy": 0.3, "stubbornness": 0.6}
+        h, beta = [(h, b) for h in (1, 2) for b in (0.0, 3.0)][len(seen) - 2]
         assert len(examples) == 2  # grid_samples
         return {"accuracy": table[(h, beta)], "stubbornness": 0.5 if h == 1 else 0.25}
 
@@ -269,7 +271,9 @@ def test_grid_search_scores_each_setting_on_the_reweighted_model(tiny_models, tm
         (h, b, table[(h, b)]) for h in (1, 2) for b in (0.0, 3.0)]
     for k, v in hf.state_dict().items():
         assert torch.equal(v, before[k]), k
-    for (h, beta), logits in zip([(h, b) for h in (1, 2) for b in (0.0, 3.0)], seen):
+    assert doc["grid"]["baseline"] == {"accuracy": 0.3, "stubbornness": 0.6}
+    torch.testing.assert_close(seen[0], llmc.compile(hf, tokenizer=tiny_tokenizer(), progress=False)(*inputs)[0])
+    for (h, beta), logits in zip([(h, b) for h in (1, 2) for b in (0.0, 3.0)], seen[1:]):
         ref = llmc.compile(hf, passes=[IRCAN(neurons=stats["neurons_file"], h=h, beta=beta)],
                            tokenizer=tiny_tokenizer(), progress=False)
         torch.testing.assert_close(logits, ref(*inputs)[0], atol=1e-5, rtol=1e-5)

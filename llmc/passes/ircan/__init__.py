@@ -210,6 +210,8 @@ class IRCAN(Pass):
         model = _scratch_model(gm, program)
         weights = {layer: attr_tensor(model.program.gm, linears[layer].args[1].target)
                    for layer in {int(r["layer"]) for r in ranking[:max(hs)]}}
+        base = context_following(model, examples, progress=False)  # the model as it is: what IRCAN must beat
+        log(f"ircan grid: unmodified: accuracy {base['accuracy']:.3f} stubbornness {base['stubbornness']:.3f}")
         rows = []
         settings = [(h, b) for h in hs for b in betas]
         for h, beta in bar(settings, desc="ircan grid search", unit="setting", enabled=ctx.progress):
@@ -221,7 +223,8 @@ class IRCAN(Pass):
                 f"stubbornness {score['stubbornness']:.3f}")
         best = min(rows, key=lambda r: (-r["accuracy"], r["stubbornness"], r["h"], r["beta"]))
         log(f"ircan grid: chose h={best['h']} beta={best['beta']:g} ({len(examples)} examples of {path})")
-        return best["h"], best["beta"], {"examples": len(examples), "rows": rows}
+        return best["h"], best["beta"], {"examples": len(examples), "rows": rows, "baseline": {
+            "accuracy": base["accuracy"], "stubbornness": base["stubbornness"]}}
 
     def _attribute(self, attributor, cache, model_fp, with_ids, without_ids, target) -> Attribution:
         if not cache:
