@@ -9,6 +9,39 @@ from llmc.graph import count_ops, op_name  # noqa: F401  (re-exported: tests cou
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
+# The further families the tracer supports, tested in tests/test_families.py only (every test
+# parametrized over TINY_ARCHITECTURES would otherwise run over them too).
+FAMILY_ARCHITECTURES = ("gemma", "gemma2", "gemma3_text", "olmo2", "granite", "stablelm", "gpt_neox", "starcoder2",
+                        "mixtral", "qwen3_moe")
+
+_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                   "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                   "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config", "granite": "GraniteConfig",
+                   "stablelm": "StableLmConfig", "gpt_neox": "GPTNeoXConfig", "starcoder2": "Starcoder2Config",
+                   "mixtral": "MixtralConfig", "qwen3_moe": "Qwen3MoeConfig"}
+
+# What each further family's tiny config sets beyond the shared shape: every feature the tracer must
+# reproduce is switched on, with values small enough to matter (windows shorter than the test
+# prompts, soft caps near the logits' scale, multipliers away from 1).
+_FAMILY_OVERRIDES = {
+    "gemma": dict(head_dim=16, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, final_logit_softcapping=3.0,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "olmo2": dict(),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2,
+                    logits_scaling=2.5),
+    "stablelm": dict(partial_rotary_factor=0.5, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True,
+                     layer_norm_eps=1e-5),
+    "gpt_neox": dict(num_key_value_heads=None, partial_rotary_factor=0.25, use_parallel_residual=True,
+                     layer_norm_eps=1e-5),
+    "starcoder2": dict(sliding_window=6, use_bias=True, hidden_act="gelu_pytorch_tanh"),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      norm_topk_prob=True, mlp_only_layers=[1]),
+}
+
 # Shared shape of every tiny model: 2 layers, hidden 64, 4 query heads over 2 KV heads (GQA).
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -20,11 +53,13 @@ def tiny_config(arch: str = "llama", **overrides):
     """A transformers config of `arch` with tiny dimensions (see TINY_ARCHITECTURES)."""
     import transformers
 
-    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-               "qwen3": "Qwen3Config", "phi3": "Phi3Config"}
-    if arch not in classes:
-        raise ValueError(f"no tiny config for '{arch}'; choose one of {', '.join(TINY_ARCHITECTURES)}")
+    if arch not in _CONFIG_CLASSES:
+        raise ValueError(f"no tiny config for '{arch}'; choose one of "
+                         f"{', '.join(TINY_ARCHITECTURES + FAMILY_ARCHITECTURES)}")
     kw = dict(_COMMON)
+    kw.update(_FAMILY_OVERRIDES.get(arch, {}))
+    if kw.get("num_key_value_heads", 0) is None:
+        del kw["num_key_value_heads"]
     if arch == "mistral":
         kw["sliding_window"] = 6  # short enough that the tests cross it
     if arch == "qwen2":
@@ -32,7 +67,7 @@ def tiny_config(arch: str = "llama", **overrides):
     if arch == "qwen3":
         kw["head_dim"] = 16
     kw.update(overrides)
-    return getattr(transformers, classes[arch])(**kw)
+    return getattr(transformers, _CONFIG_CLASSES[arch])(**kw)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
@@ -44,7 +79,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     import transformers
 
     config = tiny_config(arch, **overrides)
-    config._attn_implementation = "sdpa"
+    # The further families are compared with Hugging Face's eager attention (Gemma 2 has no sdpa path).
+    config._attn_implementation = "sdpa" if arch in TINY_ARCHITECTURES else "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -52,7 +88,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
-            elif "norm" in name or "layernorm" in name:
+            elif "norm" in name and not name.endswith(".bias"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
