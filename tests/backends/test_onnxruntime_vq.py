@@ -227,6 +227,9 @@ def test_kernel_export_without_its_library_is_a_clear_error(tmp_path):
     assert not os.path.exists(tmp_path / "bad")
     out = lower(cm.program, tmp_path / "vq", vq_lowering="kernel")
     os.remove(os.path.join(out, custom_ops.LIBRARY_NAME))
+    with pytest.raises(ArtifactError, match=f"incomplete: {custom_ops.LIBRARY_NAME} is missing"):
+        OrtModel(out)
+    os.remove(os.path.join(out, "checksums.json"))  # a folder from before checksums: the library check itself
     with pytest.raises(ArtifactError, match="custom-op library .* is missing"):
         OrtModel(out)
 

@@ -243,7 +243,9 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
 
 
 def has_vq_linear(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.target is torch.ops.llmc.vq_linear.default for n in gm.graph.nodes)
+    """Whether the graph has layers that llmc.VQLinear can run (vector codes, or binary bases)."""
+    kernel_ops = (torch.ops.llmc.vq_linear.default, torch.ops.llmc.binary_bases_linear.default)
+    return any(n.op == "call_function" and n.target in kernel_ops for n in gm.graph.nodes)
 
 
 def resolve_vq_lowering(program, vq_lowering: str) -> str | None:

@@ -230,6 +230,68 @@ def vq_linear_kernel(x, codes, codebooks, scales):
     return op.CastLike(y, x)
 
 
+def _binary_bases_weight(signs, scales):
+    """W [N, K] float from packed signs [nb, N, K/8] and scales [nb, N, G] (llmc.ops.binary_bases), standard ops
+    on initializers only (ONNX Runtime folds them into a float weight when it loads the session)."""
+    nb, N, J = _dims(signs, "signs")
+    _, _, G = _dims(scales, "scales")
+    K = J * 8
+    shifts = op.Constant(value=onnx.numpy_helper.from_array(np.arange(8, dtype=np.uint8)))
+    bits = op.BitwiseAnd(op.BitShift(op.Unsqueeze(signs, op.Constant(value_ints=[3])), shifts, direction="RIGHT"),
+                         op.Constant(value=onnx.numpy_helper.from_array(np.array(1, dtype=np.uint8))))
+    pm = op.Sub(op.Mul(op.Cast(bits, to=onnx.TensorProto.FLOAT), op.Constant(value_float=2.0)),
+                op.Constant(value_float=1.0))  # [nb, N, J, 8] of ±1
+    pm = op.Reshape(pm, op.Constant(value_ints=[nb, N, G, K // G]))
+    w = op.ReduceSum(op.Mul(pm, op.Unsqueeze(op.Cast(scales, to=onnx.TensorProto.FLOAT), op.Constant(value_ints=[3]))),
+                     op.Constant(value_ints=[0]), keepdims=0)
+    return op.Reshape(w, op.Constant(value_ints=[N, K]))
+
+
+def binary_bases_linear(x, signs, scales):
+    """llmc::binary_bases_linear -> unpack the signs (BitShift, BitwiseAnd), scale, sum the bases, MatMul.
+
+    The portable lowering (standard ONNX only): the signs stay packed in the file, and ONNX Runtime
+    folds the unpacking into a float32 weight when it loads the session. `binary_bases_linear_kernel`
+    keeps them packed in the session."""
+    w = _binary_bases_weight(signs, scales)
+    return op.MatMul(x, op.Transpose(op.CastLike(w, x), perm=[1, 0]))
+
+
+def _sign_patterns() -> np.ndarray:
+    """[8, 256] float32: column p is the ±1 vector of the bits of p, low bit first (llmc.ops.binary_bases)."""
+    p = np.arange(256)
+    return (2 * ((p[None, :] >> np.arange(8)[:, None]) & 1) - 1).astype(np.float32)
+
+
+def binary_bases_linear_kernel(x, signs, scales):
+    """llmc::binary_bases_linear -> one llmc.VQLinear per basis, summed: the signs read packed at run time.
+
+    A basis is an additive code with one fixed codebook, the 256 sign patterns of 8 inputs (g = 8),
+    its byte of signs per 8 inputs the code and its row scales the VQLinear scales: y = Σ_i VQLinear(x,
+    signsᵢᵀ [K/8, N], patterns, αᵢ). The transposes of the signs have initializer inputs only, so
+    ONNX Runtime folds them at load and the session holds uint8 signs, 1 bit per weight and basis.
+    Scales per group of inputs are not a VQLinear layout: those layers take the standard lowering."""
+    nb, N, J = _dims(signs, "signs")
+    _, _, G = _dims(scales, "scales")
+    if G != 1:
+        return binary_bases_linear(x, signs, scales)
+    pat = _sign_patterns()
+    codebooks = op.Constant(value=onnx.numpy_helper.from_array(pat[None]))  # [1, 8, 256]
+    codewords = op.Constant(value=onnx.numpy_helper.from_array(np.ascontiguousarray(pat.T)[None]))  # [1, 256, 8]
+    xf = op.Cast(x, to=onnx.TensorProto.FLOAT)
+    y = None
+    for i in range(nb):  # a few bases (<= 8): one kernel call each
+        codes = op.Transpose(op.Reshape(op.Slice(signs, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]),
+                                                 op.Constant(value_ints=[0])), op.Constant(value_ints=[N, J])),
+                             perm=[1, 0])
+        s = op.Cast(op.Reshape(op.Slice(scales, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]),
+                                        op.Constant(value_ints=[0])), op.Constant(value_ints=[N])),
+                    to=onnx.TensorProto.FLOAT)
+        yi = LLMC.VQLinear(xf, codes, codebooks, s, codewords)
+        y = yi if y is None else op.Add(y, yi)
+    return op.CastLike(y, x)
+
+
 register_contrib_schemas()
 
 VQ_LOWERINGS = ("kernel", "dequantize")
@@ -244,6 +306,7 @@ def translations(vq_lowering: str = "dequantize") -> dict:
     table = dict(TRANSLATIONS)
     if vq_lowering == "kernel":
         table[torch.ops.llmc.vq_linear.default] = vq_linear_kernel
+        table[torch.ops.llmc.binary_bases_linear.default] = binary_bases_linear_kernel
     return table
 
 
@@ -254,4 +317,5 @@ TRANSLATIONS: dict = {
     torch.ops.llmc.cq_encode.default: cq_encode,
     torch.ops.llmc.cq_decode.default: cq_decode,
     torch.ops.llmc.vq_linear.default: vq_linear,
+    torch.ops.llmc.binary_bases_linear.default: binary_bases_linear,
 }

@@ -1,0 +1,157 @@
+"""Stage 3 of QBB: calibration of the scales only, whole network, against the FP teacher.
+
+The student is the graph with every quantized weight replaced by its dense Ŵ = Σ αᵢ ⊙ Bᵢ (a
+parameter), so one backward pass gives ∂L/∂Ŵ for all of them, pulled back to the scales as
+∂L/∂αᵢ[n, g] = Σ_{k in g} Bᵢ[n, k] ∂L/∂Ŵ[n, k]. The signs never change. The scales are trained as
+factors (initially 1) of their stage-2 values with Adam, so one learning rate suits every layer.
+
+Data ("generated", the paper's data-free setting): the FP model samples `candidates` sequences
+from random first tokens; each is scored by the teacher–student discrepancy of the initial
+student (the same loss as training) and the `samples` most divergent are kept. Or windows of a
+data set. The loss matches logits: "mse" (KD-MSE, mean squared difference of the logits; the
+paper's best) or "kl" (KL(teacher ‖ student)).
+
+Checkpointed every `checkpoint_every` steps (factors, Adam state, step); a run re-started with
+the same fingerprint continues from there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from llmc.calibration import decode_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
+from llmc.graph import attr_tensor, set_attr_tensor
+from llmc.passes.qbb_quant.bases import expand
+from llmc.progress import bar, log
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-3
+    loss: str = "mse"
+    checkpoint_every: int = 10
+    seed: int = 0
+
+
+def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """KD-MSE (mean over tokens and vocabulary of the squared logit difference) or KL(teacher ‖ student)."""
+    if kind == "mse":
+        return F.mse_loss(student.float(), teacher.float())
+    return kl_to_teacher(student, teacher)
+
+
+class Student:
+    """The graph with dense weights Ŵ(α) for every quantized matrix: `set()` writes them from the factors."""
+
+    def __init__(self, gm: fx.GraphModule, state: dict, empty_cache):
+        self.gm, self.empty = gm, empty_cache
+        self.targets = sorted(state)
+        self.signs = {t: state[t]["B"] for t in self.targets}  # int8 ±1 [nb, N, K]
+        self.base = {t: state[t]["scales"].float() for t in self.targets}
+        self.factors = {t: torch.ones_like(self.base[t]) for t in self.targets}
+        self.outliers = {t: state[t].get("outliers") for t in self.targets}
+        self.original = {t: attr_tensor(gm, t) for t in self.targets}
+
+    def scales(self, t: str) -> torch.Tensor:
+        return self.base[t] * self.factors[t]
+
+    def set(self, grad: bool) -> None:
+        for t in self.targets:
+            B = self.signs[t]
+            w = (B.float() * expand(self.scales(t), B.shape[-1])).sum(0)
+            if self.outliers[t] is not None:
+                idx, vals = self.outliers[t]
+                w = w.scatter_add(1, idx.long(), vals.float())
+            set_attr_tensor(self.gm, t, w, parameter=True)
+            attr_tensor(self.gm, t).requires_grad_(grad)
+
+    def restore(self) -> None:
+        for t in self.targets:
+            set_attr_tensor(self.gm, t, self.original[t], parameter=True)
+
+    def factor_grads(self) -> dict:
+        """∂L/∂factor from the dense weights' gradients."""
+        out = {}
+        for t in self.targets:
+            dW = attr_tensor(self.gm, t).grad
+            B = self.signs[t]
+            nb, N, K = B.shape
+            G = self.base[t].shape[-1]
+            dscale = (B.float() * dW.reshape(1, N, K)).reshape(nb, N, G, K // G).sum(-1)
+            out[t] = dscale * self.base[t]
+        return out
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        mask, pos = decode_inputs(ids)
+        return self.gm(ids, mask, pos, self.empty(ids.shape[0]))[0]
+
+
+@torch.no_grad()
+def most_divergent(student: Student, teacher, rows: torch.Tensor, keep: int, loss: str,
+                   progress: bool) -> tuple[torch.Tensor, list[float]]:
+    """The `keep` rows of `rows` [n, L] on which the student's logits differ most from the teacher's."""
+    student.set(grad=False)
+    scores = []
+    for r in bar(rows.split(1), desc="qbb_quant scoring samples", unit="seq", enabled=progress):
+        scores.append(float(logit_loss(student.logits(r), teacher(r), loss)))
+    order = torch.tensor(scores).argsort(descending=True, stable=True)[:keep]
+    return rows[order.sort().values], [round(scores[i], 5) for i in order.tolist()]
+
+
+def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScalePlan, progress: bool,
+                     path: str | None, fingerprint: str) -> dict:
+    """`plan.steps` Adam steps on the scale factors over batches of `rows` [n, L]; returns stats.
+
+    Leaves the trained factors in `student.factors` and the graph's weights restored."""
+    t0 = time.perf_counter()
+    params = [student.factors[t].requires_grad_(True) for t in student.targets]
+    opt = torch.optim.Adam(params, lr=plan.lr)
+    losses: list[float] = []
+    start = 0
+    saved = load_checkpoint(path, fingerprint, "qbb_quant scales")
+    if saved is not None:
+        with torch.no_grad():
+            for t, p in zip(student.targets, params):
+                p.copy_(saved["factors"][t])
+        opt.load_state_dict(saved["optimizer"])
+        losses, start = list(saved["losses"]), int(saved["step"])
+        log(f"qbb_quant: scale calibration resumed at step {start}")
+    flags = {p: p.requires_grad for p in student.gm.parameters()}
+    for p in student.gm.parameters():
+        p.requires_grad_(False)
+    n = rows.shape[0]
+    try:
+        for step in bar(range(start, plan.steps), desc="qbb_quant scale calibration", unit="step", enabled=progress):
+            gen = torch.Generator().manual_seed(plan.seed * 100003 + step)
+            batch = rows[torch.randperm(n, generator=gen)[:plan.batch_size]]
+            with torch.no_grad():
+                target = teacher(batch)
+            student.set(grad=True)
+            loss = logit_loss(student.logits(batch), target, plan.loss)
+            loss.backward()
+            grads = student.factor_grads()
+            opt.zero_grad(set_to_none=True)
+            for t, p in zip(student.targets, params):
+                p.grad = grads[t]
+            opt.step()
+            losses.append(round(float(loss.detach()), 6))
+            if path and ((step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps):
+                save_checkpoint(path, fingerprint, factors={t: p.detach().clone() for t, p in
+                                                            zip(student.targets, params)},
+                                optimizer=opt.state_dict(), losses=losses, step=step + 1)
+    finally:
+        student.restore()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for p in params:
+            p.requires_grad_(False)
+    return {"steps": plan.steps, "loss": plan.loss, "lr": plan.lr, "batch_size": plan.batch_size,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "losses": losses, "seconds": round(time.perf_counter() - t0, 1)}

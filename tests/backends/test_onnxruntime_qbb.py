@@ -1,0 +1,103 @@
+"""ONNX Runtime lowering of llmc::binary_bases_linear: parity with torch, signs kept packed in the file and session."""
+
+import json
+import os
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import llmc
+from llmc.backends.onnxruntime import TRANSLATIONS, OrtModel, custom_ops, lower
+from llmc.backends.onnxruntime.translations import translations
+from llmc.calibration import decode_inputs
+from llmc.ops import binary_bases as bb
+from llmc.testing import tiny_model, tiny_tokenizer
+
+needs_kernel = pytest.mark.skipif(not custom_ops.available(), reason="no C compiler to build llmc's custom ops")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, signs, scales):
+        super().__init__()
+        self.register_buffer("signs", signs)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x):
+        return torch.ops.llmc.binary_bases_linear(x, self.signs, self.scales)
+
+
+def _layer(nb, N, K, G, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 256, (nb, N, K // 8), dtype=torch.uint8, generator=gen)
+    scales = (0.02 + 0.05 * torch.rand(nb, N, G, generator=gen)).half()
+    return Layer(signs, scales).eval()
+
+
+def _session(layer, K, table, path, kernel):
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(layer, (torch.randn(2, 3, K),), dynamo=True, dynamic_shapes=({0: dyn, 1: dyn},),
+                                custom_translation_table=table, verbose=False)
+    program.save(path)
+    opts = ort.SessionOptions()
+    if kernel:
+        opts.register_custom_ops_library(custom_ops.library_path())
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("lowering", [pytest.param("kernel", marks=needs_kernel), "dequantize"])
+@pytest.mark.parametrize("nb,G", [(4, 1), (3, 4)], ids=["rows", "groups"])
+def test_translation_matches_torch_and_keeps_signs_packed(lowering, nb, G, tmp_path):
+    N, K = 512, 256  # nb*N*K/8 signs: above the exporter's constant-folding limit of 8192 values
+    layer = _layer(nb, N, K, G)
+    path = str(tmp_path / "bb.onnx")
+    session = _session(layer, K, translations(lowering), path, lowering == "kernel")
+    model = onnx.load(path)
+    signs = {i.name: i for i in model.graph.initializer}["signs"]
+    assert signs.data_type == onnx.TensorProto.UINT8 and list(signs.dims) == [nb, N, K // 8]
+    ops = {n.op_type for n in model.graph.node}
+    assert ("VQLinear" in ops) == (lowering == "kernel" and G == 1)  # grouped scales take the standard ops
+    name = session.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 1, K), (1, 3, K), (2, 7, K), (1, 40, K)]:
+        x = torch.randn(shape, generator=gen)
+        y = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        ref = x @ bb.dequantize(layer.signs, layer.scales).t()
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_portable_table_has_the_op():
+    assert torch.ops.llmc.binary_bases_linear.default in TRANSLATIONS
+
+
+@pytest.mark.parametrize("outliers", [0, 2])
+@pytest.mark.parametrize("lowering", [pytest.param("kernel", marks=needs_kernel), "dequantize"])
+def test_qbb_model_exports_with_parity(lowering, outliers, tmp_path):
+    model = tiny_model()
+    cm = llmc.compile(model, [f"qbb_quant:bases=3,outliers={outliers},checkpoint_dir={tmp_path / 'ck'}"],
+                      tokenizer=tiny_tokenizer(), progress=False)
+    out = str(tmp_path / "onnx")
+    lower(cm.program, out, vq_lowering=lowering)  # raises ParityError if ORT disagrees with torch
+    with open(os.path.join(out, "llmc_onnx.json")) as f:
+        manifest = json.load(f)
+    assert manifest["vq_lowering"] == lowering and manifest["parity"]
+    assert (manifest["custom_ops_library"] is not None) == (lowering == "kernel")
+    onnx_model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    if lowering == "kernel":  # every basis' signs reach its VQLinear as a uint8 initializer of 1 bit per weight
+        inits = {i.name: i for i in onnx_model.graph.initializer}
+        vq = [n for n in onnx_model.graph.node if n.op_type == "VQLinear"]
+        assert len(vq) == 14 * 3
+        codes = [inits[n.input[1]] for n in vq]
+        assert all(c.data_type == onnx.TensorProto.UINT8 for c in codes)
+        shapes = [s for name, s in cm.program.linear_shapes.items() if name != "lm_head"]
+        assert sum(c.dims[0] * c.dims[1] for c in codes) == 3 * sum(N * K for N, K in shapes) // 8
+    m = OrtModel(out, threads=1)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask, pos = decode_inputs(ids)
+    with torch.no_grad():
+        ref = cm.step(ids, mask, pos, cm.empty_cache(1))[0]
+    got = m.step(ids, mask, pos, m.empty_cache(1))[0]
+    torch.testing.assert_close(torch.as_tensor(got), ref, rtol=1e-3, atol=1e-3)
+    assert m.generate("ab", max_new_tokens=6) == cm.generate("ab", max_new_tokens=6)
