@@ -16,9 +16,10 @@ from llmc.model import Model
 from llmc.models import load_model
 from llmc.passes_base import Pass, PassContext, PassManager, PassResult, parse_pass_spec, register_pass, registered_passes
 from llmc.program import Program
+from llmc.search import SearchSpec, search
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "to_program", "load", "load_model", "Model", "CompiledModel", "Program", "Pass", "PassContext",
            "PassManager", "PassResult", "register_pass", "registered_passes", "parse_pass_spec", "Backend",
-           "get_backend", "available_backends", "LlmcError", "data", "errors"]
+           "get_backend", "available_backends", "LlmcError", "data", "errors", "search", "SearchSpec"]

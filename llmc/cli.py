@@ -1,7 +1,9 @@
 """The `llmc` command line: compile, eval, generate, inspect, export-hf, passes, backends.
 
-Bad input prints one line `llmc: error: ...` and exits with status 2; an llmc failure while
-working exits with status 1. Output folders are written atomically (see CompiledModel.save).
+Exit status: 0 success; 2 bad input (options, paths, data, model specs, corrupt or incompatible
+folders), printed as one line `llmc: error: ...`; 1 a failure while working (tracing, a pass, an export,
+a parity check, NaN logits); 130 interrupted. Output folders are written atomically (see
+CompiledModel.save).
 """
 
 from __future__ import annotations
@@ -50,7 +52,17 @@ def cmd_compile(args) -> int:
         raise LlmcError(f"{args.output} already exists; choose another folder or pass --overwrite")
     backend = get_backend(args.backend)
     options = backend.options(_backend_options(args))  # checked before anything is traced
-    cm = llmc.compile(args.model, passes=args.passes, calibration=args.calib, seed=args.seed)
+    source = args.model
+    if os.path.isdir(source):
+        from llmc.backend import owner
+
+        folder_backend = owner(source)
+        if folder_backend is not None:  # an llmc folder: lower it (and run any further passes) without tracing
+            source = folder_backend.load(os.path.abspath(source))
+            if not isinstance(source, llmc.CompiledModel):
+                raise ConfigError(f"{args.model} is a {folder_backend.name} folder, which cannot be lowered again; "
+                                  "give the torch folder it was compiled from (llmc compile MODEL -o DIR)")
+    cm = llmc.compile(source, passes=args.passes, calibration=args.calib, seed=args.seed)
     backend.lower(cm.program, out, options, overwrite=args.overwrite)
     size = cm.program.size_report()
     print(f"wrote {args.output} ({args.backend}): {len(cm.program.history)} pass(es), "
@@ -99,15 +111,73 @@ def cmd_eval_context(args) -> int:
     return 0
 
 
+def _guided_generate(args) -> int:
+    """`generate --guide TUNED UNTUNED --search SPEC`: weak-to-strong search (llmc.search)."""
+    import llmc
+    from llmc.search import SearchSpec, search
+
+    spec = SearchSpec.parse(args.search or "cbs:w=4,k=4,l=5")
+    needs_guides = spec.kind == "eft" or spec.rows > 1
+    if needs_guides and not args.guide:
+        raise ConfigError(f"--search {spec.name} is steered by a guide pair: add --guide TUNED UNTUNED")
+    temperature = 0.7 if args.temperature is None else args.temperature
+    top_k = 50 if args.top_k is None else args.top_k
+    def fused(spec_or_folder: str, pass_spec: str):  # fuse_guidance on a model's graph, through the registry
+        m = _open_model(spec_or_folder)
+        if not isinstance(m, llmc.CompiledModel):
+            raise ConfigError(f"{spec_or_folder} is an ONNX folder: fuse_guidance fuses graphs; give a model spec, "
+                              "a Hugging Face folder or a torch-compiled folder")
+        llmc.PassManager([pass_spec]).run(m.program, llmc.PassContext(progress=False))
+        return llmc.CompiledModel(m.program)
+
+    model, scorer = None, None
+    if args.guide:
+        tuned, untuned = (os.path.abspath(g) if os.path.exists(g) else g for g in args.guide)
+    if spec.kind == "eft":  # the base and both guides as one step graph
+        model = fused(args.model, f"fuse_guidance:mode=eft,tuned={tuned},untuned={untuned},beta={spec.beta}")
+    else:
+        model = _open_model(args.model)
+        if args.guide and spec.rows > 1:
+            scorer = fused(tuned, f"fuse_guidance:untuned={untuned}")
+    res = search(model, args.prompt, spec, scorer, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=args.top_p, seed=0 if args.seed is None else args.seed,
+                 batch_prompts=len(args.prompt), stop=args.stop or None)
+    for prompt, text, score in zip(args.prompt, res.texts, res.scores):
+        print(prompt + text)
+        if score is not None:
+            print(f"  (guide score {score:.3f}, {spec.name})", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from llmc.generation import SamplingConfig
 
+    if args.guide or args.search:
+        return _guided_generate(args)
+    args.temperature = 1.0 if args.temperature is None else args.temperature
+    args.top_k = 0 if args.top_k is None else args.top_k
     SamplingConfig(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p, args.seed)
     model = _open_model(args.model)
     outs = model.generate(args.prompt, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                          progress=True)
     for prompt, text in zip(args.prompt, outs):
         print(prompt + text)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from llmc.backend import owner
+    from llmc.fsutil import verify_folder
+
+    folder = os.path.abspath(args.folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"no such folder: {args.folder}")
+    n = verify_folder(folder, required=True)
+    backend = owner(folder)
+    if backend is not None:
+        backend.load(folder)  # the backend's own checks (manifest, versions, a session that opens)
+    print(f"{args.folder}: {n} files match their checksums" + (f"; opens as a {backend.name} model" if backend else ""))
     return 0
 
 
@@ -189,7 +259,26 @@ def cmd_passes(args) -> int:
     return 0
 
 
+EXIT_CODES = ("exit status: 0 success; 2 bad input (options, paths, data, model specs, corrupt or incompatible "
+              "folders); 1 a failure while working (tracing, a pass, an export, a parity check, NaN logits); "
+              "130 interrupted")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default where it has one (choices are shown by argparse itself)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("epilog", EXIT_CODES)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2
         print(f"llmc: error: {message}", file=sys.stderr)
         sys.exit(2)
@@ -220,9 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="metric", required=True, parser_class=_Parser)
-    ppl = esub.add_parser("ppl", help="perplexity (protocols of BENCHMARKS.md)")
+    ppl = esub.add_parser("ppl", help="perplexity under a protocol (see --protocol)")
     ppl.add_argument("model", help="a compiled folder or anything `compile` accepts")
-    ppl.add_argument("--protocol", default="ppl-512x40", help="ppl-512x40 | ppl-512x5 | ppl-512xN-kv")
+    ppl.add_argument("--protocol", default="ppl-512x40",
+                     help="ppl-<window>x<windows>[-kv]: the first <windows> non-overlapping windows of <window> "
+                          "tokens, e.g. ppl-512x40, ppl-512x5; -kv feeds each window through the KV cache in "
+                          "chunks")
     ppl.add_argument("--data", default="wikitext2-test", help="data set name or file")
     ppl.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -244,12 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
     g.add_argument("--max-new-tokens", type=int, default=20)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=None, help="default 1.0 (0.7 with --search)")
+    g.add_argument("--top-k", type=int, default=None, help="default 0: off (50 with --search)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="a single-token stop string (repeatable)")
+    g.add_argument("--guide", nargs=2, metavar=("TUNED", "UNTUNED"),
+                   help="steer with a small tuned / untuned pair (weak-to-strong search; see --search)")
+    g.add_argument("--search", metavar="SPEC", help="cbs:w=W,k=K,l=L (default cbs:w=4,k=4,l=5), bon:n=N, "
+                                                    "sampling or eft:beta=B")
     g.set_defaults(fn=cmd_generate)
+
+    v = sub.add_parser("verify", help="check a compiled or exported folder: every file's size and sha256, "
+                                      "and that its backend opens it")
+    v.add_argument("folder")
+    v.set_defaults(fn=cmd_verify)
 
     i = sub.add_parser("inspect", help="op histogram, layers, cache layout, size report")
     i.add_argument("model")
@@ -275,10 +376,10 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except LlmcError as e:
-        from llmc.errors import ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
+        from llmc.errors import ArtifactError, ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
 
         print(f"llmc: error: {e}", file=sys.stderr)
-        bad_input = (ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError)
+        bad_input = (ArtifactError, ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError)
         return 2 if isinstance(e, bad_input) or type(e) is LlmcError else 1
     except KeyboardInterrupt:
         print("llmc: interrupted", file=sys.stderr)
