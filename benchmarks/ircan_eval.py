@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -42,6 +43,9 @@ def main() -> None:
                     help="attribution cache (resumable mining)")
     ap.add_argument("--limit", type=int, default=0, help="the first N test examples only (0: all)")
     ap.add_argument("--no-ppl", action="store_true", help="skip the ppl-512x40 of the IRCAN models")
+    ap.add_argument("--no-cad", action="store_true", help="skip the CAD and IRCAN + CAD rows")
+    ap.add_argument("--compose", action="store_true",
+                    help="also IRCAN -> rtn_quant 4-bit -> cq_kv 4c8b exported to ONNX, vs the same without IRCAN")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
@@ -81,6 +85,8 @@ def main() -> None:
         neurons = os.path.join(args.cache, f"{task}-{args.ig}-{args.samples}-neurons.json")
         spec = (f"ircan:task={task},samples={args.samples},ig={args.ig},grid_samples={args.grid_samples},"
                 f"grid_h={args.grid_h},grid_beta={args.grid_beta},checkpoint_dir={args.cache},neurons_out={neurons}")
+        if f"{task}:grid" in have and os.path.isfile(neurons):  # resuming: the selection and its h, beta are saved
+            spec = f"ircan:neurons={neurons}"
         t0 = time.perf_counter()
         ircan = llmc.compile(traced, passes=[spec], progress=True)
         stats = ircan.program.history[-1].stats
@@ -128,9 +134,27 @@ def main() -> None:
                      "stubbornness_std": statistics.stdev(stub) if len(stub) > 1 else 0.0})
         save()
         # context-aware decoding runs two prompts per example: the costliest rows come last
-        measure(f"{task}:CAD", fp, examples, args.cad, method="CAD", **base)
-        measure(f"{task}:IRCAN+CAD", ircan, examples, args.cad, method="IRCAN+CAD", **base, **knobs)
+        if not args.no_cad:
+            measure(f"{task}:CAD", fp, examples, args.cad, method="CAD", **base)
+            measure(f"{task}:IRCAN+CAD", ircan, examples, args.cad, method="IRCAN+CAD", **base, **knobs)
         del fp, ircan
+        if args.compose:
+            # the point of a compiler: IRCAN, then 4-bit weights, then a 2-bit CQ cache, exported to ONNX
+            # (parity-checked), against the same pipeline without IRCAN
+            for label, first in (("IRCAN", [f"ircan:neurons={neurons}"]), ("none", [])):
+                passes = first + ["rtn_quant:bits=4,group=64", "cq_kv:config=4c8b"]
+                row = f"{task}:compose:{label}"
+                if row in have:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    ort = llmc.compile(traced, passes=passes, calibration="wikitext2-valid", backend="onnxruntime",
+                                       out=os.path.join(tmp, "onnx"), progress=False)
+                    parity = ort.manifest["parity"]
+                    measure(row, ort, examples, 0.0, method=f"ONNX: {label} + rtn_quant 4-bit + cq_kv 4c8b",
+                            passes=" ".join(passes), backend="onnxruntime",
+                            parity_max_abs_diff=parity.get("logits_max_abs_diff"),
+                            parity_mode=parity.get("mode"), **base, **knobs)
+                    del ort
     print(os.path.join("benchmarks", "results", f"{NAME}.json"))
 
 
