@@ -467,6 +467,8 @@ def weight_family(specs: list[str]) -> str:
         return "rtn_quant (+ int8_activations), ORT ppl"
     if any(s.startswith("gptq_quant") for s in specs):
         return "gptq_quant"
+    if any(s.startswith("qbb_quant") for s in specs):
+        return "qbb_quant, binary bases (binary_bases_linear)"
     return "other"
 
 
