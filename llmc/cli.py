@@ -122,6 +122,7 @@ def _guided_generate(args) -> int:
         raise ConfigError(f"--search {spec.name} is steered by a guide pair: add --guide TUNED UNTUNED")
     temperature = 0.7 if args.temperature is None else args.temperature
     top_k = 50 if args.top_k is None else args.top_k
+
     def fused(spec_or_folder: str, pass_spec: str):  # fuse_guidance on a model's graph, through the registry
         m = _open_model(spec_or_folder)
         if not isinstance(m, llmc.CompiledModel):
