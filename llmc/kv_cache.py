@@ -140,7 +140,7 @@ class _Recorder:
 
 
 def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.Tensor], empty_cache, *,
-               fisher: bool, max_tokens: int, seed: int, progress: bool, batch_size: int = 1) -> dict:
+               fisher: bool, max_tokens: int, seed: int, progress: bool, batch_size: int | None = None) -> dict:
     """Run calibration text through `gm`; per site key "<layer>.<kind>": activations [N, H*D] (and
     Fisher weights, the squared LM-loss gradients, same shape) for up to `max_tokens` sampled tokens.
 
@@ -160,6 +160,7 @@ def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.T
     gm.recompile()
     rec = _Recorder(fisher)
     gen = torch.Generator().manual_seed(seed)
+    batch_size = batch_size or (1 if fisher else 4)  # backward holds a batch's activations; forward-only is cheap
     ids = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches])  # [n, S]
     n, S = ids.shape
     per_batch = max(1, math.ceil(max_tokens / math.ceil(n / batch_size)))
