@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import statistics
 import time
 
@@ -32,6 +31,7 @@ import torch
 import llmc
 from benchmarks.common import ROOT, write_result
 from llmc import data
+from llmc.data import sentence_starts
 from llmc.generation import left_pad, position_ids_from_mask
 from llmc.passes.fuse_guidance import fuse_eft, fuse_scorer
 from llmc.search import SearchSpec, continuation_logprob, search
@@ -39,30 +39,6 @@ from llmc.search import SearchSpec, continuation_logprob, search
 METHODS = ("sampling", "bon:n=16", "eft:beta=1", "cbs:w=4,k=4,l=5", "cbs:w=2,k=2,l=5")
 # Best-of-M read off the best-of-16 run's first M samples of each prompt (i.i.d. draws of the base).
 DERIVED_BON = (4, 8)
-
-
-def sentence_starts(text: str, words: int, limit: int, min_words: int = 12) -> list[str]:
-    """The first `words` words of each sentence of `text` with at least `min_words` words, up to `limit`.
-
-    Headings (`= ... =`) and empty lines are skipped, as are sentences with `<unk>` among the kept
-    words; wikitext's spaced punctuation (` @-@ `, ` , `) is joined back so the prefixes read as text.
-    """
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("="):
-            continue
-        line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-        for sentence in re.split(r"(?<=[.!?]) ", line):
-            toks = sentence.split()
-            if len(toks) < min_words or "<unk>" in toks[:words]:
-                continue
-            prefix = " ".join(toks[:words])
-            prefix = re.sub(r" ([,.;:!?')])", r"\1", prefix).replace("( ", "(").replace(" 's", "'s")
-            out.append(prefix)
-            if len(out) >= limit:
-                return out
-    return out
 
 
 def batch_prompts(rows: int, target: int = 64) -> int:

@@ -13,12 +13,11 @@ import torch
 
 from llmc.backend import Backend
 from llmc.errors import ArtifactError
-from llmc.fsutil import atomic_folder, verify_folder
-from llmc.progress import log
+from llmc.fsutil import atomic_folder, file_sha256, verify_folder
 from llmc.graph import strip_runtime_noops
 from llmc.model import Model
-from llmc.models import sha256_file as _sha256
 from llmc.program import PassRecord, Program
+from llmc.progress import log
 from llmc.runner import TorchRunner
 from llmc.trace import CacheTensor
 
@@ -149,11 +148,11 @@ def _write(program: Program, folder: str) -> None:
     program.config.to_json_file(os.path.join(folder, "config.json"))
     if program.tokenizer is not None:
         program.tokenizer.save_pretrained(folder)
-    files = {name: _sha256(os.path.join(folder, name)) for name in (WEIGHTS_FILE, GRAPH_FILE)}
+    # every file's size and sha256 go to checksums.json (llmc.fsutil.atomic_folder), not to the manifest
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": program.name,
         "source": program.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(), "files": files, "aliases": aliases,
+        "versions": versions(), "aliases": aliases,
         "cache_layout": [c.to_json() for c in program.cache_layout],
         "linear_shapes": {k: list(v) for k, v in program.linear_shapes.items()},
         "eos_ids": list(program.eos_ids),
@@ -185,8 +184,10 @@ class TorchBackend(Backend):
         return os.path.isfile(os.path.join(folder, MANIFEST))  # `load` says what is wrong with one
 
 
-def load(directory: str) -> CompiledModel:
-    """Load a folder written by `CompiledModel.save`, refusing a corrupt or incompatible one."""
+def load(directory: str, verify: bool = True) -> CompiledModel:
+    """Load a folder written by `CompiledModel.save`, refusing a corrupt or incompatible one.
+
+    `verify=False` skips the checksums, for a caller that has just verified an enclosing folder."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -215,12 +216,13 @@ def load(directory: str) -> CompiledModel:
     if saved_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
         raise ArtifactError(f"{directory} was saved with torch {saved_torch}, this is torch {torch.__version__}: "
                             "exported graphs are not portable across torch releases; recompile it")
-    verified = verify_folder(directory) is not None  # every file; older folders: the manifest's own list
+    # every file (checksums.json); folders saved before it: the manifest's own list of digests
+    verified = not verify or verify_folder(directory) is not None
     for name, digest in ({} if verified else manifest.get("files", {})).items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise ArtifactError(f"{directory} is incomplete: {name} is missing; recompile the model")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ArtifactError(f"{directory} is corrupt: {name} does not match its checksum; recompile the model")
     try:
         ep = torch.export.load(os.path.join(directory, GRAPH_FILE))

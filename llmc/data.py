@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -100,4 +101,28 @@ def prompt_slices(batches: list[torch.Tensor], num: int, length: int, seed: int 
     for i, (r, f) in enumerate(zip(which, offsets)):
         start = int(f * (rows[r].numel() - length + 1))
         out[i] = rows[r][start: start + length]
+    return out
+
+
+def sentence_starts(text: str, words: int, limit: int, min_words: int = 12) -> list[str]:
+    """The first `words` words of each sentence of `text` with at least `min_words` words, up to `limit`.
+
+    Headings (`= ... =`) and empty lines are skipped, as are sentences with `<unk>` among the kept
+    words; wikitext's spaced punctuation (` @-@ `, ` , `) is joined back so the prefixes read as text.
+    """
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+        for sentence in re.split(r"(?<=[.!?]) ", line):
+            toks = sentence.split()
+            if len(toks) < min_words or "<unk>" in toks[:words]:
+                continue
+            prefix = " ".join(toks[:words])
+            prefix = re.sub(r" ([,.;:!?')])", r"\1", prefix).replace("( ", "(").replace(" 's", "'s")
+            out.append(prefix)
+            if len(out) >= limit:
+                return out
     return out

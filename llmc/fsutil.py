@@ -51,10 +51,11 @@ def atomic_folder(directory: str, overwrite: bool = False, error=ArtifactError, 
         raise
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 

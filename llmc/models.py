@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from llmc.errors import ModelLoadError
+from llmc.fsutil import file_sha256 as sha256_file
 from llmc.progress import log
 
 # Built-in model names -> how to obtain them without a model hub.
@@ -43,14 +43,6 @@ class SourceModel:
 def cache_dir() -> str:
     """Where llmc keeps converted models: $LLMC_CACHE, else ~/.cache/llmc."""
     return os.environ.get("LLMC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmc")
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_builtin_gguf(name: str) -> str:

@@ -30,29 +30,6 @@ import torch
 import torch.nn.functional as F
 
 
-def sentence_starts(text: str, words: int, limit: int, min_words: int = 12) -> list[str]:
-    """The first `words` words of each sentence of `text` with at least `min_words` words, up to `limit`.
-
-    Lines that are headings (`= ... =`) or empty are skipped; wikitext's spaced punctuation
-    (` @-@ `, ` , `) is joined back so the prefixes read as plain text.
-    """
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("="):
-            continue
-        line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-        for sentence in re.split(r"(?<=[.!?]) ", line):
-            toks = sentence.split()
-            if len(toks) < min_words or "<unk>" in toks[:words]:
-                continue
-            prefix = " ".join(toks[:words])
-            prefix = re.sub(r" ([,.;:!?')])", r"\1", prefix).replace("( ", "(").replace(" 's", "'s")
-            out.append(prefix)
-            if len(out) >= limit:
-                return out
-    return out
-
 
 def make_student(teacher, layers: list[int]):
     """A copy of `teacher` keeping only decoder `layers` (same embedding, norm and head)."""
@@ -190,6 +167,7 @@ def main(argv=None) -> int:
 
     import llmc
     from llmc import data
+    from llmc.data import sentence_starts
 
     def log(msg):
         print(f"make_guides: {msg}", file=sys.stderr, flush=True)

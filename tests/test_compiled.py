@@ -72,12 +72,12 @@ def test_existing_folder_is_refused(tiny_compiled, tmp_path):
 
 
 def test_failed_save_leaves_nothing(tiny_compiled, tmp_path, monkeypatch):
-    import llmc.compiled as compiled
+    import llmc.fsutil as fsutil
 
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(compiled, "_sha256", broken)
+    monkeypatch.setattr(fsutil, "file_sha256", broken)  # fails while the checksums are written, before the rename
     with pytest.raises(OSError):
         tiny_compiled.save(tmp_path / "m")
     assert os.listdir(tmp_path) == []

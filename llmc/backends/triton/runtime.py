@@ -177,7 +177,9 @@ class TritonModel(Model):
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise LlmcError(f"dtype must be a floating torch dtype (float32, float16, bfloat16), got {dtype!r}")
         self.folder = folder
-        self.program = load_program(os.path.join(folder, self.manifest.get("program", PROGRAM_DIR))).program
+        # verify=False: verify_folder above has checked every file, program/ included
+        self.program = load_program(os.path.join(folder, self.manifest.get("program", PROGRAM_DIR)),
+                                    verify=False).program
         missing = triton_ops.unsupported_ops(self.program.gm)
         if missing:
             raise ArtifactError(f"{folder}: the graph calls llmc ops without a Triton kernel ({', '.join(missing)})")
