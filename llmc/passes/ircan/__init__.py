@@ -10,14 +10,12 @@ later pass and the export. See docs/passes/ircan.md.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -263,15 +261,13 @@ def _is_beta(value) -> bool:
 
 
 def _scratch_model(gm: fx.GraphModule, program) -> CompiledModel:
-    """A torch runtime over a copy of `gm` whose down_proj weights are its own copies, so scaling them in
-    place never touches `gm` (get them from `model.program.gm` after this: the runner re-stores them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        copy_gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for node in down_proj_linears(copy_gm):
+    """A torch runtime over a fork of the program whose down_proj weights are its own copies, so scaling them
+    in place never touches `gm` (get them from `model.program.gm` after this: the runner re-stores them)."""
+    fork = dataclasses.replace(program, gm=gm).fork()
+    for node in down_proj_linears(fork.gm):
         name = node.args[1].target
-        set_attr_tensor(copy_gm, name, attr_tensor(copy_gm, name).detach().clone())
-    return CompiledModel(dataclasses.replace(program, gm=copy_gm, history=[]))
+        set_attr_tensor(fork.gm, name, attr_tensor(fork.gm, name).detach().clone())
+    return CompiledModel(fork)
 
 
 @contextlib.contextmanager
