@@ -1,6 +1,7 @@
 """What calibration costs on SmolLM2-135M: seconds and peak resident memory of each calibrating pass, each
 compiled in a fresh process, beside the floor (the same process compiling with no pass); and torch-runtime
-decode tokens/s per sequence at batch 1 and batch 4.
+greedy generation at batch 1 and batch 4: seconds per sequence (the whole batch's time over its size),
+time to the first token (the prefill), and decode tokens/s per sequence after it.
 
     python -m benchmarks.calibration_cost [--rows cq_kv,gptq_quant,...] [--threads 2]
 
@@ -30,6 +31,7 @@ ROWS = {
     "gptq_quant": (["gptq_quant:bits=4,group=64"], "wikitext2-valid"),
     "structured_ffn": (["structured_ffn:kind=blockdense,budget=0.63"], "wikitext2-valid"),
     "ircan-4": (["ircan:task=memotrap,samples=4,h=4,beta=2"], None),
+    "pv_quant-scalar4": (["pv_quant:format=scalar,bits=4,code_change=0.0001,trust_ratio=0"], "wikitext2-valid"),
 }
 
 CHILD = r"""
@@ -57,18 +59,22 @@ def decode_rows(threads: int, new_tokens: int = 32, prompt_tokens: int = 64) -> 
     ids = data.tokenize(cm.tokenizer, data.text("wikitext2-test"))
     prompts = [ids[i * prompt_tokens:(i + 1) * prompt_tokens].tolist() for i in range(4)]
     cm.generate(prompts[:1], 4, return_tokens=True, ignore_eos=True)  # warm-up
-    rows = []
+    runs = []
     for batch in (1, 4, 1, 4):  # interleaved
-        t0 = time.perf_counter()
-        out = cm.generate(prompts[:batch], new_tokens, return_tokens=True, ignore_eos=True)
-        seconds = time.perf_counter() - t0
-        assert all(len(r) == new_tokens for r in out)
-        rows.append({"batch": batch, "seconds": seconds})
+        for n in (1, new_tokens):  # one token (the prefill and its token), then all of them
+            t0 = time.perf_counter()
+            out = cm.generate(prompts[:batch], n, return_tokens=True, ignore_eos=True)
+            runs.append({"batch": batch, "new": n, "seconds": time.perf_counter() - t0})
+            assert all(len(r) == n for r in out)
     result = []
     for batch in (1, 4):
-        best = min(r["seconds"] for r in rows if r["batch"] == batch)
+        first = min(r["seconds"] for r in runs if r["batch"] == batch and r["new"] == 1)
+        best = min(r["seconds"] for r in runs if r["batch"] == batch and r["new"] == new_tokens)
         result.append({"row": f"decode-batch{batch}", "batch": batch, "prompt_tokens": prompt_tokens,
                        "new_tokens": new_tokens, "seconds": round(best, 2),
+                       "seconds_per_sequence": round(best / batch, 3),
+                       "time_to_first_token_s": round(first, 3),
+                       "decode_tokens_per_s_per_sequence": round((new_tokens - 1) / (best - first), 2),
                        "tokens_per_s_per_sequence": round(new_tokens / best, 2),
                        "tokens_per_s": round(batch * new_tokens / best, 2), "threads": threads})
     return result

@@ -116,12 +116,16 @@ def verify_folder(folder: str, required: bool = False) -> int | None:
 
 @contextlib.contextmanager
 def atomic_file(path: str):
-    """Yield a temporary path beside `path` to write; rename it onto `path` on success, remove it on failure."""
+    """Yield a temporary path beside `path` to write; rename it onto `path` on success, remove it on failure.
+
+    The file gets the permissions the umask gives a new file, whatever mode its writer created it with.
+    """
     path = os.path.abspath(os.path.expanduser(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

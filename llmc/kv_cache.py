@@ -19,8 +19,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from llmc.errors import PassError
-from llmc.graph import between
-from llmc.progress import bar
+from llmc.graph import attr_tensor, between
+from llmc.progress import bar, log
 from llmc.trace import CacheTensor
 
 aten = torch.ops.aten
@@ -108,7 +108,7 @@ def attention_users(site: CacheSite) -> list[fx.Node]:
 
 
 _RECORDER = None
-CALIBRATION_VERSION = 3  # part of the cache fingerprint: bump when what collect_kv records changes
+CALIBRATION_VERSION = 4  # part of the cache fingerprint: bump when what collect_kv records changes
 
 
 def _probe(x: torch.Tensor, key: str) -> torch.Tensor:
@@ -141,13 +141,29 @@ class _Recorder:
 
 def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.Tensor], empty_cache, *,
                fisher: bool, max_tokens: int, seed: int, progress: bool, batch_size: int | None = None) -> dict:
-    """Run calibration text through `gm`; per site key "<layer>.<kind>": activations [N, H*D] (and
-    Fisher weights, the squared LM-loss gradients, same shape) for up to `max_tokens` sampled tokens.
+    """Every site's calibration data at once, {"<layer>.<kind>": {"x": [N, H*D], "fisher": ...}}:
+    `stream_kv` gathered into one dict (memory grows with the number of sites)."""
+    return {key: d for _, layer in stream_kv(gm, sites, batches, empty_cache, fisher=fisher, max_tokens=max_tokens,
+                                             seed=seed, progress=progress, batch_size=batch_size)
+            for key, d in layer.items()}
 
-    Probes are spliced into the graph for the run and removed afterwards. With `fisher`, each
-    batch runs forward and backward (next-token cross-entropy), one batch in memory at a time, with
-    the weights frozen: autograd then keeps and computes only what the gradients to the keys and
-    values need (no weight gradients), which bounds memory by one sequence's activations.
+
+def stream_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.Tensor], empty_cache, *,
+              fisher: bool, max_tokens: int, seed: int, progress: bool, batch_size: int | None = None):
+    """Run calibration text through `gm` and yield, one layer at a time, (layer, {"<layer>.<kind>": data})
+    for the layers of `sites`, where data holds the activations "x" [N, H*D] of up to `max_tokens`
+    sampled tokens (pre-RoPE keys, values) and, with `fisher`, "fisher": the squared gradients of the
+    LM loss (next-token cross-entropy, a mean per sequence) with respect to them, same shape.
+
+    The graph is cut into its decoder blocks (`split_blocks`) and run block by block over all
+    batches, so memory is bounded by one block's work, not the model's. Forward-only, layers come
+    first to last and only the current hidden states are kept. With `fisher` they come last to first:
+    a forward pass keeps the residual stream entering every block (tokens x hidden x layers floats,
+    the one cost that grows with depth), the head's loss gives the gradient leaving the last block,
+    and each block is then recomputed with autograd and backpropagated alone (activation
+    checkpointing), which gives exactly the gradients of a whole-model backward. Weights are frozen
+    meanwhile. Graphs that are not a plain stack of blocks fall back to whole-model passes.
+    Sequences run `batch_size` at a time (default: 1 with `fisher`, else 4).
     """
     global _RECORDER
     graph = gm.graph
@@ -158,29 +174,28 @@ def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.T
         s.pre.replace_all_uses_with(p, delete_user_cb=lambda u: u is not p)
         probes.append(p)
     gm.recompile()
-    rec = _Recorder(fisher)
-    gen = torch.Generator().manual_seed(seed)
-    batch_size = batch_size or (1 if fisher else 4)  # backward holds a batch's activations; forward-only is cheap
     ids = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches])  # [n, S]
     n, S = ids.shape
+    batch_size = batch_size or (1 if fisher else 4)  # a backward holds a batch's activations
+    gen = torch.Generator().manual_seed(seed)
     per_batch = max(1, math.ceil(max_tokens / math.ceil(n / batch_size)))
-    _RECORDER = rec
+    chunks = [ids[i:i + batch_size] for i in range(0, n, batch_size)]
+    rows = [torch.randperm(x.numel(), generator=gen)[:min(per_batch, x.numel())].sort().values for x in chunks]
     frozen = [p for p in gm.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        for i in bar(range(0, n, batch_size), desc="kv calibration", unit="batch", enabled=progress):
-            x = ids[i:i + batch_size]
-            B = x.shape[0]
-            rec.rows = torch.randperm(B * S, generator=gen)[:min(per_batch, B * S)].sort().values
-            mask = torch.ones(B, S, dtype=torch.long)
-            pos = torch.arange(S).expand(B, S)
-            with torch.enable_grad() if fisher else torch.no_grad():
-                logits = gm(x, mask, pos, empty_cache(B))[0]
-                if fisher:
-                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-                    loss.backward()
-            del logits
+        try:
+            from llmc.calibration.blocks import split_blocks, split_head
+
+            prefix, needed, blocks = split_blocks(gm)
+            head = split_head(gm) if fisher else None
+        except PassError as e:
+            log(f"kv calibration: {e}; running the whole model per batch instead of block by block")
+            yield from _whole_model(gm, sites, chunks, rows, empty_cache, fisher, progress)
+            return
+        params = [{t: attr_tensor(gm, t).detach() for t in blk.params} for blk in blocks]
+        yield from _blockwise(sites, chunks, rows, empty_cache, fisher, progress, prefix, needed, blocks, params, head)
     finally:
         _RECORDER = None
         for p in frozen:
@@ -189,13 +204,99 @@ def collect_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.T
             p.replace_all_uses_with(p.args[0])
             graph.erase_node(p)
         gm.recompile()
+
+
+_HEAD_POSITIONS = 64  # positions per head call in the Fisher pass: bounds the logits held to 64 x vocab per row
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, length: int) -> torch.Tensor:
+    """Next-token cross-entropy of `logits` [B, s, V] for `targets` [B, s], as a part of a mean over each
+    sequence's `length` - 1 predictions, summed over the sequences."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    return ce / max(1, length - 1)
+
+
+def _layer_data(rec: "_Recorder", layer: int, sites: list[CacheSite], fisher: bool) -> dict:
     out = {}
-    for key, chunks in rec.acts.items():
-        out[key] = {"x": torch.cat(chunks)}
-        if fisher:
-            # backward runs layers in reverse, but within a key the batches arrive in order
-            out[key]["fisher"] = torch.cat(rec.grads[key]).pow(2)
+    for s in sites:
+        if s.layer == layer:
+            key = f"{s.layer}.{s.kind}"
+            out[key] = {"x": torch.cat(rec.acts.pop(key))}
+            if fisher:
+                out[key]["fisher"] = torch.cat(rec.grads.pop(key)).pow(2)
     return out
+
+
+def _blockwise(sites, chunks, rows, empty_cache, fisher, progress, prefix, needed, blocks, params, head):
+    global _RECORDER
+    from llmc.calibration.blocks import block_inputs
+
+    layers = sorted({s.layer for s in sites})
+    hs, by_shape = block_inputs(prefix, needed, chunks, empty_cache)
+    ext = [by_shape[tuple(x.shape)] for x in chunks]  # RoPE tables, masks: one per batch shape
+    rec = _Recorder(fisher)
+    if not fisher:  # first to last, keeping only the stream entering the current block
+        for blk in bar(blocks[:layers[-1] + 1], desc="kv calibration", unit="layer", enabled=progress):
+            _RECORDER = rec if blk.index in layers else None
+            with torch.no_grad():
+                for b, x in enumerate(chunks):
+                    rec.rows = rows[b]
+                    hs[b] = blk(hs[b], ext[b], params[blk.index])
+            _RECORDER = None
+            if blk.index in layers:
+                yield blk.index, _layer_data(rec, blk.index, sites, fisher)
+        return
+    # stream[b][i]: the residual stream of batch b entering block i (i = L: leaving the last), one
+    # allocation per batch rather than one per block, so the blocks' temporaries never fragment it
+    stream = [torch.empty((len(blocks) + 1, *h.shape), dtype=h.dtype) for h in hs]
+    grads = []
+    for b, x in enumerate(bar(chunks, desc="kv calibration: forward", unit="batch", enabled=progress)):
+        with torch.no_grad():
+            stream[b][0] = hs[b]
+            for blk in blocks:
+                stream[b][blk.index + 1] = blk(stream[b][blk.index], ext[b], params[blk.index])
+        # the gradient leaving the last block, the head run on slices of positions
+        h = stream[b][-1].clone().requires_grad_(True)
+        S = x.shape[1]
+        for s0 in range(0, S - 1, _HEAD_POSITIONS):
+            s1 = min(s0 + _HEAD_POSITIONS, S - 1)  # the last position predicts nothing
+            with torch.enable_grad():
+                _loss(head(h[:, s0:s1]), x[:, s0 + 1:s1 + 1], S).backward()
+        grads.append(h.grad if h.grad is not None else torch.zeros_like(h))
+    del hs
+    for blk in bar(blocks[layers[0]:][::-1], desc="kv calibration: backward", unit="layer", enabled=progress):
+        _RECORDER = rec if blk.index in layers else None
+        for b in range(len(chunks)):
+            rec.rows = rows[b]
+            h = stream[b][blk.index].clone().requires_grad_(True)
+            with torch.enable_grad():
+                blk(h, ext[b], params[blk.index]).backward(grads[b])
+            grads[b] = h.grad
+        _RECORDER = None
+        if blk.index in layers:
+            yield blk.index, _layer_data(rec, blk.index, sites, fisher)
+
+
+def _whole_model(gm, sites, chunks, rows, empty_cache, fisher, progress):
+    """The fallback: each batch through the whole graph (forward, and backward with `fisher`); all
+    layers' data is gathered before any is yielded."""
+    global _RECORDER
+    rec = _Recorder(fisher)
+    _RECORDER = rec
+    for b, x in enumerate(bar(chunks, desc="kv calibration", unit="batch", enabled=progress)):
+        B, S = x.shape
+        rec.rows = rows[b]
+        mask = torch.ones(B, S, dtype=torch.long)
+        pos = torch.arange(S).expand(B, S)
+        with torch.enable_grad() if fisher else torch.no_grad():
+            logits = gm(x, mask, pos, empty_cache(B))[0]
+            if fisher:
+                _loss(logits[:, :-1], x[:, 1:], S).backward()
+        del logits
+    _RECORDER = None
+    # backward runs layers in reverse, but within a site the batches arrive in order
+    for layer in sorted({s.layer for s in sites}):
+        yield layer, _layer_data(rec, layer, sites, fisher)
 
 
 # ---------------------------------------------------------------------------------------------

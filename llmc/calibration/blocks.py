@@ -128,6 +128,18 @@ def flat_inputs(ids: torch.Tensor, empty_cache) -> list:
     return [ids, *decode_inputs(ids), *empty_cache(ids.shape[0])]
 
 
+def split_head(gm: fx.GraphModule) -> fx.GraphModule:
+    """The model's head as a function head(h) -> logits: the final norm and the LM head, applied to the
+    residual stream leaving the last block (what `split_blocks`' last block returns)."""
+    stream = _stream_input(gm, lambda f: f.rpartition(".")[2] == "norm" and ".layers." not in "." + f)
+    logits = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    head, externals, _, _ = _extract(gm, stream, between(stream, logits) + [logits], [logits], keep_attrs=True)
+    if externals:
+        raise PassError("calibration: the LM head reads more than the residual stream; the graph does not have the "
+                        "decoder structure this pass expects")
+    return head
+
+
 @torch.no_grad()
 def block_inputs(prefix: fx.GraphModule, needed: list[fx.Node], batches, empty_cache) -> tuple[list, dict]:
     """Run the prefix over calibration batches: the stream entering block 0 per batch, and the blocks'

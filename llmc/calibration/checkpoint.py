@@ -55,24 +55,36 @@ def load_checkpoint(path: str | None, fingerprint: str, label: str = "") -> dict
     return saved
 
 
+def _cache_path(cache_dir: str, name: str) -> str:
+    return os.path.join(os.path.expanduser(cache_dir), name + ".safetensors")
+
+
+def read_cached(cache_dir: str | None, name: str) -> dict[str, torch.Tensor] | None:
+    """The tensors kept as `cache_dir/name.safetensors`, or None when there is no readable file."""
+    if not cache_dir or not os.path.exists(path := _cache_path(cache_dir, name)):
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        out = load_file(path)
+    except Exception as e:  # noqa: BLE001 - a damaged file is recomputed, not trusted
+        log(f"ignoring unreadable {path}: {e}")
+        return None
+    log(f"reusing {path}")
+    return out
+
+
 def cached_tensors(cache_dir: str | None, name: str, compute) -> dict[str, torch.Tensor]:
     """`compute()` -> dict of tensors, kept as `cache_dir/name.safetensors` and reused when present.
 
     `name` must carry the fingerprint of what the tensors depend on. Without `cache_dir`, computes.
     """
-    if not cache_dir:
-        return compute()
-    from safetensors.torch import load_file, save_file
-
-    path = os.path.join(os.path.expanduser(cache_dir), name + ".safetensors")
-    if os.path.exists(path):
-        try:
-            out = load_file(path)
-            log(f"reusing {path}")
-            return out
-        except Exception as e:  # noqa: BLE001 - a damaged file is recomputed, not trusted
-            log(f"ignoring unreadable {path}: {e}")
+    if (out := read_cached(cache_dir, name)) is not None:
+        return out
     out = compute()
-    with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in out.items()}, tmp)
+    if cache_dir:
+        from safetensors.torch import save_file
+
+        with atomic_file(_cache_path(cache_dir, name)) as tmp:
+            save_file({k: v.contiguous() for k, v in out.items()}, tmp)
     return out

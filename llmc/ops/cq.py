@@ -121,30 +121,57 @@ def kmeans_plus_plus(points: Tensor, k: int, gen: torch.Generator) -> Tensor:
 
 
 def weighted_kmeans(points: Tensor, k: int, weights: Tensor | None = None, iters: int = 30, tol: float = 1e-5,
-                    seed: int = 0) -> tuple[Tensor, dict]:
-    """Lloyd's k-means with per-point weights, run independently for each of R rows at once.
+                    seed: int = 0, minibatch: int = 0, steps: int = 0) -> tuple[Tensor, dict]:
+    """k-means with per-point weights, run independently for each of R rows at once.
 
-    points [R, N, c]; weights [R, N] (None: all ones) scale each point's squared error, so the
-    M step is a weighted mean. k-means++ seeding (unweighted); an empty cluster is re-seeded with
-    the point of its row that is worst served. Stops after `iters` iterations or when every row's
-    weighted error improves by less than `tol` (relative). Returns centroids [R, k, c] and stats.
+    points [R, N, c]; weights [R, N] (None: all ones) scale each point's squared error, so a
+    centroid is a weighted mean. k-means++ seeding (unweighted). With `minibatch` (points per row)
+    and `steps`, seeding looks at a random `max(minibatch, k)` points per row and `steps` mini-batch
+    updates follow (Sculley, "Web-scale k-means clustering": each centroid moves toward the weighted
+    mean of the batch points it serves, by their weight over all the weight it has served so far);
+    then up to `iters` Lloyd iterations over all points (`steps + iters` of them when a mini-batch
+    would hold every point), which stop early when every row's weighted error improves by less than
+    `tol` (relative). In Lloyd's M step an empty cluster is re-seeded with
+    the point of its row that is worst served. Returns centroids [R, k, c] and stats
+    (the final weighted and unweighted squared errors among them).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small kernels: thread barriers cost more than they give (15x on a busy CPU)
     try:
-        return _weighted_kmeans(points, k, weights, iters, tol, seed)
+        return _weighted_kmeans(points, k, weights, iters, tol, seed, minibatch, steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _weighted_kmeans(points, k, weights, iters, tol, seed):
+def _rows_sample(points: Tensor, w: Tensor, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """m points per row drawn uniformly with replacement, and their weights."""
+    R, N, c = points.shape
+    pick = torch.randint(0, N, (R, m), generator=gen)
+    return points.gather(1, pick.unsqueeze(-1).expand(R, m, c)), w.gather(1, pick)
+
+
+def _weighted_kmeans(points, k, weights, iters, tol, seed, minibatch, steps):
     points = points.float().contiguous()
     R, N, c = points.shape
     if N < k:
         raise ValueError(f"k-means needs at least k={k} points per group, got {N}")
-    w = torch.ones(R, N) if weights is None else weights.float()
+    w = torch.ones(R, N) if weights is None else weights.float().contiguous()
     gen = torch.Generator().manual_seed(seed)
-    cent = kmeans_plus_plus(points, k, gen)
+    m = max(minibatch, k)
+    if minibatch and m < N:
+        sub = torch.stack([torch.randperm(N, generator=gen)[:m] for _ in range(R)])  # distinct points to seed from
+        cent = kmeans_plus_plus(points.gather(1, sub.unsqueeze(-1).expand(R, m, c)), k, gen)
+        served = torch.zeros(R, k)
+        for _ in range(steps):
+            p, pw = _rows_sample(points, w, minibatch, gen)
+            idx, _ = nearest(p, cent)
+            sums = torch.zeros(R, k, c).scatter_add_(1, idx.unsqueeze(-1).expand_as(p), p * pw.unsqueeze(-1))
+            mass = torch.zeros(R, k).scatter_add_(1, idx, pw)
+            served += mass
+            cent = cent + (sums - mass.unsqueeze(-1) * cent) / served.clamp_min(1e-30).unsqueeze(-1)
+    else:  # every point fits in one mini-batch: the steps are Lloyd iterations
+        cent = kmeans_plus_plus(points, k, gen)
+        iters += steps if minibatch else 0
     prev = None
     history = []
     for it in range(iters):
@@ -165,5 +192,5 @@ def _weighted_kmeans(points, k, weights, iters, tol, seed):
             cent[rows, cols] = points[rows, worst[rows, rank]]
     idx, d2 = nearest(points, cent)
     final = float((w * d2).sum())
-    return cent, {"iterations": len(history), "weighted_error": final,
+    return cent, {"iterations": len(history), "weighted_error": final, "squared_error": float(d2.sum()),
                   "first_error": history[0] if history else final}

@@ -308,3 +308,72 @@ def test_fisher_equals_autograd_on_the_source_model_and_leaves_weights_alone(tin
         hf.zero_grad(set_to_none=True)
     ref = kept["k"].grad.reshape(-1, kept["k"].shape[-1]).pow(2)
     torch.testing.assert_close(out["0.key"]["fisher"], ref, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher", [False, True])
+def test_block_by_block_calibration_equals_the_whole_model(tiny_models, monkeypatch, fisher):
+    """stream_kv runs the graph one decoder block at a time (with the Fisher pass, recomputing each block
+    for its backward and the head on slices of positions); it yields each layer once, in the order its
+    data is complete, and that data equals the whole-model passes' (the fallback for other graphs)."""
+    import llmc.calibration.blocks as blocks
+    import llmc.kv_cache as kv
+    from llmc.api import to_program
+    from llmc.errors import PassError
+
+    program = to_program(tiny_models["llama"])
+    sites = kv.cache_sites(program.gm, program.cache_layout)
+    batches = _calib(5, length=20)  # 5 sequences: batches of 4 and 1, 30 sampled tokens each (all 20 of the second)
+
+    def run():
+        return list(kv.stream_kv(program.gm, sites, batches, lambda b: program.empty_cache(b, 0), fisher=fisher,
+                                 max_tokens=60, seed=3, progress=False, batch_size=4))
+
+    monkeypatch.setattr(kv, "_HEAD_POSITIONS", 7)  # 19 predicting positions: slices of 7, 7 and 5
+    streamed = run()
+    layers = sorted({s.layer for s in sites})
+    assert [layer for layer, _ in streamed] == (layers[::-1] if fisher else layers)
+
+    def refuse(gm):
+        raise PassError("not a plain stack of blocks")
+
+    monkeypatch.setattr(blocks, "split_blocks", refuse)
+    whole = dict(run())
+    for layer, data in streamed:
+        assert data.keys() == whole[layer].keys() == {f"{layer}.key", f"{layer}.value"}
+        for key, d in data.items():
+            assert d["x"].shape == (30 + 20, program.cache_layout[0].shape[1] * program.cache_layout[0].shape[3])
+            torch.testing.assert_close(d["x"], whole[layer][key]["x"], rtol=1e-5, atol=1e-6)
+            if fisher:
+                assert d["fisher"].abs().sum() > 0
+                torch.testing.assert_close(d["fisher"], whole[layer][key]["fisher"], rtol=1e-4, atol=1e-12)
+    assert all(p.requires_grad and p.grad is None for p in program.gm.parameters())
+    assert "_probe" not in program.gm.code
+
+
+def test_cache_dir_keeps_each_layer_and_resumes(tiny_models, tmp_path, monkeypatch):
+    """With cache_dir, each layer's calibration data and codebooks are files as soon as they are made
+    (with the umask's permissions); a rerun reuses the codebooks, a lost layer is re-learned from the
+    kept data, and another config reuses the data: none of them runs the model again."""
+    import llmc.passes.cq_kv.pass_ as cq_pass
+
+    m = tiny_models["llama"]
+    spec = f"cq_kv:config=4c8b,tokens=256,cache_dir={tmp_path}"
+    first = llmc.compile(m, passes=[spec], calibration=_calib(4), progress=False)
+    files = sorted(os.listdir(tmp_path))
+    n_layers = m.config.num_hidden_layers
+    assert sum(f.startswith("kv-") for f in files) == sum(f.startswith("cq-") for f in files) == n_layers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(os.stat(tmp_path / f).st_mode & 0o777 == 0o666 & ~umask for f in files)
+
+    def no_model_runs(*a, **k):
+        raise AssertionError("the model ran although every layer's data was kept")
+
+    monkeypatch.setattr(cq_pass, "stream_kv", no_model_runs)
+    os.remove(tmp_path / next(f for f in files if f.startswith("cq-") and f.endswith("layer0.safetensors")))
+    again = llmc.compile(m, passes=[spec], calibration=_calib(4), progress=False)
+    for name, t in first.program.gm.state_dict().items():
+        if name.endswith("codebooks"):
+            assert torch.equal(t, again.program.gm.state_dict()[name]), name
+    other = llmc.compile(m, passes=[spec.replace("4c8b", "2c8b")], calibration=_calib(4), progress=False)
+    assert other.program.history[-1].stats["bits_per_channel"] == 4

@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import operator
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from llmc.calibration import cached_tensors, graph_fingerprint
+from llmc.calibration import cached_tensors, graph_fingerprint, read_cached
 from llmc.errors import ConfigError, PassError
 from llmc.graph import between, copy_nodes, drop_input_guards, set_attr_tensor
 from llmc.kv_cache import (CALIBRATION_VERSION, CacheSite, add_cache_inputs, append_outputs, attention_users,
-                           cache_sites, call_like, collect_kv, erase_dead, placeholders)
+                           cache_sites, call_like, erase_dead, placeholders, stream_kv)
 from llmc.ops.cq import MAX_BITS, code_dtype, weighted_kmeans
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
@@ -154,10 +155,13 @@ class CoupledKVQuant(Pass):
     are the first slots of the cache, padding included); exact_current (default true): the tokens
     of a step attend to each other's unquantized keys and values, as a decoder that quantizes on
     write does (module docstring); false reads them back from their codes too;
-    tokens: calibration tokens per layer sampled for k-means; iters: k-means iterations;
-    calib_sequences: calibration sequences run (forward + backward); cache_dir: where to keep the
-    collected activations and learned codebooks, keyed by a fingerprint of graph, data and
-    options, so a sweep over configurations or a rerun after an interruption skips what is done.
+    tokens: calibration tokens per layer sampled for k-means; minibatch, steps: mini-batch k-means
+    (points per codebook and step, steps; minibatch=0: plain Lloyd from k-means++ on all points);
+    iters: Lloyd iterations over all points after the mini-batch steps; calib_sequences:
+    calibration sequences run (forward + backward); cache_dir: where to keep each layer's collected
+    activations and learned codebooks, keyed by a fingerprint of graph, data and options, so a sweep
+    over configurations or a rerun after an interruption skips what is done. Calibration streams
+    block by block (`llmc.kv_cache.stream_kv`): one layer's activations are held at a time.
     Matches: every float key/value cache write. Emits: llmc::cq_encode / llmc::cq_decode, uint8
     cache inputs/outputs. Numerics: lossy.
     """
@@ -168,7 +172,9 @@ class CoupledKVQuant(Pass):
     sink: int = 0
     exact_current: bool = True
     tokens: int = 8192
-    iters: int = 20
+    iters: int = 3
+    minibatch: int = 1024
+    steps: int = 30
     calib_sequences: int = 16
     cache_dir: str = ""
 
@@ -187,6 +193,8 @@ class CoupledKVQuant(Pass):
                               f"2^{parse_cq_config(self.config)[1]}")
         if self.iters < 1 or self.calib_sequences < 1:
             raise ConfigError("cq_kv.iters and cq_kv.calib_sequences must be >= 1")
+        if self.minibatch < 0 or self.steps < 0:
+            raise ConfigError("cq_kv.minibatch (points per mini-batch step, 0 = none) and cq_kv.steps must be >= 0")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c, b = parse_cq_config(self.config)
@@ -201,35 +209,7 @@ class CoupledKVQuant(Pass):
         if n_tokens < 2 ** b:
             raise ConfigError(f"cq_kv: {n_tokens} calibration tokens, fewer than the {2 ** b} centroids of a codebook")
         fp = graph_fingerprint(gm, batches, "cq_kv", CALIBRATION_VERSION, self.fisher, self.tokens, ctx.seed)
-
-        def calibrate():
-            log(f"cq_kv: calibrating on {len(batches)} sequences ({n_tokens} tokens, fisher={self.fisher})")
-            data = collect_kv(gm, sites, batches, program.empty_cache, fisher=self.fisher,
-                              max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress)
-            return {f"{k}.{f}": t for k, d in data.items() for f, t in d.items()}
-
-        def learn():
-            data = cached_tensors(self.cache_dir, f"kv-{fp}", calibrate)
-            out = {}
-            for s in bar(sites, desc="cq_kv k-means", unit="tensor", enabled=ctx.progress):
-                key = f"{s.layer}.{s.kind}"
-                x = data[f"{key}.x"]
-                N, HD = x.shape
-                H, G = HD // head_dim, head_dim // c
-                pts = x.view(N, H * G, c).transpose(0, 1)  # [H*G, N, c]
-                w = None
-                if self.fisher:
-                    w = data[f"{key}.fisher"].view(N, H * G, c).sum(-1).transpose(0, 1)  # [H*G, N]
-                    w = w / w.amax(-1, keepdim=True).clamp_min(1e-30)
-                cent, st = weighted_kmeans(pts, 2 ** b, w, iters=self.iters,
-                                           seed=ctx.seed + 2 * s.layer + (s.kind == "value"))
-                out[key] = cent.view(H, G, 2 ** b, c)
-                err = float(self._sq_error(pts, cent))
-                out[f"{key}.relative_mse"] = torch.tensor(err / max(float(pts.pow(2).sum()), 1e-30))
-                out[f"{key}.iterations"] = torch.tensor(st["iterations"])
-            return out
-
-        learned = cached_tensors(self.cache_dir, f"cq-{fp}-{self.config}-{self.iters}", learn)
+        learned = self._learn(gm, sites, batches, program.empty_cache, fp, head_dim, ctx)
         codebooks = {(s.layer, s.kind): learned[f"{s.layer}.{s.kind}"] for s in sites}
         kstats = [{"layer": s.layer, "kind": s.kind, "iterations": int(learned[f"{s.layer}.{s.kind}.iterations"]),
                    "relative_mse": round(float(learned[f"{s.layer}.{s.kind}.relative_mse"]), 6)} for s in sites]
@@ -241,11 +221,64 @@ class CoupledKVQuant(Pass):
                                        for k in ("key", "value")}}
         return PassResult(gm, True, stats, cache_layout=new_layout)
 
-    @staticmethod
-    def _sq_error(points: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
-        from llmc.ops.cq import nearest
+    def _learn(self, gm, sites, batches, empty_cache, fp: str, head_dim: int, ctx: PassContext) -> dict:
+        """Codebooks of every site, {"<layer>.<kind>": [H, G, 2^b, c], ... + k-means stats}, learned one
+        layer at a time as `stream_kv` yields its data, so only one layer's activations are ever held.
 
-        return nearest(points, cent)[1].sum()
+        With `cache_dir`, each layer's data and codebooks are kept there as they are made: a rerun
+        after an interruption redoes only the missing layers' k-means, and a sweep over `config`
+        reuses the collected data."""
+        c, b = parse_cq_config(self.config)
+        n_tokens = sum(x.numel() for x in batches)
+        layers = sorted({s.layer for s in sites})
+        km = f"{self.config}-{self.iters}-{self.minibatch}-{self.steps}"
+        learned = {}
+        for layer in layers:  # layers learned by an earlier run (cache_dir)
+            learned.update(read_cached(self.cache_dir, f"cq-{fp}-{km}-layer{layer}") or {})
+        todo = [layer for layer in layers if any(f"{s.layer}.{s.kind}" not in learned for s in sites if s.layer == layer)]
+        if not todo:
+            return learned
+        data_names = {layer: f"kv-{fp}-layer{layer}" for layer in layers}
+        kept = {layer: read_cached(self.cache_dir, data_names[layer]) for layer in todo}
+        if self.cache_dir and all(d is not None for d in kept.values()):
+            stream = iter(kept.items())
+        else:
+            log(f"cq_kv: calibrating on {len(batches)} sequences ({n_tokens} tokens, fisher={self.fisher})")
+            flat = ((layer, {f"{k}.{f}": t for k, d in per_site.items() for f, t in d.items()})
+                    for layer, per_site in stream_kv(gm, sites, batches, empty_cache, fisher=self.fisher,
+                                                     max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress))
+            stream = ((layer, cached_tensors(self.cache_dir, data_names[layer], lambda d=d: d)) for layer, d in flat)
+        threads = torch.get_num_threads()
+        with ThreadPoolExecutor(max(1, min(2, threads))) as pool:  # a layer's key and value sites side by side
+            for layer, data in stream:
+                if layer not in todo:
+                    continue
+                torch.set_num_threads(1)  # each k-means single-threaded on its own worker
+                try:
+                    fits = list(pool.map(lambda s: self._kmeans(s, data, head_dim, c, b, ctx.seed),
+                                         [s for s in sites if s.layer == layer]))
+                finally:
+                    torch.set_num_threads(threads)
+                out = {k: v for fit in fits for k, v in fit.items()}
+                learned.update(cached_tensors(self.cache_dir, f"cq-{fp}-{km}-layer{layer}", lambda o=out: o))
+        return learned
+
+    def _kmeans(self, s, data: dict, head_dim: int, c: int, b: int, seed: int) -> dict:
+        """One site's codebooks [H, G, 2^b, c] (keyed "<layer>.<kind>") and their k-means stats."""
+        key = f"{s.layer}.{s.kind}"
+        x = data[f"{key}.x"]
+        N, HD = x.shape
+        H, G = HD // head_dim, head_dim // c
+        pts = x.view(N, H * G, c).transpose(0, 1)  # [H*G, N, c]
+        w = None
+        if self.fisher:
+            w = data[f"{key}.fisher"].view(N, H * G, c).sum(-1).transpose(0, 1)  # [H*G, N]
+            w = w / w.amax(-1, keepdim=True).clamp_min(1e-30)
+        cent, st = weighted_kmeans(pts, 2 ** b, w, iters=self.iters, minibatch=self.minibatch, steps=self.steps,
+                                   seed=seed + 2 * s.layer + (s.kind == "value"))
+        rel = st["squared_error"] / max(float(pts.pow(2).sum()), 1e-30)
+        return {key: cent.view(H, G, 2 ** b, c), f"{key}.relative_mse": torch.tensor(rel),
+                f"{key}.iterations": torch.tensor(st["iterations"])}
 
     def rewrite(self, gm: fx.GraphModule, layout_in: list[CacheTensor], sites: list[CacheSite],
                 codebooks: dict) -> list[CacheTensor]:
