@@ -15,12 +15,14 @@ software/date metadata, sorted inputs).
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import io
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 
 import matplotlib
@@ -50,6 +52,12 @@ ORDER = ["foundation", "onnxruntime_decode", "pv_quant", "vq_linear", "cq_kv", "
 # the change). A matching row whose spec does not name the option gets a note, and the plots use
 # the old value.
 OLD_DEFAULTS = [("cq_kv", "exact_current", "false", ("88fd575", "a86da10"))]
+# Changes after which a pass's earlier results no longer reproduce: (pass, the commit that changed it,
+# what changed). A row of that pass measured at an earlier commit is marked stale in docs/results.md
+# and the README until it is re-run.
+RESULTS_CHANGED: list[tuple[str, str, str]] = [
+    ("cq_kv", "19e64a8", "calibration was streamed block by block with mini-batch k-means"),
+]
 
 # The README's results summary: (results file, row id or method, what to call it). A row that is
 # missing is skipped with a warning.
@@ -131,8 +139,29 @@ def legacy_note(row: dict, doc: dict) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def is_ancestor(commit: str, of: str) -> bool | None:
+    """Whether `commit` is an ancestor of (or is) `of` in this repository; None when git cannot tell."""
+    try:
+        proc = subprocess.run(["git", "merge-base", "--is-ancestor", commit, of], cwd=ROOT, capture_output=True)
+    except OSError:
+        return None
+    return {0: True, 1: False}.get(proc.returncode)
+
+
+def stale_note(row: dict, doc: dict) -> str | None:
+    """A note for a row of a pass that changed after the row was measured (RESULTS_CHANGED)."""
+    commit = commit_of(row, doc).replace("-dirty", "")
+    for pass_name, changed, what in RESULTS_CHANGED:
+        uses = any(isinstance(spec, str) and spec.split(":")[0] == pass_name for spec in row.get("passes") or [])
+        if uses and commit != changed and is_ancestor(commit, changed):
+            return f"STALE: measured before {what} ({changed}), not re-run since"
+    return None
+
+
 def note_of(row: dict, doc: dict) -> str | None:
-    return row.get("note") or legacy_note(row, doc)
+    notes = [n for n in (row.get("note") or legacy_note(row, doc), stale_note(row, doc)) if n]
+    return "; ".join(notes) or None
 
 
 def spec_option(row: dict, pass_name: str, option: str, default: str | None = None) -> str | None:
@@ -812,6 +841,8 @@ def readme_block(docs: list[dict]) -> str:
             continue
         if file == "onnxruntime_decode_rtn4_all_int8" and num(doc.get("onnx_bytes")):
             value += f", {doc['onnx_bytes'] / 1e6:.1f} MB"
+        if stale := stale_note(r, doc):
+            value += f" ({stale})"
         rows.append([label, value, f"[{file}](docs/results.md#{file.lower()})"])
     return "\n".join(table(["result", "measured", "source"], rows))
 

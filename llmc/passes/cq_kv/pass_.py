@@ -50,7 +50,7 @@ from llmc.kv_cache import (CALIBRATION_VERSION, CacheSite, add_cache_inputs, app
                            cache_sites, call_like, erase_dead, placeholders, stream_kv)
 from llmc.ops.cq import MAX_BITS, code_dtype, weighted_kmeans
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
-from llmc.progress import bar, log
+from llmc.progress import log
 from llmc.trace import CacheTensor
 
 aten = torch.ops.aten
