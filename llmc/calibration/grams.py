@@ -13,6 +13,7 @@ from torch import Tensor, fx
 
 from llmc.calibration.blocks import decode_inputs
 from llmc.calibration.checkpoint import load_checkpoint, save_checkpoint
+from llmc.errors import PassError
 from llmc.progress import bar, log
 
 
@@ -66,6 +67,61 @@ def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_ca
     if cache_path:
         save_checkpoint(cache_path, fingerprint, grams=rec.grams)
     return rec.grams
+
+
+@torch.no_grad()
+def stream_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_cache, progress: bool = True,
+                 label: str = "calibration", cached=None):
+    """The XᵀX of `input_grams`, yielded one part at a time: {key: XᵀX} of the keys read in decoder
+    layer 0, then layer 1, ..., then those of the head (final norm and LM head), each computed on
+    the float model's residual stream block by block (`split_blocks`), so that only one layer's
+    matrices are held at once. A graph that does not split into blocks yields one part, from
+    `input_grams`. Watched nodes must be linears of stored weights.
+
+    `cached(k)`: part k's grams when they are kept from an earlier run, else None; a kept part is
+    yielded without recording, and the stream is advanced through its block only when a later part
+    needs it (a resumed run does no more work than what is missing).
+    """
+    from llmc.calibration.blocks import block_inputs, split_blocks, split_head
+    from llmc.graph import attr_tensor
+
+    by_weight = {n.args[1].target: key for n, key in watch.items()}
+    try:
+        prefix, needed, blocks = split_blocks(gm)
+        head = split_head(gm)
+    except PassError as e:
+        log(f"{label}: {e}; recording every layer at once")
+        yield (cached and cached(0)) or input_grams(gm, watch, batches, empty_cache, progress, label=label)
+        return
+    hs = ext = None
+    at = 0  # hs holds the stream entering block `at`
+    parts = [(blk, {node: by_weight[t] for t, node in blk.linears.items() if t in by_weight}) for blk in blocks]
+    head_linears = {n: by_weight[n.args[1].target] for n in head.graph.nodes if n.op == "call_function"
+                    and n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr"
+                    and n.args[1].target in by_weight}
+    parts.append((None, head_linears))
+    for k, (blk, sub_watch) in enumerate(bar(parts, desc=f"{label} calibration", unit="layer", enabled=progress)):
+        kept = cached(k) if cached else None
+        if kept is not None:
+            yield kept
+            continue
+        if hs is None:
+            hs, by_shape = block_inputs(prefix, needed, batches, empty_cache)
+            ext = [by_shape[tuple(h.shape[:2])] for h in hs]
+        for skipped, _ in parts[at:k]:  # catch up through blocks whose parts were kept
+            params = {t: attr_tensor(gm, t).detach() for t in skipped.params}
+            hs = [skipped(h, e, params) for h, e in zip(hs, ext)]
+        at = k
+        if blk is None:
+            rec = GramRecorder(head, sub_watch)
+            for h in hs:
+                rec.run(h)
+        else:
+            params = {t: attr_tensor(gm, t).detach() for t in blk.params}
+            rec = GramRecorder(blk.gm, sub_watch)
+            hs = [rec.run(h, *(e[n] for n in blk.externals), *(params[p] for p in blk.params)) for h, e in zip(hs, ext)]
+            at = k + 1
+        yield rec.grams
 
 
 def output_error(weight: Tensor, approx: Tensor, H: Tensor) -> Tensor:

@@ -208,16 +208,48 @@ def test_pass_emits_nbits_linear_and_beats_rtn(tiny_runs):
     assert st["output_error_mean"] < 0.6 * st["rtn_output_error_mean"]  # measured 0.36
 
 
-def test_pass_is_deterministic_and_caches_statistics(tiny_runs, tmp_path):
+def test_pass_is_deterministic_and_caches_statistics(tiny_runs, tmp_path, monkeypatch):
+    """With checkpoint_dir each layer's statistics (and the head's) are a file; a rerun reads them all
+    back without running the model, and one that lost a middle layer's file records only that layer."""
+    from llmc.calibration import GramRecorder
+
     model, calib, ids, reference, rtn, gptq = tiny_runs
     spec = f"gptq_quant:bits=4,group=16,checkpoint_dir={tmp_path}"
     first = llmc.compile(model, passes=[spec], calibration=calib)
-    assert [f for f in os.listdir(tmp_path) if f.startswith("gptq-grams-")]
-    second = llmc.compile(model, passes=[spec], calibration=calib)  # statistics read back from the file
-    for cm in (first, second):
+    parts = sorted(f for f in os.listdir(tmp_path) if f.startswith("gptq-grams-"))
+    assert len(parts) == model.config.num_hidden_layers + 1
+    recorded = []
+    real_run = GramRecorder.run
+    monkeypatch.setattr(GramRecorder, "run", lambda self, *a: recorded.append(1) or real_run(self, *a))
+    second = llmc.compile(model, passes=[spec], calibration=calib)  # statistics read back from the files
+    assert not recorded
+    os.remove(tmp_path / next(p for p in parts if p.endswith("part1.pt")))
+    third = llmc.compile(model, passes=[spec], calibration=calib)
+    assert len(recorded) == len(calib)  # layer 1 alone, once per batch
+    for cm in (first, second, third):
         for name, t in gptq.program.gm.named_buffers():
             assert torch.equal(t, cm.program.gm.get_buffer(name)), name
     torch.testing.assert_close(_logits(second, ids), _logits(gptq, ids), rtol=0, atol=0)
+
+
+def test_grams_streamed_by_layer_equal_the_whole_graph(tiny_runs):
+    """stream_grams yields one part per decoder layer and one for the head, which together equal
+    input_grams over the whole graph."""
+    from llmc.api import to_program
+    from llmc.calibration import input_grams, stream_grams
+    from llmc.rewrite import quantizable_linears
+
+    model, calib, *_ = tiny_runs
+    program = to_program(model)
+    watch = {n: n.args[0].name for n in quantizable_linears(program.gm, r"layers\.\d+\.(self_attn|mlp)\.", True)}
+    empty = program.empty_cache
+    parts = list(stream_grams(program.gm, watch, calib, empty, progress=False))
+    whole = input_grams(program.gm, watch, calib, empty, progress=False)
+    assert len(parts) == model.config.num_hidden_layers + 1
+    merged = {k: v for p in parts for k, v in p.items()}
+    assert sum(len(p) for p in parts) == len(merged) == len(whole) == 4 * model.config.num_hidden_layers + 1
+    for k, v in whole.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-6, atol=1e-6)
 
 
 def test_natural_order_and_lm_head(tiny_runs):
