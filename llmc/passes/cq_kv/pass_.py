@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import operator
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -209,21 +210,24 @@ class CoupledKVQuant(Pass):
         if n_tokens < 2 ** b:
             raise ConfigError(f"cq_kv: {n_tokens} calibration tokens, fewer than the {2 ** b} centroids of a codebook")
         fp = graph_fingerprint(gm, batches, "cq_kv", CALIBRATION_VERSION, self.fisher, self.tokens, ctx.seed)
-        learned = self._learn(gm, sites, batches, program.empty_cache, fp, head_dim, ctx)
+        t0 = time.perf_counter()
+        learned, kmeans_seconds = self._learn(gm, sites, batches, program.empty_cache, fp, head_dim, ctx)
+        seconds = {"calibration": round(time.perf_counter() - t0 - kmeans_seconds, 1), "kmeans": round(kmeans_seconds, 1)}
         codebooks = {(s.layer, s.kind): learned[f"{s.layer}.{s.kind}"] for s in sites}
         kstats = [{"layer": s.layer, "kind": s.kind, "iterations": int(learned[f"{s.layer}.{s.kind}.iterations"]),
                    "relative_mse": round(float(learned[f"{s.layer}.{s.kind}.relative_mse"]), 6)} for s in sites]
         new_layout = self.rewrite(gm, program.cache_layout, sites, codebooks)
         stats = {"bits_per_channel": b / c, "codebook_values": sum(cb.numel() for cb in codebooks.values()),
-                 "calibration_tokens": n_tokens, "kmeans": kstats,
+                 "calibration_tokens": n_tokens, "kmeans": kstats, "seconds": seconds,
                  "mean_relative_mse": {k: round(sum(s["relative_mse"] for s in kstats if s["kind"] == k) /
                                                 max(1, sum(s["kind"] == k for s in kstats)), 6)
                                        for k in ("key", "value")}}
         return PassResult(gm, True, stats, cache_layout=new_layout)
 
-    def _learn(self, gm, sites, batches, empty_cache, fp: str, head_dim: int, ctx: PassContext) -> dict:
+    def _learn(self, gm, sites, batches, empty_cache, fp: str, head_dim: int, ctx: PassContext) -> tuple[dict, float]:
         """Codebooks of every site, {"<layer>.<kind>": [H, G, 2^b, c], ... + k-means stats}, learned one
-        layer at a time as `stream_kv` yields its data, so only one layer's activations are ever held.
+        layer at a time as `stream_kv` yields its data, so only one layer's activations are ever held;
+        and the seconds spent in k-means.
 
         With `cache_dir`, each layer's data and codebooks are kept there as they are made: a rerun
         after an interruption redoes only the missing layers' k-means, and a sweep over `config`
@@ -237,7 +241,7 @@ class CoupledKVQuant(Pass):
             learned.update(read_cached(self.cache_dir, f"cq-{fp}-{km}-layer{layer}") or {})
         todo = [layer for layer in layers if any(f"{s.layer}.{s.kind}" not in learned for s in sites if s.layer == layer)]
         if not todo:
-            return learned
+            return learned, 0.0
         data_names = {layer: f"kv-{fp}-layer{layer}" for layer in layers}
         kept = {layer: read_cached(self.cache_dir, data_names[layer]) for layer in todo}
         if self.cache_dir and all(d is not None for d in kept.values()):
@@ -249,19 +253,22 @@ class CoupledKVQuant(Pass):
                                                      max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress))
             stream = ((layer, cached_tensors(self.cache_dir, data_names[layer], lambda d=d: d)) for layer, d in flat)
         threads = torch.get_num_threads()
+        kmeans_seconds = 0.0
         with ThreadPoolExecutor(max(1, min(2, threads))) as pool:  # a layer's key and value sites side by side
             for layer, data in stream:
                 if layer not in todo:
                     continue
+                t0 = time.perf_counter()
                 torch.set_num_threads(1)  # each k-means single-threaded on its own worker
                 try:
                     fits = list(pool.map(lambda s: self._kmeans(s, data, head_dim, c, b, ctx.seed),
                                          [s for s in sites if s.layer == layer]))
                 finally:
                     torch.set_num_threads(threads)
+                kmeans_seconds += time.perf_counter() - t0
                 out = {k: v for fit in fits for k, v in fit.items()}
                 learned.update(cached_tensors(self.cache_dir, f"cq-{fp}-{km}-layer{layer}", lambda o=out: o))
-        return learned
+        return learned, kmeans_seconds
 
     def _kmeans(self, s, data: dict, head_dim: int, c: int, b: int, seed: int) -> dict:
         """One site's codebooks [H, G, 2^b, c] (keyed "<layer>.<kind>") and their k-means stats."""
