@@ -1,6 +1,6 @@
 """KV-cache quantization on SmolLM2-135M: CQ vs uniform at 4/2/1 bits per channel, KV-chunked perplexity.
 
-    python -m benchmarks.cq_kv [--windows 5] [--rows cq-4c8b,uniform-2,...] [--ort]
+    python -m benchmarks.cq_kv [--windows 5] [--rows cq-4c8b,uniform-2,...] [--redo] [--ort]
 
 (from the repository root). `kivi-*` rows are KIVI's cache (uniform_kv:mode=kivi): their bits per
 channel include the fp16 scales and zero points, and their float tail is counted in the fixed bytes.
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/llmc-bench-cq")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--redo", action="store_true", help="measure the --rows again even when the results file has them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     name = args.name or f"cq_kv_{args.windows}w"
@@ -184,8 +185,9 @@ def main() -> None:
     for row in ["fp"] + [r for r in wanted if r != "fp"]:  # every ratio needs the FP row first
         if row not in ROWS:
             raise SystemExit(f"unknown row '{row}'; choose from {', '.join(ROWS)}")
-        if row in done:
+        if row in done and not (args.redo and row in wanted):
             continue
+        rows = [r for r in rows if r["row"] != row]
         passes = [p if p.startswith("uniform") else f"{p},cache_dir={args.cache_dir}" for p in ROWS[row]]
         t0 = time.perf_counter()
         cm = llmc.compile(src, passes=passes, calibration=calib if passes else None)

@@ -8,14 +8,16 @@
 - `teacher`: the distillation teacher of a graph and the KL to it (`graph_teacher`, `kl_to_teacher`).
 - `checkpoint`: fingerprints of what a result depends on, and checkpoints written atomically and
   read back only under the same fingerprint (`fingerprint`, `save_checkpoint`, `load_checkpoint`,
-  `cached_tensors`, `read_cached`).
+  `cache_path`, `cached_tensors`, `read_cached`).
 """
 
 from llmc.calibration.blocks import Block, block_inputs, decode_inputs, flat_inputs, split_blocks, split_head
-from llmc.calibration.checkpoint import cached_tensors, read_cached, fingerprint, graph_fingerprint, load_checkpoint, save_checkpoint
+from llmc.calibration.checkpoint import (cache_path, cached_tensors, fingerprint, graph_fingerprint, load_checkpoint,
+                                         read_cached, save_checkpoint)
 from llmc.calibration.grams import GramRecorder, input_grams, output_error, relative_output_error, stream_grams
 from llmc.calibration.teacher import graph_teacher, kl_to_teacher
 
-__all__ = ["Block", "block_inputs", "decode_inputs", "flat_inputs", "split_blocks", "split_head", "cached_tensors", "read_cached", "fingerprint",
-           "graph_fingerprint", "load_checkpoint", "save_checkpoint", "GramRecorder", "input_grams", "output_error",
-           "relative_output_error", "stream_grams", "graph_teacher", "kl_to_teacher"]
+__all__ = ["Block", "block_inputs", "decode_inputs", "flat_inputs", "split_blocks", "split_head", "cache_path",
+           "cached_tensors", "read_cached", "fingerprint", "graph_fingerprint", "load_checkpoint", "save_checkpoint",
+           "GramRecorder", "input_grams", "output_error", "relative_output_error", "stream_grams", "graph_teacher",
+           "kl_to_teacher"]

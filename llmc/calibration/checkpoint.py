@@ -55,13 +55,14 @@ def load_checkpoint(path: str | None, fingerprint: str, label: str = "") -> dict
     return saved
 
 
-def _cache_path(cache_dir: str, name: str) -> str:
+def cache_path(cache_dir: str, name: str) -> str:
+    """Where `cached_tensors` keeps `name` in `cache_dir`."""
     return os.path.join(os.path.expanduser(cache_dir), name + ".safetensors")
 
 
 def read_cached(cache_dir: str | None, name: str) -> dict[str, torch.Tensor] | None:
     """The tensors kept as `cache_dir/name.safetensors`, or None when there is no readable file."""
-    if not cache_dir or not os.path.exists(path := _cache_path(cache_dir, name)):
+    if not cache_dir or not os.path.exists(path := cache_path(cache_dir, name)):
         return None
     from safetensors.torch import load_file
 
@@ -85,6 +86,6 @@ def cached_tensors(cache_dir: str | None, name: str, compute) -> dict[str, torch
     if cache_dir:
         from safetensors.torch import save_file
 
-        with atomic_file(_cache_path(cache_dir, name)) as tmp:
+        with atomic_file(cache_path(cache_dir, name)) as tmp:
             save_file({k: v.contiguous() for k, v in out.items()}, tmp)
     return out

@@ -146,7 +146,8 @@ class GPTQQuant(Pass):
         log(f"gptq_quant: recording XᵀX of {len(set(watch.values()))} linear inputs over "
             f"{len(ctx.calibration)} calibration batches, one layer at a time")
         if not self.checkpoint_dir:
-            yield from stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress, label="gptq_quant")
+            yield from stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
+                                    label="gptq_quant")
             return
         inputs = sorted(set(watch.values()))
         fp = fingerprint({"pass": "gptq_quant", "inputs": inputs}, graph_digest(gm), tensor_digest(ctx.calibration))

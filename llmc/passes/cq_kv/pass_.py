@@ -36,6 +36,7 @@ The obvious alternative at equal bits is the `uniform_kv` pass.
 from __future__ import annotations
 
 import operator
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from llmc.calibration import cached_tensors, graph_fingerprint, read_cached
+from llmc.calibration import cache_path, cached_tensors, graph_fingerprint, read_cached
 from llmc.errors import ConfigError, PassError
 from llmc.graph import between, copy_nodes, drop_input_guards, set_attr_tensor
 from llmc.kv_cache import (CALIBRATION_VERSION, CacheSite, add_cache_inputs, append_outputs, attention_users,
@@ -212,7 +213,8 @@ class CoupledKVQuant(Pass):
         fp = graph_fingerprint(gm, batches, "cq_kv", CALIBRATION_VERSION, self.fisher, self.tokens, ctx.seed)
         t0 = time.perf_counter()
         learned, kmeans_seconds = self._learn(gm, sites, batches, program.empty_cache, fp, head_dim, ctx)
-        seconds = {"calibration": round(time.perf_counter() - t0 - kmeans_seconds, 1), "kmeans": round(kmeans_seconds, 1)}
+        seconds = {"calibration": round(time.perf_counter() - t0 - kmeans_seconds, 1),
+                   "kmeans": round(kmeans_seconds, 1)}
         codebooks = {(s.layer, s.kind): learned[f"{s.layer}.{s.kind}"] for s in sites}
         kstats = [{"layer": s.layer, "kind": s.kind, "iterations": int(learned[f"{s.layer}.{s.kind}.iterations"]),
                    "relative_mse": round(float(learned[f"{s.layer}.{s.kind}.relative_mse"]), 6)} for s in sites]
@@ -239,24 +241,32 @@ class CoupledKVQuant(Pass):
         learned = {}
         for layer in layers:  # layers learned by an earlier run (cache_dir)
             learned.update(read_cached(self.cache_dir, f"cq-{fp}-{km}-layer{layer}") or {})
-        todo = [layer for layer in layers if any(f"{s.layer}.{s.kind}" not in learned for s in sites if s.layer == layer)]
+        todo = [layer for layer in layers
+                if any(f"{s.layer}.{s.kind}" not in learned for s in sites if s.layer == layer)]
         if not todo:
             return learned, 0.0
         data_names = {layer: f"kv-{fp}-layer{layer}" for layer in layers}
-        kept = {layer: read_cached(self.cache_dir, data_names[layer]) for layer in todo}
-        if self.cache_dir and all(d is not None for d in kept.values()):
-            stream = iter(kept.items())
-        else:
+
+        def layer_data():  # (layer, its sites' data): kept files one at a time, else from the model
+            if self.cache_dir and all(os.path.exists(cache_path(self.cache_dir, data_names[la])) for la in todo):
+                for layer in todo:
+                    data = read_cached(self.cache_dir, data_names[layer])
+                    if data is None:  # unreadable: calibrate again
+                        break
+                    yield layer, data
+                else:
+                    return
             log(f"cq_kv: calibrating on {len(batches)} sequences ({n_tokens} tokens, fisher={self.fisher})")
-            flat = ((layer, {f"{k}.{f}": t for k, d in per_site.items() for f, t in d.items()})
-                    for layer, per_site in stream_kv(gm, sites, batches, empty_cache, fisher=self.fisher,
-                                                     max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress))
-            stream = ((layer, cached_tensors(self.cache_dir, data_names[layer], lambda d=d: d)) for layer, d in flat)
+            for layer, per_site in stream_kv(gm, sites, batches, empty_cache, fisher=self.fisher,
+                                             max_tokens=self.tokens, seed=ctx.seed, progress=ctx.progress):
+                flat = {f"{k}.{f}": t for k, d in per_site.items() for f, t in d.items()}
+                yield layer, cached_tensors(self.cache_dir, data_names[layer], lambda: flat)
+
         threads = torch.get_num_threads()
         kmeans_seconds = 0.0
         with ThreadPoolExecutor(max(1, min(2, threads))) as pool:  # a layer's key and value sites side by side
-            for layer, data in stream:
-                if layer not in todo:
+            for layer, data in layer_data():
+                if all(f"{s.layer}.{s.kind}" in learned for s in sites if s.layer == layer):
                     continue
                 t0 = time.perf_counter()
                 torch.set_num_threads(1)  # each k-means single-threaded on its own worker
