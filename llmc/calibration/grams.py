@@ -8,6 +8,8 @@ input), in float64 by default.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, fx
 
@@ -69,21 +71,37 @@ def input_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_ca
     return rec.grams
 
 
-@torch.no_grad()
 def stream_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_cache, progress: bool = True,
-                 label: str = "calibration", cached=None):
+                 label: str = "calibration", checkpoint_dir: str | None = None, fingerprint: str = ""):
     """The XᵀX of `input_grams`, yielded one part at a time: {key: XᵀX} of the keys read in decoder
     layer 0, then layer 1, ..., then those of the head (final norm and LM head), each computed on
     the float model's residual stream block by block (`split_blocks`), so that only one layer's
     matrices are held at once. A graph that does not split into blocks yields one part, from
     `input_grams`. Watched nodes must be linears of stored weights.
 
-    `cached(k)`: part k's grams when they are kept from an earlier run, else None; a kept part is
-    yielded without recording, and the stream is advanced through its block only when a later part
-    needs it (a resumed run does no more work than what is missing).
+    With `checkpoint_dir`, part k is kept there as `<label>-grams-<fingerprint>-part<k>.pt` as soon as
+    it is made; a part kept by an earlier run under the same fingerprint is yielded without
+    recording, and the stream is advanced through its block only when a later part needs it (a
+    resumed run does no more work than what is missing).
     """
+    def path(k):
+        return os.path.join(checkpoint_dir, f"{label}-grams-{fingerprint}-part{k}.pt") if checkpoint_dir else None
+
+    for k, grams in enumerate(_stream_grams(gm, watch, batches, empty_cache, progress, label, path, fingerprint)):
+        if checkpoint_dir and not os.path.exists(path(k)):
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            save_checkpoint(path(k), fingerprint, grams=grams)
+        yield grams
+
+
+@torch.no_grad()
+def _stream_grams(gm, watch, batches, empty_cache, progress, label, path, fingerprint):
     from llmc.calibration.blocks import block_inputs, split_blocks, split_head
     from llmc.graph import attr_tensor
+
+    def cached(k):
+        saved = load_checkpoint(path(k), fingerprint, label) if path(k) else None
+        return saved["grams"] if saved is not None else None
 
     by_weight = {n.args[1].target: key for n, key in watch.items()}
     try:
@@ -91,7 +109,7 @@ def stream_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_c
         head = split_head(gm)
     except PassError as e:
         log(f"{label}: {e}; recording every layer at once")
-        yield (cached and cached(0)) or input_grams(gm, watch, batches, empty_cache, progress, label=label)
+        yield cached(0) or input_grams(gm, watch, batches, empty_cache, progress, label=label)
         return
     hs = ext = None
     at = 0  # hs holds the stream entering block `at`
@@ -101,7 +119,7 @@ def stream_grams(gm: fx.GraphModule, watch: dict[fx.Node, str], batches, empty_c
                     and n.args[1].target in by_weight}
     parts.append((None, head_linears))
     for k, (blk, sub_watch) in enumerate(bar(parts, desc=f"{label} calibration", unit="layer", enabled=progress)):
-        kept = cached(k) if cached else None
+        kept = cached(k)
         if kept is not None:
             yield kept
             continue

@@ -30,13 +30,12 @@ The algorithm itself is core code (`llmc.quantization.gptq_quantize`): pv_quant 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 from torch import fx
 
-from llmc.calibration import fingerprint, load_checkpoint, relative_output_error, save_checkpoint, stream_grams
+from llmc.calibration import fingerprint, relative_output_error, stream_grams
 from llmc.errors import ConfigError, PassError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, remove_unused_attrs, shares_storage
@@ -145,23 +144,9 @@ class GPTQQuant(Pass):
         watch = {n: n.args[0].name for n in nodes}
         log(f"gptq_quant: recording XᵀX of {len(set(watch.values()))} linear inputs over "
             f"{len(ctx.calibration)} calibration batches, one layer at a time")
-        if not self.checkpoint_dir:
-            yield from stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
-                                    label="gptq_quant")
-            return
-        inputs = sorted(set(watch.values()))
-        fp = fingerprint({"pass": "gptq_quant", "inputs": inputs}, graph_digest(gm), tensor_digest(ctx.calibration))
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-
-        def path(k):
-            return os.path.join(self.checkpoint_dir, f"gptq-grams-{fp}-part{k}.pt")
-
-        def cached(k):
-            saved = load_checkpoint(path(k), fp, "gptq_quant")
-            return saved["grams"] if saved is not None else None
-
-        for k, grams in enumerate(stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
-                                               label="gptq_quant", cached=cached)):
-            if not os.path.exists(path(k)):
-                save_checkpoint(path(k), fp, grams=grams)
-            yield grams
+        fp = ""
+        if self.checkpoint_dir:
+            inputs = sorted(set(watch.values()))
+            fp = fingerprint({"pass": "gptq_quant", "inputs": inputs}, graph_digest(gm), tensor_digest(ctx.calibration))
+        return stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress, label="gptq_quant",
+                            checkpoint_dir=self.checkpoint_dir, fingerprint=fp)

@@ -216,7 +216,7 @@ def test_pass_is_deterministic_and_caches_statistics(tiny_runs, tmp_path, monkey
     model, calib, ids, reference, rtn, gptq = tiny_runs
     spec = f"gptq_quant:bits=4,group=16,checkpoint_dir={tmp_path}"
     first = llmc.compile(model, passes=[spec], calibration=calib)
-    parts = sorted(f for f in os.listdir(tmp_path) if f.startswith("gptq-grams-"))
+    parts = sorted(f for f in os.listdir(tmp_path) if f.startswith("gptq_quant-grams-"))
     assert len(parts) == model.config.num_hidden_layers + 1
     recorded = []
     real_run = GramRecorder.run

@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 from torch import fx
 
-from llmc.calibration import fingerprint, graph_teacher, input_grams, relative_output_error
-from llmc.errors import ConfigError
+from llmc.calibration import fingerprint, graph_teacher, relative_output_error, stream_grams
+from llmc.errors import ConfigError, PassError
 from llmc.fsutil import tensor_digest
 from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.passes.structured_ffn.factors import KINDS, Shape, factorize, merged_weight, plan, structured_linear
@@ -253,26 +253,32 @@ class StructuredFFN(Pass):
 
     def _aware_init(self, gm, units: list[_Unit], ctx: PassContext, model_digest: str, data_digest: str,
                     seconds: dict) -> dict:
-        """Factors from the FP model's XᵀX (plain SVD with init=svd); returns each unit's output error."""
+        """Factors from the FP model's XᵀX (plain SVD with init=svd); returns each unit's output error.
+
+        The statistics are recorded one decoder layer at a time (`stream_grams`) and each layer's
+        units are factorized before the next layer's matrices are made."""
         t0 = time.perf_counter()
-        grams = {}
+        parts = [None]  # no statistics: one round over every unit
         if ctx.calibration and ctx.program is not None:  # svd init ignores them but reports its output error
             watch = {u.nodes[0]: u.nodes[0].args[0].name for u in units}
-            path = None
-            if self.checkpoint_dir:
-                key = fingerprint({}, model_digest, data_digest)
-                path = os.path.join(self.checkpoint_dir, f"grams-{key}.pt")
-            grams = input_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
-                                path, model_digest + data_digest)
-            seconds["calibration"] = round(time.perf_counter() - t0, 1)
-        t1 = time.perf_counter()
-        errors = {}
-        for u in bar(units, desc=f"structured_ffn {self.kind} init", unit="linear", enabled=ctx.progress):
-            h = grams.get(u.nodes[0].args[0].name)
-            u.first, u.second = factorize(u.shape, u.weight, h if self.init == "aware" else None, self.damp)
-            if h is not None:
-                errors[u.module] = round(relative_output_error(u.weight, merged_weight(self.kind, u.first, u.second), h), 5)
-        seconds["init"] = round(time.perf_counter() - t1, 1)
+            fp = fingerprint({}, model_digest, data_digest) if self.checkpoint_dir else ""
+            parts = stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
+                                 label="structured_ffn", checkpoint_dir=self.checkpoint_dir, fingerprint=fp)
+        errors, init_seconds = {}, 0.0
+        for grams in parts:
+            t1 = time.perf_counter()
+            for u in units if grams is None else [u for u in units if u.nodes[0].args[0].name in grams]:
+                h = grams.get(u.nodes[0].args[0].name) if grams is not None else None
+                u.first, u.second = factorize(u.shape, u.weight, h if self.init == "aware" else None, self.damp)
+                if h is not None:
+                    errors[u.module] = round(relative_output_error(u.weight, merged_weight(self.kind, u.first, u.second),
+                                                                   h), 5)
+            init_seconds += time.perf_counter() - t1
+        if any(u.first is None for u in units):
+            raise PassError("structured_ffn: calibration saw the inputs of only some FFN linears")
+        if ctx.calibration and ctx.program is not None:
+            seconds["calibration"] = round(time.perf_counter() - t0 - init_seconds, 1)
+        seconds["init"] = round(init_seconds, 1)
         return errors
 
     def _layerwise_init(self, gm, units: list[_Unit], ctx: PassContext, model_digest: str, data_digest: str,
