@@ -49,7 +49,7 @@ def test_lowers_to_matmulnbits_and_stays_compact(tiny_models, tmp_path):
     from llmc.backends.onnxruntime import OrtModel
 
     cm = llmc.compile(tiny_models["llama"], passes=["rtn_quant:bits=4,group=16"], tokenizer=tiny_tokenizer())
-    out = lower(cm.program, tmp_path / "q")
+    out = lower(cm.program, tmp_path / "q", fuse=False)  # one MatMulNBits per linear (merged: test_onnxruntime_fusion)
     model = onnx.load(os.path.join(out, "model.onnx"))
     assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in model.graph.node) == 14
     shapes = {tuple(i.dims) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
@@ -131,7 +131,7 @@ def test_three_bit_codes_stay_three_bit_in_the_file_and_run_as_four_bit(tmp_path
     # projections reach the file already widened to 4 bits; the MLP codes must not
     model = tiny_model("llama", intermediate_size=1024)
     cm = llmc.compile(model, passes=["rtn_quant:bits=3,group=16"], tokenizer=tiny_tokenizer())
-    out = lower(cm.program, tmp_path / "q3")  # lower checks parity with the torch program
+    out = lower(cm.program, tmp_path / "q3", fuse=False)  # parity-checked; unfused, one MatMulNBits per linear
     onnx_model = onnx.load(os.path.join(out, "model.onnx"))
     nbits = [n for n in onnx_model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14 and all(a.i == 4 for n in nbits for a in n.attribute if a.name == "bits")

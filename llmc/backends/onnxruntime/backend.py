@@ -22,6 +22,9 @@ class OnnxRuntimeOptions:
                 "standard ONNX that ONNX Runtime dequantizes at load (dequantize), or kernel where a C compiler "
                 "can build it (auto)"})
     atol: float = field(default=1e-3, metadata={"help": "parity: largest allowed logit difference"})
+    fuse: bool = field(default=True, metadata={"help": "rewrite RMSNorm (+ residual add), the rotary embedding and "
+                                                       "MatMulNBits layers sharing an input into ONNX Runtime's "
+                                                       "fused contrib ops (the manifest's 'fusions' counts them)"})
 
     def __post_init__(self):
         if self.vq_lowering not in ("auto", "kernel", "dequantize"):
@@ -41,7 +44,7 @@ class OnnxRuntimeBackend(Backend):
 
         opts = self.options(options)
         return lower(program, out_dir, parity=opts.parity, overwrite=overwrite, atol=opts.atol,
-                     vq_lowering=opts.vq_lowering)
+                     vq_lowering=opts.vq_lowering, fuse=opts.fuse)
 
     def load(self, folder: str, threads: int | None = None) -> OrtModel:
         return OrtModel(folder, threads=threads)

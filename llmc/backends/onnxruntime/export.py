@@ -143,8 +143,9 @@ def _genai_config(program, library: str | None = None) -> dict:
     }
 
 
-def _export(program, folder: str, table: dict) -> float:
-    """torch.onnx.export of the re-exported program into `folder` with translation `table`; returns seconds."""
+def _export(program, folder: str, table: dict, fuse: bool = False) -> tuple[float, dict | None]:
+    """torch.onnx.export of the re-exported program into `folder` with translation `table`, then (if `fuse`)
+    the fused lowering (llmc.backends.onnxruntime.fusion); returns seconds and the fusion counts."""
     t0 = time.perf_counter()
     ep = program.exported()
     input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]
@@ -162,8 +163,13 @@ def _export(program, folder: str, table: dict) -> float:
     if written != {DATA_FILE}:  # the exporter names the data file after the model file
         raise ExportError(f"unexpected files beside {MODEL_FILE}: {sorted(written)}")
     _rename_dims(path, program)
+    fusions = None
+    if fuse:
+        from llmc.backends.onnxruntime.fusion import fuse as fuse_graph
+
+        fusions = fuse_graph(path, max_positions=getattr(program.config, "max_position_embeddings", None) or 2048)
     _write_prefill_graph(folder)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, fusions
 
 
 def has_int8_activations(gm: torch.fx.GraphModule) -> bool:
@@ -271,12 +277,14 @@ def resolve_vq_lowering(program, vq_lowering: str) -> str | None:
 
 
 def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False, atol: float = 1e-3,
-          vq_lowering: str = "auto") -> str:
+          vq_lowering: str = "auto", fuse: bool = True) -> str:
     """Write `program` as an ONNX folder at `out_dir` and return its path.
 
     `vq_lowering` picks how `llmc::vq_linear` layers are written (`resolve_vq_lowering`): "kernel"
     puts llmc's custom-op library in the folder (`libllmc_ort_ops.so`, named in the manifest,
-    registered by OrtModel); "dequantize" writes standard ONNX only.
+    registered by OrtModel); "dequantize" writes standard ONNX only. `fuse` rewrites norms, the
+    rotary embedding and MatMulNBits siblings into ONNX Runtime's fused contrib ops
+    (llmc.backends.onnxruntime.fusion); the manifest's "fusions" says which fired, how many times.
 
     Raises UnsupportedOpError (naming every op) before writing anything if some llmc op has no
     translation, ExportError if `out_dir` exists (unless `overwrite`), the export fails, or the
@@ -294,13 +302,14 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
     with atomic_folder(out_dir, overwrite, error=ExportError) as tmp:
         log(f"exporting ONNX ({program.num_layers} layers)")
         try:
-            seconds = _export(program, tmp, translations(lowering or "dequantize"))
+            seconds, fusions = _export(program, tmp, translations(lowering or "dequantize"), fuse=fuse)
         except (ExportError, UnsupportedOpError):
             raise
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
-        log(f"exported in {seconds:.1f} s")
+        fired = ", ".join(f"{k} {v}" for k, v in (fusions or {}).items() if v)
+        log(f"exported in {seconds:.1f} s" + (f"; fused: {fired}" if fired else ""))
         library = None
         if lowering == "kernel":
             library = custom_ops.LIBRARY_NAME
@@ -315,13 +324,19 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
             "versions": versions(), "model_file": MODEL_FILE, "data_file": DATA_FILE,
             "prefill_file": PREFILL_FILE if os.path.exists(os.path.join(tmp, PREFILL_FILE)) else None,
             "export_seconds": round(seconds, 2), "vq_lowering": lowering, "custom_ops_library": library,
+            "fuse": bool(fuse), "fusions": fusions or {},
             "cache_layout": [c.to_json() for c in program.cache_layout], "eos_ids": list(program.eos_ids),
             "history": [h.to_json() for h in program.history], "parity": None,
         }
         _write_json(os.path.join(tmp, ONNX_MANIFEST), manifest)
         if parity:
             log("checking ONNX Runtime against torch")
-            manifest["parity"] = check_parity(program, tmp, atol=atol)
+            try:
+                manifest["parity"] = check_parity(program, tmp, atol=atol)
+            except ParityError as e:
+                if not fuse:
+                    raise
+                raise ParityError(f"{e} (with the fused lowering; backend option fuse=false exports without it)") from e
             _write_json(os.path.join(tmp, ONNX_MANIFEST), manifest)
     return out_dir
 

@@ -1,0 +1,283 @@
+"""Fused lowering: rewrite an exported decoder into ONNX Runtime's fused contrib ops.
+
+`fuse(model_path, max_positions)` loads `model.onnx` (with its external data) into onnx_ir,
+applies the rewrites below in order, saves it in place and returns how many times each fired:
+
+    SimplifiedLayerNormalization       RMSNorm (x * rsqrt(mean(x²) + eps) * w) as one op; onnxscript's
+                                       ort_fusions rule, which matches the exporter's Pow / ReduceMean /
+                                       Add / Sqrt / Reciprocal / Mul / Mul chain, and llmc's rule for a
+                                       norm whose gain fold_norm_scales removed (a scale of ones)
+    SkipSimplifiedLayerNormalization   a residual Add feeding such a norm, as one op that also returns the
+                                       sum (onnxscript's rule; the norm that reads the embeddings stays
+                                       a SimplifiedLayerNormalization)
+    RotaryEmbedding                    llmc's traced rotation of q and k, x·cos + roll(x, d/2)·sin± with
+                                       cos/sin computed from `position_ids` and a constant inv_freq, as
+                                       com.microsoft.RotaryEmbedding over constant cos/sin caches of
+                                       `max_positions` rows (llmc's own rule, `LlmcRotaryFusion`)
+    MatMulNBitsMerge                   MatMulNBits layers that read the same input with the same K,
+                                       bits, block size and accuracy level (q/k/v, gate/up) as one
+                                       MatMulNBits over their codes, scales and zero points
+                                       concatenated along N, then a Split (`merge_matmulnbits`);
+                                       `MatMulNBitsMerge.linears` counts the layers merged
+
+A rewrite only fires where its whole pattern matches, with the constants it needs (epsilon,
+inv_freq, packed weights) known: LayerNorm (with a mean and a bias), a rotation whose cos/sin are
+scaled or not computed from a constant inv_freq, 3-bit codes widened at load, or MatMulNBits layers
+of different layouts are left as exported. Partial rotary (GPT-NeoX, StableLM) is rewritten on the
+rotated slice of each head. Every rewrite
+keeps the arithmetic up to float rounding order (the merged MatMulNBits rounds each int8 block of
+its input as each layer did), and `lower` checks the fused folder against torch as it checks any.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+
+FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+
+
+def _const(value) -> np.ndarray | None:
+    """The constant behind an ir.Value (initializer or folded Constant), as numpy; None if not constant."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _is(value, *expected) -> bool:
+    """Whether `value` is a constant equal to one of `expected` (each a list of ints)."""
+    arr = _const(value)
+    return arr is not None and any(arr.reshape(-1).tolist() == list(e) for e in expected)
+
+
+def _rotary_rule_class():
+    from onnxscript.rewriter import pattern
+
+    class LlmcRotaryFusion(pattern.RewriteRuleClassBase):
+        """llmc's traced RoPE of one q or k tensor [B, heads, S, d] -> com.microsoft.RotaryEmbedding.
+
+        The tracer writes rotate_half(x)·sin as roll(x, d/2)·sin± with sin± = cat(-sin[:d/2], sin[d/2:]);
+        cos and sin come from emb = cat(f, f), f = float(position_ids[..., None]) · inv_freq. The rewrite
+        reads position_ids directly and gathers cos/sin rows from caches [max_positions, d/2] of the same
+        float32 angles, computed by constant nodes (shared by every layer with the same inv_freq). The
+        cos/sin nodes of the trace are shared between layers, so matched nodes are left for dead-code
+        removal.
+        """
+
+        def __init__(self, max_positions: int):
+            super().__init__("RotaryEmbedding", remove_nodes=False)
+            self.max_positions = max_positions
+            self._caches: dict = {}
+
+        def pattern(self, op, x, position_ids, pos_axis, inv_freq, cos_axis, sin_axis, s_lo0, s_lo1, s_lo_ax,
+                    s_hi0, s_hi1, s_hi_ax, x_hi0, x_hi1, x_hi_ax, x_lo0, x_lo1, x_lo_ax):
+            from onnx_ir import DataType
+
+            freqs = op.Mul(op.Cast(op.Unsqueeze(position_ids, pos_axis), to=DataType.FLOAT), inv_freq)
+            emb = op.Concat(freqs, freqs, axis=-1)
+            sin = op.Sin(emb)
+            def half(v, start, end, axis, name):  # a Slice, with or without its steps input
+                return op.Slice(v, start, end, axis, _allow_other_inputs=True, _outputs=[name])
+
+            signed = op.Concat(op.Neg(half(sin, s_lo0, s_lo1, s_lo_ax, "sin_lo")),
+                               half(sin, s_hi0, s_hi1, s_hi_ax, "sin_hi"), axis=-1)
+            rolled = op.Concat(half(x, x_hi0, x_hi1, x_hi_ax, "x_hi"), half(x, x_lo0, x_lo1, x_lo_ax, "x_lo"), axis=3)
+            return op.Add(op.Mul(x, op.Unsqueeze(op.Cos(emb), cos_axis)),
+                          op.Mul(rolled, op.Unsqueeze(signed, sin_axis)))
+
+        def check(self, op, x, position_ids, pos_axis, inv_freq, cos_axis, sin_axis, s_lo0, s_lo1, s_lo_ax,
+                  s_hi0, s_hi1, s_hi_ax, x_hi0, x_hi1, x_hi_ax, x_lo0, x_lo1, x_lo_ax, sin_lo, sin_hi, x_hi, x_lo,
+                  **_):
+            result = pattern.MatchResult()
+            slices = (sin_lo, sin_hi, x_hi, x_lo)
+            shape = x.shape
+            if shape is None or shape.rank() != 4 or not all(isinstance(shape[i], int) for i in (1, 3)):
+                return result.fail("x is not [batch, heads, seq, head_dim] with static heads and head_dim", x)
+            d = shape[3]
+            freq = _const(inv_freq)
+            if freq is None or freq.size * 2 != d or freq.dtype != np.float32:
+                return result.fail("inv_freq is not a float32 constant of head_dim / 2 values (partial rotary?)",
+                                   inv_freq)
+            if position_ids.shape is None or position_ids.shape.rank() != 2:
+                return result.fail("position_ids is not [batch, seq]", position_ids)
+            # a Slice to the end is written with INT64_MAX
+            ends = lambda v: (a := _const(v)) is not None and a.size == 1 and int(a.reshape(-1)[0]) >= d  # noqa: E731
+            checks = [
+                _is(pos_axis, [-1], [2]), _is(cos_axis, [1]), _is(sin_axis, [1]),
+                _is(s_lo0, [0]), _is(s_lo1, [d // 2]), _is(s_lo_ax, [-1], [2]),
+                _is(s_hi0, [d // 2]), ends(s_hi1), _is(s_hi_ax, [-1], [2]),
+                _is(x_hi0, [d // 2]), ends(x_hi1), _is(x_hi_ax, [-1], [3]),
+                _is(x_lo0, [0]), _is(x_lo1, [d // 2]), _is(x_lo_ax, [-1], [3]),
+            ]
+            steps = [v.producer().inputs[4] for v in slices if len(v.producer().inputs) > 4]
+            if not all(checks) or not all(_is(v, [1]) for v in steps):
+                return result.fail("the slices are not the halves of the head (or of cos/sin)")
+            return result
+
+        def rewrite(self, op, x, position_ids, inv_freq, **_):
+            key = inv_freq.name
+            if key not in self._caches:
+                # angles [max_positions, d/2] = float32 positions x inv_freq, the float32 product torch takes;
+                # every input is a constant, so ONNX Runtime folds the caches when it loads the session and
+                # the file holds no more than inv_freq
+                positions = op.Range(op.Constant(value_float=0.0), op.Constant(value_float=float(self.max_positions)),
+                                     op.Constant(value_float=1.0))
+                angles = op.Mul(op.Unsqueeze(positions, op.Constant(value_ints=[1])),
+                                op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+                self._caches[key] = (op.Cos(angles), op.Sin(angles))
+            cos, sin = self._caches[key]
+            return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=0, num_heads=x.shape[1],
+                                      _domain="com.microsoft")
+
+    return LlmcRotaryFusion
+
+
+def _unit_rms_rule_class():
+    from onnxscript.rewriter import pattern
+
+    class UnitRmsNormFusion(pattern.RewriteRuleClassBase):
+        """RMSNorm without a gain (fold_norm_scales moved it into the next linears): x * rsqrt(mean(x²) + eps)
+        -> SimplifiedLayerNormalization with a scale of ones. Runs after onnxscript's rule, which takes the
+        norms that do have a gain."""
+
+        def __init__(self):
+            super().__init__("UnitRmsNorm")
+            self._ones: dict = {}  # one scale initializer per width, shared by the norms
+
+        def pattern(self, op, x, two, axes, epsilon):
+            mean = op.ReduceMean(op.Pow(x, two), axes, keepdims=1, noop_with_empty_axes=0)
+            return op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean, epsilon))))
+
+        def check(self, op, x, two, axes, epsilon, **_):
+            result = pattern.MatchResult()
+            eps = _const(epsilon)
+            if not (_is(axes, [-1]) and _const(two) is not None and _const(two).reshape(-1).tolist() == [2.0]):
+                return result.fail("not a mean of squares over the last axis")
+            if eps is None or eps.size != 1 or eps.dtype != np.float32 or x.dtype is None or x.dtype.name != "FLOAT":
+                return result.fail("not a float32 norm with a constant epsilon", epsilon)
+            if x.shape is None or not isinstance(x.shape[-1], int):
+                return result.fail("the normalized dimension is not static", x)
+            return result
+
+        def rewrite(self, op, x, epsilon, **_):
+            import onnx_ir as ir
+
+            d = x.shape[-1]
+            if d not in self._ones:
+                ones = ir.tensor(np.ones(d, dtype=np.float32), name=f"llmc_unit_norm_scale_{d}")
+                self._ones[d] = op.initializer(ones)
+            eps = float(_const(epsilon).reshape(-1)[0])
+            return op.SimplifiedLayerNormalization(x, self._ones[d], axis=-1, epsilon=eps, stash_type=1)
+
+    return UnitRmsNormFusion
+
+
+def merge_matmulnbits(model) -> tuple[int, int]:
+    """Merge MatMulNBits layers that read one input into one MatMulNBits and a Split; returns (merges, layers).
+
+    Layers merge when they share the input value, K, bits, block_size and accuracy_level, and their
+    codes, scales and (if present) zero points are constants of matching trailing shapes and dtypes.
+    The packed tensors are concatenated along N (dim 0: one row of codes, scales and zero points per
+    output feature in MatMulNBits' layout), so the merged layer computes each output column exactly as
+    before. Outputs that are graph outputs are left alone.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    groups: dict = {}
+    for node in graph:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or not 3 <= len(node.inputs) <= 4:
+            continue
+        consts = [_const(v) for v in node.inputs[1:]]
+        if any(c is None for c in consts) or any(id(o) in outputs for o in node.outputs):
+            continue
+        attrs = node.attributes
+        key = (id(node.inputs[0]), len(node.inputs),
+               *(attrs.get_int(a, 0) for a in ("K", "bits", "block_size", "accuracy_level")),
+               *((c.dtype.str, c.shape[1:]) for c in consts))
+        groups.setdefault(key, []).append((node, consts))
+    merges = layers = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0][0]
+        ns = [n.attributes.get_int("N") for n, _ in members]
+        if any(c[0].shape[0] != n for (_, c), n in zip(members, ns)):  # codes are [N, blocks, blob]
+            continue
+        tag = f"llmc_merged_{merges}"
+        packed = [ir.Value(name=f"{tag}_{i}", const_value=ir.tensor(np.concatenate([c[i] for _, c in members], 0)))
+                  for i in range(len(members[0][1]))]
+        for i, v in enumerate(packed):
+            tensor = v.const_value
+            v.shape, v.type = ir.Shape(tensor.shape), ir.TensorType(tensor.dtype)
+            v.name = f"{tag}_{('codes', 'scales', 'zero_points')[i]}"
+            graph.register_initializer(v)
+        split_sizes = ir.Value(name=f"{tag}_split", const_value=ir.tensor(np.asarray(ns, dtype=np.int64)))
+        split_sizes.shape, split_sizes.type = ir.Shape([len(ns)]), ir.TensorType(ir.DataType.INT64)
+        graph.register_initializer(split_sizes)
+        attrs = {a: first.attributes.get_int(a, 0) for a in ("K", "bits", "block_size", "accuracy_level")}
+        merged = ir.node("MatMulNBits", [first.inputs[0], *packed], attributes={**attrs, "N": sum(ns)},
+                         domain="com.microsoft", name=f"{tag}_matmul")
+        split = ir.node("Split", [merged.outputs[0], split_sizes], attributes={"axis": -1},
+                        num_outputs=len(ns), name=f"{tag}_split")
+        merged.outputs[0].name = f"{tag}_out"
+        graph.insert_before(first, [merged, split])
+        old_inputs = []
+        for (node, _), out in zip(members, split.outputs):
+            out.name = node.outputs[0].name + "_split"
+            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+            node.outputs[0].replace_all_uses_with(out)
+            old_inputs.extend(node.inputs[1:])
+        graph.remove([n for n, _ in members], safe=True)
+        for v in old_inputs:
+            if v is not None and v.is_initializer() and not v.uses() and v.name in graph.initializers:
+                del graph.initializers[v.name]
+        merges += 1
+        layers += len(members)
+    return merges, layers
+
+
+def fuse(model_path: str, max_positions: int) -> dict[str, int]:
+    """Rewrite `model_path` (and its external data file beside it) in place; returns the fusion counts.
+
+    `max_positions` is the number of rows of the RotaryEmbedding cos/sin caches: positions at or
+    beyond it are outside what the fused graph can rotate (the model's `max_position_embeddings`).
+    The counts are the fused ops in the rewritten graph ("SkipSimplifiedLayerNormalization": 60 on
+    SmolLM2) and the merges of MatMulNBits; a rewrite that never fired has count 0.
+    """
+    import onnx_ir as ir
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions.rms_normalization import rms_normalization_ruleset
+    from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
+    from onnxscript.rewriter.pattern import RewriteRuleSet
+
+    from llmc.errors import ExportError
+
+    try:
+        model = ir.load(model_path)
+        rms_normalization_ruleset.apply_to_model(model)
+        RewriteRuleSet([_unit_rms_rule_class().rule()]).apply_to_model(model)
+        skip_rms_normalization_ruleset.apply_to_model(model)
+        RewriteRuleSet([_rotary_rule_class().rule(max_positions=max_positions)]).apply_to_model(model)
+        merges, layers = merge_matmulnbits(model)
+        optimizer.remove_unused_nodes(model)
+        ops = Counter(n.op_type for n in model.graph if n.domain in ("", "com.microsoft"))
+        counts = {name: ops.get(name, 0) for name in FUSED_OPS}
+        counts.update({"MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers})
+        # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
+        # they are stale; the model is not used after saving
+        quiet = logging.getLogger("onnx_ir")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            ir.save(model, model_path, external_data=os.path.basename(model_path) + ".data")
+        finally:
+            quiet.setLevel(level)
+    except Exception as e:
+        raise ExportError(f"the fused lowering failed ({type(e).__name__}: {e}); export with the backend option "
+                          "fuse=false") from e
+    return counts

@@ -1,0 +1,177 @@
+"""Fused lowering of the ONNX backend: which rewrites fire on which families, parity, the `fuse` option."""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import llmc
+from llmc.backends.onnxruntime import OrtModel, lower
+from llmc.generation import left_pad, position_ids_from_mask
+from llmc.testing import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]]
+
+
+def _manifest(folder):
+    with open(os.path.join(folder, "llmc_onnx.json")) as f:
+        return json.load(f)
+
+
+def _ops(folder):
+    import onnx
+
+    graph = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False).graph
+    return Counter(n.op_type for n in graph.node)
+
+
+def _fusions(simple, skip, rotary, merges, merged):
+    return {"SimplifiedLayerNormalization": simple, "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
+            "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged}
+
+
+# The tiny models have 2 layers: 5 RMSNorms (the first reads the embeddings, the other 4 follow a
+# residual add), 2 rotations (q, k) per layer, and q/k/v + gate/up as two groups of MatMulNBits
+# siblings per layer. Qwen3 adds an RMSNorm on q and on k per layer; Phi-3's checkpoint already
+# packs qkv_proj and gate_up_proj, so nothing is left to merge.
+EXPECTED_RTN4 = {"llama": _fusions(1, 4, 4, 4, 10), "mistral": _fusions(1, 4, 4, 4, 10),
+                 "qwen2": _fusions(1, 4, 4, 4, 10), "qwen3": _fusions(5, 4, 4, 4, 10), "phi3": _fusions(1, 4, 4, 0, 0)}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_rewrites_fire_on_each_family_and_keep_parity(arch, tiny_models, tmp_path, one_thread):
+    cm = llmc.compile(tiny_models[arch], passes=["rtn_quant:bits=4,group=16"], tokenizer=tiny_tokenizer(),
+                      progress=False)
+    out = lower(cm.program, tmp_path / arch)  # parity-checked (logits, last-position graph, greedy decode)
+    manifest = _manifest(out)
+    assert manifest["fuse"] is True and manifest["fusions"] == EXPECTED_RTN4[arch]
+    parity = manifest["parity"]
+    assert parity["greedy_identical"] and parity["logits_max_abs_diff"] < 1e-4
+    ops = _ops(out)
+    for op in ("Pow", "Sqrt", "Reciprocal", "Neg"):  # no unfused norm or rotation is left
+        assert ops[op] == 0, (op, ops)
+    assert ops["Cos"] == ops["Sin"] == 1  # the cos/sin caches, from constants (folded when the session loads)
+    fusions = manifest["fusions"]
+    linears = sum(n.target is torch.ops.llmc.nbits_linear.default for n in cm.program.gm.graph.nodes)
+    assert ops["MatMulNBits"] == linears - fusions["MatMulNBitsMerge.linears"] + fusions["MatMulNBitsMerge"]
+    assert ops["Split"] >= fusions["MatMulNBitsMerge"]
+    assert OrtModel(out).generate(PROMPTS, 12, return_tokens=True) == cm.generate(PROMPTS, 12, return_tokens=True)
+
+
+def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_path, one_thread):
+    """Float32 with fold_norm_scales (norms without a gain: llmc's unit-scale rule), fused and not."""
+    from llmc.backend import get_backend
+
+    cm = llmc.compile(tiny_models["llama"], passes=["fold_norm_scales"], tokenizer=tiny_tokenizer(), progress=False)
+    backend = get_backend("onnxruntime")
+    assert backend.options({"fuse": "false"}).fuse is False and backend.options().fuse is True
+    plain = backend.lower(cm.program, str(tmp_path / "plain"), {"fuse": "false"})
+    fused = backend.lower(cm.program, str(tmp_path / "fused"))
+    assert _manifest(plain)["fuse"] is False and _manifest(plain)["fusions"] == {}
+    assert _manifest(fused)["fusions"] == _fusions(1, 4, 4, 0, 0)  # float32: no MatMulNBits to merge
+    assert _manifest(fused)["parity"]["greedy_identical"]
+    plain_ops, fused_ops = _ops(plain), _ops(fused)
+    assert not {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} & set(plain_ops)
+    assert plain_ops["Pow"] == 5 and fused_ops["Pow"] == 0
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    pos = position_ids_from_mask(mask)
+    a, b = OrtModel(plain), OrtModel(fused)
+    la, _ = a.step(ids, mask, pos, a.empty_cache(2))
+    lb, _ = b.step(ids, mask, pos, b.empty_cache(2))
+    assert float((la - lb)[mask.bool()].abs().max()) < 1e-5
+    assert a.generate(PROMPTS, 16, return_tokens=True) == b.generate(PROMPTS, 16, return_tokens=True)
+
+
+def test_merged_matmulnbits_with_int8_activations(tiny_models, tmp_path, one_thread):
+    """rtn_quant 4-bit + int8 activations: q/k/v and gate/up merge, keep accuracy_level=4, and the file
+    holds each code once (the merged tensors replace the originals)."""
+    import onnx
+
+    cm = llmc.compile(tiny_models["llama"], passes=["rtn_quant:bits=4,group=16", "int8_activations"],
+                      tokenizer=tiny_tokenizer(), progress=False)
+    fused = lower(cm.program, tmp_path / "fused")  # statistical parity (int8 rounding)
+    plain = lower(cm.program, tmp_path / "plain", fuse=False)
+    manifest = _manifest(fused)
+    assert manifest["fusions"]["MatMulNBitsMerge"] == 4 and manifest["fusions"]["MatMulNBitsMerge.linears"] == 10
+    assert manifest["parity"]["argmax_agreement"] >= 0.8
+    graph = onnx.load(os.path.join(fused, "model.onnx"), load_external_data=False).graph
+    attrs = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
+    assert [a["accuracy_level"] for a in attrs] == [4] * 8
+    assert sorted(a["N"] for a in attrs) == [64, 64, 64, 64, 128, 128, 256, 256]  # o, down | q+k+v | gate+up
+
+    def nbytes(folder, dtype=None):  # initializers, in the data file or inline
+        inits = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False).graph.initializer
+        return sum(int(np.prod(i.dims)) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize for i in inits
+                   if dtype is None or i.data_type == dtype)
+
+    assert nbytes(fused, onnx.TensorProto.UINT8) == nbytes(plain, onnx.TensorProto.UINT8)  # merged, not copied
+    split_sizes = 10 * 8  # int64, one per merged layer; the rotary caches are computed at load
+    assert nbytes(fused) <= nbytes(plain) + split_sizes
+    # the merged graph computes what the separate layers computed, int8 rounding included
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    pos = position_ids_from_mask(mask)
+    a, b = OrtModel(plain), OrtModel(fused)
+    la, _ = a.step(ids, mask, pos, a.empty_cache(2))
+    lb, _ = b.step(ids, mask, pos, b.empty_cache(2))
+    assert float((la - lb)[mask.bool()].abs().max()) < 1e-3
+
+
+def _nbits_node(helper, name, x, n, k, block, level):
+    blocks = k // block
+    rng = np.random.default_rng(len(name) + n + block + level)
+    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * blocks, dtype=np.float32) + 0.5) / 16
+    zeros = rng.integers(0, 256, (n, (blocks + 1) // 2), dtype=np.uint8)
+    inits = [helper.make_tensor(f"{name}_{s}", dt, a.shape, a.reshape(-1).tolist())
+             for s, dt, a in (("codes", 2, codes), ("scales", 1, scales), ("zp", 2, zeros))]
+    node = helper.make_node("MatMulNBits", [x, *(i.name for i in inits)], [name], domain="com.microsoft", K=k, N=n,
+                            bits=4, block_size=block, accuracy_level=level)
+    return node, inits
+
+
+def test_merge_only_siblings_of_one_layout(tmp_path):
+    """MatMulNBits merge only with a shared input, K, bits, block size and accuracy level."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from llmc.backends.onnxruntime.fusion import fuse
+
+    specs = [("a", "x", 8, 16, 0), ("b", "x", 4, 16, 0), ("c", "x", 8, 32, 0),  # a + b merge; c: other block size
+             ("d", "y", 8, 16, 0), ("e", "x", 8, 16, 4), ("f", "x", 4, 16, 4)]  # d: other input; e + f merge
+    nodes, inits = [], []
+    for name, x, n, block, level in specs:
+        node, init = _nbits_node(helper, name, x, n, 64, block, level)
+        nodes += [node, helper.make_node("Relu", [name], [name + "_out"])]  # a consumer: graph outputs stay
+        inits.extend(init)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, 3, 64]) for v in "xy"],
+        [helper.make_tensor_value_info(s[0] + "_out", TensorProto.FLOAT, None) for s in specs], inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    path = str(tmp_path / "model.onnx")
+    onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    feeds = {v: np.random.default_rng(i).standard_normal((1, 3, 64)).astype(np.float32) for i, v in enumerate("xy")}
+    before = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    counts = fuse(path, max_positions=16)
+    assert counts["MatMulNBitsMerge"] == 2 and counts["MatMulNBitsMerge.linears"] == 4
+    merged = onnx.load(path, load_external_data=False).graph
+    assert sorted(next(a.i for a in n.attribute if a.name == "N") for n in merged.node
+                  if n.op_type == "MatMulNBits") == [8, 8, 12, 12]
+    after = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for x, y in zip(before, after):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+def test_norm_rewrites_do_not_fire_on_layer_norm_families(tmp_path, one_thread):
+    """GPT-NeoX: LayerNorm with a bias (no RMSNorm to fuse) and partial rotary (a quarter of each head):
+    only the rotation of that quarter is rewritten, and the export keeps parity."""
+    cm = llmc.compile(tiny_model("gpt_neox"), tokenizer=tiny_tokenizer(), progress=False)
+    out = lower(cm.program, tmp_path / "neox")
+    manifest = _manifest(out)
+    assert manifest["fusions"] == _fusions(0, 0, 4, 0, 0)
+    assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
+    assert _ops(out)["LayerNormalization"] == 5
