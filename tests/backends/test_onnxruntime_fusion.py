@@ -28,6 +28,16 @@ def _ops(folder):
     return Counter(n.op_type for n in graph.node)
 
 
+def _max_logit_difference(folder_a, folder_b) -> float:
+    """Largest |logit difference| of two ONNX folders on a left-padded batch of PROMPTS (real positions)."""
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    pos = position_ids_from_mask(mask)
+    a, b = OrtModel(folder_a), OrtModel(folder_b)
+    la, _ = a.step(ids, mask, pos, a.empty_cache(2))
+    lb, _ = b.step(ids, mask, pos, b.empty_cache(2))
+    return float((la - lb)[mask.bool()].abs().max())
+
+
 def _fusions(simple, skip, rotary, merges, merged):
     return {"SimplifiedLayerNormalization": simple, "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
             "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged}
@@ -76,12 +86,8 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
     plain_ops, fused_ops = _ops(plain), _ops(fused)
     assert not {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} & set(plain_ops)
     assert plain_ops["Pow"] == 5 and fused_ops["Pow"] == 0
-    ids, mask = left_pad(PROMPTS, pad_id=0)
-    pos = position_ids_from_mask(mask)
+    assert _max_logit_difference(plain, fused) < 1e-5
     a, b = OrtModel(plain), OrtModel(fused)
-    la, _ = a.step(ids, mask, pos, a.empty_cache(2))
-    lb, _ = b.step(ids, mask, pos, b.empty_cache(2))
-    assert float((la - lb)[mask.bool()].abs().max()) < 1e-5
     assert a.generate(PROMPTS, 16, return_tokens=True) == b.generate(PROMPTS, 16, return_tokens=True)
 
 
@@ -111,12 +117,7 @@ def test_merged_matmulnbits_with_int8_activations(tiny_models, tmp_path, one_thr
     split_sizes = 10 * 8  # int64, one per merged layer; the rotary caches are computed at load
     assert nbytes(fused) <= nbytes(plain) + split_sizes
     # the merged graph computes what the separate layers computed, int8 rounding included
-    ids, mask = left_pad(PROMPTS, pad_id=0)
-    pos = position_ids_from_mask(mask)
-    a, b = OrtModel(plain), OrtModel(fused)
-    la, _ = a.step(ids, mask, pos, a.empty_cache(2))
-    lb, _ = b.step(ids, mask, pos, b.empty_cache(2))
-    assert float((la - lb)[mask.bool()].abs().max()) < 1e-3
+    assert _max_logit_difference(plain, fused) < 1e-3
 
 
 def _nbits_node(helper, name, x, n, k, block, level):
