@@ -247,7 +247,7 @@ def _blockwise(sites, chunks, rows, empty_cache, fisher, progress, prefix, neede
             if blk.index in layers:
                 yield blk.index, _layer_data(rec, blk.index, sites, fisher)
         return
-    stream = _SpilledStream([h.shape for h in hs], len(blocks) + 1, hs[0].dtype)
+    stream = _SpilledStream([h.shape for h in hs], len(blocks), hs[0].dtype)  # slot i: entering block i
     grads = []
     for b, x in enumerate(bar(chunks, desc="kv calibration: forward", unit="batch", enabled=progress)):
         h = hs[b]
