@@ -701,6 +701,11 @@ def plot_ppl_vs_kv_bits(docs: list[dict], peer: dict) -> bytes:
 
 
 def decode_label(r: dict, method: str) -> str:
+    fused = {True: " fused", False: " unfused"}.get(r.get("fuse"), "")  # rows of a --fuse both run
+    return _decode_label(r, method) + (fused if "fused)" in method else "")
+
+
+def _decode_label(r: dict, method: str) -> str:
     specs = [s for s in r.get("passes") or [] if isinstance(s, str)]
     if specs:
         parts = []
@@ -724,9 +729,14 @@ def decode_label(r: dict, method: str) -> str:
 
 
 def decode_points(docs: list[dict]) -> list[dict]:
-    """Decode rows with the size of the ONNX file they ran: tok/s, MB, engine, run, label."""
+    """Decode rows with the size of the ONNX file they ran: tok/s, MB, engine, run, label. Runs that
+    recorded a load average above the machine's 2 cores at their start are left off (their threads
+    competed with other jobs; the tables still show them, with their notes)."""
     out = []
     for doc in docs:
+        load = (doc.get("load_average_1_5_15min") or {}).get("start")
+        if load and load[0] > 2.0:
+            continue
         for r in doc["rows"]:
             tps = num(r.get("tokens_per_s"))
             if tps is None:
