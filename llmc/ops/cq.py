@@ -131,9 +131,9 @@ def weighted_kmeans(points: Tensor, k: int, weights: Tensor | None = None, iters
     mean of the batch points it serves, by their weight over all the weight it has served so far);
     then up to `iters` Lloyd iterations over all points (`steps + iters` of them when a mini-batch
     would hold every point), which stop early when every row's weighted error improves by less than
-    `tol` (relative). In Lloyd's M step an empty cluster is re-seeded with
-    the point of its row that is worst served. Returns centroids [R, k, c] and stats
-    (the final weighted and unweighted squared errors among them).
+    `tol` (relative). In Lloyd's M step an empty cluster is re-seeded with the point of its row
+    that is worst served. Returns centroids [R, k, c] and stats (the final weighted and unweighted
+    squared errors among them).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small kernels: thread barriers cost more than they give (15x on a busy CPU)
