@@ -192,7 +192,7 @@ def stream_kv(gm: fx.GraphModule, sites: list[CacheSite], batches: list[torch.Te
             prefix, needed, blocks = split_blocks(gm)
             head = split_head(gm) if fisher else None
         except PassError as e:
-            log(f"kv calibration: {e}; running the whole model per batch instead of block by block")
+            log(f"kv calibration runs the whole model per batch, not block by block ({e})")
             yield from _whole_model(gm, sites, chunks, rows, empty_cache, fisher, progress)
             return
         params = [{t: attr_tensor(gm, t).detach() for t in blk.params} for blk in blocks]

@@ -108,7 +108,7 @@ def _stream_grams(gm, watch, batches, empty_cache, progress, label, path, finger
         prefix, needed, blocks = split_blocks(gm)
         head = split_head(gm)
     except PassError as e:
-        log(f"{label}: {e}; recording every layer at once")
+        log(f"{label} records every layer at once, not one at a time ({e})")
         yield cached(0) or input_grams(gm, watch, batches, empty_cache, progress, label=label)
         return
     hs = ext = None
