@@ -132,3 +132,28 @@ def sqnr(reference: Tensor, approx: Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
+
+
+def assert_logits_match_hf(model, cm, prompts: list[list[int]], decode_steps: int = 2, tol: float = 1e-5) -> None:
+    """A compiled model's logits equal the HF model's: a prefill of `prompts` (left-padded to one
+    batch), then `decode_steps` greedy steps through the compiled model's cache."""
+    from llmc.generation import left_pad, position_ids_from_mask
+
+    ids, mask = left_pad(prompts, pad_id=0)
+    pos = position_ids_from_mask(mask)
+    B = ids.shape[0]
+    logits, present = cm.step(ids, mask, pos, cm.empty_cache(B))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref[real], atol=tol, rtol=tol)
+    seq, m, p = ids, mask, pos
+    for _ in range(decode_steps):
+        nxt = logits[:, -1:].argmax(-1)
+        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones(B, 1, dtype=m.dtype)], 1)
+        p = torch.cat([p, p[:, -1:] + 1], 1)
+        logits, present = cm.step(nxt, m, p[:, -1:], present)
+        with torch.no_grad():
+            ref = model(input_ids=seq, attention_mask=m, position_ids=p).logits[:, -1:]
+        torch.testing.assert_close(logits, ref, atol=tol, rtol=tol)
+    assert present[0].shape[2] == ids.shape[1] + decode_steps

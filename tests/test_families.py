@@ -14,9 +14,10 @@ import torch
 
 import llmc
 from llmc.errors import UnsupportedArchitectureError
-from llmc.generation import left_pad, position_ids_from_mask
+from llmc.generation import left_pad
 from llmc.graph import module_fqn
-from llmc.testing import FAMILY_ARCHITECTURES, count_ops, sqnr, tiny_model, tiny_tokenizer
+from llmc.testing import (FAMILY_ARCHITECTURES, assert_logits_match_hf, count_ops, sqnr, tiny_model,
+                          tiny_tokenizer)
 from llmc.trace import DecoderStep, RoutedExperts
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77, 64, 12], [150, 9, 33]]  # lengths 11 and 3: left padding
@@ -47,27 +48,6 @@ def assert_greedy_matches_hf(model, cm, new_tokens=20):
     assert max(len(o) for o in ours) > 1
 
 
-def assert_logits_match_hf(model, cm):
-    """Prefill at batch 2 with left padding, then two decode steps through the cache."""
-    ids, mask = left_pad(PROMPTS, pad_id=0)
-    pos = position_ids_from_mask(mask)
-    logits, present = cm.step(ids, mask, pos, cm.empty_cache(2))
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], ref[real], atol=1e-5, rtol=1e-5)
-    seq, m, p = ids, mask, pos
-    for _ in range(2):
-        nxt = logits[:, -1:].argmax(-1)
-        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
-        p = torch.cat([p, p[:, -1:] + 1], 1)
-        logits, present = cm.step(nxt, m, p[:, -1:], present)
-        with torch.no_grad():
-            ref = model(input_ids=seq, attention_mask=m, position_ids=p).logits[:, -1:]
-        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-    assert present[0].shape[2] == ids.shape[1] + 2
-
-
 @pytest.mark.parametrize("arch", FAMILY_ARCHITECTURES)
 def test_greedy_tokens_identical_to_hf_generate(arch):
     assert_greedy_matches_hf(*model_and_compiled(arch))
@@ -75,7 +55,7 @@ def test_greedy_tokens_identical_to_hf_generate(arch):
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHITECTURES)
 def test_logits_match_hf_prefill_and_decode(arch):
-    assert_logits_match_hf(*model_and_compiled(arch))
+    assert_logits_match_hf(*model_and_compiled(arch), PROMPTS)  # prefill, then two cached steps
 
 
 # What each tiny model must contain for the parity tests above to cover its family.
@@ -174,14 +154,14 @@ def test_llama3_rope_scaling_matches_hf():
     plain = tiny_model("llama")
     cm = llmc.compile(model, tokenizer=tiny_tokenizer(), progress=False)
     assert not torch.equal(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)  # scaling applied
-    assert_logits_match_hf(model, cm)
+    assert_logits_match_hf(model, cm, PROMPTS)
 
 
 def test_sequential_residual_variant_of_gpt_neox():
     model = tiny_model("gpt_neox", use_parallel_residual=False)
     cm = llmc.compile(model, tokenizer=tiny_tokenizer(), progress=False)
     assert not DecoderStep(model).parallel
-    assert_logits_match_hf(model, cm)
+    assert_logits_match_hf(model, cm, PROMPTS)
 
 
 def test_gpt_neox_modules_appear_under_llmc_names():

@@ -6,7 +6,7 @@ import torch
 import llmc
 from llmc.errors import UnsupportedArchitectureError
 from llmc.generation import left_pad, position_ids_from_mask
-from llmc.testing import TINY_ARCHITECTURES, count_ops, tiny_tokenizer
+from llmc.testing import TINY_ARCHITECTURES, assert_logits_match_hf, count_ops, tiny_tokenizer
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77, 64, 12], [150, 9, 33]]  # lengths 11 and 3: left padding
 
@@ -31,25 +31,7 @@ def test_greedy_tokens_identical_to_hf_generate(arch, tiny_models, compiled):
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_logits_match_hf_prefill_and_decode(arch, tiny_models, compiled):
-    model, cm = tiny_models[arch], compiled[arch]
-    ids, mask = left_pad(PROMPTS, pad_id=0)
-    pos = position_ids_from_mask(mask)
-    logits, present = cm.step(ids, mask, pos, cm.empty_cache(2))
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], ref[real], atol=1e-5, rtol=1e-5)
-    # two more steps through the cache
-    seq, m, p = ids, mask, pos
-    for step in range(2):
-        nxt = logits[:, -1:].argmax(-1)
-        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
-        p = torch.cat([p, p[:, -1:] + 1], 1)
-        logits, present = cm.step(nxt, m, p[:, -1:], present)
-        with torch.no_grad():
-            ref = model(input_ids=seq, attention_mask=m, position_ids=p).logits[:, -1:]
-        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-    assert present[0].shape[2] == ids.shape[1] + 2
+    assert_logits_match_hf(tiny_models[arch], compiled[arch], PROMPTS)  # prefill, then two cached steps
 
 
 def test_sliding_window_is_applied(tiny_models, compiled):
