@@ -245,3 +245,29 @@ def genai_engine(python: str, folder: str, prompt: list[int], new_tokens: int = 
         out = json.loads(res.stdout.strip().splitlines()[-1])
         return SelfTimed((out["tokens"], new_tokens / out["tokens_per_s"][0]))
     return run
+
+
+def row_definitions(rows: dict, extra: list[str]) -> dict:
+    """A script's rows {name: pass specs} plus those given as `--row NAME=SPEC[;SPEC...]`."""
+    out = dict(rows)
+    for item in extra:
+        key, _, specs = item.partition("=")
+        out[key] = [s for s in specs.split(";") if s]
+    return out
+
+
+def export_onnx(cm, out: str, lowering: str) -> tuple[dict, int, float]:
+    """`cm` lowered to a fresh ONNX folder `out` (vq_lowering `lowering`): its parity report, the folder's
+    bytes and the export's seconds (parity check included)."""
+    import shutil
+
+    from llmc.backends.onnxruntime import lower
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    lower(cm.program, out, vq_lowering=lowering)
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(out, "llmc_onnx.json")) as f:
+        parity = json.load(f)["parity"]
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    return parity, size, seconds

@@ -40,8 +40,8 @@ import time
 import torch
 
 import llmc
-from benchmarks.common import (STARTED_AT, genai_engine, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb,
-                               write_result)
+from benchmarks.common import (STARTED_AT, export_onnx, genai_engine, interleaved_rates, load_rows, peak_rss_mb,
+                               row_definitions, session_rss_mb, write_result)
 from llmc import data
 from llmc.eval import perplexity
 
@@ -88,10 +88,7 @@ def main() -> None:
     ap.add_argument("--name", default="pv_quant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows_def = dict(ROWS)
-    for extra in args.row:
-        key, _, specs = extra.partition("=")
-        rows_def[key] = [s for s in specs.split(";") if s]
+    rows_def = row_definitions(ROWS, args.row)
 
     src = llmc.load_model("smollm2-135m")
     ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
@@ -168,7 +165,7 @@ def main() -> None:
 def onnx_rows(args, src, ids, rows) -> None:
     """Lower ROW (and ROW-dequantize), FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s of all, interleaved
     (with --genai-python, ROW's folder under onnxruntime-genai too); each folder's session memory."""
-    from llmc.backends.onnxruntime import OrtModel, custom_ops, lower
+    from llmc.backends.onnxruntime import OrtModel, custom_ops
 
     row = args.onnx
     models = {}
@@ -180,13 +177,7 @@ def onnx_rows(args, src, ids, rows) -> None:
     for label, make, lowering in exports:
         cm = make()
         out = os.path.join(args.out, f"onnx-{label}")
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        lower(cm.program, out, vq_lowering=lowering)
-        export_s = time.perf_counter() - t0
-        with open(os.path.join(out, "llmc_onnx.json")) as f:
-            parity = json.load(f)["parity"]
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+        parity, size, export_s = export_onnx(cm, out, lowering)
         models[label] = (OrtModel(out, threads=args.threads), parity, size, cm, export_s)
     m, parity, size, cm, export_s = models[row]
     ort_ppl = perplexity(m, ids, args.protocol)

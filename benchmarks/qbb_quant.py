@@ -34,7 +34,8 @@ import time
 import torch
 
 import llmc
-from benchmarks.common import STARTED_AT, interleaved_rates, load_rows, peak_rss_mb, session_rss_mb, write_result
+from benchmarks.common import (STARTED_AT, export_onnx, interleaved_rates, load_rows, peak_rss_mb, row_definitions,
+                               session_rss_mb, write_result)
 from llmc import data
 from llmc.eval import perplexity
 
@@ -79,10 +80,7 @@ def main() -> None:
     ap.add_argument("--name", default="qbb_quant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows_def = dict(ROWS)
-    for extra in args.row:
-        key, _, specs = extra.partition("=")
-        rows_def[key] = [s for s in specs.split(";") if s]
+    rows_def = row_definitions(ROWS, args.row)
 
     src = llmc.load_model("smollm2-135m")
     ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
@@ -146,7 +144,7 @@ FP = {"ppl-512x40": 28.7385, "ppl-512x5": 29.6534}
 
 def onnx_rows(args, src, ids, rows) -> None:
     """Lower ROW (packed kernel and standard ops), FP32 and RTN 4-bit; ORT ppl of ROW; decode tokens/s, interleaved."""
-    from llmc.backends.onnxruntime import OrtModel, lower
+    from llmc.backends.onnxruntime import OrtModel
 
     row = args.onnx
     models = {}
@@ -157,13 +155,7 @@ def onnx_rows(args, src, ids, rows) -> None:
     for label, make, lowering in exports:
         cm = make()
         out = os.path.join(args.out, f"onnx-{label}")
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        lower(cm.program, out, vq_lowering=lowering)
-        export_s = time.perf_counter() - t0
-        with open(os.path.join(out, "llmc_onnx.json")) as f:
-            parity = json.load(f)["parity"]
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+        parity, size, export_s = export_onnx(cm, out, lowering)
         models[label] = (OrtModel(out, threads=args.threads), parity, size, export_s, lowering)
     ort_ppl = perplexity(models[row][0], ids, args.protocol)
     torch_ppl = next(r["ppl"] for r in rows if r["row"] == row)
