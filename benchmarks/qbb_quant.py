@@ -61,6 +61,16 @@ ROWS = {
     "n3-o16-s12": ["qbb_quant:bases=3,outliers=16,stages=12"],
     "n2-o4-s12": ["qbb_quant:bases=2,outliers=4,stages=12"],
     "n3-g64-o4-s12": ["qbb_quant:bases=3,group=64,outliers=4,stages=12"],
+    # stage 2 by joint rounding to each row's 2^N levels (refine=gptq), data-free or with error feedback on XᵀX
+    "n4-s12-joint": ["qbb_quant:bases=4,stages=12,refine=gptq"],
+    "n4-s12-ef": ["qbb_quant:bases=4,stages=12,refine=gptq,objective=input"],
+    "n4-o4-s12-ef": ["qbb_quant:bases=4,outliers=4,stages=12,refine=gptq,objective=input"],
+    "n3-o4-s12-ef": ["qbb_quant:bases=3,outliers=4,stages=12,refine=gptq,objective=input"],
+    "n2-o4-s12-ef": ["qbb_quant:bases=2,outliers=4,stages=12,refine=gptq,objective=input"],
+    "n3-s12-ef": ["qbb_quant:bases=3,stages=12,refine=gptq,objective=input"],
+    "n4-o4-s123-ef": ["qbb_quant:bases=4,outliers=4,stages=123,refine=gptq,objective=input"],
+    "n4-o4-s123-ef-wiki": ["qbb_quant:bases=4,outliers=4,stages=123,refine=gptq,objective=input,"
+                             "scale_data=wikitext2-valid"],
 }
 DECODE_ROWS = ("ort-",)
 

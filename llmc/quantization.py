@@ -100,6 +100,48 @@ def _inverse_cholesky(Hd: Tensor, damp: float) -> Tensor:
     return U.float()
 
 
+def error_feedback(W: Tensor, U: Tensor, col_of: list[int], block: int, round_column) -> None:
+    """GPTQ's column loop, for any rounding: `round_column(block_w, i, col)` returns the value chosen for
+    column i of the current block (a view [N, block] of the updated W; `col` is its column in the
+    original order) and may record codes. Column i's scaled error e = (w_i − q_i) / U[i, i] is
+    subtracted from the later columns as e ⊗ U[i, i+1:] within the block and as one matrix product
+    for the columns after it. W [N, K] (in visiting order) is updated in place; U is the upper
+    Cholesky factor of H⁻¹ in the same order.
+    """
+    N, K = W.shape
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, i1:i2]  # a view: the in-block updates land in W
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty(N, i2 - i1, dtype=W.dtype)
+        for i in range(i2 - i1):
+            q = round_column(W1, i, col_of[i1 + i])
+            err = (W1[:, i] - q) / U1[i, i]
+            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
+            E1[:, i] = err
+        if i2 < K:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+
+
+def gptq_round(weight: Tensor, H: Tensor, round_column, damp: float = 0.01, block: int = 128,
+               act_order: bool = True) -> None:
+    """GPTQ's error feedback around a caller's rounding: weight [N, K] against H = XᵀX [K, K] (dampened
+    and with dead inputs handled as `gptq_quantize` does), columns visited in order of decreasing H
+    diagonal (`act_order`) or left to right; `round_column(w, col)` gets the updated column `col` [N]
+    and returns the value it rounds it to (recording its codes itself). Raises
+    HessianNotPositiveDefinite when H is too ill-conditioned.
+    """
+    N, K = weight.shape
+    W, Hd = _padded(weight, H, K, damp)
+    if act_order:
+        perm = torch.argsort(Hd.diagonal(), descending=True, stable=True)
+        W, Hd = W[:, perm].contiguous(), Hd[perm][:, perm]
+        col_of = perm.tolist()
+    else:
+        col_of = list(range(K))
+    error_feedback(W, _inverse_cholesky(Hd, damp), col_of, block, lambda bw, i, col: round_column(bw[:, i], col))
+
+
 def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group: int, symmetric: bool = False, damp: float = 0.01,
                   block: int = 128, act_order: bool = False, clip_grid: int = 0):
     """GPTQ of weight [N, K] against H = XᵀX [K, K] into the MatMulNBits layout of `quantize_rtn`.
@@ -156,30 +198,19 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group: int, symmetric: b
         col_of = list(range(Kp))
         block = -(-block // group) * group
 
-    U = _inverse_cholesky(Hd, damp)
+    def round_column(block_w: Tensor, i: int, col: int) -> Tensor:
+        g = col // group
+        if not act_order and col % group == 0:
+            s, z = params(block_w[:, i:i + group], torch.arange(col, col + group))
+            scales[:, g] = s
+            zeros[:, g] = z
+        s, z = scales[:, g], zeros[:, g]
+        q = torch.clamp(torch.round(block_w[:, i] / s) + z, 0, qmax)
+        Q[:, col] = q
+        return (q - z) * s
 
     Q = torch.empty(N, Kp, dtype=torch.float32)
-    for i1 in range(0, Kp, block):
-        i2 = min(i1 + block, Kp)
-        W1 = W[:, i1:i2]  # a view: the in-block updates land in W
-        U1 = U[i1:i2, i1:i2]
-        E1 = torch.empty(N, i2 - i1, dtype=torch.float32)
-        for i in range(i2 - i1):
-            col = col_of[i1 + i]
-            g = col // group
-            if not act_order and col % group == 0:
-                s, z = params(W1[:, i:i + group], torch.arange(col, col + group))
-                scales[:, g] = s
-                zeros[:, g] = z
-            s, z = scales[:, g], zeros[:, g]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, qmax)
-            Q[:, col] = q
-            err = (w - (q - z) * s) / U1[i, i]
-            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
-            E1[:, i] = err
-        if i2 < Kp:
-            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+    error_feedback(W, _inverse_cholesky(Hd, damp), col_of, block, round_column)
     return _pack(Q, scales, zeros, bits, group)
 
 

@@ -10,7 +10,8 @@ from llmc.graph import attr_tensor
 from llmc.ops.binary_bases import bits_per_weight, dequantize
 from llmc.passes.qbb_quant import calibrate as qbb_calibrate
 from llmc.passes.qbb_quant import pass_ as qbb_pass
-from llmc.passes.qbb_quant.bases import RefinePlan, approx, cascaded_init, fit_scales, refine, relative_error
+from llmc.passes.qbb_quant.bases import (RefinePlan, approx, cascaded_init, fit_scales, grid_scales, level_patterns,
+                                         levels, refine, refine_joint, relative_error, round_to_levels)
 from llmc.passes_base import parse_pass_spec
 from llmc.testing import count_ops, random_batches, tiny_model, tiny_tokenizer
 
@@ -76,6 +77,14 @@ def test_fit_scales_is_the_least_squares_optimum():
     for _ in range(5):
         assert e < relative_error(W, approx(B, best * (1 + 0.01 * torch.randn_like(best))))
     H = _moments(64)
+    bg = fit_scales(W, B, 2, H)  # groups coupled by H: each row one joint least-squares system
+    eg = relative_error(W, approx(B, bg), H)
+    for _ in range(5):
+        assert eg < relative_error(W, approx(B, bg * (1 + 0.01 * torch.randn_like(bg))), H)
+    separate = torch.cat([fit_scales(W[:, :32], B[..., :32], 1, H[:32, :32]),  # without coupling: per-group fits
+                          fit_scales(W[:, 32:], B[..., 32:], 1, H[32:, 32:])], -1)
+    torch.testing.assert_close(fit_scales(W, B, 2, torch.block_diag(H[:32, :32], H[32:, 32:])), separate,
+                               rtol=1e-3, atol=1e-6)
     bh = fit_scales(W, B[:, :, :], 1, H)
     eh = relative_error(W, approx(B, bh), H)
     assert eh < relative_error(W, approx(B, fit_scales(W, B, 1)), H)
@@ -115,6 +124,67 @@ def test_alternate_refuses_the_input_objective():
     B, S, R = cascaded_init(W, 2)
     with pytest.raises(ValueError, match="full H"):
         refine(W, B, S, R, RefinePlan(mode="alternate"), _moments(64))
+
+
+def test_grid_scales_make_a_clipped_uniform_grid():
+    W = _weight()
+    S = grid_scales(W, 3, 2)
+    lv = levels(S).sort(-1).values  # [N, G, 8]
+    delta = lv[..., -1:] / 7
+    torch.testing.assert_close(lv, delta * torch.arange(-7, 8, 2, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+    top = W.reshape(96, 2, 32).abs().amax(-1)
+    assert ((lv[..., -1] <= top * (1 + 1e-6)) & (lv[..., -1] >= 0.4 * top - 1e-9)).all()
+    near = approx(round_to_levels(W, S)[0], S)
+    full = approx(round_to_levels(W, grid_scales(W, 3, 2, ratios=(1.0,)))[0], grid_scales(W, 3, 2, ratios=(1.0,)))
+    assert relative_error(W, near) < relative_error(W, full)  # the chosen clipping never rounds worse
+
+
+def test_joint_rounding_takes_the_best_of_all_sign_combinations():
+    torch.manual_seed(0)
+    W = _weight(N=24, K=32)
+    _, S, _ = cascaded_init(W, 3, 2)
+    B, Q = round_to_levels(W, S)
+    combos = torch.einsum("ing,ci->ngc", S, level_patterns(3)).repeat_interleave(16, dim=1)  # [N, K, 8]
+    best = (W[..., None] - combos).abs().min(-1).values
+    torch.testing.assert_close((W - approx(B, S)).abs(), best)
+    torch.testing.assert_close(Q, approx(B, S))
+    assert set(B.unique().tolist()) == {-1.0, 1.0}
+    keep = torch.rand(24, 32) < 0.1
+    _, Qk = round_to_levels(W, S, keep=keep)
+    assert torch.equal(Qk[keep], W[keep]) and torch.equal(Qk[~keep], Q[~keep])
+
+
+def test_error_feedback_rounding_lowers_the_output_error():
+    torch.manual_seed(0)
+    W, H = _weight(), _moments(64)
+    S = grid_scales(W, 3, 1, H.diagonal())
+    plain = relative_error(W, approx(round_to_levels(W, S)[0], S), H)
+    B, Q = round_to_levels(W, S, H)
+    fed = relative_error(W, approx(B, S), H)
+    assert fed < 0.6 * plain, (fed, plain)
+    torch.testing.assert_close(Q, approx(B, S))
+    B_id, _ = round_to_levels(W, S, 3.0 * torch.eye(64))  # no correlation: nothing to carry, plain rounding
+    assert torch.equal(B_id, round_to_levels(W, S)[0])
+
+
+@pytest.mark.parametrize("objective", ["weight", "input"])
+def test_joint_refinement_improves_on_alternate_and_never_rises(objective):
+    torch.manual_seed(0)
+    W = _weight()
+    H = _moments(64) if objective == "input" else None
+    B, S, R = cascaded_init(W, 4)
+    e1 = relative_error(W, approx(B, S), H)
+    Bj, Sj, Qj, errors = refine_joint(W, grid_scales(W, 4, 1, None if H is None else H.diagonal()), 4, H, best=e1)
+    assert all(b <= a for a, b in zip(errors, errors[1:])) and errors[-1] < e1
+    assert errors[-1] == pytest.approx(relative_error(W, approx(Bj, Sj), H))
+    Ba, Sa, _ = refine(W, B, S, R, RefinePlan(mode="alternate", rounds=4), H.diagonal() if H is not None else None)
+    ea = relative_error(W, approx(Ba, Sa), H)
+    assert errors[-1] < (0.5 if objective == "weight" else 0.3) * ea, (errors, ea)
+    assert refine_joint(W, Sj, 2, H, best=0.0) is None  # nothing beats a zero error: the caller keeps its own
+    keep = torch.zeros_like(W, dtype=torch.bool).scatter(1, W.abs().topk(2, dim=1).indices, True)
+    Bk, Sk, Qk, ek = refine_joint(W, Sj, 2, H, keep)
+    What = torch.where(keep, Qk, approx(Bk, Sk))
+    assert ek[-1] == pytest.approx(relative_error(W, What, H)) and ek[-1] < errors[-1]
 
 
 def test_pass_rewrites_every_decoder_linear_with_packed_signs(setup, tmp_path):
@@ -157,6 +227,22 @@ def test_grouped_scales_start_from_gptq_and_input_objective(setup, tmp_path):
     inp = _compile(model, "bases=3,refine=gd,objective=input,rounds=1,gd_steps=20", tmp_path / "i")
     assert inp.program.history[-1].stats["error_metric"] == "input"
     assert _kl(inp, ref, ids) < 0.2
+
+
+def test_joint_rounding_with_error_feedback_in_the_pass(setup, tmp_path):
+    model, ids, ref = setup
+    kl = {spec: _kl(_compile(model, spec, tmp_path / str(i)), ref, ids) for i, spec in enumerate((
+        "bases=2", "bases=2,refine=gptq", "bases=2,refine=gptq,objective=input"))}
+    # a random tiny model has no outlier weights or correlated inputs for these to exploit (the unit tests above
+    # show the gains); here the pass must run them and stay as close to the teacher
+    assert max(kl.values()) < 1.15 * min(kl.values()) and kl["bases=2"] < 0.2, kl
+    cm = _compile(model, "bases=2,refine=gptq,objective=input,outliers=2,rounds=2", tmp_path / "o")
+    st = cm.program.history[-1].stats
+    m = st["matrices"]["model.layers.0.mlp.down_proj.weight"]
+    assert len(m["errors"]) == 3 and m["errors"][-1] < m["error_stage1"]
+    assert m["errors"][-1] == pytest.approx(m["error"], rel=1e-3)  # the stored model is the last round's
+    assert _kl(cm, ref, ids) < kl["bases=2,refine=gptq,objective=input"]
+    assert attr_tensor(cm.program.gm, "model.layers.0.mlp.down_proj.outlier_index").shape == (64, 2)
 
 
 def test_outliers_are_kept_exactly_and_counted(setup, tmp_path):
@@ -286,8 +372,8 @@ def test_save_load_round_trip_is_exact(setup, tmp_path):
 @pytest.mark.parametrize("bad,message", [
     ("bases=0", "bases must be in 1..8"), ("bases=9", "bases must be in 1..8"),
     ("group=12", "multiple of 8"), ("stages=2", "includes 1"), ("stages=14", "digits"),
-    ("refine=newton", "refine: 'newton' is not one of alternate, gd"), ("objective=input", "needs refine=gd"),
-    ("objective=input,refine=gd,group=16", "group=0"), ("start=awq", "start: 'awq' is not one of fp, gptq"),
+    ("refine=newton", "refine: 'newton' is not one of alternate, gd"), ("objective=input", "needs refine=gptq"),
+    ("objective=input,refine=gd,group=16", "group=0"),  ("start=awq", "start: 'awq' is not one of fp, gptq"),
     ("start_bits=5", "start_bits"), ("start_group=48", "power of two"), ("scale_loss=l1", "scale_loss"),
     ("scale_samples=8,scale_candidates=4", "scale_candidates"), ("rounds=0", "rounds must be >= 1"),
     ("gd_lr=0", "gd_lr must be > 0"), ("targets=(", "regular expression"), ("outliers=-1", "outliers must be >= 0"),

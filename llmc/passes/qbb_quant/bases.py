@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmc.quantization import HessianNotPositiveDefinite, gptq_round
+
 
 def expand(scales: Tensor, K: int) -> Tensor:
     """[nb, N, G] -> [nb, N, K]: each group's scale over its K/G inputs."""
@@ -70,7 +72,7 @@ def cascaded_init(W: Tensor, bases: int, groups: int = 1) -> tuple[Tensor, Tenso
 
 def fit_scales(W: Tensor, B: Tensor, groups: int, H: Tensor | None = None) -> Tensor:
     """The least-squares scales [nb, N, G] of signs B for W (weight space, under a diagonal H [K], or under a
-    full H [K, K] with one group).
+    full H [K, K]).
 
     Per row (and group) the nb×nb normal equations Σ_k bᵢ bⱼ · α = Σ_k bᵢ w, solved in float64 with a
     small ridge (a rank-deficient row, e.g. two equal bases, keeps a finite solution).
@@ -84,9 +86,9 @@ def fit_scales(W: Tensor, B: Tensor, groups: int, H: Tensor | None = None) -> Te
         Dg = Bg if H is None else Bg * H.double().reshape(1, 1, groups, K // groups)
         M = torch.einsum("inck,jnck->ncij", Dg, Bg)  # [N, G, nb, nb]
         r = torch.einsum("inck,nck->nci", Dg, Wg)  # [N, G, nb]
+    elif groups != 1:
+        return _fit_grouped_scales(W, B, groups, H)
     else:
-        if groups != 1:
-            raise ValueError("input-aware scale refits take one scale group per row")
         BH = Bd @ H.double()  # [nb, N, K]
         M = torch.einsum("ink,jnk->nij", BH, Bd)[:, None]
         r = torch.einsum("ink,nk->ni", BH, W)[:, None]
@@ -94,6 +96,27 @@ def fit_scales(W: Tensor, B: Tensor, groups: int, H: Tensor | None = None) -> Te
     M = M + ridge[..., None, None] * torch.eye(nb, dtype=M.dtype)
     a = torch.linalg.solve(M, r.unsqueeze(-1)).squeeze(-1)  # [N, G, nb]
     return a.permute(2, 0, 1).float().contiguous()
+
+
+def _fit_grouped_scales(W: Tensor, B: Tensor, groups: int, H: Tensor, chunk: int = 32) -> Tensor:
+    """`fit_scales` under a full H with several groups a row: H couples the groups, so each row solves one
+    (nb·G)² system, M[(i, g), (j, h)] = Σ_{a∈g, b∈h} Bᵢ[a] H[a, b] Bⱼ[b], built for `chunk` rows at a time
+    (memory chunk·K·nb·G floats; work N·K²·nb multiply-adds, in float32, solved in float64)."""
+    nb, N, K = B.shape
+    Kg = K // groups
+    Hb = H.float().reshape(groups, Kg, groups, Kg)
+    HW = (W.float() @ H.float()).reshape(N, groups, Kg)
+    out = torch.empty(N, nb, groups, dtype=torch.float64)
+    for r in range(0, N, chunk):
+        Bc = B[:, r:r + chunk].float().reshape(nb, -1, groups, Kg)
+        R = Bc.shape[1]
+        HB = torch.einsum("gahb,jrhb->rgajh", Hb, Bc)  # [R, G, Kg, nb, G]
+        M = torch.einsum("irga,rgajh->rigjh", Bc, HB).reshape(R, nb * groups, nb * groups).double()
+        rhs = torch.einsum("irga,rga->rig", Bc, HW[r:r + R]).reshape(R, nb * groups, 1).double()
+        ridge = 1e-9 * M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        M = M + ridge[:, None, None] * torch.eye(nb * groups, dtype=M.dtype)
+        out[r:r + R] = torch.linalg.solve(M, rhs).reshape(R, nb, groups)
+    return out.permute(1, 0, 2).float().contiguous()
 
 
 class _SignSTE(torch.autograd.Function):
@@ -188,3 +211,118 @@ def _gd_phase(W, B, others, scales, latent0, p, plan, Hf, norm):
         opt.step()
     with torch.no_grad():
         return torch.where(latent >= 0, 1.0, -1.0), (base * factor).detach()
+
+
+def level_patterns(bases: int) -> Tensor:
+    """[2^nb, nb] ±1: row c holds the signs of code c (bit i of c set: basis i is +1)."""
+    c = torch.arange(2 ** bases)
+    return torch.where((c[:, None] >> torch.arange(bases)) & 1 == 1, 1.0, -1.0)
+
+
+def levels(scales: Tensor) -> Tensor:
+    """The 2^nb values Σᵢ ±αᵢ a row (group) can take: [N, G, 2^nb] from scales [nb, N, G], in code order."""
+    return torch.einsum("ing,ci->ngc", scales, level_patterns(scales.shape[0]))
+
+
+def grid_scales(W: Tensor, bases: int, groups: int = 1, importance: Tensor | None = None,
+                ratios: tuple[float, ...] = tuple(r / 20 for r in range(8, 21))) -> Tensor:
+    """Scales [nb, N, G] whose levels are a uniform grid: αᵢ = 2^(nb−1−i)·Δ gives Σᵢ ±αᵢ = Δ·{±1, ±3, …,
+    ±(2^nb − 1)}, with Δ = ratio · max |w| / (2^nb − 1) per row (group) and the ratio (a clipping of the range)
+    chosen per row (group) to minimise the importance-weighted rounding error (importance [K], default 1).
+    """
+    W = W.detach().float()
+    N, K = W.shape
+    top = 2 ** bases - 1
+    Wg = W.reshape(N, groups, K // groups)
+    d = torch.ones(K) if importance is None else importance.float()
+    d = d.reshape(1, groups, K // groups)
+    amax = Wg.abs().amax(-1).clamp_min(1e-12)  # [N, G]
+    best_err, best_delta = None, None
+    for r in ratios:
+        delta = (r * amax / top)[..., None]
+        q = delta * torch.clamp(2 * torch.floor(Wg / (2 * delta)) + 1, -top, top)
+        err = (d * (Wg - q) ** 2).sum(-1)
+        if best_err is None:
+            best_err, best_delta = err, delta[..., 0]
+        else:
+            better = err < best_err
+            best_err, best_delta = best_err.where(~better, err), best_delta.where(~better, delta[..., 0])
+    powers = 2.0 ** torch.arange(bases - 1, -1, -1, dtype=torch.float32)
+    return powers[:, None, None] * best_delta[None]
+
+
+def round_to_levels(W: Tensor, scales: Tensor, H: Tensor | None = None, keep: Tensor | None = None,
+                    damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """The signs of every basis at once, given the scales: each weight becomes the nearest of its row's
+    (group's) 2^nb levels Σᵢ ±αᵢ (the exact minimiser over all sign combinations of a separable error); with
+    H [K, K], GPTQ's error feedback carries each column's rounding error onto the columns not yet rounded
+    (`llmc.quantization.gptq_round`, act-order), so the rounding minimises tr(E H Eᵀ) greedily.
+
+    keep [N, K] (bool): positions stored exactly elsewhere (outliers); they take the updated weight as is.
+    Returns B [nb, N, K] (±1) and Q [N, K], the value each weight was rounded to (the updated weight at kept
+    positions), from which a kept position's stored value is Q − Σᵢ αᵢBᵢ.
+    """
+    W = W.detach().float()
+    nb, N, G = scales.shape
+    K = W.shape[1]
+    lv = levels(scales.float())  # [N, G, L]
+    group_of = torch.arange(K) // (K // G)
+    codes = torch.empty(N, K, dtype=torch.long)
+    Q = torch.empty(N, K)
+    if H is None:
+        for r in range(0, N, 256):  # [rows, K, L] distances, in bounded chunks
+            lvk = lv[r:r + 256][:, group_of]
+            c = (W[r:r + 256, :, None] - lvk).abs().argmin(-1)
+            codes[r:r + 256] = c
+            Q[r:r + 256] = lvk.gather(-1, c[..., None])[..., 0]
+        if keep is not None:
+            Q = torch.where(keep, W, Q)
+    else:
+        def round_column(w: Tensor, col: int) -> Tensor:
+            lvc = lv[:, group_of[col]]
+            c = (w[:, None] - lvc).abs().argmin(1)
+            q = lvc.gather(1, c[:, None])[:, 0]
+            if keep is not None:
+                q = torch.where(keep[:, col], w, q)
+            codes[:, col] = c
+            Q[:, col] = q
+            return q
+
+        for attempt in range(4):  # raise the damping tenfold where XᵀX is too ill-conditioned
+            try:
+                gptq_round(W, H.double(), round_column, damp=damp * 10 ** attempt)
+                break
+            except HessianNotPositiveDefinite:
+                if attempt == 3:
+                    raise
+    B = level_patterns(nb)[codes].permute(2, 0, 1).contiguous()
+    return B, Q
+
+
+def refine_joint(W: Tensor, scales: Tensor, rounds: int, H: Tensor | None = None, keep: Tensor | None = None,
+                 best: float = float("inf")) -> tuple[Tensor, Tensor, Tensor, list[float]] | None:
+    """Stage 2 by joint sign rounding (`refine=gptq`): from scales [nb, N, G], `rounds` times round every
+    weight to its levels (`round_to_levels`, error feedback under a full H) and refit the scales by least
+    squares (under H; kept positions count as exact). Keeps the best round by the error of the whole
+    approximation (kept positions included); returns (B, scales, Q, errors after each round), or None if
+    no round beat `best`.
+    """
+    W = W.detach().float()
+    G = scales.shape[-1]
+    Hm = H if H is None or H.dim() == 1 else H
+    result, errors = None, []
+    for _ in range(rounds):
+        B, Q = round_to_levels(W, scales, H if H is not None and H.dim() == 2 else None, keep)
+        for S in (scales, None):  # the rounding's own scales, then their least-squares refit
+            if S is None:
+                target = W if keep is None else torch.where(keep, approx(B, scales), W)
+                S = fit_scales(target, B, G, Hm)
+            What = approx(B, S)
+            if keep is not None:
+                What = torch.where(keep, Q, What)
+            err = relative_error(W, What, Hm)
+            if err < best:
+                best, result = err, (B, S, Q)
+        scales = S
+        errors.append(best)
+    return None if result is None else (*result, errors)

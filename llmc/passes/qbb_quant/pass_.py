@@ -9,7 +9,10 @@ bit-packed signs and float16 scales. Three stages, each switchable (`stages`, a 
   2  layer-wise refinement of ‖W − Σ αᵢBᵢ‖² with the progressive curriculum (one basis' signs per
      phase, all scales every phase): `refine=alternate` takes each phase's exact minimiser
      (B_p = sign of what the other bases leave), `refine=gd` the paper's straight-through gradient
-     descent; `objective=input` weighs the error by each layer's XᵀX instead (gd only);
+     descent, `refine=gptq` rounds all bases' signs of a weight at once to the nearest of its row's
+     2^N levels (with GPTQ's error feedback under `objective=input`) from uniform-grid scales,
+     alternated with least-squares scale refits (beyond the paper); `objective=input` weighs the
+     error by each layer's XᵀX instead (gd, gptq);
   3  calibration of the scales only, through the whole network against the FP teacher, on
      sequences the FP model writes from random first tokens (`scale_data=generated`, the most
      divergent `scale_samples` of `scale_candidates` kept) or on windows of a data set; loss
@@ -41,7 +44,8 @@ from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_
 from llmc.ops.binary_bases import bits_per_weight, pack_signs
 from llmc.ops.nbits_linear import SUPPORTED_BITS
 from llmc.ops.nbits_linear import dequantize as nbits_dequantize
-from llmc.passes.qbb_quant.bases import RefinePlan, approx, cascaded_init, refine, relative_error, row_outliers
+from llmc.passes.qbb_quant.bases import (RefinePlan, approx, cascaded_init, grid_scales, refine, refine_joint,
+                                         relative_error, row_outliers)
 from llmc.passes.qbb_quant.calibrate import ScalePlan, Student, calibrate_scales, most_divergent
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import bar, log
@@ -71,16 +75,18 @@ class QBBQuant(Pass):
     stages: str = dataclasses.field(default="12", metadata={
         "help": "stages to run, digits of 1 (cascaded init, always), 2 (layer-wise refinement), 3 (scale "
                 "calibration through the network)"})
-    refine: Literal["alternate", "gd"] = dataclasses.field(default="alternate", metadata={
-        "help": "stage 2: alternate (exact per-basis sign updates + least-squares scales) or gd (straight-through "
-                "Adam, the paper's)"})
+    refine: Literal["alternate", "gd", "gptq"] = dataclasses.field(default="alternate", metadata={
+        "help": "stage 2: alternate (exact per-basis sign updates + least-squares scales), gd (straight-through "
+                "Adam, the paper's) or gptq (all signs of a weight at once: the nearest of the row's 2^N levels, "
+                "with GPTQ error feedback under objective=input, from uniform-grid scales, alternated with "
+                "least-squares scale refits)"})
     rounds: int = dataclasses.field(default=6, metadata={"help": "stage 2: passes over the bases (phases = rounds x bases)"})
     gd_steps: int = dataclasses.field(default=50, metadata={"help": "stage 2, refine=gd: Adam steps per phase"})
     gd_lr: float = dataclasses.field(default=3e-3, metadata={"help": "stage 2, refine=gd: Adam learning rate"})
     objective: Literal["weight", "input", "diag"] = dataclasses.field(default="weight", metadata={
         "help": "stage 2 error: weight (‖W − Ŵ‖², data-free, the paper's), input (weighted by the calibration "
-                "XᵀX; needs refine=gd and group=0) or diag (by the diagonal of XᵀX: each input's mean square; "
-                "exact sign updates still apply)"})
+                "XᵀX; needs refine=gptq, or refine=gd with group=0) or diag (by the diagonal of XᵀX: each input's "
+                "mean square; exact sign updates still apply)"})
     outliers: int = dataclasses.field(default=0, metadata={
         "help": "weights per row kept aside as float16 values with int16 column indices (the row's largest "
                 "magnitudes; the bases fit the rest, and each kept value corrects the bases' output at its place)"})
@@ -115,13 +121,13 @@ class QBBQuant(Pass):
         if not self.stages or set(self.stages) - set("123") or "1" not in self.stages:
             raise ConfigError(f"qbb_quant.stages is a string of the digits 1, 2, 3 that includes 1 (the cascaded init "
                               f"every other stage starts from), e.g. 12 or 123; got '{self.stages}'")
-        if self.refine not in ("alternate", "gd"):
-            raise ConfigError(f"qbb_quant.refine must be alternate or gd, got '{self.refine}'")
+        if self.refine not in ("alternate", "gd", "gptq"):
+            raise ConfigError(f"qbb_quant.refine must be alternate, gd or gptq, got '{self.refine}'")
         if self.objective not in ("weight", "input", "diag"):
             raise ConfigError(f"qbb_quant.objective must be weight, input or diag, got '{self.objective}'")
-        if self.objective == "input" and (self.refine != "gd" or self.group):
-            raise ConfigError("qbb_quant.objective=input needs refine=gd and group=0 (its sign updates are not "
-                              "separable, and its scale refits take one scale per row)")
+        if self.objective == "input" and (self.refine == "alternate" or self.refine == "gd" and self.group):
+            raise ConfigError("qbb_quant.objective=input needs refine=gptq, or refine=gd with group=0 (per-basis "
+                              "sign updates are not exact under XᵀX, and gd's scale refits take one scale per row)")
         if self.start not in ("fp", "gptq"):
             raise ConfigError(f"qbb_quant.start must be fp or gptq, got '{self.start}'")
         if self.start_bits not in SUPPORTED_BITS:
@@ -322,17 +328,27 @@ def quantize_matrix(p: QBBQuant, W: torch.Tensor, H: torch.Tensor | None, plan: 
                            else W0 * Hm.float().sqrt(), p.outliers)
         target = W0.scatter(1, idx, 0.0)  # the bases fit the rest; the kept values absorb what they leave there
     B, S, R = cascaded_init(target, p.bases, G)
+    kept = W0  # what the kept positions store (stage 2 by gptq rounding sets its error-fed values there)
 
     def full(B, S):
         What = approx(B, S)
         if idx is None:
             return What, None
-        vals = (W0.gather(1, idx) - What.gather(1, idx)).half()
+        vals = (kept.gather(1, idx) - What.gather(1, idx)).half()
         return What.scatter_add(1, idx, vals.float()), vals
 
     e1 = relative_error(W0, full(B, S)[0], Hm)
     stats = {"error_stage1": round(e1, 6)}
-    if "2" in p.stages:
+    if "2" in p.stages and p.refine == "gptq":
+        keep = None if idx is None else torch.zeros_like(W0, dtype=torch.bool).scatter(1, idx, True)
+        importance = None if Hm is None else Hm.diagonal() if Hm.dim() == 2 else Hm
+        joint = refine_joint(W0, grid_scales(target, p.bases, G, importance), p.rounds, Hm, keep, best=e1)
+        if joint is not None:  # else stage 1 stays: stage 2 never raises the layer's error
+            B, S, Q, errors = joint
+            stats["errors"] = [round(e1, 6)] + [round(e, 6) for e in errors]
+            if idx is not None:  # the kept values make those positions the rounding's (error-fed) values
+                kept = W0.scatter(1, idx, Q.gather(1, idx))
+    elif "2" in p.stages:
         B, S, errors = refine(target, B, S, R, plan, Hm)
         stats["errors"] = [round(e, 6) for e in errors]
     What, vals = full(B, S)
