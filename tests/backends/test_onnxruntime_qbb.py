@@ -85,10 +85,10 @@ def test_qbb_model_exports_with_parity(lowering, outliers, tmp_path):
     assert manifest["vq_lowering"] == lowering and manifest["parity"]
     assert (manifest["custom_ops_library"] is not None) == (lowering == "kernel")
     onnx_model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
-    if lowering == "kernel":  # every basis' signs reach its VQLinear as a uint8 initializer of 1 bit per weight
+    if lowering == "kernel":  # one VQLinear a layer, its bases stacked: uint8 signs of 1 bit per weight and basis
         inits = {i.name: i for i in onnx_model.graph.initializer}
         vq = [n for n in onnx_model.graph.node if n.op_type == "VQLinear"]
-        assert len(vq) == 14 * 3
+        assert len(vq) == 14
         codes = [inits[n.input[1]] for n in vq]
         assert all(c.data_type == onnx.TensorProto.UINT8 for c in codes)
         shapes = [s for name, s in cm.program.linear_shapes.items() if name != "lm_head"]

@@ -264,13 +264,33 @@ def _sign_patterns() -> np.ndarray:
 
 
 def binary_bases_linear_kernel(x, signs, scales):
-    """llmc::binary_bases_linear -> one llmc.VQLinear per basis, summed: the signs read packed at run time.
+    """llmc::binary_bases_linear -> one llmc.VQLinear over the bases stacked as rows, then a sum over the bases.
 
-    A basis is an additive code with one fixed codebook, the 256 sign patterns of 8 inputs (g = 8),
-    its byte of signs per 8 inputs the code and its row scales the VQLinear scales: y = Σ_i VQLinear(x,
-    signsᵢᵀ [K/8, N], patterns, αᵢ). The transposes of the signs have initializer inputs only, so
-    ONNX Runtime folds them at load and the session holds uint8 signs, 1 bit per weight and basis.
-    Scales per group of inputs are not a VQLinear layout: those layers take the standard lowering."""
+    A basis is an additive code with one fixed codebook, the 256 sign patterns of 8 inputs (g = 8), its
+    byte of signs per 8 inputs the code and its row scales the VQLinear scales. All bases share that
+    codebook, so basis i of row n is row i·N + n of one VQLinear with nb·N rows: the kernel builds the
+    token's tables (the 256 signed sums of every 8 inputs) once for all bases, and y = Σ_i of the
+    [..., nb, N] output. The signs' reshape and transpose to the kernel's [K/8, nb·N] have initializer
+    inputs only, so ONNX Runtime folds them at load and the session holds uint8 signs, 1 bit per weight
+    and basis. Scales per group of inputs are not a VQLinear layout: those layers take the standard
+    lowering."""
+    nb, N, J = _dims(signs, "signs")
+    _, _, G = _dims(scales, "scales")
+    if G != 1:
+        return binary_bases_linear(x, signs, scales)
+    pat = _sign_patterns()
+    codebooks = op.Constant(value=onnx.numpy_helper.from_array(pat[None]))  # [1, 8, 256]
+    codewords = op.Constant(value=onnx.numpy_helper.from_array(np.ascontiguousarray(pat.T)[None]))  # [1, 256, 8]
+    codes = op.Transpose(op.Reshape(signs, op.Constant(value_ints=[nb * N, J])), perm=[1, 0])
+    s = op.Cast(op.Reshape(scales, op.Constant(value_ints=[nb * N])), to=onnx.TensorProto.FLOAT)
+    y = LLMC.VQLinear(op.Cast(x, to=onnx.TensorProto.FLOAT), codes, codebooks, s, codewords)  # [..., nb * N]
+    y = op.Reshape(y, op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[nb, N]), axis=0))
+    return op.CastLike(op.ReduceSum(y, op.Constant(value_ints=[-2]), keepdims=0), x)
+
+
+def binary_bases_linear_per_basis(x, signs, scales):
+    """llmc::binary_bases_linear -> one llmc.VQLinear per basis, summed (each call builds its own tables): the
+    lowering `binary_bases_linear_kernel` replaced, kept for benchmarks/qbb_quant.py --layer to compare."""
     nb, N, J = _dims(signs, "signs")
     _, _, G = _dims(scales, "scales")
     if G != 1:
