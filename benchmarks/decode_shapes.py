@@ -1,0 +1,196 @@
+"""Prefill and decode speed of ONNX exports at several batch sizes and prompt lengths, and their peers.
+
+    python -m benchmarks.decode_shapes --export fp32= --export int4=rtn_quant:bits=4,group=64,lm_head=true,embeddings=true;int8_activations \
+        [--folder NAME=DIR] [--genai-python PY --genai NAME=DIR] [--shapes 1x128,8x128,1x2048,8x2048] [--new-tokens 64]
+
+(from the repository root). `--export NAME=SPECS` compiles the built-in model with the passes SPECS
+(`;`-separated, empty for none) and exports it with the default (fused) lowering; `--folder` times
+an existing llmc export; `--genai` a folder built by onnxruntime-genai's builder, decoded by
+`--genai-python` (a Python that has onnxruntime-genai).
+
+Every (engine, shape) is measured in a fresh subprocess (one model per process; the process start
+and model load are not counted), rounds interleaved over the engines, medians of `--repeats`:
+batch B of P-token prompts (B different windows of the WikiText-2 test text, no padding), then
+greedy decode of `--new-tokens` tokens per row.
+- time to first token: the prompt's forward pass (llmc: its last-position prefill session; genai:
+  `append_tokens`), prefill tokens/s = B·P / that time;
+- decode tokens/s = B·(new − 1) / the time of the remaining steps (all rows together);
+- peak RSS of the process (VmHWM), model load included.
+A warm-up (a 16-token prompt and 4 steps) runs first in each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import llmc
+from benchmarks.common import STARTED_AT, load_rows, write_result
+from llmc import data
+from llmc.backends.onnxruntime import lower
+
+_LLMC = r"""
+import json, sys, time
+import torch
+from llmc.backends.onnxruntime import OrtModel
+from llmc.calibration import decode_inputs
+folder, threads, prompt_file, new = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)
+model = OrtModel(folder, threads=threads)
+prefill = model.prefill_step if model.prefill_session is not None else model.step
+
+def run(ids, new):
+    B, P = ids.shape
+    mask, pos = decode_inputs(ids)
+    t0 = time.perf_counter()
+    logits, cache = prefill(ids, mask, pos, model.empty_cache(B))
+    nxt = torch.as_tensor(logits)[:, -1].argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    tokens = [nxt]
+    for t in range(new - 1):
+        mask = torch.ones(B, P + t + 1, dtype=mask.dtype)
+        logits, cache = model.step(nxt, mask, torch.full((B, 1), P + t, dtype=torch.long), cache)
+        nxt = torch.as_tensor(logits)[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(tokens, 1).tolist()
+
+ids = torch.tensor(json.load(open(prompt_file)), dtype=torch.long)
+run(ids[:, :16], 4)
+ttft, decode, tokens = run(ids, new)
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": peak / 1024, "tokens": tokens}))
+"""
+
+_GENAI = r"""
+import json, sys, time
+import numpy as np
+import onnxruntime_genai as og
+folder, prompt_file, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = og.Model(folder)
+
+def run(ids, new):
+    B, P = ids.shape
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=P + new, min_length=P + new, do_sample=False, batch_size=B)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, [[int(t) for t in gen.get_sequence(b)][P:] for b in range(B)]
+
+ids = np.array(json.load(open(prompt_file)), dtype=np.int32)
+run(ids[:, :16], 4)
+ttft, decode, tokens = run(ids, new)
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": peak / 1024, "tokens": tokens}))
+"""
+
+
+def _measure(kind: str, folder: str, threads: int, prompt_file: str, new: int, python: str) -> dict:
+    if kind == "llmc":
+        cmd = [sys.executable, "-c", _LLMC, folder, str(threads), prompt_file, str(new)]
+    else:
+        cmd = [python, "-c", _GENAI, folder, prompt_file, str(new)]
+    env = {**os.environ, "LLMC_QUIET": "1", "OMP_NUM_THREADS": str(threads)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"{kind} decode of {folder} failed: {res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _split(option: str, what: str) -> tuple[str, str]:
+    name, sep, value = option.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"{what} takes NAME=VALUE, got '{option}'")
+    return name, value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", action="append", default=[], metavar="NAME=SPECS",
+                    help="compile the built-in model with these passes (';'-separated; empty: none) and export it")
+    ap.add_argument("--folder", action="append", default=[], metavar="NAME=DIR", help="an existing llmc ONNX export")
+    ap.add_argument("--genai", action="append", default=[], metavar="NAME=DIR",
+                    help="a folder built by onnxruntime-genai's builder (needs --genai-python)")
+    ap.add_argument("--genai-python", help="a Python with onnxruntime-genai")
+    ap.add_argument("--shapes", default="1x128,8x128,1x2048,8x2048", help="BATCHxPROMPT, comma-separated")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/llmc-bench-shapes")
+    ap.add_argument("--name", default="decode_shapes")
+    args = ap.parse_args()
+    if args.genai and not args.genai_python:
+        raise SystemExit("--genai needs --genai-python")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+    src = llmc.load_model("smollm2-135m")
+    ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
+    engines, about = {}, {}
+    os.makedirs(args.out, exist_ok=True)
+    for option in args.export:
+        name, specs = _split(option, "--export")
+        passes = [s for s in specs.split(";") if s]
+        folder = os.path.join(args.out, name)
+        if not os.path.isfile(os.path.join(folder, "llmc_onnx.json")):
+            calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0) if passes else None
+            cm = llmc.compile(src, passes=passes, calibration=calib)
+            shutil.rmtree(folder, ignore_errors=True)
+            lower(cm.program, folder)  # parity-checked
+        engines[name] = ("llmc", folder)
+        about[name] = {"engine": "llmc OrtModel", "passes": passes}
+    for option in args.folder:
+        name, folder = _split(option, "--folder")
+        engines[name] = ("llmc", folder)
+        about[name] = {"engine": "llmc OrtModel", "folder": folder}
+    for option in args.genai:
+        name, folder = _split(option, "--genai")
+        engines[name] = ("genai", folder)
+        about[name] = {"engine": "onnxruntime-genai", "folder": folder}
+    for name, (_, folder) in engines.items():
+        about[name]["onnx_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                                        if f.startswith("model") and ".onnx" in f)
+
+    rows = [r for r in load_rows(args.name)]
+    for B, P in shapes:
+        if (B * P + 1) > ids.numel():
+            raise SystemExit(f"the test text has {ids.numel()} tokens, fewer than {B}x{P}")
+        prompt_file = os.path.join(args.out, f"prompt-{B}x{P}.json")
+        with open(prompt_file, "w") as f:
+            json.dump(ids[: B * P].reshape(B, P).tolist(), f)
+        runs = {k: [] for k in engines}
+        load = [os.getloadavg()[0]]
+        for _ in range(args.repeats):
+            for name, (kind, folder) in engines.items():
+                runs[name].append(_measure(kind, folder, args.threads, prompt_file, args.new_tokens, args.genai_python))
+        load.append(os.getloadavg()[0])
+        for name, rs in runs.items():
+            ttft = statistics.median(r["ttft_s"] for r in rs)
+            decode = statistics.median(r["decode_s"] for r in rs)
+            row = {"row": f"{name}-b{B}-p{P}", "engine": name, **about[name], "batch": B, "prompt": P,
+                   "new_tokens": args.new_tokens, "ttft_s": round(ttft, 4), "prefill_tokens_per_s": round(B * P / ttft, 1),
+                   "decode_tokens_per_s": round(B * (args.new_tokens - 1) / decode, 2),
+                   "all_decode_tokens_per_s": [round(B * (args.new_tokens - 1) / r["decode_s"], 2) for r in rs],
+                   "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs)), "threads": args.threads,
+                   "loadavg_before_after": [round(v, 2) for v in load], "first_tokens": rs[-1]["tokens"][0][:16],
+                   "commit": STARTED_AT}
+            rows = [r for r in rows if r["row"] != row["row"]] + [row]
+            print(json.dumps({k: row[k] for k in ("row", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+                                                   "peak_rss_mb")}), flush=True)
+        write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
+                     data_sha256=data.sha256("wikitext2-test"))
+
+
+if __name__ == "__main__":
+    main()
