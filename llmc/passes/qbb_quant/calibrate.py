@@ -2,17 +2,14 @@
 
 The student is the graph with every quantized weight replaced by its dense Ŵ = Σ αᵢ ⊙ Bᵢ (a
 parameter), so one backward pass gives ∂L/∂Ŵ for all of them, pulled back to the scales as
-∂L/∂αᵢ[n, g] = Σ_{k in g} Bᵢ[n, k] ∂L/∂Ŵ[n, k]. The signs never change. The scales are trained as
-factors (initially 1) of their stage-2 values with Adam, so one learning rate suits every layer.
+∂L/∂αᵢ[n, g] = Σ_{k in g} Bᵢ[n, k] ∂L/∂Ŵ[n, k]. The scales are trained as factors (initially 1) of
+their stage-2 values with Adam, so one learning rate suits every layer.
 
-Data ("generated", the paper's data-free setting): the FP model samples `candidates` sequences
-from random first tokens; each is scored by the teacher–student discrepancy of the initial
-student (the same loss as training) and the `samples` most divergent are kept. Or windows of a
-data set. The loss matches logits: "mse" (KD-MSE, mean squared difference of the logits; the
-paper's best) or "kl" (KL(teacher ‖ student)).
-
-Checkpointed every `checkpoint_every` steps (factors, Adam state, step); a run re-started with
-the same fingerprint continues from there.
+With `sign_change` > 0, each step is also a V step of PV-Tuning for the signs: the weights are
+re-rounded towards a gradient step (`Student.flip_signs`), at most a `sign_change` fraction of each
+matrix's weights changing levels, those that gain the most. (Flipping one sign moves a weight by
+2αᵢ, far beyond where a first-order loss estimate holds; a level change here is one that a small
+gradient step asks for.)
 """
 
 from __future__ import annotations
@@ -26,7 +23,8 @@ from torch import fx
 
 from llmc.calibration import decode_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
 from llmc.graph import attr_tensor, set_attr_tensor
-from llmc.passes.qbb_quant.bases import expand
+from llmc.ops.binary_bases import pack_signs, unpack_signs
+from llmc.passes.qbb_quant.bases import expand, round_to_levels
 from llmc.progress import bar, log
 
 
@@ -38,6 +36,8 @@ class ScalePlan:
     loss: str = "mse"
     checkpoint_every: int = 10
     seed: int = 0
+    sign_change: float = 0.0  # > 0: a V step on the signs after every step (at most this fraction changed)
+    sign_step: float = 0.5    # the V step's target: a gradient step of this times the matrix's rms weight
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -58,6 +58,7 @@ class Student:
         self.factors = {t: torch.ones_like(self.base[t]) for t in self.targets}
         self.outliers = {t: state[t].get("outliers") for t in self.targets}
         self.original = {t: attr_tensor(gm, t) for t in self.targets}
+        self.momentum: dict = {}  # the averaged dense gradients of the V step
 
     def scales(self, t: str) -> torch.Tensor:
         return self.base[t] * self.factors[t]
@@ -88,6 +89,38 @@ class Student:
             out[t] = dscale * self.base[t]
         return out
 
+    def flip_signs(self, fraction: float, step: float, beta: float = 0.9) -> int:
+        """The V step: re-round the matrices towards a gradient step, changing at most `fraction` of each
+        matrix's weights; returns how many weights changed. Needs the dense gradients of the last backward.
+
+        The target is T = Ŵ − step · rms(Ŵ) · M / rms(M) (M the averaged gradient: a step of `step` times
+        the matrix's typical weight); every weight's nearest level Σᵢ ±αᵢ to T is found (all its signs at
+        once), and of the weights whose level changes, those that come closest to T gain the most,
+        (T − Ŵ)² − (T − Ŵ')², are moved: at most `fraction` of them, never a kept outlier."""
+        changed = 0
+        for t in self.targets:
+            B = self.signs[t]
+            nb, N, K = B.shape
+            dW = attr_tensor(self.gm, t).grad
+            m = self.momentum.get(t)
+            self.momentum[t] = m = dW.clone() if m is None else m.mul_(beta).add_(dW, alpha=1 - beta)
+            count = int(fraction * N * K)
+            if count < 1:
+                continue
+            S = self.scales(t).detach()
+            W = (B.float() * expand(S, K)).sum(0)
+            target = W - step * W.square().mean().sqrt() / m.square().mean().sqrt().clamp_min(1e-30) * m
+            newB, newW = round_to_levels(target, S)
+            gain = (target - W).square() - (target - newW).square()
+            if self.outliers[t] is not None:
+                gain.scatter_(1, self.outliers[t][0].long(), 0.0)
+            top = gain.flatten().topk(count)
+            idx = top.indices[top.values > 0]
+            flat = B.view(nb, -1)
+            flat[:, idx] = newB.view(nb, -1)[:, idx].to(B.dtype)
+            changed += idx.numel()
+        return changed
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         mask, pos = decode_inputs(ids)
         return self.gm(ids, mask, pos, self.empty(ids.shape[0]))[0]
@@ -109,11 +142,13 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
                      path: str | None, fingerprint: str) -> dict:
     """`plan.steps` Adam steps on the scale factors over batches of `rows` [n, L]; returns stats.
 
-    Leaves the trained factors in `student.factors` and the graph's weights restored."""
+    Leaves the trained factors in `student.factors` (with `plan.sign_change`, the flipped signs in
+    `student.signs`) and the graph's weights restored."""
     t0 = time.perf_counter()
     params = [student.factors[t].requires_grad_(True) for t in student.targets]
     opt = torch.optim.Adam(params, lr=plan.lr)
     losses: list[float] = []
+    flips: list[int] = []
     start = 0
     saved = load_checkpoint(path, fingerprint, "qbb_quant scales")
     if saved is not None:
@@ -122,6 +157,11 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
                 p.copy_(saved["factors"][t])
         opt.load_state_dict(saved["optimizer"])
         losses, start = list(saved["losses"]), int(saved["step"])
+        flips = list(saved.get("flips", []))
+        if plan.sign_change:
+            for t in student.targets:
+                student.signs[t].copy_(unpack_signs(saved["signs"][t], torch.int8))
+                student.momentum[t] = saved["momentum"][t]
         log(f"qbb_quant: scale calibration resumed at step {start}")
     flags = {p: p.requires_grad for p in student.gm.parameters()}
     for p in student.gm.parameters():
@@ -141,11 +181,16 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
             for t, p in zip(student.targets, params):
                 p.grad = grads[t]
             opt.step()
+            if plan.sign_change:
+                with torch.no_grad():
+                    flips.append(student.flip_signs(plan.sign_change, plan.sign_step))
             losses.append(round(float(loss.detach()), 6))
             if path and ((step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps):
+                extra = {"flips": flips, "signs": {t: pack_signs(student.signs[t]) for t in student.targets},
+                         "momentum": student.momentum} if plan.sign_change else {}
                 save_checkpoint(path, fingerprint, factors={t: p.detach().clone() for t, p in
                                                             zip(student.targets, params)},
-                                optimizer=opt.state_dict(), losses=losses, step=step + 1)
+                                optimizer=opt.state_dict(), losses=losses, step=step + 1, **extra)
     finally:
         student.restore()
         for p, f in flags.items():
@@ -154,4 +199,7 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
             p.requires_grad_(False)
     return {"steps": plan.steps, "loss": plan.loss, "lr": plan.lr, "batch_size": plan.batch_size,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "losses": losses, "seconds": round(time.perf_counter() - t0, 1)}
+            "losses": losses, "seconds": round(time.perf_counter() - t0, 1),
+            **({"sign_change": plan.sign_change, "sign_step": plan.sign_step, "weights_changed": sum(flips),
+                "changed_per_step": flips}
+               if plan.sign_change else {})}

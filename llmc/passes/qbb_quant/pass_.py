@@ -102,6 +102,13 @@ class QBBQuant(Pass):
     scale_data: str = dataclasses.field(default="generated", metadata={
         "help": "stage 3 data: generated (by the FP model from random first tokens) or a data set / file name"})
     scale_samples: int = dataclasses.field(default=64, metadata={"help": "stage 3: sequences trained on"})
+    sign_change: float = dataclasses.field(default=0.0, metadata={
+        "help": "stage 3: also change signs after every step (PV-Tuning's V step: weights re-rounded to their "
+                "levels towards a gradient step), at most this fraction of each matrix's weights; 0: scales only "
+                "(the paper's)"})
+    sign_step: float = dataclasses.field(default=0.5, metadata={
+        "help": "stage 3 with sign_change: the V step re-rounds towards a gradient step of this times the matrix's "
+                "rms weight"})
     scale_candidates: int = dataclasses.field(default=128, metadata={
         "help": "stage 3, generated: sequences sampled, of which the scale_samples most divergent are kept"})
     scale_len: int = dataclasses.field(default=128, metadata={"help": "stage 3: tokens per sequence"})
@@ -147,6 +154,13 @@ class QBBQuant(Pass):
         for name in ("gd_lr", "scale_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"qbb_quant.{name} must be > 0, got {getattr(self, name)}")
+        if self.sign_step <= 0:
+            raise ConfigError(f"qbb_quant.sign_step must be > 0, got {self.sign_step}")
+        if not 0 <= self.sign_change < 1:
+            raise ConfigError(f"qbb_quant.sign_change is the fraction of signs flipped per stage-3 step, in [0, 1); "
+                              f"got {self.sign_change}")
+        if self.sign_change and "3" not in self.stages:
+            raise ConfigError("qbb_quant.sign_change flips signs during stage 3; add 3 to stages (e.g. stages=123)")
         check_targets("qbb_quant", self.targets)
 
     def needs_data(self) -> bool:
@@ -253,7 +267,8 @@ class QBBQuant(Pass):
     def _stage3(self, gm, ctx, state, empty, root, run12) -> dict:
         teacher = graph_teacher(gm, empty)
         plan = ScalePlan(steps=self.scale_steps, batch_size=self.scale_batch, lr=self.scale_lr, loss=self.scale_loss,
-                         seed=ctx.seed)
+                         seed=ctx.seed, sign_change=self.sign_change,
+                         sign_step=self.sign_step)
         dense = {t: {"B": _unpack(s["signs"]).to(torch.int8), "scales": s["scales"],
                      "outliers": (s["outlier_index"], s["outlier_values"]) if "outlier_index" in s else None}
                  for t, s in state.items()}
@@ -277,6 +292,8 @@ class QBBQuant(Pass):
                                  os.path.join(root, f"scales-{fingerprint}.pt"), fingerprint)
         for t in state:
             state[t]["scales"] = student.scales(t).detach().clone()
+            if self.sign_change:
+                state[t]["signs"] = pack_signs(student.signs[t])
         stats["data"] = self.scale_data
         if scores is not None:
             stats["kept_scores"] = scores
