@@ -280,14 +280,14 @@ def _mean(xs):
 
 def test_stage_3_calibrates_the_scales_towards_the_teacher(setup, tmp_path):
     model, ids, ref = setup
-    base = _compile(model, "bases=2", tmp_path)
-    mse = _compile(model, f"bases=2,stages=123,{STAGE3},scale_lr=1e-2", tmp_path)
+    base = _compile(model, "bases=2,refine=alternate", tmp_path)  # the paper's stage 2: more left for stage 3
+    mse = _compile(model, f"bases=2,refine=alternate,stages=123,{STAGE3},scale_lr=1e-2", tmp_path)
     sc = mse.program.history[-1].stats["scale_calibration"]
     assert len(sc["losses"]) == 12 and len(sc["kept_scores"]) == 6 and sc["loss"] == "mse"
     assert sc["kept_scores"] == sorted(sc["kept_scores"], reverse=True)
     assert _mean(sc["losses"][-3:]) < 0.8 * _mean(sc["losses"][:3]), sc["losses"]  # KD-MSE on its data goes down
     assert _kl(mse, ref, ids) < 1.02 * _kl(base, ref, ids)  # and off it (random tokens) does not get worse
-    kl = _compile(model, f"bases=2,stages=123,{STAGE3},scale_lr=1e-2,scale_loss=kl", tmp_path)
+    kl = _compile(model, f"bases=2,refine=alternate,stages=123,{STAGE3},scale_lr=1e-2,scale_loss=kl", tmp_path)
     assert _kl(kl, ref, ids) < 0.97 * _kl(base, ref, ids)
     t0 = attr_tensor(base.program.gm, "model.layers.1.self_attn.q_proj.signs")
     t1 = attr_tensor(kl.program.gm, "model.layers.1.self_attn.q_proj.signs")
@@ -400,7 +400,7 @@ def test_save_load_round_trip_is_exact(setup, tmp_path):
 @pytest.mark.parametrize("bad,message", [
     ("bases=0", "bases must be in 1..8"), ("bases=9", "bases must be in 1..8"),
     ("group=12", "multiple of 8"), ("stages=2", "includes 1"), ("stages=14", "digits"),
-    ("refine=newton", "refine: 'newton' is not one of alternate, gd"), ("objective=input", "needs refine=gptq"),
+    ("refine=newton", "refine: 'newton' is not one of alternate, gd"), ("objective=input,refine=alternate", "needs refine=gptq"),
     ("objective=input,refine=gd,group=16", "group=0"),  ("start=awq", "start: 'awq' is not one of fp, gptq"),
     ("start_bits=5", "start_bits"), ("start_group=48", "power of two"), ("scale_loss=l1", "scale_loss"),
     ("scale_samples=8,scale_candidates=4", "scale_candidates"), ("rounds=0", "rounds must be >= 1"),

@@ -75,7 +75,7 @@ class QBBQuant(Pass):
     stages: str = dataclasses.field(default="12", metadata={
         "help": "stages to run, digits of 1 (cascaded init, always), 2 (layer-wise refinement), 3 (scale "
                 "calibration through the network)"})
-    refine: Literal["alternate", "gd", "gptq"] = dataclasses.field(default="alternate", metadata={
+    refine: Literal["alternate", "gd", "gptq"] = dataclasses.field(default="gptq", metadata={
         "help": "stage 2: alternate (exact per-basis sign updates + least-squares scales), gd (straight-through "
                 "Adam, the paper's) or gptq (all signs of a weight at once: the nearest of the row's 2^N levels, "
                 "with GPTQ error feedback under objective=input, from uniform-grid scales, alternated with "
