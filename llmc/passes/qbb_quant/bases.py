@@ -309,18 +309,18 @@ def refine_joint(W: Tensor, scales: Tensor, rounds: int, H: Tensor | None = None
     """
     W = W.detach().float()
     G = scales.shape[-1]
-    Hm = H if H is None or H.dim() == 1 else H
+    full = H if H is not None and H.dim() == 2 else None  # a diagonal H keeps the rounding separable
     result, errors = None, []
     for _ in range(rounds):
-        B, Q = round_to_levels(W, scales, H if H is not None and H.dim() == 2 else None, keep)
+        B, Q = round_to_levels(W, scales, full, keep)
         for S in (scales, None):  # the rounding's own scales, then their least-squares refit
             if S is None:
                 target = W if keep is None else torch.where(keep, approx(B, scales), W)
-                S = fit_scales(target, B, G, Hm)
+                S = fit_scales(target, B, G, H)
             What = approx(B, S)
             if keep is not None:
                 What = torch.where(keep, Q, What)
-            err = relative_error(W, What, Hm)
+            err = relative_error(W, What, H)
             if err < best:
                 best, result = err, (B, S, Q)
         scales = S
