@@ -15,7 +15,10 @@ greedy decode of `--new-tokens` tokens per row.
 - time to first token: the prompt's forward pass (llmc: its last-position prefill session; genai:
   `append_tokens`), prefill tokens/s = B·P / that time;
 - decode tokens/s = B·(new − 1) / the time of the remaining steps (all rows together);
-- peak RSS of the process (VmHWM), model load included.
+- peak RSS of the process (VmHWM), model load included (llmc's process also holds torch and a second,
+  last-position session for the prefill, with its own copy of the weights);
+- both engines run with `--threads` intra-op threads; llmc's time to first token includes making the
+  empty cache, genai's allocates it before the timer.
 A warm-up (a 16-token prompt and 4 steps) runs first in each process.
 """
 
@@ -72,8 +75,10 @@ _GENAI = r"""
 import json, sys, time
 import numpy as np
 import onnxruntime_genai as og
-folder, prompt_file, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = og.Model(folder)
+folder, prompt_file, new, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+config = og.Config(folder)  # the same intra-op threads as llmc's sessions
+config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+model = og.Model(config)
 
 def run(ids, new):
     B, P = ids.shape
@@ -101,7 +106,7 @@ def _measure(kind: str, folder: str, threads: int, prompt_file: str, new: int, p
     if kind == "llmc":
         cmd = [sys.executable, "-c", _LLMC, folder, str(threads), prompt_file, str(new)]
     else:
-        cmd = [python, "-c", _GENAI, folder, prompt_file, str(new)]
+        cmd = [python, "-c", _GENAI, folder, prompt_file, str(new), str(threads)]
     env = {**os.environ, "LLMC_QUIET": "1", "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -162,9 +167,9 @@ def main() -> None:
         about[name]["onnx_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                                         if f.startswith("model") and ".onnx" in f)
 
-    rows = [r for r in load_rows(args.name)]
+    rows = load_rows(args.name)
     for B, P in shapes:
-        if (B * P + 1) > ids.numel():
+        if B * P > ids.numel():
             raise SystemExit(f"the test text has {ids.numel()} tokens, fewer than {B}x{P}")
         prompt_file = os.path.join(args.out, f"prompt-{B}x{P}.json")
         with open(prompt_file, "w") as f:

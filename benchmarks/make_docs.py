@@ -44,8 +44,9 @@ DPI = 110
 PAGES = {"foundation": "architecture.md", "onnxruntime_decode": "backends/onnxruntime.md",
          "pv_quant": "passes/pv_quant.md", "vq_linear": "passes/pv_quant.md", "cq_kv": "passes/cq_kv.md",
          "cq_kv_mse": "passes/cq_kv.md", "structured_ffn": "passes/structured_ffn.md", "ircan": "passes/ircan.md",
-         "context_tasks": "passes/ircan.md", "ircan_eval": "passes/ircan.md", "calibration_cost": "architecture.md", "guidance": "passes/fuse_guidance.md", "guidance_ort": "passes/fuse_guidance.md", "qbb_quant": "passes/qbb_quant.md"}
-ORDER = ["foundation", "onnxruntime_decode", "pv_quant", "vq_linear", "cq_kv", "cq_kv_mse", "structured_ffn", "ircan", "context_tasks", "ircan_eval", "calibration_cost", "guidance", "guidance_ort", "qbb_quant"]
+         "context_tasks": "passes/ircan.md", "ircan_eval": "passes/ircan.md", "calibration_cost": "architecture.md", "guidance": "passes/fuse_guidance.md", "guidance_ort": "passes/fuse_guidance.md", "qbb_quant": "passes/qbb_quant.md",
+         "decode_shapes": "backends/onnxruntime.md"}
+ORDER = ["foundation", "onnxruntime_decode", "pv_quant", "vq_linear", "cq_kv", "cq_kv_mse", "structured_ffn", "ircan", "context_tasks", "ircan_eval", "calibration_cost", "guidance", "guidance_ort", "qbb_quant", "decode_shapes"]
 
 # Pass defaults that changed after some rows were measured, where the row does not say so itself
 # (pv_quant rows carry a `note` instead): (pass, option, the old default, commits measured before

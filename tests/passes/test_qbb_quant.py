@@ -128,6 +128,7 @@ def test_alternate_refuses_the_input_objective():
 
 
 def test_grid_scales_make_a_clipped_uniform_grid():
+    torch.manual_seed(0)
     W = _weight()
     S = grid_scales(W, 3, 2)
     lv = levels(S).sort(-1).values  # [N, G, 8]
@@ -233,10 +234,10 @@ def test_grouped_scales_start_from_gptq_and_input_objective(setup, tmp_path):
 def test_joint_rounding_with_error_feedback_in_the_pass(setup, tmp_path):
     model, ids, ref = setup
     kl = {spec: _kl(_compile(model, spec, tmp_path / str(i)), ref, ids) for i, spec in enumerate((
-        "bases=2", "bases=2,refine=gptq", "bases=2,refine=gptq,objective=input"))}
+        "bases=2,refine=alternate", "bases=2", "bases=2,refine=gptq,objective=input"))}
     # a random tiny model has no outlier weights or correlated inputs for these to exploit (the unit tests above
     # show the gains); here the pass must run them and stay as close to the teacher
-    assert max(kl.values()) < 1.15 * min(kl.values()) and kl["bases=2"] < 0.2, kl
+    assert max(kl.values()) < 1.15 * min(kl.values()) and kl["bases=2,refine=alternate"] < 0.2, kl
     cm = _compile(model, "bases=2,refine=gptq,objective=input,outliers=2,rounds=2", tmp_path / "o")
     st = cm.program.history[-1].stats
     m = st["matrices"]["model.layers.0.mlp.down_proj.weight"]
@@ -297,7 +298,7 @@ def test_stage_3_calibrates_the_scales_towards_the_teacher(setup, tmp_path):
     assert not torch.equal(s0, s1)
 
 
-def test_stage_3_sign_changes_are_a_bounded_v_step(setup, tmp_path):
+def test_stage_3_sign_changes_are_a_bounded_v_step(setup, tmp_path, monkeypatch):
     model, ids, ref = setup
     spec = f"bases=2,outliers=1,stages=123,{STAGE3},scale_lr=1e-2,scale_loss=kl"
     scales_only = _compile(model, spec, tmp_path / "s")
@@ -319,9 +320,23 @@ def test_stage_3_sign_changes_are_a_bounded_v_step(setup, tmp_path):
     assert 0 < changed <= sc["weights_changed"]
     # on this random model it is worse than scales only (docs/passes/qbb_quant.md), but not wildly
     assert _kl(moved, ref, ids) < 2 * _kl(scales_only, ref, ids)
-    again = _compile(model, changed_spec, tmp_path / "f")  # resumed from its last checkpoint: the same model
+    grads = qbb_calibrate.Student.factor_grads
+    steps = {"n": 0}
+
+    def flaky_grads(self):
+        steps["n"] += 1
+        if steps["n"] == 11:  # after the checkpoint of step 10: signs, averaged gradients, counts kept
+            raise KeyboardInterrupt("stop in stage 3")
+        return grads(self)
+
+    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", flaky_grads)
+    with pytest.raises(KeyboardInterrupt):
+        _compile(model, changed_spec, tmp_path / "r")
+    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", grads)
+    resumed = _compile(model, changed_spec, tmp_path / "r")
+    assert resumed.program.history[-1].stats["scale_calibration"]["changed_per_step"] == sc["changed_per_step"]
     for name, t in gm1.named_buffers():
-        assert torch.equal(t, attr_tensor(again.program.gm, name)), name
+        assert torch.equal(t, attr_tensor(resumed.program.gm, name)), name
 
 
 def test_stage_3_on_a_data_set(setup, tmp_path, text_file):
@@ -404,7 +419,8 @@ def test_save_load_round_trip_is_exact(setup, tmp_path):
     ("objective=input,refine=gd,group=16", "group=0"),  ("start=awq", "start: 'awq' is not one of fp, gptq"),
     ("start_bits=5", "start_bits"), ("start_group=48", "power of two"), ("scale_loss=l1", "scale_loss"),
     ("scale_samples=8,scale_candidates=4", "scale_candidates"), ("rounds=0", "rounds must be >= 1"),
-    ("gd_lr=0", "gd_lr must be > 0"), ("sign_change=1", "fraction of signs"), ("sign_step=0", "sign_step must be > 0"), ("sign_change=0.01", "add 3 to stages"), ("targets=(", "regular expression"), ("outliers=-1", "outliers must be >= 0"),
+    ("gd_lr=0", "gd_lr must be > 0"), ("sign_change=1", "fraction of weights"), ("sign_step=0", "sign_step must be > 0"),
+    ("sign_change=0.01", "add 3 to stages"), ("targets=(", "regular expression"), ("outliers=-1", "outliers must be >= 0"),
 ])
 def test_bad_options_fail_with_a_clear_message(bad, message):
     with pytest.raises(ConfigError, match=message):

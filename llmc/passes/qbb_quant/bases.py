@@ -75,7 +75,8 @@ def fit_scales(W: Tensor, B: Tensor, groups: int, H: Tensor | None = None) -> Te
     full H [K, K]).
 
     Per row (and group) the nb×nb normal equations Σ_k bᵢ bⱼ · α = Σ_k bᵢ w, solved in float64 with a
-    small ridge (a rank-deficient row, e.g. two equal bases, keeps a finite solution).
+    small ridge (a rank-deficient row, e.g. two equal bases, keeps a finite solution); under a full H
+    with several groups, one (nb·G)² system per row (`_fit_grouped_scales`).
     """
     nb, N, K = B.shape
     W = W.detach().double()
@@ -101,7 +102,8 @@ def fit_scales(W: Tensor, B: Tensor, groups: int, H: Tensor | None = None) -> Te
 def _fit_grouped_scales(W: Tensor, B: Tensor, groups: int, H: Tensor, chunk: int = 32) -> Tensor:
     """`fit_scales` under a full H with several groups a row: H couples the groups, so each row solves one
     (nb·G)² system, M[(i, g), (j, h)] = Σ_{a∈g, b∈h} Bᵢ[a] H[a, b] Bⱼ[b], built for `chunk` rows at a time
-    (memory chunk·K·nb·G floats; work N·K²·nb multiply-adds, in float32, solved in float64)."""
+    (memory chunk·K·nb·G floats; work N·K²·nb multiply-adds, built in float32, so the solution is as
+    accurate as float32 sums of K terms; solved in float64)."""
     nb, N, K = B.shape
     Kg = K // groups
     Hb = H.float().reshape(groups, Kg, groups, Kg)
@@ -133,7 +135,7 @@ class _SignSTE(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class RefinePlan:
-    mode: str = "alternate"  # "gd": the paper's straight-through gradient descent; "alternate": exact sign updates
+    mode: str = "alternate"  # of `refine`: "gd", the paper's straight-through descent; "alternate", exact sign updates
     rounds: int = 8          # passes over the bases (each pass is one phase per basis)
     steps: int = 50          # gd: Adam steps per phase
     lr: float = 0.01         # gd: Adam, on the latent signs (in units of their basis' scale) and on the scale factors
@@ -258,7 +260,8 @@ def round_to_levels(W: Tensor, scales: Tensor, H: Tensor | None = None, keep: Te
     H [K, K], GPTQ's error feedback carries each column's rounding error onto the columns not yet rounded
     (`llmc.quantization.gptq_round`, act-order), so the rounding minimises tr(E H Eᵀ) greedily.
 
-    keep [N, K] (bool): positions stored exactly elsewhere (outliers); they take the updated weight as is.
+    keep [N, K] (bool): positions stored exactly elsewhere (outliers); they take the updated weight as is (an
+    input that never fired in the calibration data, XᵀX diagonal 0, has its column rounded from 0, as GPTQ does).
     Returns B [nb, N, K] (±1) and Q [N, K], the value each weight was rounded to (the updated weight at kept
     positions), from which a kept position's stored value is Q − Σᵢ αᵢBᵢ.
     """
@@ -303,9 +306,9 @@ def refine_joint(W: Tensor, scales: Tensor, rounds: int, H: Tensor | None = None
                  best: float = float("inf")) -> tuple[Tensor, Tensor, Tensor, list[float]] | None:
     """Stage 2 by joint sign rounding (`refine=gptq`): from scales [nb, N, G], `rounds` times round every
     weight to its levels (`round_to_levels`, error feedback under a full H) and refit the scales by least
-    squares (under H; kept positions count as exact). Keeps the best round by the error of the whole
-    approximation (kept positions included); returns (B, scales, Q, errors after each round), or None if
-    no round beat `best`.
+    squares (under H, with the kept positions' values, Q, fixed). Keeps the best round by the error of the
+    whole approximation (kept positions included); returns (B, scales, Q, the best error after each round),
+    or None if no round beat `best`.
     """
     W = W.detach().float()
     G = scales.shape[-1]
@@ -314,9 +317,9 @@ def refine_joint(W: Tensor, scales: Tensor, rounds: int, H: Tensor | None = None
     for _ in range(rounds):
         B, Q = round_to_levels(W, scales, full, keep)
         for S in (scales, None):  # the rounding's own scales, then their least-squares refit
-            if S is None:
-                target = W if keep is None else torch.where(keep, approx(B, scales), W)
-                S = fit_scales(target, B, G, H)
+            if S is None:  # Ŵ = Q at kept positions whatever the scales: fit the rest, W − Q left there
+                S = fit_scales(W if keep is None else torch.where(keep, W - Q, W),
+                               B if keep is None else B.masked_fill(keep, 0.0), G, H)
             What = approx(B, S)
             if keep is not None:
                 What = torch.where(keep, Q, What)

@@ -1,4 +1,5 @@
-"""Stage 3 of QBB: calibration of the scales only, whole network, against the FP teacher.
+"""Stage 3 of QBB: calibration of the scales (and, optionally, a V step on the signs), whole network, against the
+FP teacher.
 
 The student is the graph with every quantized weight replaced by its dense Ŵ = Σ αᵢ ⊙ Bᵢ (a
 parameter), so one backward pass gives ∂L/∂Ŵ for all of them, pulled back to the scales as
@@ -10,6 +11,16 @@ re-rounded towards a gradient step (`Student.flip_signs`), at most a `sign_chang
 matrix's weights changing levels, those that gain the most. (Flipping one sign moves a weight by
 2αᵢ, far beyond where a first-order loss estimate holds; a level change here is one that a small
 gradient step asks for.)
+
+Data ("generated", the paper's data-free setting): the FP model samples `candidates` sequences
+from random first tokens; each is scored by the teacher–student discrepancy of the initial
+student (the same loss as training) and the `samples` most divergent are kept. Or windows of a
+data set. The loss matches logits: "mse" (KD-MSE, mean squared difference of the logits; the
+paper's best) or "kl" (KL(teacher ‖ student)).
+
+Checkpointed every `checkpoint_every` steps (factors, Adam state, step; with the V step also the
+signs, its averaged gradients and its counts); a run re-started with the same fingerprint
+continues from there.
 """
 
 from __future__ import annotations
@@ -93,8 +104,8 @@ class Student:
         """The V step: re-round the matrices towards a gradient step, changing at most `fraction` of each
         matrix's weights; returns how many weights changed. Needs the dense gradients of the last backward.
 
-        The target is T = Ŵ − step · rms(Ŵ) · M / rms(M) (M the averaged gradient: a step of `step` times
-        the matrix's typical weight); every weight's nearest level Σᵢ ±αᵢ to T is found (all its signs at
+        The target is T = Ŵ − step · rms(Ŵ) · M / rms(M) (M the averaged gradient, Ŵ the bases' part without
+        kept outliers: a step of `step` times the matrix's typical weight); every weight's nearest level Σᵢ ±αᵢ to T is found (all its signs at
         once), and of the weights whose level changes, those that come closest to T gain the most,
         (T − Ŵ)² − (T − Ŵ')², are moved: at most `fraction` of them, never a kept outlier."""
         changed = 0
@@ -111,7 +122,7 @@ class Student:
             W = (B.float() * expand(S, K)).sum(0)
             target = W - step * W.square().mean().sqrt() / m.square().mean().sqrt().clamp_min(1e-30) * m
             newB, newW = round_to_levels(target, S)
-            gain = (target - W).square() - (target - newW).square()
+            gain = ((target - W).square() - (target - newW).square()).where((newB != B).any(0), 0.0)
             if self.outliers[t] is not None:
                 gain.scatter_(1, self.outliers[t][0].long(), 0.0)
             top = gain.flatten().topk(count)

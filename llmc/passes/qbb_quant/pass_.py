@@ -80,7 +80,9 @@ class QBBQuant(Pass):
                 "Adam, the paper's) or gptq (all signs of a weight at once: the nearest of the row's 2^N levels, "
                 "with GPTQ error feedback under objective=input, from uniform-grid scales, alternated with "
                 "least-squares scale refits)"})
-    rounds: int = dataclasses.field(default=6, metadata={"help": "stage 2: passes over the bases (phases = rounds x bases)"})
+    rounds: int = dataclasses.field(default=6, metadata={
+        "help": "stage 2: rounds (gptq: rounding + scale refit; alternate, gd: passes over the bases, one phase per "
+                "basis)"})
     gd_steps: int = dataclasses.field(default=50, metadata={"help": "stage 2, refine=gd: Adam steps per phase"})
     gd_lr: float = dataclasses.field(default=3e-3, metadata={"help": "stage 2, refine=gd: Adam learning rate"})
     objective: Literal["weight", "input", "diag"] = dataclasses.field(default="weight", metadata={
@@ -157,7 +159,8 @@ class QBBQuant(Pass):
         if self.sign_step <= 0:
             raise ConfigError(f"qbb_quant.sign_step must be > 0, got {self.sign_step}")
         if not 0 <= self.sign_change < 1:
-            raise ConfigError(f"qbb_quant.sign_change is the fraction of signs flipped per stage-3 step, in [0, 1); "
+            raise ConfigError(f"qbb_quant.sign_change is the fraction of weights whose signs may change per stage-3 "
+                              f"step, in [0, 1); "
                               f"got {self.sign_change}")
         if self.sign_change and "3" not in self.stages:
             raise ConfigError("qbb_quant.sign_change flips signs during stage 3; add 3 to stages (e.g. stages=123)")
@@ -360,7 +363,9 @@ def quantize_matrix(p: QBBQuant, W: torch.Tensor, H: torch.Tensor | None, plan: 
         keep = None if idx is None else torch.zeros_like(W0, dtype=torch.bool).scatter(1, idx, True)
         importance = None if Hm is None else Hm.diagonal() if Hm.dim() == 2 else Hm
         joint = refine_joint(W0, grid_scales(target, p.bases, G, importance), p.rounds, Hm, keep, best=e1)
-        if joint is not None:  # else stage 1 stays: stage 2 never raises the layer's error
+        if joint is None:  # stage 1 stays: stage 2 never raises the layer's error
+            stats["errors"] = [round(e1, 6)]
+        else:
             B, S, Q, errors = joint
             stats["errors"] = [round(e1, 6)] + [round(e, 6) for e in errors]
             if idx is not None:  # the kept values make those positions the rounding's (error-fed) values
