@@ -114,6 +114,14 @@ def _measure(kind: str, folder: str, threads: int, prompt_file: str, new: int, p
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def export_facts(folder: str) -> dict:
+    """The passes (specs), lowering and fusion setting an llmc ONNX folder was made with, from its manifest."""
+    with open(os.path.join(folder, "llmc_onnx.json")) as f:
+        m = json.load(f)
+    return {"passes": [h["spec"] for h in m.get("history", [])], "vq_lowering": m.get("vq_lowering"),
+            "fuse": m.get("fuse")}
+
+
 def _split(option: str, what: str) -> tuple[str, str]:
     name, sep, value = option.partition("=")
     if not sep or not name:
@@ -159,6 +167,9 @@ def main() -> None:
         name, folder = _split(option, "--folder")
         engines[name] = ("llmc", folder)
         about[name] = {"engine": "llmc OrtModel", "folder": folder}
+    for name, (kind, folder) in engines.items():
+        if kind == "llmc":
+            about[name].update(export_facts(folder))
     for option in args.genai:
         name, folder = _split(option, "--genai")
         engines[name] = ("genai", folder)
