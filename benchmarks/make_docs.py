@@ -75,6 +75,8 @@ HEADLINES = [
      "rtn_quant 4-bit everywhere + int8_activations, ONNX Runtime"),
     ("structured_ffn_layerwise_400", "structured_ffn blockdense 63% layerwise init + 400 recovery steps",
      "structured_ffn block-dense, 63% of FFN parameters"),
+    ("qbb_quant", "n4-s12-ef", "qbb_quant N=4 pure binary bases, error-fed joint rounding (stages 1-2)"),
+    ("qbb_quant", "n4-g192-o4-s123-ef-wiki-150", "qbb_quant N=4, scales per 192 inputs, 4 outliers/row, 150 stage-3 steps"),
 ]
 
 
