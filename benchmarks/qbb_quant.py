@@ -77,6 +77,8 @@ ROWS = {
                                     "scale_steps=150,scale_data=wikitext2-valid"],
     "n4-g192-o4-s123-ef-wiki-v": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
                                   "scale_steps=40,scale_data=wikitext2-valid,sign_change=0.0001"],
+    "n4-g192-o4-s123-ef-wiki-v3": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
+                                   "scale_steps=40,scale_data=wikitext2-valid,sign_change=0.0001,sign_step=0.3"],
     "n4-g192-o4-s123-ef-wiki": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
                                 "scale_steps=40,scale_data=wikitext2-valid"],
     "n4-o4-s123-ef": ["qbb_quant:bases=4,outliers=4,stages=123,refine=gptq,objective=input,scale_steps=40"],

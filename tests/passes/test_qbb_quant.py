@@ -302,7 +302,7 @@ def test_stage_3_sign_changes_are_a_bounded_v_step(setup, tmp_path, monkeypatch)
     model, ids, ref = setup
     spec = f"bases=2,outliers=1,stages=123,{STAGE3},scale_lr=1e-2,scale_loss=kl"
     scales_only = _compile(model, spec, tmp_path / "s")
-    changed_spec = spec + ",sign_change=0.002,sign_step=0.1"
+    changed_spec = spec + ",sign_change=0.002,sign_step=0.3"
     moved = _compile(model, changed_spec, tmp_path / "f")
     sc = moved.program.history[-1].stats["scale_calibration"]
     assert len(sc["changed_per_step"]) == 12 and sc["weights_changed"] == sum(sc["changed_per_step"]) > 0

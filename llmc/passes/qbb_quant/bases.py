@@ -273,11 +273,12 @@ def round_to_levels(W: Tensor, scales: Tensor, H: Tensor | None = None, keep: Te
     codes = torch.empty(N, K, dtype=torch.long)
     Q = torch.empty(N, K)
     if H is None:
-        for r in range(0, N, 256):  # [rows, K, L] distances, in bounded chunks
-            lvk = lv[r:r + 256][:, group_of]
-            c = (W[r:r + 256, :, None] - lvk).abs().argmin(-1)
-            codes[r:r + 256] = c
-            Q[r:r + 256] = lvk.gather(-1, c[..., None])[..., 0]
+        step = max(1, (1 << 22) // (K * lv.shape[-1]))  # [rows, K, L] distances, about 16 MB a chunk
+        for r in range(0, N, step):
+            lvk = lv[r:r + step][:, group_of]
+            c = (W[r:r + step, :, None] - lvk).abs().argmin(-1)
+            codes[r:r + step] = c
+            Q[r:r + step] = lvk.gather(-1, c[..., None])[..., 0]
         if keep is not None:
             Q = torch.where(keep, W, Q)
     else:

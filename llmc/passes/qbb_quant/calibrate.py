@@ -104,8 +104,10 @@ class Student:
         """The V step: re-round the matrices towards a gradient step, changing at most `fraction` of each
         matrix's weights; returns how many weights changed. Needs the dense gradients of the last backward.
 
-        The target is T = Ŵ − step · rms(Ŵ) · M / rms(M) (M the averaged gradient, Ŵ the bases' part without
-        kept outliers: a step of `step` times the matrix's typical weight); every weight's nearest level Σᵢ ±αᵢ to T is found (all its signs at
+        The target is T = Ŵ − step · rms(Ŵ) · clamp(M / rms(M), −1, 1) (M the averaged gradient, Ŵ the bases'
+        part without kept outliers: a step of at most `step` times the matrix's typical weight; without the
+        clamp the largest gradients sent their weights to the extreme levels, and the first step of a SmolLM2
+        run multiplied its loss by 300); every weight's nearest level Σᵢ ±αᵢ to T is found (all its signs at
         once), and of the weights whose level changes, those that come closest to T gain the most,
         (T − Ŵ)² − (T − Ŵ')², are moved: at most `fraction` of them, never a kept outlier."""
         changed = 0
@@ -120,7 +122,8 @@ class Student:
                 continue
             S = self.scales(t).detach()
             W = (B.float() * expand(S, K)).sum(0)
-            target = W - step * W.square().mean().sqrt() / m.square().mean().sqrt().clamp_min(1e-30) * m
+            u = (m / m.square().mean().sqrt().clamp_min(1e-30)).clamp(-1.0, 1.0)  # at most one step per weight
+            target = W - step * W.square().mean().sqrt() * u
             newB, newW = round_to_levels(target, S)
             gain = ((target - W).square() - (target - newW).square()).where((newB != B).any(0), 0.0)
             if self.outliers[t] is not None:
