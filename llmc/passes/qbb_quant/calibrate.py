@@ -48,7 +48,7 @@ class ScalePlan:
     checkpoint_every: int = 10
     seed: int = 0
     sign_change: float = 0.0  # > 0: a V step on the signs after every step (at most this fraction changed)
-    sign_step: float = 0.5    # the V step's target: a gradient step of this times the matrix's rms weight
+    sign_step: float = 0.3    # the V step's target: a gradient step of this times the matrix's rms weight
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

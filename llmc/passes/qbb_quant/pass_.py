@@ -108,7 +108,7 @@ class QBBQuant(Pass):
         "help": "stage 3: also change signs after every step (PV-Tuning's V step: weights re-rounded to their "
                 "levels towards a gradient step), at most this fraction of each matrix's weights; 0: scales only "
                 "(the paper's)"})
-    sign_step: float = dataclasses.field(default=0.5, metadata={
+    sign_step: float = dataclasses.field(default=0.3, metadata={
         "help": "stage 3 with sign_change: the V step re-rounds towards a gradient step of this times the matrix's "
                 "rms weight"})
     scale_candidates: int = dataclasses.field(default=128, metadata={
