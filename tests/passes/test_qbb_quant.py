@@ -298,6 +298,23 @@ def test_stage_3_calibrates_the_scales_towards_the_teacher(setup, tmp_path):
     assert not torch.equal(s0, s1)
 
 
+def _interrupted_in_stage_3(monkeypatch, compile_):
+    """Run `compile_` with stage 3 interrupted at its 11th step (after the checkpoint of step 10)."""
+    grads = qbb_calibrate.Student.factor_grads
+    steps = {"n": 0}
+
+    def flaky_grads(self):
+        steps["n"] += 1
+        if steps["n"] == 11:
+            raise KeyboardInterrupt("stop in stage 3")
+        return grads(self)
+
+    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", flaky_grads)
+    with pytest.raises(KeyboardInterrupt):
+        compile_()
+    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", grads)
+
+
 def test_stage_3_sign_changes_are_a_bounded_v_step(setup, tmp_path, monkeypatch):
     model, ids, ref = setup
     spec = f"bases=2,outliers=1,stages=123,{STAGE3},scale_lr=1e-2,scale_loss=kl"
@@ -318,21 +335,9 @@ def test_stage_3_sign_changes_are_a_bounded_v_step(setup, tmp_path, monkeypatch)
         assert torch.equal(a[:, rows, idx], b[:, rows, idx])  # a kept outlier's signs never change
         assert int((a != b).any(0).sum()) <= 12 * int(0.002 * a[0].numel())  # per matrix, per step at most
     assert 0 < changed <= sc["weights_changed"]
-    # on this random model it is worse than scales only (docs/passes/qbb_quant.md), but not wildly
+    # on this random model it need not beat scales only, but it must not break the model
     assert _kl(moved, ref, ids) < 2 * _kl(scales_only, ref, ids)
-    grads = qbb_calibrate.Student.factor_grads
-    steps = {"n": 0}
-
-    def flaky_grads(self):
-        steps["n"] += 1
-        if steps["n"] == 11:  # after the checkpoint of step 10: signs, averaged gradients, counts kept
-            raise KeyboardInterrupt("stop in stage 3")
-        return grads(self)
-
-    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", flaky_grads)
-    with pytest.raises(KeyboardInterrupt):
-        _compile(model, changed_spec, tmp_path / "r")
-    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", grads)
+    _interrupted_in_stage_3(monkeypatch, lambda: _compile(model, changed_spec, tmp_path / "r"))
     resumed = _compile(model, changed_spec, tmp_path / "r")
     assert resumed.program.history[-1].stats["scale_calibration"]["changed_per_step"] == sc["changed_per_step"]
     for name, t in gm1.named_buffers():
@@ -372,19 +377,7 @@ def test_deterministic_and_resumable_after_interruption(setup, tmp_path, monkeyp
         _compile(model, spec, tmp_path / "c")
     monkeypatch.setattr(qbb_pass, "quantize_matrix", real)
 
-    grads = qbb_calibrate.Student.factor_grads
-    steps = {"n": 0}
-
-    def flaky_grads(self):
-        steps["n"] += 1
-        if steps["n"] == 11:
-            raise KeyboardInterrupt("stop in stage 3")
-        return grads(self)
-
-    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", flaky_grads)
-    with pytest.raises(KeyboardInterrupt):
-        _compile(model, spec, tmp_path / "c")
-    monkeypatch.setattr(qbb_calibrate.Student, "factor_grads", grads)
+    _interrupted_in_stage_3(monkeypatch, lambda: _compile(model, spec, tmp_path / "c"))
     counted = {"n": 0}
 
     def counting(*a, **k):

@@ -263,6 +263,13 @@ def _sign_patterns() -> np.ndarray:
     return (2 * ((p[None, :] >> np.arange(8)[:, None]) & 1) - 1).astype(np.float32)
 
 
+def _sign_codebooks():
+    """The one codebook of every basis for llmc.VQLinear: its [1, 8, 256] and [1, 256, 8] layouts."""
+    pat = _sign_patterns()
+    return (op.Constant(value=onnx.numpy_helper.from_array(pat[None])),
+            op.Constant(value=onnx.numpy_helper.from_array(np.ascontiguousarray(pat.T)[None])))
+
+
 def binary_bases_linear_kernel(x, signs, scales):
     """llmc::binary_bases_linear -> one llmc.VQLinear over the bases stacked as rows, then a sum over the bases.
 
@@ -278,9 +285,7 @@ def binary_bases_linear_kernel(x, signs, scales):
     _, _, G = _dims(scales, "scales")
     if G != 1:
         return binary_bases_linear(x, signs, scales)
-    pat = _sign_patterns()
-    codebooks = op.Constant(value=onnx.numpy_helper.from_array(pat[None]))  # [1, 8, 256]
-    codewords = op.Constant(value=onnx.numpy_helper.from_array(np.ascontiguousarray(pat.T)[None]))  # [1, 256, 8]
+    codebooks, codewords = _sign_codebooks()
     codes = op.Transpose(op.Reshape(signs, op.Constant(value_ints=[nb * N, J])), perm=[1, 0])
     s = op.Cast(op.Reshape(scales, op.Constant(value_ints=[nb * N])), to=onnx.TensorProto.FLOAT)
     y = LLMC.VQLinear(op.Cast(x, to=onnx.TensorProto.FLOAT), codes, codebooks, s, codewords)  # [..., nb * N]
@@ -295,9 +300,7 @@ def binary_bases_linear_per_basis(x, signs, scales):
     _, _, G = _dims(scales, "scales")
     if G != 1:
         return binary_bases_linear(x, signs, scales)
-    pat = _sign_patterns()
-    codebooks = op.Constant(value=onnx.numpy_helper.from_array(pat[None]))  # [1, 8, 256]
-    codewords = op.Constant(value=onnx.numpy_helper.from_array(np.ascontiguousarray(pat.T)[None]))  # [1, 256, 8]
+    codebooks, codewords = _sign_codebooks()
     xf = op.Cast(x, to=onnx.TensorProto.FLOAT)
     y = None
     for i in range(nb):  # a few bases (<= 8): one kernel call each
