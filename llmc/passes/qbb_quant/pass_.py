@@ -160,8 +160,7 @@ class QBBQuant(Pass):
             raise ConfigError(f"qbb_quant.sign_step must be > 0, got {self.sign_step}")
         if not 0 <= self.sign_change < 1:
             raise ConfigError(f"qbb_quant.sign_change is the fraction of weights whose signs may change per stage-3 "
-                              f"step, in [0, 1); "
-                              f"got {self.sign_change}")
+                              f"step, in [0, 1); got {self.sign_change}")
         if self.sign_change and "3" not in self.stages:
             raise ConfigError("qbb_quant.sign_change flips signs during stage 3; add 3 to stages (e.g. stages=123)")
         check_targets("qbb_quant", self.targets)
