@@ -34,7 +34,7 @@ import sys
 import time
 
 import llmc
-from benchmarks.common import STARTED_AT, load_rows, write_result
+from benchmarks.common import STARTED_AT, load_rows, row_definitions, write_result
 from llmc import data
 from llmc.backends.onnxruntime import lower
 
@@ -153,8 +153,8 @@ def main() -> None:
     engines, about = {}, {}
     os.makedirs(args.out, exist_ok=True)
     for option in args.export:
-        name, specs = _split(option, "--export")
-        passes = [s for s in specs.split(";") if s]
+        _split(option, "--export")  # NAME=SPECS, or a clear error
+    for name, passes in row_definitions({}, args.export).items():
         folder = os.path.join(args.out, name)
         if not os.path.isfile(os.path.join(folder, "llmc_onnx.json")):
             calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0) if passes else None

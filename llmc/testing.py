@@ -132,8 +132,6 @@ def sqnr(reference: Tensor, approx: Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
-
-
 def assert_logits_match_hf(model, cm, prompts: list[list[int]], decode_steps: int = 2, tol: float = 1e-5) -> None:
     """A compiled model's logits equal the HF model's: a prefill of `prompts` (left-padded to one
     batch), then `decode_steps` greedy steps through the compiled model's cache."""

@@ -24,9 +24,9 @@ A rewrite only fires where its whole pattern matches, with the constants it need
 inv_freq, packed weights) known: LayerNorm (with a mean and a bias), a rotation whose cos/sin are
 scaled or not computed from a constant inv_freq, 3-bit codes widened at load, or MatMulNBits layers
 of different layouts are left as exported. Partial rotary (GPT-NeoX, StableLM) is rewritten on the
-rotated slice of each head. Every rewrite
-keeps the arithmetic up to float rounding order (the merged MatMulNBits rounds each int8 block of
-its input as each layer did), and `lower` checks the fused folder against torch as it checks any.
+rotated slice of each head. Every rewrite keeps the arithmetic up to float rounding order (the
+merged MatMulNBits rounds each int8 block of its input as each layer did), and `lower` checks the
+fused folder against torch as it checks any.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def _rotary_rule_class():
             freqs = op.Mul(op.Cast(op.Unsqueeze(position_ids, pos_axis), to=DataType.FLOAT), inv_freq)
             emb = op.Concat(freqs, freqs, axis=-1)
             sin = op.Sin(emb)
+
             def half(v, start, end, axis, name):  # a Slice, with or without its steps input
                 return op.Slice(v, start, end, axis, _allow_other_inputs=True, _outputs=[name])
 
@@ -209,13 +210,13 @@ def merge_matmulnbits(model) -> tuple[int, int]:
         if any(c[0].shape[0] != n for (_, c), n in zip(members, ns)):  # codes are [N, blocks, blob]
             continue
         tag = f"llmc_merged_{merges}"
-        packed = [ir.Value(name=f"{tag}_{i}", const_value=ir.tensor(np.concatenate([c[i] for _, c in members], 0)))
-                  for i in range(len(members[0][1]))]
-        for i, v in enumerate(packed):
-            tensor = v.const_value
-            v.shape, v.type = ir.Shape(tensor.shape), ir.TensorType(tensor.dtype)
-            v.name = f"{tag}_{('codes', 'scales', 'zero_points')[i]}"
+        packed = []
+        for i, what in enumerate(("codes", "scales", "zero_points")[:len(members[0][1])]):
+            tensor = ir.tensor(np.concatenate([c[i] for _, c in members], 0))
+            v = ir.Value(name=f"{tag}_{what}", const_value=tensor, shape=ir.Shape(tensor.shape),
+                         type=ir.TensorType(tensor.dtype))
             graph.register_initializer(v)
+            packed.append(v)
         split_sizes = ir.Value(name=f"{tag}_split", const_value=ir.tensor(np.asarray(ns, dtype=np.int64)))
         split_sizes.shape, split_sizes.type = ir.Shape([len(ns)]), ir.TensorType(ir.DataType.INT64)
         graph.register_initializer(split_sizes)

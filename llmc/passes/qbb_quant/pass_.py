@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 from torch import fx
 
-from llmc.calibration import graph_teacher, input_grams, load_checkpoint, save_checkpoint
-from llmc.errors import ConfigError
+from llmc.calibration import graph_teacher, load_checkpoint, save_checkpoint, stream_grams
+from llmc.errors import ConfigError, PassError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.ops.binary_bases import bits_per_weight, pack_signs
@@ -203,9 +203,8 @@ class QBBQuant(Pass):
         stage12["stages"] = "2" in self.stages
         run12 = tensor_digest(data if (self.start == "gptq" or self.objective != "weight") else [],
                               f"{model_digest} {sorted(stage12.items())}")[:16]
-        grams = self._grams(gm, ctx, linears, empty, root, model_digest) if (
-            self.start == "gptq" or self.objective != "weight") else {}
-        state, mstats = self._quantize_matrices(gm, linears, grams, ctx.progress,
+        uses_grams = self.start == "gptq" or self.objective != "weight"
+        state, mstats = self._quantize_matrices(gm, linears, ctx, root, model_digest, uses_grams,
                                                 os.path.join(root, f"bases-{run12}.pt"), run12)
         seconds = {"stages_1_2": round(time.perf_counter() - t0, 1)}
         sstats = None
@@ -228,15 +227,6 @@ class QBBQuant(Pass):
             + (f", scale loss {sstats['loss_first']} -> {sstats['loss_last']}" if sstats else ""))
         return PassResult(gm, True, stats)
 
-    def _grams(self, gm, ctx, linears, empty, root, model_digest) -> dict:
-        """XᵀX / tokens of every targeted linear's input over the calibration batches (cached under root)."""
-        watch = {n: n.args[0].name for n in linears}
-        fp = tensor_digest(ctx.calibration, f"{model_digest} grams {self.targets}")[:16]
-        grams = input_grams(gm, watch, ctx.calibration, empty, ctx.progress, os.path.join(root, f"grams-{fp}.pt"),
-                            fp, "qbb_quant")
-        tokens = sum(b.numel() for b in ctx.calibration)
-        return {n.args[1].target: grams[watch[n]] / tokens for n in linears}
-
     def _start_weight(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
         if self.start == "fp":
             return W.detach().float()
@@ -244,26 +234,50 @@ class QBBQuant(Pass):
                                              act_order=True)
         return nbits_dequantize(codes, scales, zeros, W.shape[1], self.start_bits, self.start_group).float()
 
-    def _quantize_matrices(self, gm, linears, grams, progress, path, fingerprint) -> tuple[dict, dict]:
-        """Stages 1-2 for every targeted matrix; resumable (a checkpoint after every decoder layer)."""
+    def _quantize_matrices(self, gm, linears, ctx, root, model_digest, uses_grams, path, fingerprint):
+        """Stages 1-2 for every targeted matrix; resumable (a checkpoint after every decoder layer).
+
+        With `uses_grams`, each matrix gets its input's XᵀX / tokens, recorded one decoder layer at a
+        time (`stream_grams`, each layer's part kept under `root`) and used as soon as its layer's part
+        exists, so only one layer's matrices are held at once."""
         saved = load_checkpoint(path, fingerprint, "qbb_quant")
         state = dict(saved["state"]) if saved else {}
         mstats = dict(saved["stats"]) if saved else {}
         if state:
             log(f"qbb_quant: {len(state)} of {len(linears)} matrices from {path}")
-        plan = RefinePlan(mode=self.refine, rounds=self.rounds, steps=self.gd_steps, lr=self.gd_lr)
         todo = [n for n in linears if n.args[1].target not in state]
-        last_layer = None
-        for n in bar(todo, desc="qbb_quant bases", unit="matrix", enabled=progress):
-            t = n.args[1].target
-            layer = re.search(r"layers\.(\d+)\.", t)
-            layer = layer.group(1) if layer else None
-            if last_layer is not None and layer != last_layer:
-                save_checkpoint(path, fingerprint, state=state, stats=mstats)
-            last_layer = layer
-            state[t], mstats[t] = quantize_matrix(self, get_attr_tensor(gm, n.args[1]), grams.get(t), plan)
+        if not todo:
+            return state, mstats
+        plan = RefinePlan(mode=self.refine, rounds=self.rounds, steps=self.gd_steps, lr=self.gd_lr)
+        parts, tokens = [None], 1  # without statistics, one part holding every matrix
+        if uses_grams:
+            watch = {n: n.args[0].name for n in linears}
+            fp = tensor_digest(ctx.calibration, f"{model_digest} grams {self.targets}")[:16]
+            parts = stream_grams(gm, watch, ctx.calibration, ctx.program.empty_cache, ctx.progress,
+                                 label="qbb_quant", checkpoint_dir=root, fingerprint=fp)
+            tokens = sum(b.numel() for b in ctx.calibration)
+        with bar(total=len(todo), desc="qbb_quant bases", unit="matrix", enabled=ctx.progress) as pbar:
+            for grams in parts:
+                ready = [n for n in todo if grams is None or n.args[0].name in grams]
+                last_layer = None
+                for n in ready:
+                    t = n.args[1].target
+                    layer = re.search(r"layers\.(\d+)\.", t)
+                    layer = layer.group(1) if layer else None
+                    if last_layer is not None and layer != last_layer:
+                        save_checkpoint(path, fingerprint, state=state, stats=mstats)
+                    last_layer = layer
+                    H = grams[n.args[0].name] / tokens if grams is not None else None
+                    state[t], mstats[t] = quantize_matrix(self, get_attr_tensor(gm, n.args[1]), H, plan)
+                    pbar.update(1)
+                if ready:
+                    save_checkpoint(path, fingerprint, state=state, stats=mstats)
+                todo = [n for n in todo if n.args[1].target not in state]
+                if not todo:
+                    break  # the head's part, which holds no targeted linear, is not recorded
         if todo:
-            save_checkpoint(path, fingerprint, state=state, stats=mstats)
+            raise PassError(f"qbb_quant: calibration saw the inputs of only some targeted linears "
+                            f"({module_fqn(todo[0])} was not reached)")
         return state, mstats
 
     def _stage3(self, gm, ctx, state, empty, root, run12) -> dict:
