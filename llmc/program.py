@@ -102,11 +102,12 @@ class Program:
     def linear_nodes(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
 
-    def exported(self) -> torch.export.ExportedProgram:
-        """Re-export the (rewritten) graph to a fresh ExportedProgram with the same dynamic dims."""
+    def exported(self, gm: torch.fx.GraphModule | None = None) -> torch.export.ExportedProgram:
+        """Re-export the (rewritten) graph, or `gm` (a variant of it with the same signature), to a fresh
+        ExportedProgram with the same dynamic dims."""
         example = self.example_inputs()
         with torch.no_grad():
-            return torch.export.export(self.gm, example, dynamic_shapes=dynamic_shapes(self.cache_layout),
+            return torch.export.export(self.gm if gm is None else gm, example, dynamic_shapes=dynamic_shapes(self.cache_layout),
                                        strict=False)
 
     def example_inputs(self, batch: int = 2, seq: int = 3, past_len: int = 4):

@@ -194,3 +194,44 @@ def _weighted_kmeans(points, k, weights, iters, tol, seed, minibatch, steps):
     final = float((w * d2).sum())
     return cent, {"iterations": len(history), "weighted_error": final, "squared_error": float(d2.sum()),
                   "first_error": history[0] if history else final}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over a coded cache
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """RoPE of the first Drot = cos.shape[-1] channels of x [B, H, T, D] with tables [B|1, 1, T, Drot]:
+    x·cos + roll(x, Drot/2)·signed_sin (signed_sin holds -sin on its first half), the rest as it is."""
+    rot = cos.shape[-1]
+    x_rot = x[..., :rot]
+    rotated = x_rot * cos + x_rot.roll(rot // 2, dims=-1) * signed_sin
+    return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+def attention(q: Tensor, key_codes: Tensor, key_new: Tensor, key_codebooks: Tensor, value_codes: Tensor,
+              value_new: Tensor, value_codebooks: Tensor, cos: Tensor, signed_sin: Tensor, bias: Tensor,
+              scale: float) -> Tensor:
+    """Reference of `llmc::cq_attention`: the past keys and values decoded from their codes, this step's
+    as they are, every key rotated at its position, then scaled-dot-product attention with `bias`.
+
+    q [B, H, R, D] (a KV head's query heads folded into rows), codes [B, H, P, G], new [B, H, S, D],
+    cos / signed_sin [B, 1, P+S, Drot], bias [B, 1, R, P+S]."""
+    k = torch.cat([decode(key_codes, key_codebooks).to(key_new.dtype), key_new], dim=2)
+    v = torch.cat([decode(value_codes, value_codebooks).to(value_new.dtype), value_new], dim=2)
+    return torch.nn.functional.scaled_dot_product_attention(q, rotate(k, cos, signed_sin), v, attn_mask=bias,
+                                                            scale=scale)
+
+
+@torch.library.custom_op("llmc::cq_attention", mutates_args=())
+def cq_attention(q: Tensor, key_codes: Tensor, key_new: Tensor, key_codebooks: Tensor, value_codes: Tensor,
+                 value_new: Tensor, value_codebooks: Tensor, cos: Tensor, signed_sin: Tensor, bias: Tensor,
+                 scale: float) -> Tensor:
+    """Attention of q over a cache whose past is CQ codes and whose newest tokens are float (`attention`)."""
+    return attention(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos,
+                     signed_sin, bias, scale)
+
+
+@cq_attention.register_fake
+def _(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos, signed_sin, bias, scale):
+    return torch.empty_like(q)

@@ -4,9 +4,10 @@
     opts = onnxruntime.SessionOptions(); opts.register_custom_ops_library(library_path())
 
 The library holds `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear`
-(`vq_linear_ort.c`, which documents the op). It talks to ONNX Runtime through its stable C ABI
-and needs no ONNX Runtime headers, only a C compiler (`$CC`, else `cc`): it is compiled once per
-source, compiler and flags into `$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
+(`vq_linear_ort.c`, which documents the op and holds the ONNX Runtime binding of both ops), and
+`llmc.CQAttention`, attention over a cache of CQ codes read as codes (`cq_attention_ort.c`). It
+talks to ONNX Runtime through its stable C ABI and needs no ONNX Runtime headers, only a C compiler
+(`$CC`, else `cc`): it is compiled once per source, compiler and flags into `$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
 build is portable x86-64 (or the host's architecture elsewhere); the AVX-512 paths are chosen at
 run time, so an export folder can carry the library to another machine of the same architecture.
 """
@@ -25,7 +26,9 @@ import subprocess
 from llmc.errors import ExportError
 from llmc.fsutil import atomic_file
 
-SOURCE = os.path.join(os.path.dirname(__file__), "vq_linear_ort.c")
+_HERE = os.path.dirname(__file__)
+SOURCES = [os.path.join(_HERE, name) for name in ("vq_linear_ort.c", "cq_attention_ort.c")]
+HEADERS = [os.path.join(_HERE, "llmc_ort_ops.h")]
 LIBRARY_NAME = "libllmc_ort_ops.so"
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing"]
 
@@ -51,8 +54,10 @@ def library_path() -> str:
     if shutil.which(cc[0]) is None:
         raise ExportError(f"no C compiler '{cc[0]}' to build llmc's ONNX Runtime custom ops; install one (e.g. "
                           "`apt install gcc`), set $CC, or export with vq_lowering='dequantize'")
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in SOURCES + HEADERS:
+        with open(name, "rb") as f:
+            source += f.read()
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256(source + repr((cc, FLAGS, version, platform.machine())).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), digest, LIBRARY_NAME)
@@ -60,7 +65,7 @@ def library_path() -> str:
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_file(path) as tmp:
-        done = subprocess.run([*cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
+        done = subprocess.run([*cc, *FLAGS, "-o", tmp, *SOURCES], capture_output=True, text=True)
         if done.returncode != 0:
             raise ExportError(f"building llmc's ONNX Runtime custom ops with {' '.join(cc)} failed:\n"
                               f"{done.stderr.strip()[-2000:]}")

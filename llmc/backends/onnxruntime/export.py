@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from llmc.backends.onnxruntime import custom_ops
+from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
 from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel
 from llmc.backends.onnxruntime.translations import TRANSLATIONS, VQ_LOWERINGS, translations
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
@@ -143,11 +144,17 @@ def _genai_config(program, library: str | None = None) -> dict:
     }
 
 
-def _export(program, folder: str, table: dict, fuse: bool = False) -> tuple[float, dict | None]:
-    """torch.onnx.export of the re-exported program into `folder` with translation `table`, then (if `fuse`)
-    the fused lowering (llmc.backends.onnxruntime.fusion); returns seconds and the fusion counts."""
+def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> tuple[float, dict]:
+    """torch.onnx.export of the re-exported program into `folder` with the translations of `lowering`
+    (with "kernel", a CQ cache's attention reads the codes: llmc.backends.onnxruntime.cq_attention),
+    then (if `fuse`) the fused lowering (llmc.backends.onnxruntime.fusion); returns seconds and
+    the rewrite counts."""
     t0 = time.perf_counter()
-    ep = program.exported()
+    gm, coded_attention = program.gm, 0
+    if lowering == "kernel":
+        gm, coded_attention = fuse_cq_attention(program.gm)
+    table = translations(lowering or "dequantize")
+    ep = program.exported(gm)
     input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]
     output_names = ["logits"] + [c.output_name for c in program.cache_layout]
     with warnings.catch_warnings():
@@ -163,11 +170,11 @@ def _export(program, folder: str, table: dict, fuse: bool = False) -> tuple[floa
     if written != {DATA_FILE}:  # the exporter names the data file after the model file
         raise ExportError(f"unexpected files beside {MODEL_FILE}: {sorted(written)}")
     _rename_dims(path, program)
-    fusions = None
+    fusions = {"CQAttention": coded_attention} if coded_attention else {}
     if fuse:
         from llmc.backends.onnxruntime.fusion import fuse as fuse_graph
 
-        fusions = fuse_graph(path, max_positions=getattr(program.config, "max_position_embeddings", None) or 2048)
+        fusions.update(fuse_graph(path, max_positions=getattr(program.config, "max_position_embeddings", None) or 2048))
     _write_prefill_graph(folder)
     return time.perf_counter() - t0, fusions
 
@@ -249,16 +256,20 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
 
 
 def has_vq_linear(gm: torch.fx.GraphModule) -> bool:
-    """Whether the graph has layers that llmc.VQLinear can run (vector codes, or binary bases)."""
-    kernel_ops = (torch.ops.llmc.vq_linear.default, torch.ops.llmc.binary_bases_linear.default)
+    """Whether the graph has what llmc's custom ops run: layers of vector codes or binary bases (llmc.VQLinear),
+    or attention over a CQ-coded cache (llmc.CQAttention)."""
+    kernel_ops = (torch.ops.llmc.vq_linear.default, torch.ops.llmc.binary_bases_linear.default,
+                  torch.ops.llmc.cq_decode.default)
     return any(n.op == "call_function" and n.target in kernel_ops for n in gm.graph.nodes)
 
 
 def resolve_vq_lowering(program, vq_lowering: str) -> str | None:
-    """The lowering of the program's `llmc::vq_linear` layers (None if it has none).
+    """The lowering of the program's coded tensors, `llmc::vq_linear` / `binary_bases_linear` layers and a
+    CQ cache's attention (None if it has none).
 
-    "auto" is "kernel" (the codes stay uint8 in the session, read by llmc's custom op) where the
-    custom-op library builds here, else "dequantize" (standard ONNX, a float weight in the session).
+    "auto" is "kernel" (the codes stay uint8 in the session, read by llmc's custom ops) where the
+    custom-op library builds here, else "dequantize" (standard ONNX: a float weight in the session,
+    the CQ cache gathered into float every step).
     """
     if vq_lowering not in ("auto", *VQ_LOWERINGS):
         raise ExportError(f"vq_lowering must be 'auto' or one of {', '.join(VQ_LOWERINGS)}, got {vq_lowering!r}")
@@ -280,9 +291,10 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
           vq_lowering: str = "auto", fuse: bool = True) -> str:
     """Write `program` as an ONNX folder at `out_dir` and return its path.
 
-    `vq_lowering` picks how `llmc::vq_linear` layers are written (`resolve_vq_lowering`): "kernel"
-    puts llmc's custom-op library in the folder (`libllmc_ort_ops.so`, named in the manifest,
-    registered by OrtModel); "dequantize" writes standard ONNX only. `fuse` rewrites norms, the
+    `vq_lowering` picks how coded tensors are read (`resolve_vq_lowering`): "kernel" puts llmc's
+    custom-op library in the folder (`libllmc_ort_ops.so`, named in the manifest, registered by
+    OrtModel), whose ops read vector codes, binary bases and a CQ cache's codes at run time (the
+    manifest's "fusions" counts the CQAttention layers); "dequantize" writes standard ONNX only. `fuse` rewrites norms, the
     rotary embedding and MatMulNBits siblings into ONNX Runtime's fused contrib ops
     (llmc.backends.onnxruntime.fusion); the manifest's "fusions" says which fired, how many times.
 
@@ -302,7 +314,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
     with atomic_folder(out_dir, overwrite, error=ExportError) as tmp:
         log(f"exporting ONNX ({program.num_layers} layers)")
         try:
-            seconds, fusions = _export(program, tmp, translations(lowering or "dequantize"), fuse=fuse)
+            seconds, fusions = _export(program, tmp, lowering, fuse=fuse)
         except (ExportError, UnsupportedOpError):
             raise
         except Exception as e:

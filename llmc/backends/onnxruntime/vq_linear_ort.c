@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "llmc_ort_ops.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -420,8 +422,6 @@ static void segment_task(void *arg, size_t s) {
     code_sums(c, c->x, i0, i1, c->partial + s * (size_t)c->N);
 }
 
-typedef void (*parallel_fn)(void *context, void (*task)(void *, size_t), size_t total, void *arg);
-
 /* Segments of one decode token: enough for a few threads, each at least 16 code rows. */
 enum { DECODE_SEGMENTS = 4, MIN_SEGMENT_ROWS = 16 };
 
@@ -455,7 +455,7 @@ static int vq_linear_run(vq_call *c, parallel_fn parallel, void *context) {
     return c->failed ? 2 : 0;
 }
 
-static void serial(void *context, void (*task)(void *, size_t), size_t total, void *arg) {
+void llmc_serial(void *context, void (*task)(void *, size_t), size_t total, void *arg) {
     (void)context;
     for (size_t i = 0; i < total; i++) task(arg, i);
 }
@@ -466,7 +466,7 @@ int llmc_vq_linear(const float *x, int64_t T, int K, const uint8_t *codes, const
                    const float *scales, const float *codewords, float *y, int N, int M, int g, int C) {
     if (g <= 0 || M <= 0 || C <= 0 || C > MAX_CODEWORDS || K % g || T < 0 || N < 0) return 1;
     vq_call c = make_call(x, T, K, codes, codebooks, scales, codewords, y, N, M, g, C);
-    return vq_linear_run(&c, serial, NULL);
+    return vq_linear_run(&c, llmc_serial, NULL);
 }
 
 /* ------------------------------------------------------------- the ONNX Runtime binding */
@@ -587,7 +587,7 @@ static OrtStatus *tensor(const OrtValue *value, void **data, int64_t *dims, size
 static void parallel_ort(void *context, void (*task)(void *, size_t), size_t total, void *arg) {
     if (!ort_parallel || total < 2 ||
         ORT(KernelContext_ParallelFor)((const OrtKernelContext *)context, task, total, total, arg))
-        serial(NULL, task, total, arg); /* (a failed ParallelFor leaks its status; it has never been seen to fail) */
+        llmc_serial(NULL, task, total, arg); /* (a failed ParallelFor leaks its status; it has never been seen to fail) */
 }
 
 static OrtStatus *kernel_compute(void *kernel, OrtKernelContext *context) {
@@ -631,7 +631,78 @@ static const OrtCustomOp vq_linear_op = {
     kernel_compute,
 };
 
-/* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear. */
+/* llmc.CQAttention (cq_attention_ort.c): 9 inputs, codes at 1 and 2; outputs out and lse. */
+static const char *cq_name(const OrtCustomOp *op) { return (void)op, "CQAttention"; }
+static int cq_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 || i == 2 ? TYPE_UINT8 : TYPE_FLOAT; }
+static size_t cq_input_count(const OrtCustomOp *op) { return (void)op, 9; }
+static size_t cq_output_count(const OrtCustomOp *op) { return (void)op, 2; }
+
+static OrtStatus *cq_invalid(const char *what) {
+    static char message[320];
+    strcpy(message, "CQAttention: expected q [B, H, R, D], key/value codes [B, H, P, G], codebooks [H, G, K <= 256, c] "
+                    "with G * c = D <= 1024, cos/sin [B|1, 1, >= P, rot <= D, even], bias [B|1, 1, R, >= P], "
+                    "scale [1]; ");
+    strncat(message, what, sizeof message - strlen(message) - 1);
+    return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+static OrtStatus *cq_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    enum { Q, KC, VC, KB, VB, COS, SIN, BIAS, SCALE, N_IN };
+    void *data[N_IN];
+    int64_t dims[N_IN][MAX_RANK];
+    size_t rank[N_IN];
+    for (size_t i = 0; i < N_IN; i++) {
+        const OrtValue *value = NULL;
+        OrtStatus *status = ORT(KernelContext_GetInput)(context, i, &value);
+        if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
+        if (status) return status;
+    }
+    for (size_t i = 0; i < SCALE; i++)
+        if (rank[i] != 4) return cq_invalid("an input is not 4-D");
+    const int64_t *q = dims[Q], *kc = dims[KC], *vc = dims[VC], *kb = dims[KB], *vb = dims[VB];
+    const int64_t B = q[0], H = q[1], R = q[2], D = q[3], P = kc[2];
+    if (kc[0] != B || kc[1] != H || vc[0] != B || vc[1] != H || vc[2] != P || kb[0] != H || vb[0] != H ||
+        kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D || vb[1] * vb[3] != D)
+        return cq_invalid("codes or codebooks do not match q");
+    if (D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256) return cq_invalid("head or codebook too large");
+    const int64_t *cs = dims[COS], *sn = dims[SIN], *bi = dims[BIAS];
+    for (int k = 0; k < 4; k++)
+        if (cs[k] != sn[k]) return cq_invalid("cos and sin differ in shape");
+    if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < P || cs[3] > D || cs[3] % 2)
+        return cq_invalid("bad RoPE tables");
+    if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || bi[3] < P) return cq_invalid("bad bias");
+    if (rank[SCALE] > 1 || (rank[SCALE] == 1 && dims[SCALE][0] != 1)) return cq_invalid("scale is not one value");
+    OrtValue *out = NULL, *lse = NULL;
+    void *out_data = NULL, *lse_data = NULL;
+    const int64_t lse_dims[4] = {B, H, R, 1};
+    OrtStatus *status = ORT(KernelContext_GetOutput)(context, 0, q, 4, &out);
+    if (!status) status = ORT(GetTensorMutableData)(out, &out_data);
+    if (!status) status = ORT(KernelContext_GetOutput)(context, 1, lse_dims, 4, &lse);
+    if (!status) status = ORT(GetTensorMutableData)(lse, &lse_data);
+    if (status) return status;
+    const llmc_cq_attention_args args = {
+        .q = data[Q], .key_codes = data[KC], .value_codes = data[VC], .key_codebooks = data[KB],
+        .value_codebooks = data[VB], .cos = data[COS], .signed_sin = data[SIN], .bias = data[BIAS],
+        .scale = *(const float *)data[SCALE], .B = B, .H = H, .R = R, .P = P, .D = D, .Gk = kb[1], .Kk = kb[2],
+        .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3], .rot = cs[3], .table_rows = cs[2],
+        .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = bi[3],
+        .bias_batch_stride = bi[0] == 1 ? 0 : R * bi[3], .out = out_data, .lse = lse_data};
+    if (llmc_cq_attention_run(&args, parallel_ort, context))
+        return ORT(CreateStatus)(ORT_FAIL, "CQAttention: out of memory");
+    return NULL;
+}
+
+static void cq_compute_v1(void *kernel, OrtKernelContext *context) { (void)cq_compute(kernel, context); }
+
+static const OrtCustomOp cq_attention_op = {
+    OP_API_VERSION, create_kernel, cq_name, op_provider, cq_input_type, cq_input_count, output_type,
+    cq_output_count, cq_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
+    create_kernel_v2, cq_compute,
+};
+
+/* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear and
+   CQAttention. */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     OrtApiTable api = base->GetApi(PARALLEL_API_VERSION);
     ort_parallel = api != NULL;
@@ -645,6 +716,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtDomain *domain = NULL;
     OrtStatus *status = ORT(CreateCustomOpDomain)("llmc", &domain);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &vq_linear_op);
+    if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_attention_op);
     if (!status) status = ORT(AddCustomOpDomain)(options, domain);
     return status; /* the domain must outlive the sessions made with these options: it is never released */
 }

@@ -1,0 +1,155 @@
+"""The code-reading attention of a CQ cache: `fuse_cq_attention(gm)` for the ONNX export.
+
+cq_kv leaves, per layer, attention over keys and values decoded from the whole cache:
+
+    K = rotate(cat(cq_decode(past_key_codes), key_new), cos, signed_sin)     (llmc.trace.apply_rope)
+    V = cat(cq_decode(past_value_codes), value_new)
+    out = scaled_dot_product_attention(q, K, V, bias, scale)
+
+which ONNX Runtime would run as written: every step gathers every cached code back into float,
+rotates every key and multiplies. `fuse_cq_attention` finds that pattern in a copy of the graph and
+puts `llmc::cq_attention` in its place (llmc.ops.cq.attention: the same function), which the
+kernel lowering writes as llmc.CQAttention over the codes plus standard ops over the step's own
+tokens (translations.cq_attention_kernel). Only the exact pattern is taken: cq_kv with a float
+window or sink, or `exact_current=false`, codes wider than 8 bits, soft-capped attention or
+non-float32 tensors stay as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+from llmc.graph import attr_tensor
+
+aten = torch.ops.aten
+_LAST = (-1, 3)  # the channel dim of [B, H, T, D]
+_SEQUENCE = (2, -2)
+
+
+def _call(node, target, nargs: int | None = None) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+            and (nargs is None or len(node.args) == nargs))
+
+
+def _coded_cat(node):
+    """(codes placeholder, codebooks get_attr, new tokens) of cat([cq_decode(codes, codebooks), new], 2), else None."""
+    if not _call(node, aten.cat.default) or len(node.args[0]) != 2 or (node.args[1:] or (0,))[0] not in _SEQUENCE:
+        return None
+    decoded, new = node.args[0]
+    if not _call(decoded, torch.ops.llmc.cq_decode.default, 2):
+        return None
+    codes, codebooks = decoded.args
+    if codes.op != "placeholder" or codebooks.op != "get_attr":
+        return None
+    return codes, codebooks, new
+
+
+def _channel_slice(node, x, start: int, end: int | None) -> bool:
+    """Whether node is x[..., start:end] (end None: to the end)."""
+    if not _call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in _LAST:
+        return False
+    lo = node.args[2] if len(node.args) > 2 else 0
+    hi = node.args[3] if len(node.args) > 3 else None
+    return lo == start and (hi == end or (end is None and (hi is None or hi >= 2**31)))
+
+
+def _rotation(node):
+    """(x, cos, signed_sin, rot) when node is x·cos + roll(x, rot/2)·signed_sin (either order), else None."""
+    if not _call(node, aten.add.Tensor, 2):
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        if not (_call(a, aten.mul.Tensor, 2) and _call(b, aten.mul.Tensor, 2)):
+            continue
+        for rolled, sin in (b.args, b.args[::-1]):
+            if not _call(rolled, aten.roll.default) or list(rolled.args[2]) not in ([-1], [3]):
+                continue
+            x = rolled.args[0]
+            if x not in a.args or len(rolled.args[1]) != 1:
+                continue
+            cos = a.args[1] if a.args[0] is x else a.args[0]
+            return x, cos, sin, 2 * int(rolled.args[1][0])
+    return None
+
+
+def _rope(node, D: int):
+    """(x, cos, signed_sin) when node is llmc.trace.apply_rope(x, cos, signed_sin) of a [.., D] tensor, else None.
+
+    Full rotary: one rotation of x with roll by D/2. Partial (Drot < D): cat([rotation of x[..., :Drot],
+    x[..., Drot:]], -1)."""
+    whole = _rotation(node)
+    if whole is not None:
+        x, cos, sin, rot = whole
+        return (x, cos, sin) if rot == D else None
+    if not _call(node, aten.cat.default) or len(node.args[0]) != 2 or node.args[1] not in _LAST:
+        return None
+    head, rest = node.args[0]
+    part = _rotation(head)
+    if part is None:
+        return None
+    xs, cos, sin, rot = part
+    if not (_call(xs, aten.slice.Tensor) and _call(rest, aten.slice.Tensor)):
+        return None
+    x = xs.args[0]
+    if not (_channel_slice(xs, x, 0, rot) and _channel_slice(rest, x, rot, None)):
+        return None
+    return x, cos, sin
+
+
+def _float32(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val is None or val.dtype == torch.float32
+
+
+def _site(gm: fx.GraphModule, sdpa: fx.Node):
+    """The arguments of llmc::cq_attention for an SDPA node over a CQ cache, else None."""
+    if not _call(sdpa, aten.scaled_dot_product_attention.default, 4) or set(sdpa.kwargs) - {"scale"}:
+        return None
+    q, k, v, bias = sdpa.args
+    values = _coded_cat(v)
+    if values is None or not isinstance(k, fx.Node):
+        return None
+    vcodes, vbook, vnew = values
+    vb = attr_tensor(gm, vbook.target)
+    for cat in k.all_input_nodes + [a for n in k.all_input_nodes for a in n.all_input_nodes]:
+        keys = _coded_cat(cat)
+        if keys is None:
+            continue
+        kcodes, kbook, knew = keys
+        kb = attr_tensor(gm, kbook.target)
+        if kb.dim() != 4 or vb.dim() != 4 or max(kb.shape[2], vb.shape[2]) > 256:
+            return None
+        rope = _rope(k, kb.shape[1] * kb.shape[3])
+        if rope is None or rope[0] is not cat:
+            return None
+        _, cos, sin = rope
+        if not all(map(_float32, (q, knew, vnew, cos, sin, bias))) or {kb.dtype, vb.dtype} != {torch.float32}:
+            return None
+        scale = sdpa.kwargs.get("scale") or (kb.shape[1] * kb.shape[3]) ** -0.5
+        return q, kcodes, knew, kbook, vcodes, vnew, vbook, cos, sin, bias, float(scale)
+    return None
+
+
+def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its tensors) with every CQ attention written as llmc::cq_attention, and
+    how many were; `gm` itself when there is none."""
+    sites = [(n, args) for n in gm.graph.nodes if (args := _site(gm, n)) is not None]
+    if not sites:
+        return gm, 0
+    fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = dict(zip(gm.graph.nodes, fused.graph.nodes))
+    graph = fused.graph
+    for sdpa, args in sites:
+        old = nodes[sdpa]
+        with graph.inserting_before(old):
+            new = graph.call_function(torch.ops.llmc.cq_attention.default,
+                                      tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
+        new.meta = dict(old.meta)
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+    graph.eliminate_dead_code()
+    graph.lint()
+    fused.recompile()
+    return fused, len(sites)

@@ -1,0 +1,179 @@
+/* llmc.CQAttention: attention of the queries over a KV cache of coupled-quantization codes, read as codes.
+
+   cq_kv stores every earlier key (before RoPE) and value as one uint8 code per group of c channels
+   (llmc/ops/cq.py). The standard lowering gathers the whole cache back into float tensors, rotates
+   every key and multiplies, every step and layer. This op reads the codes where they lie: per cached
+   position it gathers the key's centroids, rotates them at that position (the keys are stored
+   before RoPE, so a per-query table of query·centroid products would need one table per position),
+   and takes the dot products of every query row of the KV head with it; the values are summed per
+   code (a histogram of the attention weights over each channel group's codes) and multiplied by the
+   codebooks once, so a position costs one addition per value group instead of one per channel
+   (for short pasts, fewer positions than codes, the centroids are accumulated directly).
+
+   It attends over the P positions of the coded past only and returns the softmax-normalised
+   output with the log of its denominator; the lowering (translations.py) attends over the step's
+   own tokens with standard ops (matrix products) and merges the two by their log-sum-exp, so a
+   prompt keeps ONNX Runtime's GEMMs and a decode step reads its past from codes.
+
+   Inputs:
+     q                float [B, H, R, D]     the queries of KV head h folded as rows (R = groups * S), after RoPE
+     key_codes        uint8 [B, H, P, Gk]    the cached keys' codes
+     value_codes      uint8 [B, H, P, Gv]
+     key_codebooks    float [H, Gk, Kk, ck]  D = Gk * ck, Kk <= 256
+     value_codebooks  float [H, Gv, Kv, cv]  D = Gv * cv
+     cos, signed_sin  float [B|1, 1, Tt, rot]  RoPE tables of the key positions (Tt >= P; the first P are read):
+                                               rotated[d] = k[d] cos[d] + k[(d + rot/2) mod rot] signed_sin[d], d < rot
+     bias             float [B|1, 1, R, Tb]  additive mask (Tb >= P; the first P columns are read)
+     scale            float [1]
+   Outputs: out float [B, H, R, D] = softmax(q k̂ᵀ scale + bias) v̂ over the past; lse float [B, H, R, 1]
+   (-inf when P = 0, where out is 0).
+*/
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "llmc_ort_ops.h"
+
+/* Query rows per task: their scores [rows, P] are one buffer; a decode step has `groups` rows. */
+enum { ROW_BLOCK = 32, MAX_HEAD_DIM = 1024, LANES = 16 };
+
+/* x86-64: an AVX-512 and an AVX2 build of the task beside the portable one, picked at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+typedef struct {
+    const llmc_cq_attention_args *a;
+    int64_t blocks; /* row blocks per (batch, head) */
+    volatile int failed;
+} cq_job;
+
+/* e^x for x <= 0 to about 2 ulp (Cody-Waite reduction by ln 2, a degree-6 polynomial, the exponent
+   put in the bits); 0 below -87 (where float underflows). Plain arithmetic, so loops of it vectorise. */
+static inline float exp_nonpositive(float x) {
+    const float k = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t e = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &e, sizeof two_k);
+    return x < -87.0f ? 0.0f : p * two_k;
+}
+
+/* x · y over n floats, in LANES independent partial sums (which the compiler turns into vectors). */
+static inline float dot(const float *restrict x, const float *restrict y, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += x[d + l] * y[d + l];
+    float s = 0.0f;
+    for (; d < n; d++) s += x[d] * y[d];
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+/* Key t of the past, gathered from its codes and rotated at its position, into `rotated` [D]. */
+static inline void past_key(const llmc_cq_attention_args *a, const uint8_t *codes, const float *codebooks,
+                            const float *cos, const float *sin, float *restrict key, float *restrict rotated) {
+    const int64_t ck = a->ck, Kk = a->Kk, rot = a->rot, half = a->rot / 2, D = a->D;
+    for (int64_t g = 0; g < a->Gk; g++) memcpy(key + g * ck, codebooks + (g * Kk + codes[g]) * ck, sizeof(float) * ck);
+    for (int64_t d = 0; d < half; d++) rotated[d] = key[d] * cos[d] + key[d + half] * sin[d];
+    for (int64_t d = half; d < rot; d++) rotated[d] = key[d] * cos[d] + key[d - half] * sin[d];
+    for (int64_t d = rot; d < D; d++) rotated[d] = key[d];
+}
+
+/* Softmax of one row of scores in place (unnormalised weights); returns the row's max and sets *sum. */
+static inline float softmax_row(float *s, int64_t n, float *sum) {
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
+    float acc[LANES] = {0};
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += (s[t + l] = exp_nonpositive(s[t + l] - m));
+    float total = 0.0f;
+    for (; t < n; t++) total += (s[t] = exp_nonpositive(s[t] - m));
+    for (int l = 0; l < LANES; l++) total += acc[l];
+    *sum = total;
+    return m;
+}
+
+/* One (batch, KV head, block of query rows). */
+CLONES static void cq_block(void *arg, size_t i) {
+    cq_job *job = (cq_job *)arg;
+    const llmc_cq_attention_args *a = job->a;
+    const int64_t H = a->H, R = a->R, P = a->P, D = a->D, Gv = a->Gv, Kv = a->Kv, cv = a->cv;
+    const int64_t b = (int64_t)i / (H * job->blocks), h = ((int64_t)i / job->blocks) % H;
+    const int64_t r0 = ((int64_t)i % job->blocks) * ROW_BLOCK, rows = R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK;
+    const int64_t bh = b * H + h;
+    const float *q = a->q + (bh * R + r0) * D;
+    float *out = a->out + (bh * R + r0) * D, *lse = a->lse + bh * R + r0;
+    if (P == 0) {
+        memset(out, 0, sizeof(float) * rows * D);
+        for (int64_t r = 0; r < rows; r++) lse[r] = -INFINITY;
+        return;
+    }
+    const int by_code = P > Kv; /* values summed per code, then times the codebook */
+    float *scores = (float *)malloc(sizeof(float) * rows * P);
+    float *hist = by_code ? (float *)malloc(sizeof(float) * Gv * Kv) : NULL;
+    if (!scores || (by_code && !hist)) {
+        free(scores);
+        free(hist);
+        job->failed = 1;
+        return;
+    }
+    float key[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM];
+    const uint8_t *kcodes = a->key_codes + bh * P * a->Gk, *vcodes = a->value_codes + bh * P * Gv;
+    const float *kbook = a->key_codebooks + h * a->Gk * a->Kk * a->ck, *vbook = a->value_codebooks + h * Gv * Kv * cv;
+    const float *cos = a->cos + b * a->table_batch_stride, *sin = a->signed_sin + b * a->table_batch_stride;
+    const float *bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols;
+    for (int64_t t = 0; t < P; t++) {
+        past_key(a, kcodes + t * a->Gk, kbook, cos + t * a->rot, sin + t * a->rot, key, rotated);
+        for (int64_t r = 0; r < rows; r++)
+            scores[r * P + t] = dot(q + r * D, rotated, D) * a->scale + bias[r * a->bias_cols + t];
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *p = scores + r * P, *o = out + r * D, sum;
+        const float m = softmax_row(p, P, &sum);
+        memset(o, 0, sizeof(float) * D);
+        if (by_code) {
+            memset(hist, 0, sizeof(float) * Gv * Kv);
+            for (int64_t t = 0; t < P; t++)
+                for (int64_t g = 0; g < Gv; g++) hist[g * Kv + vcodes[t * Gv + g]] += p[t];
+            for (int64_t g = 0; g < Gv; g++)
+                for (int64_t k = 0; k < Kv; k++) {
+                    const float w = hist[g * Kv + k];
+                    const float *word = vbook + (g * Kv + k) * cv;
+                    for (int64_t c = 0; c < cv; c++) o[g * cv + c] += w * word[c];
+                }
+        } else {
+            for (int64_t t = 0; t < P; t++)
+                for (int64_t g = 0; g < Gv; g++) {
+                    const float *word = vbook + (g * Kv + vcodes[t * Gv + g]) * cv;
+                    for (int64_t c = 0; c < cv; c++) o[g * cv + c] += p[t] * word[c];
+                }
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        lse[r] = m + logf(sum);
+    }
+    free(scores);
+    free(hist);
+}
+
+int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context) {
+    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, 0};
+    if (a->R == 0 || a->B == 0 || a->H == 0) return 0;
+    parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
+    return job.failed ? 2 : 0;
+}
+
+int llmc_cq_attention(const llmc_cq_attention_args *a) { return llmc_cq_attention_run(a, llmc_serial, NULL); }

@@ -1,0 +1,38 @@
+/* Declarations shared by the sources of llmc's ONNX Runtime custom-op library (custom_ops.py builds
+   every .c file of this folder into one shared object). */
+
+#ifndef LLMC_ORT_OPS_H
+#define LLMC_ORT_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Runs task(arg, i) for every i < total, possibly concurrently (ONNX Runtime's intra-op pool). */
+typedef void (*parallel_fn)(void *context, void (*task)(void *, size_t), size_t total, void *arg);
+
+/* Sequential parallel_fn (tests, and runtimes without KernelContext_ParallelFor). */
+void llmc_serial(void *context, void (*task)(void *, size_t), size_t total, void *arg);
+
+/* llmc.CQAttention over the coded past; documented in cq_attention_ort.c. Returns 0, or 2 when out of memory. */
+typedef struct {
+    const float *q;                   /* [B, H, R, D] */
+    const uint8_t *key_codes;         /* [B, H, P, Gk] */
+    const uint8_t *value_codes;       /* [B, H, P, Gv] */
+    const float *key_codebooks;       /* [H, Gk, Kk, ck] */
+    const float *value_codebooks;     /* [H, Gv, Kv, cv] */
+    const float *cos, *signed_sin;    /* [B or 1, 1, Tt >= P, rot] */
+    const float *bias;                /* [B or 1, 1, R, Tb >= P] */
+    float scale;
+    int64_t B, H, R, P, D, Gk, Kk, ck, Gv, Kv, cv, rot;
+    int64_t table_rows, table_batch_stride; /* Tt; Tt * rot, or 0 when the tables broadcast over the batch */
+    int64_t bias_cols, bias_batch_stride;   /* Tb; R * Tb, or 0 likewise */
+    float *out;                       /* [B, H, R, D]: attention over the past keys, normalised */
+    float *lse;                       /* [B, H, R]: log of the softmax denominator (max + log sum) */
+} llmc_cq_attention_args;
+
+int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);
+
+/* The same, single-threaded, for ctypes. */
+int llmc_cq_attention(const llmc_cq_attention_args *a);
+
+#endif
