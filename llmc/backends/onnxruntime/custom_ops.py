@@ -100,3 +100,41 @@ def vq_linear_reference():
     f.argtypes = [P, ctypes.c_int64, I, P, P, P, P, P, I, I, I, I]
     f.restype = I
     return f
+
+
+class _CQAttentionArgs(ctypes.Structure):
+    """llmc_cq_attention_args of llmc_ort_ops.h."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "key_codes", "value_codes", "key_codebooks", "value_codebooks",
+                                                 "cos", "signed_sin", "bias")]
+                + [("scale", ctypes.c_float)]
+                + [(n, ctypes.c_int64) for n in ("B", "H", "R", "P", "D", "Gk", "Kk", "ck", "Gv", "Kv", "cv", "rot",
+                                                 "table_rows", "table_batch_stride", "bias_cols", "bias_batch_stride")]
+                + [("out", ctypes.c_void_p), ("lse", ctypes.c_void_p)])
+
+
+def cq_attention_reference():
+    """llmc.CQAttention's kernel as a Python function of torch tensors, without ONNX Runtime (single thread; for
+    tests): f(q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale) -> (out, lse)
+    in the op's layouts (cq_attention_ort.c)."""
+    import torch
+
+    run = ctypes.CDLL(library_path()).llmc_cq_attention
+    run.argtypes = [ctypes.POINTER(_CQAttentionArgs)]
+    run.restype = ctypes.c_int
+
+    def f(q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale):
+        keep = [t.contiguous() for t in (q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin,
+                                         bias)]
+        q, kc, vc, kb, vb, cos, sin, bias = keep
+        B, H, R, D = q.shape
+        out, lse = torch.empty_like(q), torch.empty(B, H, R, 1)
+        args = _CQAttentionArgs(*(t.data_ptr() for t in keep), scale, B, H, R, kc.shape[2], D, kb.shape[1], kb.shape[2],
+                                kb.shape[3], vb.shape[1], vb.shape[2], vb.shape[3], cos.shape[3], cos.shape[2],
+                                0 if cos.shape[0] == 1 else cos.shape[2] * cos.shape[3], bias.shape[3],
+                                0 if bias.shape[0] == 1 else R * bias.shape[3], out.data_ptr(), lse.data_ptr())
+        if run(ctypes.byref(args)):
+            raise MemoryError("llmc_cq_attention: out of memory")
+        return out, lse
+
+    return f

@@ -1,0 +1,132 @@
+"""llmc.CQAttention: the kernel against torch, the graph rewrite, and the export against the standard-op lowering."""
+
+import json
+import os
+
+import onnx
+import pytest
+import torch
+
+import llmc
+from llmc.backends.onnxruntime import OrtModel, custom_ops, lower
+from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
+from llmc.generation import left_pad, position_ids_from_mask
+from llmc.ops.cq import decode, encode, rotate
+from llmc.testing import tiny_model, tiny_tokenizer
+
+needs_kernel = pytest.mark.skipif(not custom_ops.available(), reason="no C compiler to build llmc's custom ops")
+
+
+def _calib(n=8, length=64):
+    return [torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+
+
+def _past_attention(q, kc, vc, kb, vb, cos, sin, bias, scale):
+    """Attention over the coded past in torch: (normalised output, log-sum-exp)."""
+    P = kc.shape[2]
+    k = rotate(decode(kc, kb), cos[:, :, :P], sin[:, :, :P])
+    scores = q @ k.transpose(-1, -2) * scale + bias[..., :P]
+    return torch.softmax(scores, -1) @ decode(vc, vb), torch.logsumexp(scores, -1, keepdim=True)
+
+
+def _case(B, H, R, P, D, c, bits, rot, extra, seed=0):
+    """Random q, codes of encoded random keys/values, codebooks, RoPE tables of `P + extra` positions, and a
+    bias that masks the first positions of row 1 (left padding) and a few random ones."""
+    g = torch.Generator().manual_seed(seed)
+    G, K = D // c, 2**bits
+    kb, vb = torch.randn(H, G, K, c, generator=g), torch.randn(H, G, K, c, generator=g)
+    kc = encode(torch.randn(B, H, P, D, generator=g), kb)
+    vc = encode(torch.randn(B, H, P, D, generator=g), vb)
+    T = P + extra
+    angle = torch.arange(T)[:, None] * torch.rand(rot // 2, generator=g)[None]
+    cos = torch.cat([angle.cos(), angle.cos()], -1).expand(B, 1, T, rot).contiguous()
+    sin = torch.cat([-angle.sin(), angle.sin()], -1).expand(B, 1, T, rot).contiguous()
+    bias = torch.zeros(B, 1, R, T)
+    if B > 1:
+        bias[1, :, :, : min(3, P)] = torch.finfo(torch.float32).min
+    bias.masked_fill_(torch.rand(B, 1, R, T, generator=g) < 0.1, torch.finfo(torch.float32).min)
+    q = torch.randn(B, H, R, D, generator=g)
+    return q, kc, vc, kb, vb, cos, sin, bias, D**-0.5
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,R,P,D,c,bits,rot,extra", [
+    (1, 3, 3, 9, 64, 4, 8, 64, 1),     # a decode step, 3 query heads per KV head, fewer positions than codes
+    (2, 2, 6, 300, 32, 4, 8, 32, 2),   # batch 2, left padding, more positions than codes (values summed per code)
+    (2, 2, 40, 37, 32, 2, 6, 16, 20),  # a prompt chunk after a past: 40 rows, partial rotary, 64-code books
+    (2, 1, 4, 0, 16, 4, 8, 16, 4),     # no past at all
+])
+def test_kernel_equals_torch(B, H, R, P, D, c, bits, rot, extra):
+    case = _case(B, H, R, P, D, c, bits, rot, extra)
+    out, lse = custom_ops.cq_attention_reference()(*case)
+    if P == 0:
+        assert out.abs().max() == 0 and torch.isinf(lse).all() and (lse < 0).all()
+        return
+    ref_out, ref_lse = _past_attention(*case)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cq_llama():
+    return llmc.compile(tiny_model("llama"), passes=["cq_kv:config=4c8b,tokens=512"], calibration=_calib(),
+                        tokenizer=tiny_tokenizer(), progress=False)
+
+
+def _steps(step, empty_cache):
+    """Logits of a left-padded batch of 2: the prompts, then one token, then a chunk of 3 tokens."""
+    ids, mask = left_pad([[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]], pad_id=0)
+    logits, cache = step(ids, mask, position_ids_from_mask(mask), empty_cache(2))
+    out = [logits]
+    for new in (torch.tensor([[7], [8]]), torch.tensor([[11, 12, 13], [14, 15, 16]])):
+        mask = torch.cat([mask, torch.ones_like(new)], 1)
+        logits, cache = step(new, mask, position_ids_from_mask(mask)[:, -new.shape[1]:], cache)
+        out.append(logits)
+    return out
+
+
+def test_rewrite_takes_every_layer_and_computes_the_same(cq_llama):
+    program = cq_llama.program
+    fused, n = fuse_cq_attention(program.gm)
+    assert n == program.num_layers
+    ops = [x.target for x in fused.graph.nodes if x.op == "call_function"]
+    assert ops.count(torch.ops.llmc.cq_attention.default) == n and torch.ops.llmc.cq_decode.default not in ops
+    assert torch.ops.llmc.cq_decode.default in [x.target for x in program.gm.graph.nodes]  # the program is untouched
+
+    def run(gm):
+        return _steps(lambda *a: gm(*a), program.empty_cache)
+
+    for a, b in zip(run(program.gm), run(fused)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["cq_kv:config=4c8b,tokens=512,window=2", "cq_kv:config=4c8b,tokens=512,exact_current=false"])
+def test_rewrite_leaves_other_cq_caches_alone(spec):
+    cm = llmc.compile(tiny_model("llama"), passes=[spec], calibration=_calib(4), tokenizer=tiny_tokenizer(),
+                      progress=False)
+    fused, n = fuse_cq_attention(cm.program.gm)
+    assert n == 0 and fused is cm.program.gm
+
+
+def test_rewrite_takes_partial_rotary():
+    cm = llmc.compile(tiny_model("stablelm"), passes=["cq_kv:config=4c8b,tokens=512"], calibration=_calib(4),
+                      tokenizer=tiny_tokenizer(), progress=False)
+    fused, n = fuse_cq_attention(cm.program.gm)
+    assert n == cm.program.num_layers
+    for a, b in zip(_steps(cm.program.gm, cm.program.empty_cache), _steps(fused, cm.program.empty_cache)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path):
+    kernel = lower(cq_llama.program, str(tmp_path / "kernel"), vq_lowering="kernel")
+    standard = lower(cq_llama.program, str(tmp_path / "standard"), vq_lowering="dequantize")
+    manifest = json.load(open(os.path.join(kernel, "llmc_onnx.json")))
+    layers = cq_llama.program.num_layers
+    assert manifest["fusions"]["CQAttention"] == layers and manifest["parity"]["greedy_identical"]
+    assert "CQAttention" not in json.load(open(os.path.join(standard, "llmc_onnx.json")))["fusions"]
+    graph = onnx.load(os.path.join(kernel, "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "CQAttention" and n.domain == "llmc" for n in graph.node) == layers
+    a, b = OrtModel(kernel), OrtModel(standard)
+    for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
