@@ -114,12 +114,20 @@ def _measure(kind: str, folder: str, threads: int, prompt_file: str, new: int, p
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1, "int16": 2, "int32": 4}
+
+
 def export_facts(folder: str) -> dict:
-    """The passes (specs), lowering and fusion setting an llmc ONNX folder was made with, from its manifest."""
+    """The passes (specs), lowering, fusion setting and rewrites an llmc ONNX folder was made with, from its
+    manifest; and its cache's bytes per token (every cache tensor's per-position slice, all layers) with
+    the longest context whose cache fits in 1 GiB at batch 1."""
     with open(os.path.join(folder, "llmc_onnx.json")) as f:
         m = json.load(f)
+    per_token = sum(c["shape"][1] * c["shape"][3] * _ITEM_BYTES[c["dtype"]] for c in m["cache_layout"]
+                    if isinstance(c["shape"][2], str))  # fixed-length tensors (a float window) do not grow
     return {"passes": [h["spec"] for h in m.get("history", [])], "vq_lowering": m.get("vq_lowering"),
-            "fuse": m.get("fuse")}
+            "fuse": m.get("fuse"), "fusions": {k: v for k, v in (m.get("fusions") or {}).items() if v},
+            "cache_bytes_per_token": per_token, "context_in_1gib": 2**30 // per_token}
 
 
 def _split(option: str, what: str) -> tuple[str, str]:

@@ -49,14 +49,24 @@ def _case(B, H, R, P, D, c, bits, rot, extra, seed=0):
     return q, kc, vc, kb, vb, cos, sin, bias, D**-0.5
 
 
+@pytest.fixture(params=custom_ops.ISA_LEVELS[:2])
+def isa(request):
+    """The portable C path and the AVX-512 one (on a CPU without AVX-512, both portable)."""
+    custom_ops.set_isa_limit(request.param)
+    yield request.param
+    custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
+
+
 @needs_kernel
 @pytest.mark.parametrize("B,H,R,P,D,c,bits,rot,extra", [
+    (1, 3, 3, 150, 64, 4, 8, 64, 1),   # the AVX-512 path's shape (4-channel groups, whole-head RoPE)
+    (2, 2, 5, 40, 128, 4, 8, 128, 3),  # the same at D = 128, batch 2 with left padding, a chunk of rows
     (1, 3, 3, 9, 64, 4, 8, 64, 1),     # a decode step, 3 query heads per KV head, fewer positions than codes
     (2, 2, 6, 300, 32, 4, 8, 32, 2),   # batch 2, left padding, more positions than codes (values summed per code)
     (2, 2, 40, 37, 32, 2, 6, 16, 20),  # a prompt chunk after a past: 40 rows, partial rotary, 64-code books
     (2, 1, 4, 0, 16, 4, 8, 16, 4),     # no past at all
 ])
-def test_kernel_equals_torch(B, H, R, P, D, c, bits, rot, extra):
+def test_kernel_equals_torch(isa, B, H, R, P, D, c, bits, rot, extra):
     case = _case(B, H, R, P, D, c, bits, rot, extra)
     out, lse = custom_ops.cq_attention_reference()(*case)
     if P == 0:

@@ -48,6 +48,7 @@ enum { ROW_BLOCK = 32, MAX_HEAD_DIM = 1024, LANES = 16 };
 typedef struct {
     const llmc_cq_attention_args *a;
     int64_t blocks; /* row blocks per (batch, head) */
+    int fast;       /* block_avx512 applies */
     volatile int failed;
 } cq_job;
 
@@ -106,6 +107,87 @@ static inline float softmax_row(float *s, int64_t n, float *sum) {
     return m;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,fma")))
+
+/* The AVX-512 path's shapes: 4-channel groups (4c<b>b), whole-head RoPE, D a multiple of 32 up to 128,
+   so a head is at most 8 registers and rolling it by D/2 is a rotation of whole registers. */
+static int avx512_path(const llmc_cq_attention_args *a) {
+    static int cpu = -1;
+    if (cpu < 0) {
+        __builtin_cpu_init();
+        cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    }
+    return cpu && a->ck == 4 && a->cv == 4 && a->rot == a->D && a->D % 32 == 0 && a->D <= 128;
+}
+
+/* Centroids of groups g .. g+3 (4 floats each) picked by their codes: one register. */
+AVX512 static inline __m512 centroids4(const float *book, int64_t K, const uint8_t *codes, int64_t g) {
+    __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(book + (g * K + codes[g]) * 4));
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 1) * K + codes[g + 1]) * 4), 1);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 2) * K + codes[g + 2]) * 4), 2);
+    return _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 3) * K + codes[g + 3]) * 4), 3);
+}
+
+/* cq_block's work on the AVX-512 path: keys decoded and rotated in registers, one dot product per query
+   row; values accumulated per position straight from their centroids (on this path that beats a
+   histogram per code, whose scattered additions cost more than the vector multiply-adds). */
+AVX512 static int block_avx512(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
+    const int64_t H = a->H, R = a->R, P = a->P, D = a->D, NV = D / 16, HV = NV / 2, bh = b * H + h;
+    const float *q = a->q + (bh * R + r0) * D;
+    float *out = a->out + (bh * R + r0) * D, *lse = a->lse + bh * R + r0;
+    float *scores = (float *)malloc(sizeof(float) * rows * P);
+    if (!scores) return 1;
+    const uint8_t *kcodes = a->key_codes + bh * P * a->Gk, *vcodes = a->value_codes + bh * P * a->Gv;
+    const float *kbook = a->key_codebooks + h * a->Gk * a->Kk * 4, *vbook = a->value_codebooks + h * a->Gv * a->Kv * 4;
+    const float *cos = a->cos + b * a->table_batch_stride, *sin = a->signed_sin + b * a->table_batch_stride;
+    const float *bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols;
+    for (int64_t t = 0; t < P; t++) {
+        __m512 k[8], rk[8];
+        for (int64_t m = 0; m < NV; m++) k[m] = centroids4(kbook, a->Kk, kcodes + t * a->Gk, 4 * m);
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t m = 0; m < NV; m++)
+            rk[m] = _mm512_fmadd_ps(k[(m + HV) % NV], _mm512_loadu_ps(s + 16 * m),
+                                    _mm512_mul_ps(k[m], _mm512_loadu_ps(c + 16 * m)));
+        for (int64_t r = 0; r < rows; r++) {
+            const float *qr = q + r * D;
+            __m512 acc = _mm512_mul_ps(rk[0], _mm512_loadu_ps(qr));
+            for (int64_t m = 1; m < NV; m++) acc = _mm512_fmadd_ps(rk[m], _mm512_loadu_ps(qr + 16 * m), acc);
+            scores[r * P + t] = _mm512_reduce_add_ps(acc) * a->scale + bias[r * a->bias_cols + t];
+        }
+    }
+    float sums[ROW_BLOCK];
+    for (int64_t r = 0; r < rows; r++) {
+        lse[r] = softmax_row(scores + r * P, P, &sums[r]);
+        memset(out + r * D, 0, sizeof(float) * D);
+    }
+    for (int64_t t = 0; t < P; t++) {
+        __m512 v[8];
+        for (int64_t m = 0; m < NV; m++) v[m] = centroids4(vbook, a->Kv, vcodes + t * a->Gv, 4 * m);
+        for (int64_t r = 0; r < rows; r++) {
+            const __m512 p = _mm512_set1_ps(scores[r * P + t]);
+            float *o = out + r * D;
+            for (int64_t m = 0; m < NV; m++)
+                _mm512_storeu_ps(o + 16 * m, _mm512_fmadd_ps(p, v[m], _mm512_loadu_ps(o + 16 * m)));
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
+        for (int64_t m = 0; m < NV; m++)
+            _mm512_storeu_ps(out + r * D + 16 * m, _mm512_mul_ps(inv, _mm512_loadu_ps(out + r * D + 16 * m)));
+        lse[r] += logf(sums[r]);
+    }
+    free(scores);
+    return 0;
+}
+#else
+static int avx512_path(const llmc_cq_attention_args *a) { return (void)a, 0; }
+static int block_avx512(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
+    return (void)a, (void)b, (void)h, (void)r0, (void)rows, 1;
+}
+#endif
+
 /* One (batch, KV head, block of query rows). */
 CLONES static void cq_block(void *arg, size_t i) {
     cq_job *job = (cq_job *)arg;
@@ -119,6 +201,10 @@ CLONES static void cq_block(void *arg, size_t i) {
     if (P == 0) {
         memset(out, 0, sizeof(float) * rows * D);
         for (int64_t r = 0; r < rows; r++) lse[r] = -INFINITY;
+        return;
+    }
+    if (job->fast) {
+        if (block_avx512(a, b, h, r0, rows)) job->failed = 1;
         return;
     }
     const int by_code = P > Kv; /* values summed per code, then times the codebook */
@@ -170,7 +256,7 @@ CLONES static void cq_block(void *arg, size_t i) {
 }
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context) {
-    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, 0};
+    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0};
     if (a->R == 0 || a->B == 0 || a->H == 0) return 0;
     parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
     return job.failed ? 2 : 0;

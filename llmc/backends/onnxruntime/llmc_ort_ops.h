@@ -10,6 +10,10 @@
 /* Runs task(arg, i) for every i < total, possibly concurrently (ONNX Runtime's intra-op pool). */
 typedef void (*parallel_fn)(void *context, void (*task)(void *, size_t), size_t total, void *arg);
 
+/* The widest instruction set the kernels may use: 0 portable C, 1 AVX-512F, 2 also AVX-512 VBMI (the
+   default: whatever the CPU has). Tests lower it to check every path on one machine. */
+extern int llmc_vq_isa_limit;
+
 /* Sequential parallel_fn (tests, and runtimes without KernelContext_ParallelFor). */
 void llmc_serial(void *context, void (*task)(void *, size_t), size_t total, void *arg);
 

@@ -352,9 +352,7 @@ typedef struct {
     int K, N, M, g, C, JM, segments, vbmi, failed;
 } vq_call;
 
-/* The widest instruction set the kernel may use: 0 portable C, 1 AVX-512F, 2 also AVX-512 VBMI (the
-   default: whatever the CPU has). Tests lower it to check every path on one machine. */
-int llmc_vq_isa_limit = 2;
+int llmc_vq_isa_limit = 2; /* llmc_ort_ops.h */
 
 static vq_call make_call(const float *x, int64_t T, int K, const uint8_t *codes, const float *codebooks,
                          const float *scales, const float *codewords, float *y, int N, int M, int g, int C) {
