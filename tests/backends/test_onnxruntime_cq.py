@@ -77,6 +77,15 @@ def test_kernel_equals_torch(isa, B, H, R, P, D, c, bits, rot, extra):
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("c,bits", [(4, 8), (2, 5), (8, 8)])
+def test_encode_kernel_equals_torch(c, bits):
+    g = torch.Generator().manual_seed(c + bits)
+    codebooks = torch.randn(3, 32 // c, 2**bits, c, generator=g)
+    x = torch.randn(2, 3, 70, 32, generator=g)
+    assert torch.equal(custom_ops.cq_encode_reference()(x, codebooks), encode(x, codebooks))
+
+
 @pytest.fixture(scope="module")
 def cq_llama():
     return llmc.compile(tiny_model("llama"), passes=["cq_kv:config=4c8b,tokens=512"], calibration=_calib(),
@@ -137,6 +146,8 @@ def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path)
     assert "CQAttention" not in json.load(open(os.path.join(standard, "llmc_onnx.json")))["fusions"]
     graph = onnx.load(os.path.join(kernel, "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "CQAttention" and n.domain == "llmc" for n in graph.node) == layers
+    assert sum(n.op_type == "CQEncode" and n.domain == "llmc" for n in graph.node) == 2 * layers
+    assert not any(n.op_type == "ArgMin" for n in graph.node)
     a, b = OrtModel(kernel), OrtModel(standard)
     for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

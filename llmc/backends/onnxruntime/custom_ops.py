@@ -5,7 +5,8 @@
 
 The library holds `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear`
 (`vq_linear_ort.c`, which documents the op and holds the ONNX Runtime binding of both ops), and
-`llmc.CQAttention`, attention over a cache of CQ codes read as codes (`cq_attention_ort.c`). It
+`llmc.CQAttention`, attention over a cache of CQ codes read as codes, and `llmc.CQEncode`, the
+codes of new keys and values (`cq_ort.c`). It
 talks to ONNX Runtime through its stable C ABI and needs no ONNX Runtime headers, only a C compiler
 (`$CC`, else `cc`): it is compiled once per source, compiler and flags into `$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
 build is portable x86-64 (or the host's architecture elsewhere); the AVX-512 paths are chosen at
@@ -27,7 +28,7 @@ from llmc.errors import ExportError
 from llmc.fsutil import atomic_file
 
 _HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(_HERE, name) for name in ("vq_linear_ort.c", "cq_attention_ort.c")]
+SOURCES = [os.path.join(_HERE, name) for name in ("vq_linear_ort.c", "cq_ort.c")]
 HEADERS = [os.path.join(_HERE, "llmc_ort_ops.h")]
 LIBRARY_NAME = "libllmc_ort_ops.so"
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing"]
@@ -116,7 +117,7 @@ class _CQAttentionArgs(ctypes.Structure):
 def cq_attention_reference():
     """llmc.CQAttention's kernel as a Python function of torch tensors, without ONNX Runtime (single thread; for
     tests): f(q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale) -> (out, lse)
-    in the op's layouts (cq_attention_ort.c)."""
+    in the op's layouts (cq_ort.c)."""
     import torch
 
     run = ctypes.CDLL(library_path()).llmc_cq_attention
@@ -136,5 +137,34 @@ def cq_attention_reference():
         if run(ctypes.byref(args)):
             raise MemoryError("llmc_cq_attention: out of memory")
         return out, lse
+
+    return f
+
+
+class _CQEncodeArgs(ctypes.Structure):
+    """llmc_cq_encode_args of llmc_ort_ops.h."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "codebooks", "norms")]
+                + [(n, ctypes.c_int64) for n in ("B", "H", "S", "G", "K", "c")] + [("codes", ctypes.c_void_p)])
+
+
+def cq_encode_reference():
+    """llmc.CQEncode's kernel as a Python function of torch tensors (single thread; for tests):
+    f(x [B, H, S, D], codebooks [H, G, K, c]) -> uint8 codes [B, H, S, G]."""
+    import torch
+
+    run = ctypes.CDLL(library_path()).llmc_cq_encode
+    run.argtypes = [ctypes.POINTER(_CQEncodeArgs)]
+    run.restype = None
+
+    def f(x, codebooks):
+        x, codebooks = x.contiguous(), codebooks.contiguous()
+        norms = codebooks.pow(2).sum(-1).contiguous()
+        B, H, S, _ = x.shape
+        _, G, K, c = codebooks.shape
+        codes = torch.empty(B, H, S, G, dtype=torch.uint8)
+        run(ctypes.byref(_CQEncodeArgs(x.data_ptr(), codebooks.data_ptr(), norms.data_ptr(), B, H, S, G, K, c,
+                                       codes.data_ptr())))
+        return codes
 
     return f

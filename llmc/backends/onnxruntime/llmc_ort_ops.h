@@ -17,7 +17,7 @@ extern int llmc_vq_isa_limit;
 /* Sequential parallel_fn (tests, and runtimes without KernelContext_ParallelFor). */
 void llmc_serial(void *context, void (*task)(void *, size_t), size_t total, void *arg);
 
-/* llmc.CQAttention over the coded past; documented in cq_attention_ort.c. Returns 0, or 2 when out of memory. */
+/* llmc.CQAttention over the coded past; documented in cq_ort.c. Returns 0, or 2 when out of memory. */
 typedef struct {
     const float *q;                   /* [B, H, R, D] */
     const uint8_t *key_codes;         /* [B, H, P, Gk] */
@@ -38,5 +38,17 @@ int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel,
 
 /* The same, single-threaded, for ctypes. */
 int llmc_cq_attention(const llmc_cq_attention_args *a);
+
+/* llmc.CQEncode (cq_ort.c): nearest-centroid codes of new keys or values. */
+typedef struct {
+    const float *x;         /* [B, H, S, G * c] */
+    const float *codebooks; /* [H, G, K, c], K <= 256 */
+    const float *norms;     /* [H, G, K]: squared norms of the centroids */
+    int64_t B, H, S, G, K, c;
+    uint8_t *codes;         /* [B, H, S, G] */
+} llmc_cq_encode_args;
+
+void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context);
+void llmc_cq_encode(const llmc_cq_encode_args *a);
 
 #endif

@@ -69,12 +69,19 @@ def register_contrib_schemas() -> None:
         onnx.defs.register_schema(OpSchema(
             "CQAttention", "llmc", 1,
             doc="Attention of q over the past of a CQ-coded KV cache, read as codes (llmc's custom-op library; "
-                "layout in backends/onnxruntime/cq_attention_ort.c): the normalised output and its log-sum-exp.",
+                "layout in backends/onnxruntime/cq_ort.c): the normalised output and its log-sum-exp.",
             inputs=[P("q", "T"), P("key_codes", "T2"), P("value_codes", "T2"), P("key_codebooks", "T"),
                     P("value_codebooks", "T"), P("cos", "T"), P("signed_sin", "T"), P("bias", "T"), P("scale", "T")],
             outputs=[P("out", "T"), P("lse", "T")],
             type_constraints=[("T", ["tensor(float)"], "queries, codebooks, tables, mask, outputs"),
                               ("T2", ["tensor(uint8)"], "codes [B, H, P, G]")]))
+    if not onnx.defs.has("CQEncode", "llmc"):
+        onnx.defs.register_schema(OpSchema(
+            "CQEncode", "llmc", 1,
+            doc="Nearest-centroid CQ codes of x (llmc's custom-op library; layout in backends/onnxruntime/cq_ort.c).",
+            inputs=[P("x", "T"), P("codebooks", "T"), P("norms", "T")], outputs=[P("codes", "T2")],
+            type_constraints=[("T", ["tensor(float)"], "x, codebooks [H, G, K, c], norms [H, G, K]"),
+                              ("T2", ["tensor(uint8)"], "codes [B, H, S, G]")]))
 
 
 def _dims(value, name: str) -> list[int]:
@@ -168,6 +175,17 @@ def cq_attention_kernel(q, key_codes, key_new, key_codebooks, value_codes, value
     w_past = op.Exp(op.Sub(lse, m))
     total = op.Add(op.ReduceSum(weights, last, keepdims=1), w_past)
     return op.Div(op.Add(op.MatMul(weights, value_new), op.Mul(past, w_past)), total)
+
+
+def cq_encode_kernel(x, codebooks):
+    """llmc::cq_encode -> llmc.CQEncode (one op instead of the standard lowering's dozen; the centroids' squared
+    norms are computed from the codebooks, an initializer, so ONNX Runtime folds them at load). Codebooks of more
+    than 256 centroids (int16 codes) take the standard lowering."""
+    _, _, K, _ = _dims(codebooks, "codebooks")
+    if K > 256:
+        return cq_encode(x, codebooks)
+    norms = op.ReduceSumSquare(codebooks, op.Constant(value_ints=[3]), keepdims=0)
+    return LLMC.CQEncode(op.Cast(x, to=onnx.TensorProto.FLOAT), codebooks, norms)
 
 
 def _int32(values) -> object:
@@ -385,6 +403,7 @@ def translations(vq_lowering: str = "dequantize") -> dict:
         table[torch.ops.llmc.vq_linear.default] = vq_linear_kernel
         table[torch.ops.llmc.binary_bases_linear.default] = binary_bases_linear_kernel
         table[torch.ops.llmc.cq_attention.default] = cq_attention_kernel
+        table[torch.ops.llmc.cq_encode.default] = cq_encode_kernel
     return table
 
 

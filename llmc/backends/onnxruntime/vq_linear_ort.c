@@ -629,7 +629,8 @@ static const OrtCustomOp vq_linear_op = {
     kernel_compute,
 };
 
-/* llmc.CQAttention (cq_attention_ort.c): 9 inputs, codes at 1 and 2; outputs out and lse. */
+/* llmc.CQAttention (cq_ort.c): 9 inputs, codes at 1 and 2; outputs out and lse. */
+static int input_type_float(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, TYPE_FLOAT; }
 static const char *cq_name(const OrtCustomOp *op) { return (void)op, "CQAttention"; }
 static int cq_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 || i == 2 ? TYPE_UINT8 : TYPE_FLOAT; }
 static size_t cq_input_count(const OrtCustomOp *op) { return (void)op, 9; }
@@ -699,8 +700,49 @@ static const OrtCustomOp cq_attention_op = {
     create_kernel_v2, cq_compute,
 };
 
-/* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear and
-   CQAttention. */
+/* llmc.CQEncode (cq_ort.c): x, codebooks, norms -> uint8 codes. */
+static const char *encode_name(const OrtCustomOp *op) { return (void)op, "CQEncode"; }
+static size_t encode_input_count(const OrtCustomOp *op) { return (void)op, 3; }
+static int encode_output_type(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, TYPE_UINT8; }
+
+static OrtStatus *encode_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    void *data[3];
+    int64_t dims[3][MAX_RANK];
+    size_t rank[3];
+    for (size_t i = 0; i < 3; i++) {
+        const OrtValue *value = NULL;
+        OrtStatus *status = ORT(KernelContext_GetInput)(context, i, &value);
+        if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
+        if (status) return status;
+    }
+    const int64_t *x = dims[0], *cb = dims[1], *nm = dims[2];
+    if (rank[0] != 4 || rank[1] != 4 || rank[2] != 3 || cb[0] != x[1] || cb[1] * cb[3] != x[3] || cb[2] < 1 ||
+        cb[2] > 256 || nm[0] != cb[0] || nm[1] != cb[1] || nm[2] != cb[2])
+        return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, "CQEncode: expected x [B, H, S, G*c], codebooks [H, G, K <= 256, "
+                                                       "c], norms [H, G, K]");
+    const int64_t out_dims[4] = {x[0], x[1], x[2], cb[1]};
+    OrtValue *out = NULL;
+    void *codes = NULL;
+    OrtStatus *status = ORT(KernelContext_GetOutput)(context, 0, out_dims, 4, &out);
+    if (!status) status = ORT(GetTensorMutableData)(out, &codes);
+    if (status) return status;
+    const llmc_cq_encode_args args = {.x = data[0], .codebooks = data[1], .norms = data[2], .B = x[0], .H = x[1],
+                                      .S = x[2], .G = cb[1], .K = cb[2], .c = cb[3], .codes = codes};
+    llmc_cq_encode_run(&args, parallel_ort, context);
+    return NULL;
+}
+
+static void encode_compute_v1(void *kernel, OrtKernelContext *context) { (void)encode_compute(kernel, context); }
+
+static const OrtCustomOp cq_encode_op = {
+    OP_API_VERSION, create_kernel, encode_name, op_provider, input_type_float, encode_input_count,
+    encode_output_type, output_count, encode_compute_v1, kernel_destroy, required, required, default_memory, one,
+    zero, one, zero, create_kernel_v2, encode_compute,
+};
+
+/* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear,
+   CQAttention and CQEncode. */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     OrtApiTable api = base->GetApi(PARALLEL_API_VERSION);
     ort_parallel = api != NULL;
@@ -715,6 +757,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtStatus *status = ORT(CreateCustomOpDomain)("llmc", &domain);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &vq_linear_op);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_attention_op);
+    if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_encode_op);
     if (!status) status = ORT(AddCustomOpDomain)(options, domain);
     return status; /* the domain must outlive the sessions made with these options: it is never released */
 }

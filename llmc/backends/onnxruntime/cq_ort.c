@@ -263,3 +263,51 @@ int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel,
 }
 
 int llmc_cq_attention(const llmc_cq_attention_args *a) { return llmc_cq_attention_run(a, llmc_serial, NULL); }
+
+/* ------------------------------------------------------------------------------ llmc.CQEncode
+
+   The codes of new keys or values: per token, head and group, the centroid nearest to the group's c
+   channels, as argmin_k ||C_k||² - 2 x·C_k (the formula of llmc.ops.cq.encode and of the standard
+   lowering; the first minimum on ties), without the [H, G, tokens, K] score tensor of the standard
+   ops. Inputs x float [B, H, S, D], codebooks float [H, G, K, c] (D = G c, K <= 256), norms float
+   [H, G, K] (||C_k||², folded by ONNX Runtime at load); output uint8 [B, H, S, G]. */
+
+typedef struct {
+    const llmc_cq_encode_args *a;
+    int64_t tokens_per_task;
+} encode_job;
+
+CLONES static void encode_task(void *arg, size_t i) {
+    const encode_job *job = (const encode_job *)arg;
+    const llmc_cq_encode_args *a = job->a;
+    const int64_t G = a->G, K = a->K, c = a->c, D = G * c, rows = a->B * a->H * a->S;
+    const int64_t first = (int64_t)i * job->tokens_per_task;
+    const int64_t last = first + job->tokens_per_task < rows ? first + job->tokens_per_task : rows;
+    for (int64_t row = first; row < last; row++) { /* row = (b * H + h) * S + s */
+        const int64_t h = (row / a->S) % a->H;
+        const float *x = a->x + row * D;
+        uint8_t *codes = a->codes + row * G;
+        for (int64_t g = 0; g < G; g++) {
+            const float *book = a->codebooks + (h * G + g) * K * c, *norm = a->norms + (h * G + g) * K;
+            const float *xg = x + g * c;
+            float best = INFINITY;
+            int64_t arg = 0;
+            for (int64_t k = 0; k < K; k++) {
+                float dot = 0.0f;
+                for (int64_t j = 0; j < c; j++) dot += xg[j] * book[k * c + j];
+                const float d = norm[k] - 2.0f * dot;
+                if (d < best) best = d, arg = k;
+            }
+            codes[g] = (uint8_t)arg;
+        }
+    }
+}
+
+void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context) {
+    const int64_t rows = a->B * a->H * a->S;
+    if (rows == 0) return;
+    encode_job job = {a, rows < 64 ? 1 : 16};
+    parallel(context, encode_task, (size_t)((rows + job.tokens_per_task - 1) / job.tokens_per_task), &job);
+}
+
+void llmc_cq_encode(const llmc_cq_encode_args *a) { llmc_cq_encode_run(a, llmc_serial, NULL); }
