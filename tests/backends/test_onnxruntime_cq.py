@@ -78,8 +78,8 @@ def test_kernel_equals_torch(isa, B, H, R, P, D, c, bits, rot, extra):
 
 
 @needs_kernel
-@pytest.mark.parametrize("c,bits", [(4, 8), (2, 5), (8, 8)])
-def test_encode_kernel_equals_torch(c, bits):
+@pytest.mark.parametrize("c,bits", [(4, 8), (2, 5), (8, 8), (4, 3)])
+def test_encode_kernel_equals_torch(isa, c, bits):
     g = torch.Generator().manual_seed(c + bits)
     codebooks = torch.randn(3, 32 // c, 2**bits, c, generator=g)
     x = torch.randn(2, 3, 70, 32, generator=g)

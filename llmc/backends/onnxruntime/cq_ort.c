@@ -113,13 +113,17 @@ static inline float softmax_row(float *s, int64_t n, float *sum) {
 
 /* The AVX-512 path's shapes: 4-channel groups (4c<b>b), whole-head RoPE, D a multiple of 32 up to 128,
    so a head is at most 8 registers and rolling it by D/2 is a rotation of whole registers. */
-static int avx512_path(const llmc_cq_attention_args *a) {
+static int has_avx512(void) {
     static int cpu = -1;
     if (cpu < 0) {
         __builtin_cpu_init();
         cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
     }
-    return cpu && a->ck == 4 && a->cv == 4 && a->rot == a->D && a->D % 32 == 0 && a->D <= 128;
+    return cpu;
+}
+
+static int avx512_path(const llmc_cq_attention_args *a) {
+    return has_avx512() && a->ck == 4 && a->cv == 4 && a->rot == a->D && a->D % 32 == 0 && a->D <= 128;
 }
 
 /* Centroids of groups g .. g+3 (4 floats each) picked by their codes: one register. */
@@ -182,6 +186,7 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, int64_t b, int64
     return 0;
 }
 #else
+static int has_avx512(void) { return 0; }
 static int avx512_path(const llmc_cq_attention_args *a) { return (void)a, 0; }
 static int block_avx512(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
     return (void)a, (void)b, (void)h, (void)r0, (void)rows, 1;
@@ -269,13 +274,52 @@ int llmc_cq_attention(const llmc_cq_attention_args *a) { return llmc_cq_attentio
    The codes of new keys or values: per token, head and group, the centroid nearest to the group's c
    channels, as argmin_k ||C_k||² - 2 x·C_k (the formula of llmc.ops.cq.encode and of the standard
    lowering; the first minimum on ties), without the [H, G, tokens, K] score tensor of the standard
-   ops. Inputs x float [B, H, S, D], codebooks float [H, G, K, c] (D = G c, K <= 256), norms float
-   [H, G, K] (||C_k||², folded by ONNX Runtime at load); output uint8 [B, H, S, G]. */
+   ops. Inputs x float [B, H, S, D], codebooks_t float [H, G, c, K] (the codebooks channel-major, so
+   the distances to all K centroids are computed along k; D = G c, K <= 256), norms float [H, G, K]
+   (||C_k||²; both folded by ONNX Runtime at load from the codebooks); output uint8 [B, H, S, G]. */
 
 typedef struct {
     const llmc_cq_encode_args *a;
     int64_t tokens_per_task;
+    int fast; /* nearest_avx512 applies */
 } encode_job;
+
+/* The code of one group: x·C_k summed over the c channels in order for every k at once (the codebook
+   channel-major), ||C_k||² - 2 x·C_k, the first minimum. */
+static inline int64_t nearest(const float *xg, const float *book, const float *norm, int64_t K, int64_t c,
+                              float *restrict dist) {
+    for (int64_t k = 0; k < K; k++) dist[k] = xg[0] * book[k];
+    for (int64_t j = 1; j < c; j++) {
+        const float xj = xg[j];
+        for (int64_t k = 0; k < K; k++) dist[k] += xj * book[j * K + k];
+    }
+    for (int64_t k = 0; k < K; k++) dist[k] = norm[k] - 2.0f * dist[k];
+    int64_t arg = 0;
+    for (int64_t k = 1; k < K; k++) arg = dist[k] < dist[arg] ? k : arg;
+    return arg;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* nearest() with K a multiple of 16, 16 centroids a register (the same products and sums, so the same code). */
+AVX512 static int64_t nearest_avx512(const float *xg, const float *book, const float *norm, int64_t K, int64_t c) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 best = _mm512_set1_ps(INFINITY);
+    __m512i at = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 dot = _mm512_mul_ps(_mm512_set1_ps(xg[0]), _mm512_loadu_ps(book + k));
+        for (int64_t j = 1; j < c; j++)
+            dot = _mm512_add_ps(dot, _mm512_mul_ps(_mm512_set1_ps(xg[j]), _mm512_loadu_ps(book + j * K + k)));
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(norm + k), _mm512_mul_ps(_mm512_set1_ps(2.0f), dot));
+        const __mmask16 less = _mm512_cmp_ps_mask(d, best, _CMP_LT_OQ);
+        best = _mm512_mask_mov_ps(best, less, d);
+        at = _mm512_mask_mov_epi32(at, less, _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)));
+    }
+    const float m = _mm512_reduce_min_ps(best); /* the smallest value; the first k that has it */
+    const __mmask16 is_min = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    if (!is_min) return 0; /* NaN distances */
+    return _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), is_min, at));
+}
+#endif
 
 CLONES static void encode_task(void *arg, size_t i) {
     const encode_job *job = (const encode_job *)arg;
@@ -283,22 +327,20 @@ CLONES static void encode_task(void *arg, size_t i) {
     const int64_t G = a->G, K = a->K, c = a->c, D = G * c, rows = a->B * a->H * a->S;
     const int64_t first = (int64_t)i * job->tokens_per_task;
     const int64_t last = first + job->tokens_per_task < rows ? first + job->tokens_per_task : rows;
+    float dist[256];
     for (int64_t row = first; row < last; row++) { /* row = (b * H + h) * S + s */
         const int64_t h = (row / a->S) % a->H;
         const float *x = a->x + row * D;
         uint8_t *codes = a->codes + row * G;
         for (int64_t g = 0; g < G; g++) {
-            const float *book = a->codebooks + (h * G + g) * K * c, *norm = a->norms + (h * G + g) * K;
-            const float *xg = x + g * c;
-            float best = INFINITY;
-            int64_t arg = 0;
-            for (int64_t k = 0; k < K; k++) {
-                float dot = 0.0f;
-                for (int64_t j = 0; j < c; j++) dot += xg[j] * book[k * c + j];
-                const float d = norm[k] - 2.0f * dot;
-                if (d < best) best = d, arg = k;
+            const float *book = a->codebooks_t + (h * G + g) * c * K, *norm = a->norms + (h * G + g) * K;
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (job->fast) {
+                codes[g] = (uint8_t)nearest_avx512(x + g * c, book, norm, K, c);
+                continue;
             }
-            codes[g] = (uint8_t)arg;
+#endif
+            codes[g] = (uint8_t)nearest(x + g * c, book, norm, K, c, dist);
         }
     }
 }
@@ -306,7 +348,7 @@ CLONES static void encode_task(void *arg, size_t i) {
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context) {
     const int64_t rows = a->B * a->H * a->S;
     if (rows == 0) return;
-    encode_job job = {a, rows < 64 ? 1 : 16};
+    encode_job job = {a, rows < 64 ? 1 : 16, has_avx512() && llmc_vq_isa_limit >= 1 && a->K % 16 == 0};
     parallel(context, encode_task, (size_t)((rows + job.tokens_per_task - 1) / job.tokens_per_task), &job);
 }
 

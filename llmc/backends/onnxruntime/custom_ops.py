@@ -144,7 +144,7 @@ def cq_attention_reference():
 class _CQEncodeArgs(ctypes.Structure):
     """llmc_cq_encode_args of llmc_ort_ops.h."""
 
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "codebooks", "norms")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "codebooks_t", "norms")]
                 + [(n, ctypes.c_int64) for n in ("B", "H", "S", "G", "K", "c")] + [("codes", ctypes.c_void_p)])
 
 
@@ -158,12 +158,12 @@ def cq_encode_reference():
     run.restype = None
 
     def f(x, codebooks):
-        x, codebooks = x.contiguous(), codebooks.contiguous()
+        x, books_t = x.contiguous(), codebooks.transpose(2, 3).contiguous()
         norms = codebooks.pow(2).sum(-1).contiguous()
         B, H, S, _ = x.shape
         _, G, K, c = codebooks.shape
         codes = torch.empty(B, H, S, G, dtype=torch.uint8)
-        run(ctypes.byref(_CQEncodeArgs(x.data_ptr(), codebooks.data_ptr(), norms.data_ptr(), B, H, S, G, K, c,
+        run(ctypes.byref(_CQEncodeArgs(x.data_ptr(), books_t.data_ptr(), norms.data_ptr(), B, H, S, G, K, c,
                                        codes.data_ptr())))
         return codes
 

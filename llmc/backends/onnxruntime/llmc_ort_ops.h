@@ -42,7 +42,7 @@ int llmc_cq_attention(const llmc_cq_attention_args *a);
 /* llmc.CQEncode (cq_ort.c): nearest-centroid codes of new keys or values. */
 typedef struct {
     const float *x;         /* [B, H, S, G * c] */
-    const float *codebooks; /* [H, G, K, c], K <= 256 */
+    const float *codebooks_t; /* [H, G, c, K], K <= 256 */
     const float *norms;     /* [H, G, K]: squared norms of the centroids */
     int64_t B, H, S, G, K, c;
     uint8_t *codes;         /* [B, H, S, G] */

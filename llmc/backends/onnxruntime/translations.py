@@ -79,8 +79,8 @@ def register_contrib_schemas() -> None:
         onnx.defs.register_schema(OpSchema(
             "CQEncode", "llmc", 1,
             doc="Nearest-centroid CQ codes of x (llmc's custom-op library; layout in backends/onnxruntime/cq_ort.c).",
-            inputs=[P("x", "T"), P("codebooks", "T"), P("norms", "T")], outputs=[P("codes", "T2")],
-            type_constraints=[("T", ["tensor(float)"], "x, codebooks [H, G, K, c], norms [H, G, K]"),
+            inputs=[P("x", "T"), P("codebooks_t", "T"), P("norms", "T")], outputs=[P("codes", "T2")],
+            type_constraints=[("T", ["tensor(float)"], "x, codebooks_t [H, G, c, K], norms [H, G, K]"),
                               ("T2", ["tensor(uint8)"], "codes [B, H, S, G]")]))
 
 
@@ -178,14 +178,15 @@ def cq_attention_kernel(q, key_codes, key_new, key_codebooks, value_codes, value
 
 
 def cq_encode_kernel(x, codebooks):
-    """llmc::cq_encode -> llmc.CQEncode (one op instead of the standard lowering's dozen; the centroids' squared
-    norms are computed from the codebooks, an initializer, so ONNX Runtime folds them at load). Codebooks of more
+    """llmc::cq_encode -> llmc.CQEncode (one op instead of the standard lowering's dozen; the channel-major
+    codebooks and the centroids' squared norms are computed from the codebooks, an initializer, so ONNX
+    Runtime folds them at load). Codebooks of more
     than 256 centroids (int16 codes) take the standard lowering."""
     _, _, K, _ = _dims(codebooks, "codebooks")
     if K > 256:
         return cq_encode(x, codebooks)
     norms = op.ReduceSumSquare(codebooks, op.Constant(value_ints=[3]), keepdims=0)
-    return LLMC.CQEncode(op.Cast(x, to=onnx.TensorProto.FLOAT), codebooks, norms)
+    return LLMC.CQEncode(op.Cast(x, to=onnx.TensorProto.FLOAT), op.Transpose(codebooks, perm=[0, 1, 3, 2]), norms)
 
 
 def _int32(values) -> object:

@@ -700,7 +700,7 @@ static const OrtCustomOp cq_attention_op = {
     create_kernel_v2, cq_compute,
 };
 
-/* llmc.CQEncode (cq_ort.c): x, codebooks, norms -> uint8 codes. */
+/* llmc.CQEncode (cq_ort.c): x, codebooks_t, norms -> uint8 codes. */
 static const char *encode_name(const OrtCustomOp *op) { return (void)op, "CQEncode"; }
 static size_t encode_input_count(const OrtCustomOp *op) { return (void)op, 3; }
 static int encode_output_type(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, TYPE_UINT8; }
@@ -717,18 +717,18 @@ static OrtStatus *encode_compute(void *kernel, OrtKernelContext *context) {
         if (status) return status;
     }
     const int64_t *x = dims[0], *cb = dims[1], *nm = dims[2];
-    if (rank[0] != 4 || rank[1] != 4 || rank[2] != 3 || cb[0] != x[1] || cb[1] * cb[3] != x[3] || cb[2] < 1 ||
-        cb[2] > 256 || nm[0] != cb[0] || nm[1] != cb[1] || nm[2] != cb[2])
-        return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, "CQEncode: expected x [B, H, S, G*c], codebooks [H, G, K <= 256, "
-                                                       "c], norms [H, G, K]");
+    if (rank[0] != 4 || rank[1] != 4 || rank[2] != 3 || cb[0] != x[1] || cb[1] * cb[2] != x[3] || cb[3] < 1 ||
+        cb[3] > 256 || nm[0] != cb[0] || nm[1] != cb[1] || nm[2] != cb[3])
+        return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, "CQEncode: expected x [B, H, S, G*c], codebooks_t [H, G, c, "
+                                                       "K <= 256], norms [H, G, K]");
     const int64_t out_dims[4] = {x[0], x[1], x[2], cb[1]};
     OrtValue *out = NULL;
     void *codes = NULL;
     OrtStatus *status = ORT(KernelContext_GetOutput)(context, 0, out_dims, 4, &out);
     if (!status) status = ORT(GetTensorMutableData)(out, &codes);
     if (status) return status;
-    const llmc_cq_encode_args args = {.x = data[0], .codebooks = data[1], .norms = data[2], .B = x[0], .H = x[1],
-                                      .S = x[2], .G = cb[1], .K = cb[2], .c = cb[3], .codes = codes};
+    const llmc_cq_encode_args args = {.x = data[0], .codebooks_t = data[1], .norms = data[2], .B = x[0], .H = x[1],
+                                      .S = x[2], .G = cb[1], .K = cb[3], .c = cb[2], .codes = codes};
     llmc_cq_encode_run(&args, parallel_ort, context);
     return NULL;
 }
