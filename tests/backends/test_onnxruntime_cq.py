@@ -11,7 +11,7 @@ import llmc
 from llmc.backends.onnxruntime import OrtModel, custom_ops, lower
 from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
 from llmc.generation import left_pad, position_ids_from_mask
-from llmc.ops.cq import decode, encode, rotate
+from llmc.ops.cq import attention, encode
 from llmc.testing import tiny_model, tiny_tokenizer
 
 needs_kernel = pytest.mark.skipif(not custom_ops.available(), reason="no C compiler to build llmc's custom ops")
@@ -21,32 +21,27 @@ def _calib(n=8, length=64):
     return [torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
 
 
-def _past_attention(q, kc, vc, kb, vb, cos, sin, bias, scale):
-    """Attention over the coded past in torch: (normalised output, log-sum-exp)."""
-    P = kc.shape[2]
-    k = rotate(decode(kc, kb), cos[:, :, :P], sin[:, :, :P])
-    scores = q @ k.transpose(-1, -2) * scale + bias[..., :P]
-    return torch.softmax(scores, -1) @ decode(vc, vb), torch.logsumexp(scores, -1, keepdim=True)
-
-
-def _case(B, H, R, P, D, c, bits, rot, extra, seed=0):
-    """Random q, codes of encoded random keys/values, codebooks, RoPE tables of `P + extra` positions, and a
-    bias that masks the first positions of row 1 (left padding) and a few random ones."""
+def _case(B, H, R, P, S, D, c, bits, rot, seed=0):
+    """The arguments of llmc::cq_attention: random q, codes of encoded random past keys/values, S new keys/values,
+    codebooks, RoPE tables of P + S positions, and a bias that hides the first positions of row 1 (left padding),
+    the causal upper triangle of the new tokens (row r is query r % S) and a few random positions."""
     g = torch.Generator().manual_seed(seed)
     G, K = D // c, 2**bits
     kb, vb = torch.randn(H, G, K, c, generator=g), torch.randn(H, G, K, c, generator=g)
     kc = encode(torch.randn(B, H, P, D, generator=g), kb)
     vc = encode(torch.randn(B, H, P, D, generator=g), vb)
-    T = P + extra
+    kn, vn = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    T = P + S
     angle = torch.arange(T)[:, None] * torch.rand(rot // 2, generator=g)[None]
     cos = torch.cat([angle.cos(), angle.cos()], -1).expand(B, 1, T, rot).contiguous()
     sin = torch.cat([-angle.sin(), angle.sin()], -1).expand(B, 1, T, rot).contiguous()
-    bias = torch.zeros(B, 1, R, T)
+    hidden = torch.rand(B, 1, R, T, generator=g) < 0.1
+    hidden |= torch.arange(T)[None, None, None] > P + torch.arange(R)[None, None, :, None] % S
     if B > 1:
-        bias[1, :, :, : min(3, P)] = torch.finfo(torch.float32).min
-    bias.masked_fill_(torch.rand(B, 1, R, T, generator=g) < 0.1, torch.finfo(torch.float32).min)
+        hidden[1, :, :, : min(3, P)] = True
+    bias = torch.zeros(B, 1, R, T).masked_fill(hidden, torch.finfo(torch.float32).min)
     q = torch.randn(B, H, R, D, generator=g)
-    return q, kc, vc, kb, vb, cos, sin, bias, D**-0.5
+    return q, kc, kn, kb, vc, vn, vb, cos, sin, bias, D**-0.5
 
 
 @pytest.fixture(params=custom_ops.ISA_LEVELS[:2])
@@ -58,23 +53,17 @@ def isa(request):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B,H,R,P,D,c,bits,rot,extra", [
-    (1, 3, 3, 150, 64, 4, 8, 64, 1),   # the AVX-512 path's shape (4-channel groups, whole-head RoPE)
-    (2, 2, 5, 40, 128, 4, 8, 128, 3),  # the same at D = 128, batch 2 with left padding, a chunk of rows
-    (1, 3, 3, 9, 64, 4, 8, 64, 1),     # a decode step, 3 query heads per KV head, fewer positions than codes
-    (2, 2, 6, 300, 32, 4, 8, 32, 2),   # batch 2, left padding, more positions than codes (values summed per code)
-    (2, 2, 40, 37, 32, 2, 6, 16, 20),  # a prompt chunk after a past: 40 rows, partial rotary, 64-code books
-    (2, 1, 4, 0, 16, 4, 8, 16, 4),     # no past at all
+@pytest.mark.parametrize("B,H,groups,P,S,D,c,bits,rot", [
+    (1, 3, 3, 150, 1, 64, 4, 8, 64),   # a decode step on the AVX-512 path's shape (4-channel groups, whole-head RoPE)
+    (2, 2, 2, 40, 3, 128, 4, 8, 128),  # the same at D = 128, batch 2 with left padding, a chunk of 3 tokens
+    (1, 3, 3, 9, 1, 64, 4, 8, 64),     # a decode step over a short past
+    (2, 2, 1, 300, 2, 32, 4, 8, 32),   # a long past
+    (2, 2, 2, 37, 20, 32, 2, 6, 16),   # a chunk after a past: partial rotary, 2-channel groups, 64-code books
+    (2, 1, 3, 0, 45, 64, 4, 8, 64),    # a prompt: no past, 135 rows in three blocks, blocks of keys hidden whole
 ])
-def test_kernel_equals_torch(isa, B, H, R, P, D, c, bits, rot, extra):
-    case = _case(B, H, R, P, D, c, bits, rot, extra)
-    out, lse = custom_ops.cq_attention_reference()(*case)
-    if P == 0:
-        assert out.abs().max() == 0 and torch.isinf(lse).all() and (lse < 0).all()
-        return
-    ref_out, ref_lse = _past_attention(*case)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+def test_kernel_equals_torch(isa, B, H, groups, P, S, D, c, bits, rot):
+    case = _case(B, H, groups * S, P, S, D, c, bits, rot)
+    torch.testing.assert_close(custom_ops.cq_attention_reference()(*case), attention(*case), atol=2e-5, rtol=1e-4)
 
 
 @needs_kernel

@@ -1,32 +1,30 @@
-/* llmc.CQAttention: attention of the queries over a KV cache of coupled-quantization codes, read as codes.
+/* llmc.CQAttention and llmc.CQEncode: a KV cache of coupled-quantization codes, read and written as codes.
 
    cq_kv stores every earlier key (before RoPE) and value as one uint8 code per group of c channels
    (llmc/ops/cq.py). The standard lowering gathers the whole cache back into float tensors, rotates
-   every key and multiplies, every step and layer. This op reads the codes where they lie: per cached
-   position it gathers the key's centroids, rotates them at that position (the keys are stored
-   before RoPE, so a per-query table of query·centroid products would need one table per position),
-   and takes the dot products of every query row of the KV head with it; the values are summed per
-   code (a histogram of the attention weights over each channel group's codes) and multiplied by the
-   codebooks once, so a position costs one addition per value group instead of one per channel
-   (for short pasts, fewer positions than codes, the centroids are accumulated directly).
-
-   It attends over the P positions of the coded past only and returns the softmax-normalised
-   output with the log of its denominator; the lowering (translations.py) attends over the step's
-   own tokens with standard ops (matrix products) and merges the two by their log-sum-exp, so a
-   prompt keeps ONNX Runtime's GEMMs and a decode step reads its past from codes.
+   every key and multiplies, every step and layer. CQAttention reads the codes where they lie: per
+   cached position it gathers the key's centroids, rotates them at that position (the keys are stored
+   before RoPE, so a per-query table of query·centroid products would need one table per position)
+   and takes the dot product of every query row of the KV head with it; a value is accumulated
+   straight from its centroids. The step's own S tokens (float, not yet coded: a decoder that
+   quantizes on write attends to them exactly) are attended in the same softmax; for a prompt they
+   are scored 16 keys at a time against a transposed block, and key blocks that the mask hides
+   entirely (the causal upper triangle) are skipped.
 
    Inputs:
      q                float [B, H, R, D]     the queries of KV head h folded as rows (R = groups * S), after RoPE
      key_codes        uint8 [B, H, P, Gk]    the cached keys' codes
+     key_new          float [B, H, S, D]     this step's keys, before RoPE
      value_codes      uint8 [B, H, P, Gv]
+     value_new        float [B, H, S, D]
      key_codebooks    float [H, Gk, Kk, ck]  D = Gk * ck, Kk <= 256
      value_codebooks  float [H, Gv, Kv, cv]  D = Gv * cv
-     cos, signed_sin  float [B|1, 1, Tt, rot]  RoPE tables of the key positions (Tt >= P; the first P are read):
+     cos, signed_sin  float [B|1, 1, Tt, rot]  RoPE tables of the key positions (Tt >= T = P + S; the first T are read):
                                                rotated[d] = k[d] cos[d] + k[(d + rot/2) mod rot] signed_sin[d], d < rot
-     bias             float [B|1, 1, R, Tb]  additive mask (Tb >= P; the first P columns are read)
+     bias             float [B|1, 1, R, Tb]  additive mask (Tb >= T)
      scale            float [1]
-   Outputs: out float [B, H, R, D] = softmax(q k̂ᵀ scale + bias) v̂ over the past; lse float [B, H, R, 1]
-   (-inf when P = 0, where out is 0).
+   Output: out float [B, H, R, D] = softmax(q kᵀ scale + bias) v over the T keys, the first P decoded from
+   their codes (llmc.ops.cq.attention).
 */
 
 #include <math.h>
@@ -35,10 +33,13 @@
 
 #include "llmc_ort_ops.h"
 
-/* Query rows per task: their scores [rows, P] are one buffer; a decode step has `groups` rows. */
-enum { ROW_BLOCK = 32, MAX_HEAD_DIM = 1024, LANES = 16 };
+/* Query rows per task: their scores [rows, T] are one buffer; a decode step has `groups` rows. */
+enum { ROW_BLOCK = 256, MAX_HEAD_DIM = 1024, LANES = 16 };
 
-/* x86-64: an AVX-512 and an AVX2 build of the task beside the portable one, picked at load time. */
+/* A bias at or below this hides its key (llmc's masks use the float minimum). */
+#define HIDDEN (-1e30f)
+
+/* x86-64: an AVX-512 and an AVX2 build of the portable code beside it, picked at load time. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -64,7 +65,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t e = ((int32_t)k + 127) << 23;
+    const int32_t e = ((int32_t)(x < -87.0f ? 0.0f : k) + 127) << 23;
     float two_k;
     memcpy(&two_k, &e, sizeof two_k);
     return x < -87.0f ? 0.0f : p * two_k;
@@ -82,18 +83,17 @@ static inline float dot(const float *restrict x, const float *restrict y, int64_
     return s;
 }
 
-/* Key t of the past, gathered from its codes and rotated at its position, into `rotated` [D]. */
-static inline void past_key(const llmc_cq_attention_args *a, const uint8_t *codes, const float *codebooks,
-                            const float *cos, const float *sin, float *restrict key, float *restrict rotated) {
-    const int64_t ck = a->ck, Kk = a->Kk, rot = a->rot, half = a->rot / 2, D = a->D;
-    for (int64_t g = 0; g < a->Gk; g++) memcpy(key + g * ck, codebooks + (g * Kk + codes[g]) * ck, sizeof(float) * ck);
+/* key [D] rotated at its position (tables cos, sin of that position) into `rotated`. */
+static inline void rotate(const float *restrict key, const float *cos, const float *sin, int64_t rot, int64_t D,
+                          float *restrict rotated) {
+    const int64_t half = rot / 2;
     for (int64_t d = 0; d < half; d++) rotated[d] = key[d] * cos[d] + key[d + half] * sin[d];
     for (int64_t d = half; d < rot; d++) rotated[d] = key[d] * cos[d] + key[d - half] * sin[d];
     for (int64_t d = rot; d < D; d++) rotated[d] = key[d];
 }
 
-/* Softmax of one row of scores in place (unnormalised weights); returns the row's max and sets *sum. */
-static inline float softmax_row(float *s, int64_t n, float *sum) {
+/* Softmax weights of one row of scores in place (unnormalised); returns their sum. */
+static inline float softmax_row(float *s, int64_t n) {
     float m = -INFINITY;
     for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
     float acc[LANES] = {0};
@@ -103,16 +103,68 @@ static inline float softmax_row(float *s, int64_t n, float *sum) {
     float total = 0.0f;
     for (; t < n; t++) total += (s[t] = exp_nonpositive(s[t] - m));
     for (int l = 0; l < LANES; l++) total += acc[l];
-    *sum = total;
-    return m;
+    return total;
+}
+
+/* Where a task's tensors start. */
+typedef struct {
+    const float *q, *cos, *sin, *bias, *key_new, *value_new, *kbook, *vbook;
+    const uint8_t *kcodes, *vcodes;
+    float *out;
+    int64_t T, rows;
+} cq_views;
+
+static cq_views views(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
+    const int64_t bh = b * a->H + h, R = a->R, D = a->D;
+    cq_views v = {
+        .q = a->q + (bh * R + r0) * D, .cos = a->cos + b * a->table_batch_stride,
+        .sin = a->signed_sin + b * a->table_batch_stride, .bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols,
+        .key_new = a->key_new + bh * a->S * D, .value_new = a->value_new + bh * a->S * D,
+        .kbook = a->key_codebooks + h * a->Gk * a->Kk * a->ck, .vbook = a->value_codebooks + h * a->Gv * a->Kv * a->cv,
+        .kcodes = a->key_codes + bh * a->P * a->Gk, .vcodes = a->value_codes + bh * a->P * a->Gv,
+        .out = a->out + (bh * R + r0) * D, .T = a->P + a->S, .rows = rows};
+    return v;
+}
+
+/* The portable path: scores of the past keys (decoded, rotated) and of the new keys (rotated), softmax, values. */
+CLONES static int block_portable(const llmc_cq_attention_args *a, cq_views v) {
+    const int64_t P = a->P, D = a->D, T = v.T, rows = v.rows, rot = a->rot;
+    float *scores = (float *)malloc(sizeof(float) * rows * T);
+    if (!scores) return 1;
+    float key[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM];
+    for (int64_t t = 0; t < T; t++) {
+        if (t < P) {
+            const uint8_t *codes = v.kcodes + t * a->Gk;
+            for (int64_t g = 0; g < a->Gk; g++)
+                memcpy(key + g * a->ck, v.kbook + (g * a->Kk + codes[g]) * a->ck, sizeof(float) * a->ck);
+        }
+        rotate(t < P ? key : v.key_new + (t - P) * D, v.cos + t * rot, v.sin + t * rot, rot, D, rotated);
+        for (int64_t r = 0; r < rows; r++)
+            scores[r * T + t] = dot(v.q + r * D, rotated, D) * a->scale + v.bias[r * a->bias_cols + t];
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *p = scores + r * T, *o = v.out + r * D;
+        const float sum = softmax_row(p, T);
+        memset(o, 0, sizeof(float) * D);
+        for (int64_t t = 0; t < P; t++)
+            for (int64_t g = 0; g < a->Gv; g++) {
+                const float *word = v.vbook + (g * a->Kv + v.vcodes[t * a->Gv + g]) * a->cv;
+                for (int64_t c = 0; c < a->cv; c++) o[g * a->cv + c] += p[t] * word[c];
+            }
+        for (int64_t t = P; t < T; t++) {
+            const float *x = v.value_new + (t - P) * D;
+            for (int64_t d = 0; d < D; d++) o[d] += p[t] * x[d];
+        }
+        for (int64_t d = 0; d < D; d++) o[d] /= sum;
+    }
+    free(scores);
+    return 0;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,fma")))
 
-/* The AVX-512 path's shapes: 4-channel groups (4c<b>b), whole-head RoPE, D a multiple of 32 up to 128,
-   so a head is at most 8 registers and rolling it by D/2 is a rotation of whole registers. */
 static int has_avx512(void) {
     static int cpu = -1;
     if (cpu < 0) {
@@ -122,8 +174,51 @@ static int has_avx512(void) {
     return cpu;
 }
 
+/* The AVX-512 path's shapes: 4-channel groups (4c<b>b), whole-head RoPE, D a multiple of 32 up to 128,
+   so a head is at most 8 registers and rolling it by D/2 is a rotation of whole registers. */
 static int avx512_path(const llmc_cq_attention_args *a) {
     return has_avx512() && a->ck == 4 && a->cv == 4 && a->rot == a->D && a->D % 32 == 0 && a->D <= 128;
+}
+
+/* Ask for every cache line of n floats, in order: a decode step's lookups would otherwise fetch a head's
+   codebooks (64 KB at 4c8b, D = 64) one random line at a time. */
+static inline void prefetch_all(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
+/* exp_nonpositive, 16 lanes: the same reduction and polynomial, 2^k applied by scalef (round to nearest for k). */
+AVX512 static inline __m512 exp512(__m512 x) {
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f),
+                                     _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+}
+
+/* softmax_row, 16 lanes. */
+AVX512 static float softmax_row512(float *s, int64_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 lanes = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        m = _mm512_mask_max_ps(m, lanes, m, _mm512_maskz_loadu_ps(lanes, s + t));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 lanes = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(lanes, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + t), top)));
+        _mm512_mask_storeu_ps(s + t, lanes, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
 }
 
 /* Centroids of groups g .. g+3 (4 floats each) picked by their codes: one register. */
@@ -134,135 +229,135 @@ AVX512 static inline __m512 centroids4(const float *book, int64_t K, const uint8
     return _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 3) * K + codes[g + 3]) * 4), 3);
 }
 
-/* cq_block's work on the AVX-512 path: keys decoded and rotated in registers, one dot product per query
-   row; values accumulated per position straight from their centroids (on this path that beats a
-   histogram per code, whose scattered additions cost more than the vector multiply-adds). */
-AVX512 static int block_avx512(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
-    const int64_t H = a->H, R = a->R, P = a->P, D = a->D, NV = D / 16, HV = NV / 2, bh = b * H + h;
-    const float *q = a->q + (bh * R + r0) * D;
-    float *out = a->out + (bh * R + r0) * D, *lse = a->lse + bh * R + r0;
-    float *scores = (float *)malloc(sizeof(float) * rows * P);
-    if (!scores) return 1;
-    const uint8_t *kcodes = a->key_codes + bh * P * a->Gk, *vcodes = a->value_codes + bh * P * a->Gv;
-    const float *kbook = a->key_codebooks + h * a->Gk * a->Kk * 4, *vbook = a->value_codebooks + h * a->Gv * a->Kv * 4;
-    const float *cos = a->cos + b * a->table_batch_stride, *sin = a->signed_sin + b * a->table_batch_stride;
-    const float *bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols;
+/* The AVX-512 path. Past keys are decoded and rotated in registers, one dot product per query row.
+   New keys are rotated 16 at a time into transposed blocks kt [S/16][D][16], so a row scores 16 keys
+   with D multiply-adds and no horizontal sums; a block of keys the row's mask hides entirely is not
+   computed. Values are accumulated per position: past ones from their centroids (skipping weights
+   that are exactly 0), new ones as they are. */
+AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
+    const int64_t P = a->P, S = a->S, D = a->D, T = v.T, rows = v.rows, NV = D / 16, HV = NV / 2;
+    float *scores = (float *)malloc(sizeof(float) * rows * T);
+    float *kt = (float *)aligned_alloc(64, sizeof(float) * ((S + 15) / 16 * 16 + 16) * D); /* [blocks][D][16] */
+    if (!scores || !kt) {
+        free(scores);
+        free(kt);
+        return 1;
+    }
+    if (P * a->Gk >= a->Gk * a->Kk / 8) { /* enough lookups to touch most of the head's codebooks */
+        prefetch_all(v.kbook, a->Gk * a->Kk * 4);
+        prefetch_all(v.vbook, a->Gv * a->Kv * 4);
+    }
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    int64_t seen[ROW_BLOCK]; /* per row: the keys after seen[r] are all hidden (a causal prompt's later keys) */
+    for (int64_t r = 0; r < rows; r++) seen[r] = P;
     for (int64_t t = 0; t < P; t++) {
         __m512 k[8], rk[8];
-        for (int64_t m = 0; m < NV; m++) k[m] = centroids4(kbook, a->Kk, kcodes + t * a->Gk, 4 * m);
-        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t m = 0; m < NV; m++) k[m] = centroids4(v.kbook, a->Kk, v.kcodes + t * a->Gk, 4 * m);
+        const float *c = v.cos + t * D, *s = v.sin + t * D;
         for (int64_t m = 0; m < NV; m++)
             rk[m] = _mm512_fmadd_ps(k[(m + HV) % NV], _mm512_loadu_ps(s + 16 * m),
                                     _mm512_mul_ps(k[m], _mm512_loadu_ps(c + 16 * m)));
         for (int64_t r = 0; r < rows; r++) {
-            const float *qr = q + r * D;
+            const float *qr = v.q + r * D;
             __m512 acc = _mm512_mul_ps(rk[0], _mm512_loadu_ps(qr));
             for (int64_t m = 1; m < NV; m++) acc = _mm512_fmadd_ps(rk[m], _mm512_loadu_ps(qr + 16 * m), acc);
-            scores[r * P + t] = _mm512_reduce_add_ps(acc) * a->scale + bias[r * a->bias_cols + t];
+            scores[r * T + t] = _mm512_reduce_add_ps(acc) * a->scale + v.bias[r * a->bias_cols + t];
         }
     }
-    float sums[ROW_BLOCK];
-    for (int64_t r = 0; r < rows; r++) {
-        lse[r] = softmax_row(scores + r * P, P, &sums[r]);
-        memset(out + r * D, 0, sizeof(float) * D);
-    }
-    for (int64_t t = 0; t < P; t++) {
-        __m512 v[8];
-        for (int64_t m = 0; m < NV; m++) v[m] = centroids4(vbook, a->Kv, vcodes + t * a->Gv, 4 * m);
-        for (int64_t r = 0; r < rows; r++) {
-            const __m512 p = _mm512_set1_ps(scores[r * P + t]);
-            float *o = out + r * D;
+    for (int64_t t0 = 0; t0 < S; t0 += 16) { /* the new keys, rotated, 16 a block, each block transposed */
+        float *block = kt + t0 * D;
+        for (int64_t j = 0; j < 16; j++) { /* key P + t0 + j as column j of the block */
+            if (t0 + j >= S) {
+                for (int64_t d = 0; d < D; d++) block[d * 16 + j] = 0.0f;
+                continue;
+            }
+            const int64_t t = P + t0 + j;
+            const float *key = v.key_new + (t0 + j) * D, *c = v.cos + t * D, *s = v.sin + t * D;
+            float rotated[128];
             for (int64_t m = 0; m < NV; m++)
-                _mm512_storeu_ps(o + 16 * m, _mm512_fmadd_ps(p, v[m], _mm512_loadu_ps(o + 16 * m)));
+                _mm512_storeu_ps(rotated + 16 * m,
+                                 _mm512_fmadd_ps(_mm512_loadu_ps(key + 16 * ((m + HV) % NV)), _mm512_loadu_ps(s + 16 * m),
+                                                 _mm512_mul_ps(_mm512_loadu_ps(key + 16 * m), _mm512_loadu_ps(c + 16 * m))));
+            for (int64_t d = 0; d < D; d++) block[d * 16 + j] = rotated[d];
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) { /* row by row: its scores and mask are read and written in order */
+        const float *qr = v.q + r * D, *bias_row = v.bias + r * a->bias_cols + P;
+        float *out_row = scores + r * T + P;
+        for (int64_t t0 = 0; t0 < S; t0 += 16) {
+            const __mmask16 lanes = S - t0 >= 16 ? 0xFFFF : (__mmask16)((1u << (S - t0)) - 1);
+            const __m512 bias = _mm512_maskz_loadu_ps(lanes, bias_row + t0);
+            if (!(_mm512_cmp_ps_mask(bias, _mm512_set1_ps(HIDDEN), _CMP_GT_OQ) & lanes)) {
+                _mm512_mask_storeu_ps(out_row + t0, lanes, bias); /* all hidden: exp() gives 0 whatever the dot */
+                continue;
+            }
+            const float *block = kt + t0 * D;
+            __m512 acc[4]; /* four independent chains of multiply-adds (D is a multiple of 32) */
+            for (int j = 0; j < 4; j++) acc[j] = _mm512_mul_ps(_mm512_set1_ps(qr[j]), _mm512_load_ps(block + j * 16));
+            for (int64_t d = 4; d < D; d += 4)
+                for (int j = 0; j < 4; j++)
+                    acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(qr[d + j]), _mm512_load_ps(block + (d + j) * 16), acc[j]);
+            const __m512 dots = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            _mm512_mask_storeu_ps(out_row + t0, lanes, _mm512_fmadd_ps(dots, scale, bias));
+            seen[r] = P + t0 + (S - t0 < 16 ? S - t0 : 16);
         }
     }
     for (int64_t r = 0; r < rows; r++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
-        for (int64_t m = 0; m < NV; m++)
-            _mm512_storeu_ps(out + r * D + 16 * m, _mm512_mul_ps(inv, _mm512_loadu_ps(out + r * D + 16 * m)));
-        lse[r] += logf(sums[r]);
+        const float *p = scores + r * T;
+        const int64_t n = seen[r] ? seen[r] : T; /* a row that sees nothing weighs every key alike, as SDPA does */
+        const float sum = softmax_row512(scores + r * T, n);
+        __m512 o[8];
+        for (int64_t m = 0; m < NV; m++) o[m] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < (P < n ? P : n); t++) {
+            if (p[t] == 0.0f) continue;
+            const __m512 w = _mm512_set1_ps(p[t]);
+            for (int64_t m = 0; m < NV; m++)
+                o[m] = _mm512_fmadd_ps(w, centroids4(v.vbook, a->Kv, v.vcodes + t * a->Gv, 4 * m), o[m]);
+        }
+        __m512 o2[8]; /* a second set of sums, for the odd new positions: two chains per register */
+        for (int64_t m = 0; m < NV; m++) o2[m] = _mm512_setzero_ps();
+        int64_t t = P;
+        for (; t + 1 < n; t += 2) {
+            const __m512 w = _mm512_set1_ps(p[t]), w2 = _mm512_set1_ps(p[t + 1]);
+            const float *x = v.value_new + (t - P) * D;
+            for (int64_t m = 0; m < NV; m++) {
+                o[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * m), o[m]);
+                o2[m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + D + 16 * m), o2[m]);
+            }
+        }
+        for (; t < n; t++) {
+            const __m512 w = _mm512_set1_ps(p[t]);
+            const float *x = v.value_new + (t - P) * D;
+            for (int64_t m = 0; m < NV; m++) o[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * m), o[m]);
+        }
+        for (int64_t m = 0; m < NV; m++) o[m] = _mm512_add_ps(o[m], o2[m]);
+        const __m512 inv = _mm512_set1_ps(1.0f / sum);
+        for (int64_t m = 0; m < NV; m++) _mm512_storeu_ps(v.out + r * D + 16 * m, _mm512_mul_ps(inv, o[m]));
     }
     free(scores);
+    free(kt);
     return 0;
 }
 #else
 static int has_avx512(void) { return 0; }
 static int avx512_path(const llmc_cq_attention_args *a) { return (void)a, 0; }
-static int block_avx512(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
-    return (void)a, (void)b, (void)h, (void)r0, (void)rows, 1;
-}
+static int block_avx512(const llmc_cq_attention_args *a, cq_views v) { return (void)a, (void)v, 1; }
 #endif
 
 /* One (batch, KV head, block of query rows). */
-CLONES static void cq_block(void *arg, size_t i) {
+static void cq_block(void *arg, size_t i) {
     cq_job *job = (cq_job *)arg;
     const llmc_cq_attention_args *a = job->a;
-    const int64_t H = a->H, R = a->R, P = a->P, D = a->D, Gv = a->Gv, Kv = a->Kv, cv = a->cv;
-    const int64_t b = (int64_t)i / (H * job->blocks), h = ((int64_t)i / job->blocks) % H;
-    const int64_t r0 = ((int64_t)i % job->blocks) * ROW_BLOCK, rows = R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK;
-    const int64_t bh = b * H + h;
-    const float *q = a->q + (bh * R + r0) * D;
-    float *out = a->out + (bh * R + r0) * D, *lse = a->lse + bh * R + r0;
-    if (P == 0) {
-        memset(out, 0, sizeof(float) * rows * D);
-        for (int64_t r = 0; r < rows; r++) lse[r] = -INFINITY;
-        return;
-    }
-    if (job->fast) {
-        if (block_avx512(a, b, h, r0, rows)) job->failed = 1;
-        return;
-    }
-    const int by_code = P > Kv; /* values summed per code, then times the codebook */
-    float *scores = (float *)malloc(sizeof(float) * rows * P);
-    float *hist = by_code ? (float *)malloc(sizeof(float) * Gv * Kv) : NULL;
-    if (!scores || (by_code && !hist)) {
-        free(scores);
-        free(hist);
-        job->failed = 1;
-        return;
-    }
-    float key[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM];
-    const uint8_t *kcodes = a->key_codes + bh * P * a->Gk, *vcodes = a->value_codes + bh * P * Gv;
-    const float *kbook = a->key_codebooks + h * a->Gk * a->Kk * a->ck, *vbook = a->value_codebooks + h * Gv * Kv * cv;
-    const float *cos = a->cos + b * a->table_batch_stride, *sin = a->signed_sin + b * a->table_batch_stride;
-    const float *bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols;
-    for (int64_t t = 0; t < P; t++) {
-        past_key(a, kcodes + t * a->Gk, kbook, cos + t * a->rot, sin + t * a->rot, key, rotated);
-        for (int64_t r = 0; r < rows; r++)
-            scores[r * P + t] = dot(q + r * D, rotated, D) * a->scale + bias[r * a->bias_cols + t];
-    }
-    for (int64_t r = 0; r < rows; r++) {
-        float *p = scores + r * P, *o = out + r * D, sum;
-        const float m = softmax_row(p, P, &sum);
-        memset(o, 0, sizeof(float) * D);
-        if (by_code) {
-            memset(hist, 0, sizeof(float) * Gv * Kv);
-            for (int64_t t = 0; t < P; t++)
-                for (int64_t g = 0; g < Gv; g++) hist[g * Kv + vcodes[t * Gv + g]] += p[t];
-            for (int64_t g = 0; g < Gv; g++)
-                for (int64_t k = 0; k < Kv; k++) {
-                    const float w = hist[g * Kv + k];
-                    const float *word = vbook + (g * Kv + k) * cv;
-                    for (int64_t c = 0; c < cv; c++) o[g * cv + c] += w * word[c];
-                }
-        } else {
-            for (int64_t t = 0; t < P; t++)
-                for (int64_t g = 0; g < Gv; g++) {
-                    const float *word = vbook + (g * Kv + vcodes[t * Gv + g]) * cv;
-                    for (int64_t c = 0; c < cv; c++) o[g * cv + c] += p[t] * word[c];
-                }
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < D; d++) o[d] *= inv;
-        lse[r] = m + logf(sum);
-    }
-    free(scores);
-    free(hist);
+    const int64_t b = (int64_t)i / (a->H * job->blocks), h = ((int64_t)i / job->blocks) % a->H;
+    const int64_t r0 = ((int64_t)i % job->blocks) * ROW_BLOCK, rows = a->R - r0 < ROW_BLOCK ? a->R - r0 : ROW_BLOCK;
+    const cq_views v = views(a, b, h, r0, rows);
+    if (job->fast ? block_avx512(a, v) : block_portable(a, v)) job->failed = 1;
 }
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context) {
     cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0};
     if (a->R == 0 || a->B == 0 || a->H == 0) return 0;
+    if (a->P + a->S == 0) return 1; /* no key at all: the caller checks the shapes */
     parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
     return job.failed ? 2 : 0;
 }

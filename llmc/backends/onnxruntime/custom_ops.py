@@ -106,37 +106,41 @@ def vq_linear_reference():
 class _CQAttentionArgs(ctypes.Structure):
     """llmc_cq_attention_args of llmc_ort_ops.h."""
 
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "key_codes", "value_codes", "key_codebooks", "value_codebooks",
-                                                 "cos", "signed_sin", "bias")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "key_codes", "key_new", "value_codes", "value_new",
+                                                 "key_codebooks", "value_codebooks", "cos", "signed_sin", "bias")]
                 + [("scale", ctypes.c_float)]
-                + [(n, ctypes.c_int64) for n in ("B", "H", "R", "P", "D", "Gk", "Kk", "ck", "Gv", "Kv", "cv", "rot",
-                                                 "table_rows", "table_batch_stride", "bias_cols", "bias_batch_stride")]
-                + [("out", ctypes.c_void_p), ("lse", ctypes.c_void_p)])
+                + [(n, ctypes.c_int64) for n in ("B", "H", "R", "P", "S", "D", "Gk", "Kk", "ck", "Gv", "Kv", "cv",
+                                                 "rot", "table_batch_stride", "bias_cols", "bias_batch_stride")]
+                + [("out", ctypes.c_void_p)])
 
 
 def cq_attention_reference():
     """llmc.CQAttention's kernel as a Python function of torch tensors, without ONNX Runtime (single thread; for
-    tests): f(q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale) -> (out, lse)
-    in the op's layouts (cq_ort.c)."""
+    tests): f(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos, signed_sin, bias,
+    scale) -> out, the arguments of llmc::cq_attention in its layouts (cq_ort.c)."""
     import torch
 
     run = ctypes.CDLL(library_path()).llmc_cq_attention
     run.argtypes = [ctypes.POINTER(_CQAttentionArgs)]
     run.restype = ctypes.c_int
 
-    def f(q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale):
-        keep = [t.contiguous() for t in (q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin,
-                                         bias)]
-        q, kc, vc, kb, vb, cos, sin, bias = keep
+    def f(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos, signed_sin, bias,
+          scale):
+        q, kc, kn, kb, vc, vn, vb, cos, sin, bias = keep = [
+            t.contiguous() for t in (q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks,
+                                     cos, signed_sin, bias)]
         B, H, R, D = q.shape
-        out, lse = torch.empty_like(q), torch.empty(B, H, R, 1)
-        args = _CQAttentionArgs(*(t.data_ptr() for t in keep), scale, B, H, R, kc.shape[2], D, kb.shape[1], kb.shape[2],
-                                kb.shape[3], vb.shape[1], vb.shape[2], vb.shape[3], cos.shape[3], cos.shape[2],
+        out = torch.empty_like(q)
+        pointers = [t.data_ptr() for t in (q, kc, kn, vc, vn, kb, vb, cos, sin, bias)]
+        args = _CQAttentionArgs(*pointers, scale, B, H, R, kc.shape[2], kn.shape[2], D, kb.shape[1], kb.shape[2],
+                                kb.shape[3], vb.shape[1], vb.shape[2], vb.shape[3], cos.shape[3],
                                 0 if cos.shape[0] == 1 else cos.shape[2] * cos.shape[3], bias.shape[3],
-                                0 if bias.shape[0] == 1 else R * bias.shape[3], out.data_ptr(), lse.data_ptr())
-        if run(ctypes.byref(args)):
-            raise MemoryError("llmc_cq_attention: out of memory")
-        return out, lse
+                                0 if bias.shape[0] == 1 else R * bias.shape[3], out.data_ptr())
+        status = run(ctypes.byref(args))
+        del keep
+        if status:
+            raise (MemoryError if status == 2 else ValueError)(f"llmc_cq_attention failed ({status})")
+        return out
 
     return f
 

@@ -17,21 +17,23 @@ extern int llmc_vq_isa_limit;
 /* Sequential parallel_fn (tests, and runtimes without KernelContext_ParallelFor). */
 void llmc_serial(void *context, void (*task)(void *, size_t), size_t total, void *arg);
 
-/* llmc.CQAttention over the coded past; documented in cq_ort.c. Returns 0, or 2 when out of memory. */
+/* llmc.CQAttention (cq_ort.c): attention over a cache whose past is CQ codes and whose newest S tokens are
+   float. Returns 0, 1 on inconsistent sizes, 2 when out of memory. */
 typedef struct {
     const float *q;                   /* [B, H, R, D] */
     const uint8_t *key_codes;         /* [B, H, P, Gk] */
+    const float *key_new;             /* [B, H, S, D], before RoPE */
     const uint8_t *value_codes;       /* [B, H, P, Gv] */
+    const float *value_new;           /* [B, H, S, D] */
     const float *key_codebooks;       /* [H, Gk, Kk, ck] */
     const float *value_codebooks;     /* [H, Gv, Kv, cv] */
-    const float *cos, *signed_sin;    /* [B or 1, 1, Tt >= P, rot] */
-    const float *bias;                /* [B or 1, 1, R, Tb >= P] */
+    const float *cos, *signed_sin;    /* [B or 1, 1, Tt >= P + S, rot] */
+    const float *bias;                /* [B or 1, 1, R, Tb >= P + S] */
     float scale;
-    int64_t B, H, R, P, D, Gk, Kk, ck, Gv, Kv, cv, rot;
-    int64_t table_rows, table_batch_stride; /* Tt; Tt * rot, or 0 when the tables broadcast over the batch */
-    int64_t bias_cols, bias_batch_stride;   /* Tb; R * Tb, or 0 likewise */
-    float *out;                       /* [B, H, R, D]: attention over the past keys, normalised */
-    float *lse;                       /* [B, H, R]: log of the softmax denominator (max + log sum) */
+    int64_t B, H, R, P, S, D, Gk, Kk, ck, Gv, Kv, cv, rot;
+    int64_t table_batch_stride;       /* Tt * rot, or 0 when the tables broadcast over the batch */
+    int64_t bias_cols, bias_batch_stride; /* Tb; R * Tb, or 0 likewise */
+    float *out;                       /* [B, H, R, D] */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);

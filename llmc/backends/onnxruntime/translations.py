@@ -68,12 +68,13 @@ def register_contrib_schemas() -> None:
     if not onnx.defs.has("CQAttention", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "CQAttention", "llmc", 1,
-            doc="Attention of q over the past of a CQ-coded KV cache, read as codes (llmc's custom-op library; "
-                "layout in backends/onnxruntime/cq_ort.c): the normalised output and its log-sum-exp.",
-            inputs=[P("q", "T"), P("key_codes", "T2"), P("value_codes", "T2"), P("key_codebooks", "T"),
-                    P("value_codebooks", "T"), P("cos", "T"), P("signed_sin", "T"), P("bias", "T"), P("scale", "T")],
-            outputs=[P("out", "T"), P("lse", "T")],
-            type_constraints=[("T", ["tensor(float)"], "queries, codebooks, tables, mask, outputs"),
+            doc="Attention of q over a CQ-coded KV cache read as codes, and this step's float tokens (llmc's "
+                "custom-op library; layout in backends/onnxruntime/cq_ort.c).",
+            inputs=[P("q", "T"), P("key_codes", "T2"), P("key_new", "T"), P("key_codebooks", "T"),
+                    P("value_codes", "T2"), P("value_new", "T"), P("value_codebooks", "T"), P("cos", "T"),
+                    P("signed_sin", "T"), P("bias", "T"), P("scale", "T")],
+            outputs=[P("out", "T")],
+            type_constraints=[("T", ["tensor(float)"], "queries, new tokens, codebooks, tables, mask, output"),
                               ("T2", ["tensor(uint8)"], "codes [B, H, P, G]")]))
     if not onnx.defs.has("CQEncode", "llmc"):
         onnx.defs.register_schema(OpSchema(
@@ -133,48 +134,13 @@ def cq_encode(x, codebooks):
     return op.Cast(codes, to=onnx_type)
 
 
-def _rotate(x, cos, signed_sin, rot: int, D: int):
-    """llmc.ops.cq.rotate in ONNX: x·cos + roll(x, rot/2)·signed_sin on the first `rot` of D channels."""
-    def part(start, end):
-        return op.Slice(x, op.Constant(value_ints=[start]), op.Constant(value_ints=[end]), op.Constant(value_ints=[3]))
-
-    half = rot // 2
-    rolled = op.Concat(part(half, rot), part(0, half), axis=3)
-    x_rot = x if rot == D else part(0, rot)
-    rotated = op.Add(op.Mul(x_rot, cos), op.Mul(rolled, signed_sin))
-    return rotated if rot == D else op.Concat(rotated, part(rot, D), axis=3)
-
-
 def cq_attention_kernel(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos,
                         signed_sin, bias, scale):
-    """llmc::cq_attention -> llmc.CQAttention over the coded past, standard ops over this step's tokens, merged.
-
-    The custom op returns the attention over the P cached positions, normalised, and its log-sum-exp
-    `lse`; this step's S tokens (float keys, rotated here with the last S rows of the tables) are
-    scored with MatMul, and the two softmaxes are joined: with m = max(lse, max of the new scores),
-    out = (e^(lse-m)·past + Σ e^(s-m)·v) / (e^(lse-m) + Σ e^(s-m)). A prompt (P = 0) is then plain
-    MatMul attention, and a decode step's past is never dequantized into a tensor.
-    """
-    H, Gk, Kk, ck = _dims(key_codebooks, "key codebooks")
-    D = Gk * ck
-    rot = cos.shape[-1] if cos.shape is not None else None
-    if not isinstance(rot, int):
-        raise TypeError(f"the cq_attention translation needs the static width of the RoPE tables, got {cos.shape}")
-    s = op.Constant(value_floats=[scale])
-    past, lse = LLMC.CQAttention(q, key_codes, value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, s)
-    P = op.Shape(key_codes, start=2, end=3)
-    end = op.Constant(value_ints=[2**62])
-    new_cos = op.Slice(cos, P, end, op.Constant(value_ints=[2]))
-    new_sin = op.Slice(signed_sin, P, end, op.Constant(value_ints=[2]))
-    keys = _rotate(key_new, new_cos, new_sin, rot, D)
-    scores = op.Add(op.Mul(op.MatMul(q, op.Transpose(keys, perm=[0, 1, 3, 2])), s),
-                    op.Slice(bias, P, end, op.Constant(value_ints=[3])))  # [B, H, R, S]
-    last = op.Constant(value_ints=[-1])
-    m = op.Max(op.ReduceMax(scores, last, keepdims=1), lse)
-    weights = op.Exp(op.Sub(scores, m))
-    w_past = op.Exp(op.Sub(lse, m))
-    total = op.Add(op.ReduceSum(weights, last, keepdims=1), w_past)
-    return op.Div(op.Add(op.MatMul(weights, value_new), op.Mul(past, w_past)), total)
+    """llmc::cq_attention -> llmc.CQAttention, which reads the past from its codes and attends to this step's
+    float tokens in the same softmax (backends/onnxruntime/cq_ort.c): one node where the standard lowering
+    decodes the whole cache, concatenates, rotates every key and multiplies."""
+    return LLMC.CQAttention(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos,
+                            signed_sin, bias, op.Constant(value_floats=[scale]))
 
 
 def cq_encode_kernel(x, codebooks):

@@ -629,25 +629,28 @@ static const OrtCustomOp vq_linear_op = {
     kernel_compute,
 };
 
-/* llmc.CQAttention (cq_ort.c): 9 inputs, codes at 1 and 2; outputs out and lse. */
+/* Multiply-adds below which the CQ ops run on the calling thread: measured in a SmolLM2 decode step (batch 1,
+   3 KV heads, 130-token past), where ONNX Runtime's pool cost more than the ops' work. */
+enum { PARALLEL_MIN_WORK = 1 << 18 };
+
+/* llmc.CQAttention (cq_ort.c): 11 inputs, codes at 1 and 4; one output. */
 static int input_type_float(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, TYPE_FLOAT; }
 static const char *cq_name(const OrtCustomOp *op) { return (void)op, "CQAttention"; }
-static int cq_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 || i == 2 ? TYPE_UINT8 : TYPE_FLOAT; }
-static size_t cq_input_count(const OrtCustomOp *op) { return (void)op, 9; }
-static size_t cq_output_count(const OrtCustomOp *op) { return (void)op, 2; }
+static int cq_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 || i == 4 ? TYPE_UINT8 : TYPE_FLOAT; }
+static size_t cq_input_count(const OrtCustomOp *op) { return (void)op, 11; }
 
 static OrtStatus *cq_invalid(const char *what) {
-    static char message[320];
-    strcpy(message, "CQAttention: expected q [B, H, R, D], key/value codes [B, H, P, G], codebooks [H, G, K <= 256, c] "
-                    "with G * c = D <= 1024, cos/sin [B|1, 1, >= P, rot <= D, even], bias [B|1, 1, R, >= P], "
-                    "scale [1]; ");
+    static char message[400];
+    strcpy(message, "CQAttention: expected q [B, H, R, D], key/value codes [B, H, P, G], new keys/values [B, H, S, D], "
+                    "codebooks [H, G, K <= 256, c] with G * c = D <= 1024, cos/sin [B|1, 1, >= P+S, rot <= D, even], "
+                    "bias [B|1, 1, R, >= P+S], scale [1]; ");
     strncat(message, what, sizeof message - strlen(message) - 1);
     return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, message);
 }
 
 static OrtStatus *cq_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
-    enum { Q, KC, VC, KB, VB, COS, SIN, BIAS, SCALE, N_IN };
+    enum { Q, KC, KN, KB, VC, VN, VB, COS, SIN, BIAS, SCALE, N_IN };
     void *data[N_IN];
     int64_t dims[N_IN][MAX_RANK];
     size_t rank[N_IN];
@@ -659,35 +662,37 @@ static OrtStatus *cq_compute(void *kernel, OrtKernelContext *context) {
     }
     for (size_t i = 0; i < SCALE; i++)
         if (rank[i] != 4) return cq_invalid("an input is not 4-D");
-    const int64_t *q = dims[Q], *kc = dims[KC], *vc = dims[VC], *kb = dims[KB], *vb = dims[VB];
-    const int64_t B = q[0], H = q[1], R = q[2], D = q[3], P = kc[2];
-    if (kc[0] != B || kc[1] != H || vc[0] != B || vc[1] != H || vc[2] != P || kb[0] != H || vb[0] != H ||
-        kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D || vb[1] * vb[3] != D)
-        return cq_invalid("codes or codebooks do not match q");
+    const int64_t *q = dims[Q], *kc = dims[KC], *vc = dims[VC], *kn = dims[KN], *vn = dims[VN], *kb = dims[KB],
+                  *vb = dims[VB];
+    const int64_t B = q[0], H = q[1], R = q[2], D = q[3], P = kc[2], S = kn[2];
+    for (int k = 0; k < 4; k++)
+        if (kn[k] != vn[k]) return cq_invalid("new keys and values differ in shape");
+    if (kc[0] != B || kc[1] != H || vc[0] != B || vc[1] != H || vc[2] != P || kn[0] != B || kn[1] != H ||
+        kn[3] != D || kb[0] != H || vb[0] != H || kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D ||
+        vb[1] * vb[3] != D || P + S < 1)
+        return cq_invalid("codes, new tokens or codebooks do not match q");
     if (D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256) return cq_invalid("head or codebook too large");
     const int64_t *cs = dims[COS], *sn = dims[SIN], *bi = dims[BIAS];
     for (int k = 0; k < 4; k++)
         if (cs[k] != sn[k]) return cq_invalid("cos and sin differ in shape");
-    if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < P || cs[3] > D || cs[3] % 2)
+    if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < P + S || cs[3] > D || cs[3] % 2)
         return cq_invalid("bad RoPE tables");
-    if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || bi[3] < P) return cq_invalid("bad bias");
+    if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || bi[3] < P + S) return cq_invalid("bad bias");
     if (rank[SCALE] > 1 || (rank[SCALE] == 1 && dims[SCALE][0] != 1)) return cq_invalid("scale is not one value");
-    OrtValue *out = NULL, *lse = NULL;
-    void *out_data = NULL, *lse_data = NULL;
-    const int64_t lse_dims[4] = {B, H, R, 1};
+    OrtValue *out = NULL;
+    void *out_data = NULL;
     OrtStatus *status = ORT(KernelContext_GetOutput)(context, 0, q, 4, &out);
     if (!status) status = ORT(GetTensorMutableData)(out, &out_data);
-    if (!status) status = ORT(KernelContext_GetOutput)(context, 1, lse_dims, 4, &lse);
-    if (!status) status = ORT(GetTensorMutableData)(lse, &lse_data);
     if (status) return status;
     const llmc_cq_attention_args args = {
-        .q = data[Q], .key_codes = data[KC], .value_codes = data[VC], .key_codebooks = data[KB],
-        .value_codebooks = data[VB], .cos = data[COS], .signed_sin = data[SIN], .bias = data[BIAS],
-        .scale = *(const float *)data[SCALE], .B = B, .H = H, .R = R, .P = P, .D = D, .Gk = kb[1], .Kk = kb[2],
-        .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3], .rot = cs[3], .table_rows = cs[2],
+        .q = data[Q], .key_codes = data[KC], .key_new = data[KN], .value_codes = data[VC], .value_new = data[VN],
+        .key_codebooks = data[KB], .value_codebooks = data[VB], .cos = data[COS], .signed_sin = data[SIN],
+        .bias = data[BIAS], .scale = *(const float *)data[SCALE], .B = B, .H = H, .R = R, .P = P, .S = S, .D = D,
+        .Gk = kb[1], .Kk = kb[2], .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3], .rot = cs[3],
         .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = bi[3],
-        .bias_batch_stride = bi[0] == 1 ? 0 : R * bi[3], .out = out_data, .lse = lse_data};
-    if (llmc_cq_attention_run(&args, parallel_ort, context))
+        .bias_batch_stride = bi[0] == 1 ? 0 : R * bi[3], .out = out_data};
+    const int small = B * H * (P + S) * R * D < PARALLEL_MIN_WORK; /* a short decode step: waking the pool costs more */
+    if (llmc_cq_attention_run(&args, small ? llmc_serial : parallel_ort, context))
         return ORT(CreateStatus)(ORT_FAIL, "CQAttention: out of memory");
     return NULL;
 }
@@ -696,7 +701,7 @@ static void cq_compute_v1(void *kernel, OrtKernelContext *context) { (void)cq_co
 
 static const OrtCustomOp cq_attention_op = {
     OP_API_VERSION, create_kernel, cq_name, op_provider, cq_input_type, cq_input_count, output_type,
-    cq_output_count, cq_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
+    output_count, cq_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
     create_kernel_v2, cq_compute,
 };
 
@@ -729,7 +734,7 @@ static OrtStatus *encode_compute(void *kernel, OrtKernelContext *context) {
     if (status) return status;
     const llmc_cq_encode_args args = {.x = data[0], .codebooks_t = data[1], .norms = data[2], .B = x[0], .H = x[1],
                                       .S = x[2], .G = cb[1], .K = cb[3], .c = cb[2], .codes = codes};
-    llmc_cq_encode_run(&args, parallel_ort, context);
+    llmc_cq_encode_run(&args, x[0] * x[1] * x[2] * x[3] * cb[3] < PARALLEL_MIN_WORK ? llmc_serial : parallel_ort, context);
     return NULL;
 }
 
