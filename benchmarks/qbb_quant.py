@@ -207,14 +207,16 @@ def onnx_rows(args, src, ids, rows) -> None:
 
 def layer_rows(args, rounds: int = 7, calls: int = 300) -> list[dict]:
     """Microseconds per 1-token call of one layer (SmolLM2's 1536x576 and 576x1536) in ONNX Runtime, per lowering:
-    qbb N=4 through one llmc.VQLinear over the stacked bases, through one VQLinear per basis (the earlier
-    lowering), through standard ops (folded to float at load),
+    qbb N=4 through llmc.BinaryBasesLinear (masked multiply-adds on the packed signs), through one llmc.VQLinear
+    over the stacked bases and through one VQLinear per basis (the two earlier lowerings), through standard ops
+    (folded to float at load),
     MatMulNBits 4-bit g64 and an FP32 MatMul; random weights, interleaved rounds, medians."""
     import numpy as np
     import onnxruntime as ort
 
     from llmc.backends.onnxruntime import custom_ops
-    from llmc.backends.onnxruntime.translations import binary_bases_linear_per_basis, translations
+    from llmc.backends.onnxruntime.translations import (binary_bases_linear_per_basis, binary_bases_linear_stacked,
+                                                        translations)
     from llmc.ops.nbits_linear import quantize_rtn
 
     class Op(torch.nn.Module):
@@ -237,6 +239,7 @@ def layer_rows(args, rounds: int = 7, calls: int = 300) -> list[dict]:
         c, sc, z = quantize_rtn(W, 4, 64)
         qbb = (lambda m, x: torch.ops.llmc.binary_bases_linear(x, m.signs, m.scales))
         mods = {"qbb4-kernel": (Op(qbb, signs=signs, scales=scales), "kernel"),
+                "qbb4-kernel-stacked": (Op(qbb, signs=signs, scales=scales), "kernel-stacked"),
                 "qbb4-kernel-per-basis": (Op(qbb, signs=signs, scales=scales), "kernel-per-basis"),
                 "qbb4-dequantize": (Op(qbb, signs=signs, scales=scales), "dequantize"),
                 "matmulnbits-4bit-g64": (Op(lambda m, x: torch.ops.llmc.nbits_linear(x, m.c, m.sc, m.z, K, N, 4, 64),
@@ -245,9 +248,10 @@ def layer_rows(args, rounds: int = 7, calls: int = 300) -> list[dict]:
         sessions = {}
         for name, (m, lowering) in mods.items():
             path = os.path.join(args.out, f"layer-{name}-{N}x{K}.onnx")
-            table = translations(lowering.removesuffix("-per-basis"))
-            if lowering == "kernel-per-basis":  # the lowering of one VQLinear per basis, for comparison
-                table[torch.ops.llmc.binary_bases_linear.default] = binary_bases_linear_per_basis
+            table = translations(lowering.split("-")[0])
+            earlier = {"kernel-stacked": binary_bases_linear_stacked, "kernel-per-basis": binary_bases_linear_per_basis}
+            if lowering in earlier:  # the earlier VQLinear lowerings, for comparison
+                table[torch.ops.llmc.binary_bases_linear.default] = earlier[lowering]
             torch.onnx.export(m, (torch.randn(1, 1, K),), dynamo=True, custom_translation_table=table,
                               verbose=False).save(path)
             opts = ort.SessionOptions()

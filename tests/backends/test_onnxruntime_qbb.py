@@ -58,7 +58,7 @@ def test_translation_matches_torch_and_keeps_signs_packed(lowering, nb, G, tmp_p
     signs = {i.name: i for i in model.graph.initializer}["signs"]
     assert signs.data_type == onnx.TensorProto.UINT8 and list(signs.dims) == [nb, N, K // 8]
     ops = {n.op_type for n in model.graph.node}
-    assert ("VQLinear" in ops) == (lowering == "kernel" and G == 1)  # grouped scales take the standard ops
+    assert ("BinaryBasesLinear" in ops) == (lowering == "kernel")  # grouped scales too
     name = session.get_inputs()[0].name
     gen = torch.Generator().manual_seed(1)
     for shape in [(1, 1, K), (1, 3, K), (2, 7, K), (1, 40, K)]:
@@ -66,6 +66,27 @@ def test_translation_matches_torch_and_keeps_signs_packed(lowering, nb, G, tmp_p
         y = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         ref = x @ bb.dequantize(layer.signs, layer.scales).t()
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.fixture(params=custom_ops.ISA_LEVELS[:2])
+def isa(request):
+    """The portable C path and the AVX-512 one (on a CPU without AVX-512, both portable)."""
+    custom_ops.set_isa_limit(request.param)
+    yield request.param
+    custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("nb,N,K,G", [(4, 40, 576, 1), (4, 33, 576, 3), (2, 16, 64, 2), (3, 10, 48, 2), (1, 7, 24, 1)])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])
+def test_kernel_equals_torch(isa, nb, N, K, G, tokens):
+    """Decode sizes (<= 8 tokens: masked multiply-adds) and prompts (dequantized blocks), groups of 16k inputs
+    (the AVX-512 path) and of 24 or 8 (portable)."""
+    layer = _layer(nb, N, K, G, seed=tokens)
+    x = torch.randn(tokens, K, generator=torch.Generator().manual_seed(2))
+    ref = x @ bb.dequantize(layer.signs, layer.scales).t()
+    y = custom_ops.binary_bases_reference()(x, layer.signs, layer.scales)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
 
 
 def test_portable_table_has_the_op():
@@ -85,14 +106,14 @@ def test_qbb_model_exports_with_parity(lowering, outliers, tmp_path):
     assert manifest["vq_lowering"] == lowering and manifest["parity"]
     assert (manifest["custom_ops_library"] is not None) == (lowering == "kernel")
     onnx_model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
-    if lowering == "kernel":  # one VQLinear a layer, its bases stacked: uint8 signs of 1 bit per weight and basis
+    if lowering == "kernel":  # one BinaryBasesLinear a layer on its packed signs: 1 bit per weight and basis
         inits = {i.name: i for i in onnx_model.graph.initializer}
-        vq = [n for n in onnx_model.graph.node if n.op_type == "VQLinear"]
-        assert len(vq) == 14
-        codes = [inits[n.input[1]] for n in vq]
-        assert all(c.data_type == onnx.TensorProto.UINT8 for c in codes)
+        ops = [n for n in onnx_model.graph.node if n.op_type == "BinaryBasesLinear"]
+        assert len(ops) == 14
+        signs = [inits[n.input[1]] for n in ops]
+        assert all(c.data_type == onnx.TensorProto.UINT8 for c in signs)
         shapes = [s for name, s in cm.program.linear_shapes.items() if name != "lm_head"]
-        assert sum(c.dims[0] * c.dims[1] for c in codes) == 3 * sum(N * K for N, K in shapes) // 8
+        assert sum(c.dims[0] * c.dims[1] * c.dims[2] for c in signs) == 3 * sum(N * K for N, K in shapes) // 8
     m = OrtModel(out, threads=1)
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     mask, pos = decode_inputs(ids)

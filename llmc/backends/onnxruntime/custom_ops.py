@@ -6,7 +6,8 @@
 The library holds `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear`
 (`vq_linear_ort.c`, which documents the op and holds the ONNX Runtime binding of both ops), and
 `llmc.CQAttention`, attention over a cache of CQ codes read as codes, and `llmc.CQEncode`, the
-codes of new keys and values (`cq_ort.c`). It
+codes of new keys and values (`cq_ort.c`), and `llmc.BinaryBasesLinear`, a linear layer of binary
+bases read from its packed signs (`binary_bases_ort.c`). It
 talks to ONNX Runtime through its stable C ABI and needs no ONNX Runtime headers, only a C compiler
 (`$CC`, else `cc`): it is compiled once per source, compiler and flags into `$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
 build is portable x86-64 (or the host's architecture elsewhere); the AVX-512 paths are chosen at
@@ -28,7 +29,7 @@ from llmc.errors import ExportError
 from llmc.fsutil import atomic_file
 
 _HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(_HERE, name) for name in ("vq_linear_ort.c", "cq_ort.c")]
+SOURCES = [os.path.join(_HERE, name) for name in ("vq_linear_ort.c", "cq_ort.c", "binary_bases_ort.c")]
 HEADERS = [os.path.join(_HERE, "llmc_ort_ops.h")]
 LIBRARY_NAME = "libllmc_ort_ops.so"
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing"]
@@ -170,5 +171,34 @@ def cq_encode_reference():
         run(ctypes.byref(_CQEncodeArgs(x.data_ptr(), books_t.data_ptr(), norms.data_ptr(), B, H, S, G, K, c,
                                        codes.data_ptr())))
         return codes
+
+    return f
+
+
+class _BinaryBasesArgs(ctypes.Structure):
+    """llmc_bb_args of llmc_ort_ops.h."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "signs", "scales", "y")]
+                + [(n, ctypes.c_int64) for n in ("T", "K", "N", "nb", "G")])
+
+
+def binary_bases_reference():
+    """llmc.BinaryBasesLinear's kernel as a Python function of torch tensors (single thread; for tests):
+    f(x [T, K], signs uint8 [nb, N, K/8], scales [nb, N, G]) -> y [T, N]."""
+    import torch
+
+    run = ctypes.CDLL(library_path()).llmc_binary_bases_linear
+    run.argtypes = [ctypes.POINTER(_BinaryBasesArgs)]
+    run.restype = ctypes.c_int
+
+    def f(x, signs, scales):
+        x, signs, scales = x.float().contiguous(), signs.contiguous(), scales.float().contiguous()
+        nb, N, J = signs.shape
+        y = torch.empty(x.shape[0], N)
+        status = run(ctypes.byref(_BinaryBasesArgs(x.data_ptr(), signs.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                                                   x.shape[0], J * 8, N, nb, scales.shape[2])))
+        if status:
+            raise (MemoryError if status == 2 else ValueError)(f"llmc_binary_bases_linear failed ({status})")
+        return y
 
     return f

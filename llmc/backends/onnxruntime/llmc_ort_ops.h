@@ -53,4 +53,21 @@ typedef struct {
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context);
 void llmc_cq_encode(const llmc_cq_encode_args *a);
 
+/* llmc.BinaryBasesLinear (binary_bases_ort.c): y = x Wᵀ, W = Σ_i scales_i ⊙ signs_i. Returns 0, 1 on
+   inconsistent sizes, 2 when out of memory. */
+typedef struct {
+    const float *x;         /* [T, K] */
+    const uint8_t *signs;   /* [nb, N, K/8] */
+    const float *scales;    /* [nb, N, G] */
+    float *y;               /* [T, N] */
+    int64_t T, K, N, nb, G;
+} llmc_bb_args;
+
+int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, void *context);
+int llmc_binary_bases_linear(const llmc_bb_args *a);
+
+/* y[t, n0 + r] = x[t] · w[r] for T tokens and `rows` float rows w [rows, K]; y has row stride N (the block
+   product of llmc.VQLinear, with the widest instruction set allowed). */
+void llmc_multiply_rows(const float *x, int64_t T, int K, const float *w, int rows, float *y, int N, int n0);
+
 #endif

@@ -76,6 +76,14 @@ def register_contrib_schemas() -> None:
             outputs=[P("out", "T")],
             type_constraints=[("T", ["tensor(float)"], "queries, new tokens, codebooks, tables, mask, output"),
                               ("T2", ["tensor(uint8)"], "codes [B, H, P, G]")]))
+    if not onnx.defs.has("BinaryBasesLinear", "llmc"):
+        onnx.defs.register_schema(OpSchema(
+            "BinaryBasesLinear", "llmc", 1,
+            doc="y = x @ Wᵀ, W a sum of scaled binary bases read from its packed signs (llmc's custom-op library; "
+                "layout in backends/onnxruntime/binary_bases_ort.c).",
+            inputs=[P("x", "T"), P("signs", "T2"), P("scales", "T")], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations, scales [nb, N, G]"),
+                              ("T2", ["tensor(uint8)"], "signs [nb, N, K/8]")]))
     if not onnx.defs.has("CQEncode", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "CQEncode", "llmc", 1,
@@ -310,7 +318,17 @@ def _sign_codebooks():
 
 
 def binary_bases_linear_kernel(x, signs, scales):
-    """llmc::binary_bases_linear -> one llmc.VQLinear over the bases stacked as rows, then a sum over the bases.
+    """llmc::binary_bases_linear -> llmc.BinaryBasesLinear, which reads the packed signs as the masks of AVX-512
+    masked multiply-adds (backends/onnxruntime/binary_bases_ort.c); any scale groups. The session holds the
+    uint8 signs as they are in the file, 1 bit per weight and basis."""
+    y = LLMC.BinaryBasesLinear(op.Cast(x, to=onnx.TensorProto.FLOAT), signs,
+                               op.Cast(scales, to=onnx.TensorProto.FLOAT))
+    return op.CastLike(y, x)
+
+
+def binary_bases_linear_stacked(x, signs, scales):
+    """llmc::binary_bases_linear -> one llmc.VQLinear over the bases stacked as rows, then a sum over the bases
+    (the kernel lowering before llmc.BinaryBasesLinear, kept for `benchmarks/qbb_quant.py --layer`).
 
     A basis is an additive code with one fixed codebook, the 256 sign patterns of 8 inputs (g = 8), its
     byte of signs per 8 inputs the code and its row scales the VQLinear scales. All bases share that

@@ -373,6 +373,10 @@ static vq_call make_call(const float *x, int64_t T, int K, const uint8_t *codes,
     return c;
 }
 
+void llmc_multiply_rows(const float *x, int64_t T, int K, const float *w, int rows, float *y, int N, int n0) {
+    make_call(x, T, K, NULL, NULL, NULL, NULL, y, N, 1, 1, 1).multiply(x, T, K, w, rows, y, N, n0);
+}
+
 static void block_task(void *arg, size_t b) {
     vq_call *c = (vq_call *)arg;
     const int n0 = (int)b * BLOCK_ROWS, n1 = n0 + BLOCK_ROWS < c->N ? n0 + BLOCK_ROWS : c->N;
@@ -746,8 +750,51 @@ static const OrtCustomOp cq_encode_op = {
     zero, one, zero, create_kernel_v2, encode_compute,
 };
 
+/* llmc.BinaryBasesLinear (binary_bases_ort.c): x, signs, scales -> y. */
+static const char *bb_name(const OrtCustomOp *op) { return (void)op, "BinaryBasesLinear"; }
+static int bb_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+
+static OrtStatus *bb_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    void *data[3];
+    int64_t dims[3][MAX_RANK];
+    size_t rank[3];
+    for (size_t i = 0; i < 3; i++) {
+        const OrtValue *value = NULL;
+        OrtStatus *status = ORT(KernelContext_GetInput)(context, i, &value);
+        if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
+        if (status) return status;
+    }
+    const int64_t *s = dims[1], *sc = dims[2];
+    if (rank[0] < 1 || rank[1] != 3 || rank[2] != 3 || dims[0][rank[0] - 1] != s[2] * 8 || sc[0] != s[0] ||
+        sc[1] != s[1] || sc[2] < 1 || (s[2] * 8) % sc[2])
+        return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, "BinaryBasesLinear: expected x [..., K], signs [nb, N, K/8], "
+                                                       "scales [nb, N, G] with G dividing K");
+    int64_t out_dims[MAX_RANK], T = 1;
+    for (size_t d = 0; d + 1 < rank[0]; d++) T *= (out_dims[d] = dims[0][d]);
+    out_dims[rank[0] - 1] = s[1];
+    OrtValue *out = NULL;
+    void *y = NULL;
+    OrtStatus *status = ORT(KernelContext_GetOutput)(context, 0, out_dims, rank[0], &out);
+    if (!status) status = ORT(GetTensorMutableData)(out, &y);
+    if (status) return status;
+    const llmc_bb_args args = {.x = data[0], .signs = data[1], .scales = data[2], .y = y, .T = T, .K = s[2] * 8,
+                               .N = s[1], .nb = s[0], .G = sc[2]};
+    if (llmc_binary_bases_linear_run(&args, parallel_ort, context))
+        return ORT(CreateStatus)(ORT_FAIL, "BinaryBasesLinear: out of memory");
+    return NULL;
+}
+
+static void bb_compute_v1(void *kernel, OrtKernelContext *context) { (void)bb_compute(kernel, context); }
+
+static const OrtCustomOp binary_bases_op = {
+    OP_API_VERSION, create_kernel, bb_name, op_provider, bb_input_type, encode_input_count, output_type,
+    output_count, bb_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
+    create_kernel_v2, bb_compute,
+};
+
 /* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear,
-   CQAttention and CQEncode. */
+   CQAttention, CQEncode and BinaryBasesLinear. */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     OrtApiTable api = base->GetApi(PARALLEL_API_VERSION);
     ort_parallel = api != NULL;
@@ -763,6 +810,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &vq_linear_op);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_attention_op);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_encode_op);
+    if (!status) status = ORT(CustomOpDomain_Add)(domain, &binary_bases_op);
     if (!status) status = ORT(AddCustomOpDomain)(options, domain);
     return status; /* the domain must outlive the sessions made with these options: it is never released */
 }

@@ -1,0 +1,194 @@
+/* llmc.BinaryBasesLinear: y = x Wᵀ with W = Σ_i α_i ⊙ B_i read from its packed signs (llmc::binary_bases_linear).
+
+   Inputs: x float [..., K]; signs uint8 [nb, N, K/8] (bit t of byte j is B_i[n, 8j + t] > 0, low bit
+   first); scales float [nb, N, G] (one per basis, row and group of K/G inputs). Output y float [..., N].
+
+   A sign is a choice between adding and subtracting its input, which is what AVX-512's masked
+   arithmetic does with the bits as they are stored: for 16 inputs, two bytes of signs are the mask of
+   one masked multiply-add acc += α_i·x over the lanes whose sign is +1. Over a row that sums
+   α_i·(Σ_{B=+1} x); with Σ_all x per group precomputed, Σ_k B_k x_k = 2 Σ_{B=+1} x_k − Σ_all x_k, so a
+   row and basis cost K/16 masked multiply-adds and no table. Up to DECODE_TOKENS tokens take this
+   path, split by rows over the pool; more tokens (a prompt) dequantize blocks of rows to float and
+   multiply them with every token (llmc_multiply_rows, the block path of llmc.VQLinear). Without
+   AVX-512, or when a group is not a multiple of 16 inputs, the same sums run in portable C.
+*/
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "llmc_ort_ops.h"
+
+enum { DECODE_TOKENS = 8, ROWS_PER_TASK = 32, BLOCK_ROWS_BB = 32 };
+
+typedef struct {
+    const llmc_bb_args *a;
+    float *group_sums; /* [T, G]: Σ x over each group, per token */
+    int fast;
+    volatile int failed;
+} bb_job;
+
+/* Rows n0 .. n1 of every token, portable: the bits one by one. */
+static void rows_portable(const bb_job *job, int64_t n0, int64_t n1) {
+    const llmc_bb_args *a = job->a;
+    const int64_t K = a->K, G = a->G, width = K / G, J = K / 8;
+    for (int64_t t = 0; t < a->T; t++) {
+        const float *x = a->x + t * K;
+        for (int64_t n = n0; n < n1; n++) {
+            float y = 0.0f;
+            for (int64_t i = 0; i < a->nb; i++) {
+                const uint8_t *s = a->signs + (i * a->N + n) * J;
+                const float *alpha = a->scales + (i * a->N + n) * G;
+                for (int64_t g = 0; g < G; g++) {
+                    float plus = 0.0f;
+                    for (int64_t k = g * width; k < (g + 1) * width; k++)
+                        if (s[k / 8] >> (k % 8) & 1) plus += x[k];
+                    y += alpha[g] * (2.0f * plus - job->group_sums[t * G + g]);
+                }
+            }
+            a->y[t * a->N + n] = y;
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,fma")))
+
+static int has_avx512(void) {
+    static int cpu = -1;
+    if (cpu < 0) {
+        __builtin_cpu_init();
+        cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    }
+    return cpu;
+}
+
+static inline __mmask16 mask_at(const uint8_t *signs, int64_t chunk) {
+    uint16_t m;
+    memcpy(&m, signs + 2 * chunk, 2); /* 16 signs, the first input in the low bit */
+    return (__mmask16)m;
+}
+
+/* Rows n0 .. n1, AVX-512, for T tokens (T <= DECODE_TOKENS): per row, token and group, 2·Σ_i α_i Σ_{B=+1} x
+   in two accumulators (even and odd chunks: independent chains of multiply-adds), minus Σ_i α_i · Σ x. */
+AVX512 static void rows_avx512(const bb_job *job, int64_t n0, int64_t n1) {
+    const llmc_bb_args *a = job->a;
+    const int64_t K = a->K, G = a->G, T = a->T, chunks = K / 16 / G, J = K / 8;
+    for (int64_t n = n0; n < n1; n++) {
+        float y[DECODE_TOKENS] = {0};
+        for (int64_t g = 0; g < G; g++) {
+            __m512 even[DECODE_TOKENS], odd[DECODE_TOKENS];
+            for (int64_t t = 0; t < T; t++) even[t] = odd[t] = _mm512_setzero_ps();
+            float alpha_sum = 0.0f;
+            for (int64_t i = 0; i < a->nb; i++) {
+                const uint8_t *s = a->signs + (i * a->N + n) * J;
+                const float alpha = a->scales[(i * a->N + n) * G + g];
+                const __m512 w = _mm512_set1_ps(alpha);
+                alpha_sum += alpha;
+                int64_t c = g * chunks;
+                for (; c + 1 < (g + 1) * chunks; c += 2) {
+                    const __mmask16 m0 = mask_at(s, c), m1 = mask_at(s, c + 1);
+                    for (int64_t t = 0; t < T; t++) {
+                        const float *x = a->x + t * K + c * 16;
+                        even[t] = _mm512_mask3_fmadd_ps(w, _mm512_loadu_ps(x), even[t], m0);
+                        odd[t] = _mm512_mask3_fmadd_ps(w, _mm512_loadu_ps(x + 16), odd[t], m1);
+                    }
+                }
+                if (c < (g + 1) * chunks) {
+                    const __mmask16 m0 = mask_at(s, c);
+                    for (int64_t t = 0; t < T; t++)
+                        even[t] = _mm512_mask3_fmadd_ps(w, _mm512_loadu_ps(a->x + t * K + c * 16), even[t], m0);
+                }
+            }
+            for (int64_t t = 0; t < T; t++)
+                y[t] += 2.0f * _mm512_reduce_add_ps(_mm512_add_ps(even[t], odd[t])) -
+                        alpha_sum * job->group_sums[t * G + g];
+        }
+        for (int64_t t = 0; t < T; t++) a->y[t * a->N + n] = y[t];
+    }
+}
+
+/* W rows n0 .. n1 as float [rows, K]: per 16 inputs, Σ_i ±α_i picked by the mask. */
+AVX512 static void dequantize_avx512(const llmc_bb_args *a, int64_t n0, int64_t n1, float *w) {
+    const int64_t K = a->K, G = a->G, chunks = K / 16 / G, J = K / 8;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t c = 0; c < K / 16; c++) {
+            __m512 v = _mm512_setzero_ps();
+            for (int64_t i = 0; i < a->nb; i++) {
+                const __m512 alpha = _mm512_set1_ps(a->scales[(i * a->N + n) * G + c / chunks]);
+                const __mmask16 m = mask_at(a->signs + (i * a->N + n) * J, c);
+                v = _mm512_add_ps(v, _mm512_mask_blend_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), alpha), alpha));
+            }
+            _mm512_storeu_ps(w + (n - n0) * K + c * 16, v);
+        }
+}
+#else
+static int has_avx512(void) { return 0; }
+static void rows_avx512(const bb_job *job, int64_t n0, int64_t n1) { rows_portable(job, n0, n1); }
+#endif
+
+static void dequantize_portable(const llmc_bb_args *a, int64_t n0, int64_t n1, float *w) {
+    const int64_t K = a->K, G = a->G, width = K / G, J = K / 8;
+    for (int64_t n = n0; n < n1; n++) {
+        float *row = w + (n - n0) * K;
+        memset(row, 0, sizeof(float) * K);
+        for (int64_t i = 0; i < a->nb; i++) {
+            const uint8_t *s = a->signs + (i * a->N + n) * J;
+            const float *alpha = a->scales + (i * a->N + n) * G;
+            for (int64_t k = 0; k < K; k++) row[k] += (s[k / 8] >> (k % 8) & 1) ? alpha[k / width] : -alpha[k / width];
+        }
+    }
+}
+
+static void decode_task(void *arg, size_t i) {
+    const bb_job *job = (const bb_job *)arg;
+    const int64_t n0 = (int64_t)i * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < job->a->N ? n0 + ROWS_PER_TASK : job->a->N;
+    if (job->fast)
+        rows_avx512(job, n0, n1);
+    else
+        rows_portable(job, n0, n1);
+}
+
+static void block_task_bb(void *arg, size_t i) {
+    bb_job *job = (bb_job *)arg;
+    const llmc_bb_args *a = job->a;
+    const int64_t n0 = (int64_t)i * BLOCK_ROWS_BB, n1 = n0 + BLOCK_ROWS_BB < a->N ? n0 + BLOCK_ROWS_BB : a->N;
+    float *w = (float *)malloc(sizeof(float) * (size_t)((n1 - n0) * a->K));
+    if (!w) {
+        job->failed = 1;
+        return;
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (job->fast)
+        dequantize_avx512(a, n0, n1, w);
+    else
+#endif
+        dequantize_portable(a, n0, n1, w);
+    llmc_multiply_rows(a->x, a->T, (int)a->K, w, (int)(n1 - n0), a->y, (int)a->N, (int)n0);
+    free(w);
+}
+
+int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, void *context) {
+    if (a->K % 8 || a->G < 1 || a->K % a->G || a->nb < 1) return 1;
+    bb_job job = {a, NULL, has_avx512() && llmc_vq_isa_limit >= 1 && (a->K / a->G) % 16 == 0, 0};
+    if (a->T == 0 || a->N == 0) return 0;
+    if (a->T > DECODE_TOKENS) {
+        parallel(context, block_task_bb, (size_t)((a->N + BLOCK_ROWS_BB - 1) / BLOCK_ROWS_BB), &job);
+        return job.failed ? 2 : 0;
+    }
+    float *sums = (float *)malloc(sizeof(float) * (size_t)(a->T * a->G));
+    if (!sums) return 2;
+    const int64_t width = a->K / a->G;
+    for (int64_t t = 0; t < a->T; t++)
+        for (int64_t g = 0; g < a->G; g++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < width; k++) s += a->x[t * a->K + g * width + k];
+            sums[t * a->G + g] = s;
+        }
+    job.group_sums = sums;
+    parallel(context, decode_task, (size_t)((a->N + ROWS_PER_TASK - 1) / ROWS_PER_TASK), &job);
+    free(sums);
+    return 0;
+}
+
+int llmc_binary_bases_linear(const llmc_bb_args *a) { return llmc_binary_bases_linear_run(a, llmc_serial, NULL); }
