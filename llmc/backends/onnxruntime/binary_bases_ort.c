@@ -69,11 +69,12 @@ static inline __mmask16 mask_at(const uint8_t *signs, int64_t chunk) {
     return (__mmask16)m;
 }
 
-/* Rows n0 .. n1, AVX-512, for T tokens (T <= DECODE_TOKENS): per row, token and group, 2·Σ_i α_i Σ_{B=+1} x
+/* Rows n0 .. n1, AVX-512, for T tokens (T <= DECODE_TOKENS, a constant where called): per row, token and group, 2·Σ_i α_i Σ_{B=+1} x
    in two accumulators (even and odd chunks: independent chains of multiply-adds), minus Σ_i α_i · Σ x. */
-AVX512 static void rows_avx512(const bb_job *job, int64_t n0, int64_t n1) {
+AVX512 static inline __attribute__((always_inline)) void rows_tokens(const bb_job *job, int64_t n0, int64_t n1,
+                                                                      const int64_t T) {
     const llmc_bb_args *a = job->a;
-    const int64_t K = a->K, G = a->G, T = a->T, chunks = K / 16 / G, J = K / 8;
+    const int64_t K = a->K, G = a->G, chunks = K / 16 / G, J = K / 8;
     for (int64_t n = n0; n < n1; n++) {
         float y[DECODE_TOKENS] = {0};
         for (int64_t g = 0; g < G; g++) {
@@ -105,6 +106,69 @@ AVX512 static void rows_avx512(const bb_job *job, int64_t n0, int64_t n1) {
                         alpha_sum * job->group_sums[t * G + g];
         }
         for (int64_t t = 0; t < T; t++) a->y[t * a->N + n] = y[t];
+    }
+}
+
+/* One token and up to 4 bases: per 32 inputs, two loads of x serve every basis (the bases inner), and each
+   basis keeps two chains of multiply-adds (even and odd chunks), 8 independent chains in all. */
+AVX512 static void rows_one_token(const bb_job *job, int64_t n0, int64_t n1) {
+    const llmc_bb_args *a = job->a;
+    const int64_t K = a->K, G = a->G, chunks = K / 16 / G, J = K / 8, nb = a->nb;
+    const float *x = a->x;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *s0 = a->signs + n * J, *s1 = s0 + a->N * J * (nb > 1), *s2 = s0 + 2 * a->N * J * (nb > 2),
+                      *s3 = s0 + 3 * a->N * J * (nb > 3);
+        float y = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            float alpha[4] = {0.0f, 0.0f, 0.0f, 0.0f}, alpha_sum = 0.0f;
+            for (int64_t i = 0; i < nb; i++) alpha_sum += (alpha[i] = a->scales[(i * a->N + n) * G + g]);
+            const __m512 w0 = _mm512_set1_ps(alpha[0]), w1 = _mm512_set1_ps(alpha[1]), w2 = _mm512_set1_ps(alpha[2]),
+                         w3 = _mm512_set1_ps(alpha[3]);
+            __m512 e0 = _mm512_setzero_ps(), e1 = e0, e2 = e0, e3 = e0, o0 = e0, o1 = e0, o2 = e0, o3 = e0;
+            int64_t c = g * chunks;
+            const int64_t end = (g + 1) * chunks;
+            for (; c + 1 < end; c += 2) { /* a basis past nb has scale 0 and reads basis 0's signs */
+                const __m512 xe = _mm512_loadu_ps(x + c * 16), xo = _mm512_loadu_ps(x + c * 16 + 16);
+                e0 = _mm512_mask3_fmadd_ps(w0, xe, e0, mask_at(s0, c));
+                o0 = _mm512_mask3_fmadd_ps(w0, xo, o0, mask_at(s0, c + 1));
+                e1 = _mm512_mask3_fmadd_ps(w1, xe, e1, mask_at(s1, c));
+                o1 = _mm512_mask3_fmadd_ps(w1, xo, o1, mask_at(s1, c + 1));
+                e2 = _mm512_mask3_fmadd_ps(w2, xe, e2, mask_at(s2, c));
+                o2 = _mm512_mask3_fmadd_ps(w2, xo, o2, mask_at(s2, c + 1));
+                e3 = _mm512_mask3_fmadd_ps(w3, xe, e3, mask_at(s3, c));
+                o3 = _mm512_mask3_fmadd_ps(w3, xo, o3, mask_at(s3, c + 1));
+            }
+            if (c < end) {
+                const __m512 xe = _mm512_loadu_ps(x + c * 16);
+                e0 = _mm512_mask3_fmadd_ps(w0, xe, e0, mask_at(s0, c));
+                e1 = _mm512_mask3_fmadd_ps(w1, xe, e1, mask_at(s1, c));
+                e2 = _mm512_mask3_fmadd_ps(w2, xe, e2, mask_at(s2, c));
+                e3 = _mm512_mask3_fmadd_ps(w3, xe, e3, mask_at(s3, c));
+            }
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(e0, o0), _mm512_add_ps(e1, o1)),
+                                             _mm512_add_ps(_mm512_add_ps(e2, o2), _mm512_add_ps(e3, o3)));
+            y += 2.0f * _mm512_reduce_add_ps(sum) - alpha_sum * job->group_sums[g];
+        }
+        a->y[n] = y;
+    }
+}
+
+/* rows_tokens with T a constant, so that its accumulators stay in registers; one token with at most 4 bases
+   takes rows_one_token. */
+AVX512 static void rows_avx512(const bb_job *job, int64_t n0, int64_t n1) {
+    if (job->a->T == 1 && job->a->nb <= 4) {
+        rows_one_token(job, n0, n1);
+        return;
+    }
+    switch (job->a->T) {
+    case 1: rows_tokens(job, n0, n1, 1); break;
+    case 2: rows_tokens(job, n0, n1, 2); break;
+    case 3: rows_tokens(job, n0, n1, 3); break;
+    case 4: rows_tokens(job, n0, n1, 4); break;
+    case 5: rows_tokens(job, n0, n1, 5); break;
+    case 6: rows_tokens(job, n0, n1, 6); break;
+    case 7: rows_tokens(job, n0, n1, 7); break;
+    default: rows_tokens(job, n0, n1, DECODE_TOKENS); break;
     }
 }
 
