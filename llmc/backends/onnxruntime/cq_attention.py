@@ -9,8 +9,9 @@ cq_kv leaves, per layer, attention over keys and values decoded from the whole c
 which ONNX Runtime would run as written: every step gathers every cached code back into float,
 rotates every key and multiplies. `fuse_cq_attention` finds that pattern in a copy of the graph and
 puts `llmc::cq_attention` in its place (llmc.ops.cq.attention: the same function), which the
-kernel lowering writes as llmc.CQAttention over the codes plus standard ops over the step's own
-tokens (translations.cq_attention_kernel). Only the exact pattern is taken: cq_kv with a float
+kernel lowering writes as one llmc.CQAttention node: it reads the past from its codes and attends
+to the step's own float tokens in the same softmax (translations.cq_attention_kernel,
+cq_ort.c). Only the exact pattern is taken: cq_kv with a float
 window or sink, or `exact_current=false`, codes wider than 8 bits, soft-capped attention or
 non-float32 tensors stay as they are.
 """
@@ -70,7 +71,10 @@ def _rotation(node):
             if x not in a.args or len(rolled.args[1]) != 1:
                 continue
             cos = a.args[1] if a.args[0] is x else a.args[0]
-            return x, cos, sin, 2 * int(rolled.args[1][0])
+            rot = 2 * int(rolled.args[1][0])
+            if any(isinstance(t, fx.Node) and "val" in t.meta and t.meta["val"].shape[-1] != rot for t in (cos, sin)):
+                return None  # tables of another width than the roll says
+            return x, cos, sin, rot
     return None
 
 
