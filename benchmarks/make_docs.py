@@ -77,6 +77,9 @@ HEADLINES = [
      "structured_ffn block-dense, 63% of FFN parameters"),
     ("qbb_quant", "n4-s12-ef", "qbb_quant N=4 pure binary bases, error-fed joint rounding (stages 1-2)"),
     ("qbb_quant", "n4-g192-o4-s123-ef-wiki-150", "qbb_quant N=4, scales per 192 inputs, 4 outliers/row, 150 stage-3 steps"),
+    ("qbb_quant", "ort-n4-o4-s123-ef-wiki", "qbb_quant N=4, 4 outliers/row, in ONNX Runtime (llmc.BinaryBasesLinear)"),
+    ("decode_shapes", "fp32-b8-p2048", "FP32 in ONNX Runtime, float KV cache"),
+    ("decode_shapes", "cq4c8b-b8-p2048", "FP32 + cq_kv 4c8b in ONNX Runtime (llmc.CQAttention reads the codes)"),
 ]
 
 
@@ -831,6 +834,9 @@ def headline_value(r: dict) -> str | None:
             parts.append(f"factors {r['structured_fraction']:.0%} of the dense FFN "
                          f"({r['ffn_fraction']:.0%} stored after pre-merge)")
         return ", ".join(parts)
+    if num(r.get("decode_tokens_per_s")) is not None:  # benchmarks/decode_shapes.py
+        return (f"decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s "
+                f"(batch {r['batch']}, {r['prompt']}-token prompts), peak RSS {r['peak_rss_mb']:,} MB")
     if not is_speed(r):
         return None
     parts = [f"{r['tokens_per_s']:.1f} tok/s"]

@@ -221,3 +221,23 @@ def _backward(ctx, grad):
 
 
 binary_bases_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def outlier_sum(x: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """Σ_j values[n, j] · x[..., index[n, j]] for every output n: x [..., K], index int [N, k], values [N, k]."""
+    N, k = index.shape
+    picked = x.index_select(-1, index.reshape(N * k).long()).unflatten(-1, (N, k))
+    return (picked * values.to(x.dtype)).sum(-1)
+
+
+@torch.library.custom_op("llmc::binary_bases_linear_outliers", mutates_args=())
+def binary_bases_linear_outliers(x: Tensor, signs: Tensor, scales: Tensor, outlier_index: Tensor,
+                                 outlier_values: Tensor) -> Tensor:
+    """binary_bases_linear plus the kept outliers of each row (`outlier_sum`): one op for backends that run both
+    together (written by the ONNX Runtime backend's kernel lowering; qbb_quant emits the two parts)."""
+    return binary_bases_linear(x, signs, scales) + outlier_sum(x, outlier_index, outlier_values)
+
+
+@binary_bases_linear_outliers.register_fake
+def _(x, signs, scales, outlier_index, outlier_values):
+    return x.new_empty(*x.shape[:-1], signs.shape[1])

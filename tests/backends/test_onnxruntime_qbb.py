@@ -83,9 +83,15 @@ def test_kernel_equals_torch(isa, nb, N, K, G, tokens):
     """Decode sizes (<= 8 tokens: masked multiply-adds) and prompts (dequantized blocks), groups of 16k inputs
     (the AVX-512 path) and of 24 or 8 (portable)."""
     layer = _layer(nb, N, K, G, seed=tokens)
-    x = torch.randn(tokens, K, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, K, generator=gen)
     ref = x @ bb.dequantize(layer.signs, layer.scales).t()
     y = custom_ops.binary_bases_reference()(x, layer.signs, layer.scales)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+    index = torch.randint(0, K, (N, 3), generator=gen, dtype=torch.int16)  # and with 3 kept outliers per row
+    values = torch.randn(N, 3, generator=gen).half()
+    ref = ref + bb.outlier_sum(x, index, values)
+    y = custom_ops.binary_bases_reference()(x, layer.signs, layer.scales, index, values)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
 
 
@@ -110,6 +116,8 @@ def test_qbb_model_exports_with_parity(lowering, outliers, tmp_path):
         inits = {i.name: i for i in onnx_model.graph.initializer}
         ops = [n for n in onnx_model.graph.node if n.op_type == "BinaryBasesLinear"]
         assert len(ops) == 14
+        assert manifest["fusions"].get("BinaryBasesLinear.outliers", 0) == (14 if outliers else 0)
+        assert all(len([i for i in n.input if i]) == (5 if outliers else 3) for n in ops)  # outliers in the op
         signs = [inits[n.input[1]] for n in ops]
         assert all(c.data_type == onnx.TensorProto.UINT8 for c in signs)
         shapes = [s for name, s in cm.program.linear_shapes.items() if name != "lm_head"]

@@ -1,7 +1,9 @@
 /* llmc.BinaryBasesLinear: y = x Wᵀ with W = Σ_i α_i ⊙ B_i read from its packed signs (llmc::binary_bases_linear).
 
    Inputs: x float [..., K]; signs uint8 [nb, N, K/8] (bit t of byte j is B_i[n, 8j + t] > 0, low bit
-   first); scales float [nb, N, G] (one per basis, row and group of K/G inputs). Output y float [..., N].
+   first); scales float [nb, N, G] (one per basis, row and group of K/G inputs); optionally the kept
+   outliers, column indices int32 [N, k] and values float [N, k], added as y[n] += Σ_j values[n, j]
+   x[index[n, j]] (qbb_quant's `outliers`). Output y float [..., N].
 
    A sign is a choice between adding and subtracting its input, which is what AVX-512's masked
    arithmetic does with the bits as they are stored: for 16 inputs, two bytes of signs are the mask of
@@ -204,6 +206,21 @@ static void dequantize_portable(const llmc_bb_args *a, int64_t n0, int64_t n1, f
     }
 }
 
+/* The kept outliers of rows n0 .. n1, every token: y[t, n] += Σ_j values[n, j] x[t, index[n, j]]. */
+static void add_outliers(const llmc_bb_args *a, int64_t n0, int64_t n1) {
+    if (!a->outliers) return;
+    for (int64_t t = 0; t < a->T; t++) {
+        const float *x = a->x + t * a->K;
+        for (int64_t n = n0; n < n1; n++) {
+            const int32_t *index = a->outlier_index + n * a->outliers;
+            const float *values = a->outlier_values + n * a->outliers;
+            float sum = 0.0f;
+            for (int64_t j = 0; j < a->outliers; j++) sum += values[j] * x[index[j]];
+            a->y[t * a->N + n] += sum;
+        }
+    }
+}
+
 static void decode_task(void *arg, size_t i) {
     const bb_job *job = (const bb_job *)arg;
     const int64_t n0 = (int64_t)i * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < job->a->N ? n0 + ROWS_PER_TASK : job->a->N;
@@ -211,6 +228,7 @@ static void decode_task(void *arg, size_t i) {
         rows_avx512(job, n0, n1);
     else
         rows_portable(job, n0, n1);
+    add_outliers(job->a, n0, n1);
 }
 
 static void block_task_bb(void *arg, size_t i) {
@@ -230,10 +248,13 @@ static void block_task_bb(void *arg, size_t i) {
         dequantize_portable(a, n0, n1, w);
     llmc_multiply_rows(a->x, a->T, (int)a->K, w, (int)(n1 - n0), a->y, (int)a->N, (int)n0);
     free(w);
+    add_outliers(a, n0, n1);
 }
 
 int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, void *context) {
-    if (a->K % 8 || a->G < 1 || a->K % a->G || a->nb < 1) return 1;
+    if (a->K % 8 || a->G < 1 || a->K % a->G || a->nb < 1 || a->outliers < 0) return 1;
+    for (int64_t i = 0; i < a->N * a->outliers; i++)
+        if (a->outlier_index[i] < 0 || a->outlier_index[i] >= a->K) return 1;
     bb_job job = {a, NULL, has_avx512() && llmc_vq_isa_limit >= 1 && (a->K / a->G) % 16 == 0, 0};
     if (a->T == 0 || a->N == 0) return 0;
     if (a->T > DECODE_TOKENS) {

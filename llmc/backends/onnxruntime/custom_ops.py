@@ -179,24 +179,30 @@ class _BinaryBasesArgs(ctypes.Structure):
     """llmc_bb_args of llmc_ort_ops.h."""
 
     _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "signs", "scales", "y")]
-                + [(n, ctypes.c_int64) for n in ("T", "K", "N", "nb", "G")])
+                + [(n, ctypes.c_int64) for n in ("T", "K", "N", "nb", "G")]
+                + [("outlier_index", ctypes.c_void_p), ("outlier_values", ctypes.c_void_p), ("outliers", ctypes.c_int64)])
 
 
 def binary_bases_reference():
     """llmc.BinaryBasesLinear's kernel as a Python function of torch tensors (single thread; for tests):
-    f(x [T, K], signs uint8 [nb, N, K/8], scales [nb, N, G]) -> y [T, N]."""
+    f(x [T, K], signs uint8 [nb, N, K/8], scales [nb, N, G], outlier_index=None, outlier_values=None) -> y [T, N]."""
     import torch
 
     run = ctypes.CDLL(library_path()).llmc_binary_bases_linear
     run.argtypes = [ctypes.POINTER(_BinaryBasesArgs)]
     run.restype = ctypes.c_int
 
-    def f(x, signs, scales):
+    def f(x, signs, scales, outlier_index=None, outlier_values=None):
         x, signs, scales = x.float().contiguous(), signs.contiguous(), scales.float().contiguous()
         nb, N, J = signs.shape
         y = torch.empty(x.shape[0], N)
+        k = 0 if outlier_index is None else outlier_index.shape[1]
+        index = None if outlier_index is None else outlier_index.to(torch.int32).contiguous()
+        values = None if outlier_values is None else outlier_values.float().contiguous()
         status = run(ctypes.byref(_BinaryBasesArgs(x.data_ptr(), signs.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                                                   x.shape[0], J * 8, N, nb, scales.shape[2])))
+                                                   x.shape[0], J * 8, N, nb, scales.shape[2],
+                                                   index.data_ptr() if k else None,
+                                                   values.data_ptr() if k else None, k)))
         if status:
             raise (MemoryError if status == 2 else ValueError)(f"llmc_binary_bases_linear failed ({status})")
         return y

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from llmc.backends.onnxruntime import custom_ops
+from llmc.backends.onnxruntime.bases_outliers import fuse_bases_outliers
 from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
 from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel
 from llmc.backends.onnxruntime.translations import TRANSLATIONS, VQ_LOWERINGS, translations
@@ -146,13 +147,15 @@ def _genai_config(program, library: str | None = None) -> dict:
 
 def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> tuple[float, dict]:
     """torch.onnx.export of the re-exported program into `folder` with the translations of `lowering`
-    (with "kernel", a CQ cache's attention reads the codes: llmc.backends.onnxruntime.cq_attention),
+    (with "kernel", a CQ cache's attention reads the codes, llmc.backends.onnxruntime.cq_attention, and
+    binary-bases layers take their outliers in the same op, llmc.backends.onnxruntime.bases_outliers),
     then (if `fuse`) the fused lowering (llmc.backends.onnxruntime.fusion); returns seconds and
     the rewrite counts."""
     t0 = time.perf_counter()
-    gm, coded_attention = program.gm, 0
+    gm, counts = program.gm, {}
     if lowering == "kernel":
-        gm, coded_attention = fuse_cq_attention(program.gm)
+        gm, counts["CQAttention"] = fuse_cq_attention(gm)
+        gm, counts["BinaryBasesLinear.outliers"] = fuse_bases_outliers(gm)
     table = translations(lowering or "dequantize")
     ep = program.exported(gm)
     input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]
@@ -170,7 +173,7 @@ def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> t
     if written != {DATA_FILE}:  # the exporter names the data file after the model file
         raise ExportError(f"unexpected files beside {MODEL_FILE}: {sorted(written)}")
     _rename_dims(path, program)
-    fusions = {"CQAttention": coded_attention} if coded_attention else {}
+    fusions = {k: v for k, v in counts.items() if v}
     if fuse:
         from llmc.backends.onnxruntime.fusion import fuse as fuse_graph
 
@@ -294,7 +297,8 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
     `vq_lowering` picks how coded tensors are read (`resolve_vq_lowering`): "kernel" puts llmc's
     custom-op library in the folder (`libllmc_ort_ops.so`, named in the manifest, registered by
     OrtModel), whose ops read vector codes, binary bases and a CQ cache's codes at run time (the
-    manifest's "fusions" counts the CQAttention layers); "dequantize" writes standard ONNX only. `fuse` rewrites norms, the
+    manifest's "fusions" counts the CQAttention layers and the binary-bases layers that took their
+    outliers in); "dequantize" writes standard ONNX only. `fuse` rewrites norms, the
     rotary embedding and MatMulNBits siblings into ONNX Runtime's fused contrib ops
     (llmc.backends.onnxruntime.fusion); the manifest's "fusions" says which fired, how many times.
 

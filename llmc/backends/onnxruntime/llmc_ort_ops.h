@@ -53,14 +53,17 @@ typedef struct {
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context);
 void llmc_cq_encode(const llmc_cq_encode_args *a);
 
-/* llmc.BinaryBasesLinear (binary_bases_ort.c): y = x Wᵀ, W = Σ_i scales_i ⊙ signs_i. Returns 0, 1 on
-   inconsistent sizes, 2 when out of memory. */
+/* llmc.BinaryBasesLinear (binary_bases_ort.c): y = x Wᵀ, W = Σ_i scales_i ⊙ signs_i, plus kept outliers.
+   Returns 0, 1 on inconsistent sizes, 2 when out of memory. */
 typedef struct {
     const float *x;         /* [T, K] */
     const uint8_t *signs;   /* [nb, N, K/8] */
     const float *scales;    /* [nb, N, G] */
     float *y;               /* [T, N] */
     int64_t T, K, N, nb, G;
+    const int32_t *outlier_index;  /* [N, outliers] column indices, or NULL */
+    const float *outlier_values;   /* [N, outliers]: y[t, n] += Σ_j values[n, j] x[t, index[n, j]] */
+    int64_t outliers;
 } llmc_bb_args;
 
 int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, void *context);

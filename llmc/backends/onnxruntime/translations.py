@@ -81,9 +81,11 @@ def register_contrib_schemas() -> None:
             "BinaryBasesLinear", "llmc", 1,
             doc="y = x @ Wᵀ, W a sum of scaled binary bases read from its packed signs (llmc's custom-op library; "
                 "layout in backends/onnxruntime/binary_bases_ort.c).",
-            inputs=[P("x", "T"), P("signs", "T2"), P("scales", "T")], outputs=[P("y", "T")],
-            type_constraints=[("T", ["tensor(float)"], "activations, scales [nb, N, G]"),
-                              ("T2", ["tensor(uint8)"], "signs [nb, N, K/8]")]))
+            inputs=[P("x", "T"), P("signs", "T2"), P("scales", "T"), P("outlier_index", "T3", param_option=Opt),
+                    P("outlier_values", "T", param_option=Opt)], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations, scales [nb, N, G], outlier values [N, k]"),
+                              ("T2", ["tensor(uint8)"], "signs [nb, N, K/8]"),
+                              ("T3", ["tensor(int32)"], "outlier column indices [N, k]")]))
     if not onnx.defs.has("CQEncode", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "CQEncode", "llmc", 1,
@@ -326,6 +328,16 @@ def binary_bases_linear_kernel(x, signs, scales):
     return op.CastLike(y, x)
 
 
+def binary_bases_linear_outliers_kernel(x, signs, scales, outlier_index, outlier_values):
+    """llmc::binary_bases_linear_outliers -> llmc.BinaryBasesLinear with the outliers' column indices (int32) and
+    values (float32) as inputs 3 and 4, added in the op (casts of initializers, folded at load)."""
+    y = LLMC.BinaryBasesLinear(op.Cast(x, to=onnx.TensorProto.FLOAT), signs,
+                               op.Cast(scales, to=onnx.TensorProto.FLOAT),
+                               op.Cast(outlier_index, to=onnx.TensorProto.INT32),
+                               op.Cast(outlier_values, to=onnx.TensorProto.FLOAT))
+    return op.CastLike(y, x)
+
+
 def binary_bases_linear_stacked(x, signs, scales):
     """llmc::binary_bases_linear -> one llmc.VQLinear over the bases stacked as rows, then a sum over the bases
     (the kernel lowering before llmc.BinaryBasesLinear, kept for `benchmarks/qbb_quant.py --layer`).
@@ -387,6 +399,7 @@ def translations(vq_lowering: str = "dequantize") -> dict:
     if vq_lowering == "kernel":
         table[torch.ops.llmc.vq_linear.default] = vq_linear_kernel
         table[torch.ops.llmc.binary_bases_linear.default] = binary_bases_linear_kernel
+        table[torch.ops.llmc.binary_bases_linear_outliers.default] = binary_bases_linear_outliers_kernel
         table[torch.ops.llmc.cq_attention.default] = cq_attention_kernel
         table[torch.ops.llmc.cq_encode.default] = cq_encode_kernel
     return table

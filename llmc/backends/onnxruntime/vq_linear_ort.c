@@ -504,8 +504,8 @@ enum {
 };
 enum { OP_API_VERSION = 16, PARALLEL_API_VERSION = 17 };
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
-enum { IO_REQUIRED = 0 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6 };
+enum { IO_REQUIRED = 0, IO_OPTIONAL = 1 };
 enum { MAX_RANK = 8 };
 
 typedef OrtStatus *(*CreateStatus_t)(int code, const char *msg);
@@ -750,19 +750,23 @@ static const OrtCustomOp cq_encode_op = {
     zero, one, zero, create_kernel_v2, encode_compute,
 };
 
-/* llmc.BinaryBasesLinear (binary_bases_ort.c): x, signs, scales -> y. */
+/* llmc.BinaryBasesLinear (binary_bases_ort.c): x, signs, scales[, outlier index, outlier values] -> y. */
 static const char *bb_name(const OrtCustomOp *op) { return (void)op, "BinaryBasesLinear"; }
-static int bb_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+static int bb_input_type(const OrtCustomOp *op, size_t i) {
+    return (void)op, i == 1 ? TYPE_UINT8 : i == 3 ? TYPE_INT32 : TYPE_FLOAT;
+}
+static size_t bb_input_count(const OrtCustomOp *op) { return (void)op, 5; }
+static int bb_input_characteristic(const OrtCustomOp *op, size_t i) { return (void)op, i < 3 ? IO_REQUIRED : IO_OPTIONAL; }
 
 static OrtStatus *bb_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
-    void *data[3];
-    int64_t dims[3][MAX_RANK];
-    size_t rank[3];
-    for (size_t i = 0; i < 3; i++) {
+    void *data[5] = {NULL};
+    int64_t dims[5][MAX_RANK];
+    size_t rank[5] = {0};
+    for (size_t i = 0; i < 5; i++) {
         const OrtValue *value = NULL;
         OrtStatus *status = ORT(KernelContext_GetInput)(context, i, &value);
-        if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
+        if (!status && value) status = tensor(value, &data[i], dims[i], &rank[i]);
         if (status) return status;
     }
     const int64_t *s = dims[1], *sc = dims[2];
@@ -770,6 +774,12 @@ static OrtStatus *bb_compute(void *kernel, OrtKernelContext *context) {
         sc[1] != s[1] || sc[2] < 1 || (s[2] * 8) % sc[2])
         return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, "BinaryBasesLinear: expected x [..., K], signs [nb, N, K/8], "
                                                        "scales [nb, N, G] with G dividing K");
+    const int with_outliers = data[3] != NULL;
+    if (with_outliers != (data[4] != NULL) ||
+        (with_outliers && (rank[3] != 2 || rank[4] != 2 || dims[3][0] != s[1] || dims[4][0] != s[1] ||
+                           dims[3][1] != dims[4][1])))
+        return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, "BinaryBasesLinear: outlier index and values must both be "
+                                                       "given, int32 [N, k] and float [N, k]");
     int64_t out_dims[MAX_RANK], T = 1;
     for (size_t d = 0; d + 1 < rank[0]; d++) T *= (out_dims[d] = dims[0][d]);
     out_dims[rank[0] - 1] = s[1];
@@ -779,18 +789,22 @@ static OrtStatus *bb_compute(void *kernel, OrtKernelContext *context) {
     if (!status) status = ORT(GetTensorMutableData)(out, &y);
     if (status) return status;
     const llmc_bb_args args = {.x = data[0], .signs = data[1], .scales = data[2], .y = y, .T = T, .K = s[2] * 8,
-                               .N = s[1], .nb = s[0], .G = sc[2]};
-    if (llmc_binary_bases_linear_run(&args, parallel_ort, context))
-        return ORT(CreateStatus)(ORT_FAIL, "BinaryBasesLinear: out of memory");
+                               .N = s[1], .nb = s[0], .G = sc[2], .outlier_index = data[3],
+                               .outlier_values = data[4], .outliers = with_outliers ? dims[3][1] : 0};
+    const int failed = llmc_binary_bases_linear_run(&args, parallel_ort, context);
+    if (failed)
+        return ORT(CreateStatus)(failed == 2 ? ORT_FAIL : ORT_INVALID_ARGUMENT,
+                                 failed == 2 ? "BinaryBasesLinear: out of memory"
+                                             : "BinaryBasesLinear: an outlier index outside the input width");
     return NULL;
 }
 
 static void bb_compute_v1(void *kernel, OrtKernelContext *context) { (void)bb_compute(kernel, context); }
 
 static const OrtCustomOp binary_bases_op = {
-    OP_API_VERSION, create_kernel, bb_name, op_provider, bb_input_type, encode_input_count, output_type,
-    output_count, bb_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
-    create_kernel_v2, bb_compute,
+    OP_API_VERSION, create_kernel, bb_name, op_provider, bb_input_type, bb_input_count, output_type,
+    output_count, bb_compute_v1, kernel_destroy, bb_input_characteristic, required, default_memory, one, zero, one,
+    zero, create_kernel_v2, bb_compute,
 };
 
 /* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear,

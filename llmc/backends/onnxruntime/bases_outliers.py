@@ -1,0 +1,78 @@
+"""Binary bases and their kept outliers as one op: `fuse_bases_outliers(gm)` for the ONNX export.
+
+qbb_quant with `outliers=k` writes each layer as llmc::binary_bases_linear plus a correction
+Σ_j values[n, j] · x[index[n, j]] in standard ops (an index_select of the inputs, a multiply, a sum
+and an add: five small ONNX nodes a layer). `fuse_bases_outliers` finds that pattern in a copy of
+the graph and puts `llmc::binary_bases_linear_outliers` in its place (the same function), which the
+kernel lowering writes as one llmc.BinaryBasesLinear node with the outliers as two more inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+_RESHAPES = (aten.view.default, aten.reshape.default, aten.unflatten.int, aten._unsafe_view.default,
+             aten._to_copy.default, aten.clone.default)
+
+
+def _call(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _through_reshapes(node):
+    """The node under any chain of reshapes and dtype copies."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _RESHAPES:
+        node = node.args[0]
+    return node
+
+
+def _site(add: fx.Node):
+    """(x, signs, scales, index, values) when `add` is binary_bases_linear(x, ...) + Σ values·x[index], else None."""
+    if not _call(add, aten.add.Tensor) or len(add.args) != 2:
+        return None
+    for y, corr in (add.args, add.args[::-1]):
+        if not _call(y, torch.ops.llmc.binary_bases_linear.default) or not _call(corr, aten.sum.dim_IntList):
+            continue
+        x, signs, scales = y.args
+        last = [-1] + ([x.meta["val"].dim()] if "val" in x.meta else [])  # picked [..., N, k] has one dim more
+        if len(corr.args) != 2 or len(corr.args[1]) != 1 or corr.args[1][0] not in last or corr.kwargs:
+            continue
+        prod = corr.args[0]
+        if not _call(prod, aten.mul.Tensor):
+            continue
+        for picked, vals in (prod.args, prod.args[::-1]):
+            gather = _through_reshapes(picked)
+            values = _through_reshapes(vals)
+            if not (_call(gather, aten.index_select.default) and gather.args[0] is x and gather.args[1] == -1):
+                continue
+            index = _through_reshapes(gather.args[2])
+            if index.op == "get_attr" and isinstance(values, fx.Node) and values.op == "get_attr":
+                return x, signs, scales, index, values
+    return None
+
+
+def fuse_bases_outliers(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its tensors) with every binary-bases layer and its outliers as
+    llmc::binary_bases_linear_outliers, and how many were; `gm` itself when there is none."""
+    sites = [(n, args) for n in gm.graph.nodes if (args := _site(n)) is not None]
+    if not sites:
+        return gm, 0
+    fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = dict(zip(gm.graph.nodes, fused.graph.nodes))
+    graph = fused.graph
+    for add, args in sites:
+        old = nodes[add]
+        with graph.inserting_before(old):
+            new = graph.call_function(torch.ops.llmc.binary_bases_linear_outliers.default,
+                                      tuple(nodes[a] for a in args))
+        new.meta = dict(old.meta)
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+    graph.eliminate_dead_code()
+    graph.lint()
+    fused.recompile()
+    return fused, len(sites)
