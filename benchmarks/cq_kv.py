@@ -14,7 +14,8 @@ codebooks are kept in --cache-dir and shared between rows.
 Also per row, from the Program's size report (`size_report()["kv_cache"]`, recorded as `kv_cache`):
 bits per channel, KV bytes per token per layer, fixed bytes (codebooks, key ranges, float
 windows), and from them the largest context whose cache fits in 1 GiB at batch 1. With --ort: the
-FP and the `--ort-pass` models exported to ONNX, decode tokens/s (batch 1, 128+128, medians of
+FP and the `--ort-pass` models exported to ONNX (the latter with llmc.CQAttention and with standard
+ops, both with their ORT perplexity beside torch's), decode tokens/s (batch 1, 128+128, medians of
 interleaved rounds) and parity, in the same run.
 
 Accounting of rows written before the size report had a `kv_cache` entry (rows without
@@ -120,34 +121,45 @@ def kv_cost(program) -> dict:
             "max_context_1gib_batch1": int((GIB - fixed) // kv["bytes_per_token"]), "kv_cache": kv}
 
 
-def decode_speed(args, src, ids, rows):
-    """Export FP and `--ort-pass` (default CQ 4c8b) to ONNX; decode speed of both, interleaved, same prompt."""
+def decode_speed(args, src, ids, rows, protocol: str):
+    """Export FP and `--ort-pass` (default CQ 4c8b) to ONNX, the latter with the kernel lowering (llmc.CQAttention)
+    and with standard ops; decode speed of the three, interleaved, same prompt; the perplexity of both CQ exports
+    and of the same compiled model in torch under `protocol`."""
     from llmc.backends.onnxruntime import OrtModel, lower
 
     calib = data.calibration_batches(src.tokenizer, "wikitext2-valid", seed=0)
-    models = {}
-    for label, passes in (("fp", []), ("cq", [f"{args.ort_pass},cache_dir={args.cache_dir}"])):
-        cm = llmc.compile(src, passes=passes, calibration=calib if passes else None)
+    models, ppl = {}, {}
+    cq = llmc.compile(src, passes=[f"{args.ort_pass},cache_dir={args.cache_dir}"], calibration=calib)
+    ppl["torch"] = perplexity(cq, ids, protocol).ppl
+    for label, cm, lowering in (("fp", llmc.compile(src), "auto"), ("cq", cq, "auto"), ("cq-std", cq, "dequantize")):
         out = os.path.join(args.out, label)
         shutil.rmtree(out, ignore_errors=True)
-        lower(cm.program, out)
+        lower(cm.program, out, vq_lowering=lowering)
         with open(os.path.join(out, "llmc_onnx.json")) as f:
-            parity = json.load(f)["parity"]
-        models[label] = (OrtModel(out, threads=args.threads), parity)
+            manifest = json.load(f)
+        models[label] = (OrtModel(out, threads=args.threads), manifest["parity"], manifest["vq_lowering"],
+                         manifest["fusions"])
+        if label != "fp":
+            ppl[label] = perplexity(models[label][0], ids, protocol).ppl
     prompt = ids[:128].tolist()
     engines = {label: (lambda m=m: m.generate(prompt, 128, ignore_eos=True, return_tokens=True))
-               for label, (m, _) in models.items()}
+               for label, (m, *_) in models.items()}
     tps, tokens = interleaved_rates(engines, args.repeats)
     med = {k: statistics.median(v) for k, v in tps.items()}
-    for label, (m, parity) in models.items():
+    for label, (m, parity, lowering, fusions) in models.items():
         what = "fp" if label == "fp" else args.ort_pass
-        rows.append({"row": f"ort-{label}", "method": f"ONNX Runtime, {what} cache: greedy decode, batch 1, 128+128",
-                     "tokens_per_s": round(med[label], 2), "fp_cache_tokens_per_s": round(med["fp"], 2),
-                     "ratio_to_fp_cache": round(med[label] / med["fp"], 3),
-                     "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
-                     "same_tokens_as_fp_cache": tokens[label] == tokens["fp"], "commit": STARTED_AT})
-        print(f"decode {label}: {med[label]:.1f} tok/s ({med[label] / med['fp']:.2f}x FP cache), parity {parity}",
-              flush=True)
+        entry = {"row": f"ort-{label}", "method": f"ONNX Runtime, {what} cache ({lowering} lowering): greedy decode, "
+                 "batch 1, 128+128", "vq_lowering": lowering, "fusions": fusions,
+                 "tokens_per_s": round(med[label], 2), "fp_cache_tokens_per_s": round(med["fp"], 2),
+                 "ratio_to_fp_cache": round(med[label] / med["fp"], 3),
+                 "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
+                 "same_tokens_as_fp_cache": tokens[label] == tokens["fp"], "commit": STARTED_AT}
+        if label in ppl:
+            entry.update({"ort_protocol": protocol, "ort_ppl": round(ppl[label], 4), "torch_ppl": round(ppl["torch"], 4),
+                          "ort_minus_torch": round(ppl[label] - ppl["torch"], 4)})
+        rows.append(entry)
+        print(f"decode {label}: {med[label]:.1f} tok/s ({med[label] / med['fp']:.2f}x FP cache), parity {parity}"
+              + (f", ppl {ppl[label]:.4f} (torch {ppl['torch']:.4f})" if label in ppl else ""), flush=True)
 
 
 def main() -> None:
@@ -209,7 +221,7 @@ def main() -> None:
                                                  "max_context_1gib_batch1")}), flush=True)
         save()
     if args.ort and not any(r["row"].startswith("ort-") for r in rows):
-        decode_speed(args, src, ids, rows)
+        decode_speed(args, src, ids, rows, protocol)
         save()
     print("peak RSS", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "MB")
 
