@@ -155,8 +155,8 @@ def decode_speed(args, src, ids, rows, protocol: str):
                  "all_tokens_per_s": [round(v, 2) for v in tps[label]], "parity": parity,
                  "same_tokens_as_fp_cache": tokens[label] == tokens["fp"], "commit": STARTED_AT}
         if label in ppl:
-            entry.update({"ort_protocol": protocol, "ort_ppl": round(ppl[label], 4), "torch_ppl": round(ppl["torch"], 4),
-                          "ort_minus_torch": round(ppl[label] - ppl["torch"], 4)})
+            entry.update({"ort_protocol": protocol, "ort_ppl": round(ppl[label], 4),
+                          "torch_ppl": round(ppl["torch"], 4), "ort_minus_torch": round(ppl[label] - ppl["torch"], 4)})
         rows.append(entry)
         print(f"decode {label}: {med[label]:.1f} tok/s ({med[label] / med['fp']:.2f}x FP cache), parity {parity}"
               + (f", ppl {ppl[label]:.4f} (torch {ppl['torch']:.4f})" if label in ppl else ""), flush=True)

@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 import llmc
 from benchmarks.common import STARTED_AT, load_rows, row_definitions, write_result

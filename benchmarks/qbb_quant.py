@@ -72,7 +72,6 @@ ROWS = {
     "n4-g192-o4-s12-ef": ["qbb_quant:bases=4,group=192,outliers=4,stages=12,refine=gptq,objective=input"],
     "n3-g96-s12-ef": ["qbb_quant:bases=3,group=96,stages=12,refine=gptq,objective=input"],
     "n3-g192-o4-s12-ef": ["qbb_quant:bases=3,group=192,outliers=4,stages=12,refine=gptq,objective=input"],
-    "n4-o4-s1": ["qbb_quant:bases=4,outliers=4,stages=1"],
     "n4-g192-o4-s123-ef-wiki-150": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
                                     "scale_steps=150,scale_data=wikitext2-valid"],
     "n4-g192-o4-s123-ef-wiki-v": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"

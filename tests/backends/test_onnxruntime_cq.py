@@ -108,7 +108,8 @@ def test_rewrite_takes_every_layer_and_computes_the_same(cq_llama):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["cq_kv:config=4c8b,tokens=512,window=2", "cq_kv:config=4c8b,tokens=512,exact_current=false"])
+@pytest.mark.parametrize("spec", ["cq_kv:config=4c8b,tokens=512,window=2",
+                                  "cq_kv:config=4c8b,tokens=512,exact_current=false"])
 def test_rewrite_leaves_other_cq_caches_alone(spec):
     cm = llmc.compile(tiny_model("llama"), passes=[spec], calibration=_calib(4), tokenizer=tiny_tokenizer(),
                       progress=False)

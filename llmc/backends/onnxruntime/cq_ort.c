@@ -118,7 +118,8 @@ static cq_views views(const llmc_cq_attention_args *a, int64_t b, int64_t h, int
     const int64_t bh = b * a->H + h, R = a->R, D = a->D;
     cq_views v = {
         .q = a->q + (bh * R + r0) * D, .cos = a->cos + b * a->table_batch_stride,
-        .sin = a->signed_sin + b * a->table_batch_stride, .bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols,
+        .sin = a->signed_sin + b * a->table_batch_stride,
+        .bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols,
         .key_new = a->key_new + bh * a->S * D, .value_new = a->value_new + bh * a->S * D,
         .kbook = a->key_codebooks + h * a->Gk * a->Kk * a->ck, .vbook = a->value_codebooks + h * a->Gv * a->Kv * a->cv,
         .kcodes = a->key_codes + bh * a->P * a->Gk, .vcodes = a->value_codes + bh * a->P * a->Gv,
@@ -274,10 +275,11 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
             const int64_t t = P + t0 + j;
             const float *key = v.key_new + (t0 + j) * D, *c = v.cos + t * D, *s = v.sin + t * D;
             float rotated[128];
-            for (int64_t m = 0; m < NV; m++)
-                _mm512_storeu_ps(rotated + 16 * m,
-                                 _mm512_fmadd_ps(_mm512_loadu_ps(key + 16 * ((m + HV) % NV)), _mm512_loadu_ps(s + 16 * m),
-                                                 _mm512_mul_ps(_mm512_loadu_ps(key + 16 * m), _mm512_loadu_ps(c + 16 * m))));
+            for (int64_t m = 0; m < NV; m++) {
+                const __m512 rolled = _mm512_loadu_ps(key + 16 * ((m + HV) % NV));
+                const __m512 straight = _mm512_mul_ps(_mm512_loadu_ps(key + 16 * m), _mm512_loadu_ps(c + 16 * m));
+                _mm512_storeu_ps(rotated + 16 * m, _mm512_fmadd_ps(rolled, _mm512_loadu_ps(s + 16 * m), straight));
+            }
             for (int64_t d = 0; d < D; d++) block[d * 16 + j] = rotated[d];
         }
     }

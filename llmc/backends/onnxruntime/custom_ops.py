@@ -180,7 +180,8 @@ class _BinaryBasesArgs(ctypes.Structure):
 
     _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "signs", "scales", "y")]
                 + [(n, ctypes.c_int64) for n in ("T", "K", "N", "nb", "G")]
-                + [("outlier_index", ctypes.c_void_p), ("outlier_values", ctypes.c_void_p), ("outliers", ctypes.c_int64)])
+                + [("outlier_index", ctypes.c_void_p), ("outlier_values", ctypes.c_void_p),
+                   ("outliers", ctypes.c_int64)])
 
 
 def binary_bases_reference():

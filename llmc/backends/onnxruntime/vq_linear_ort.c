@@ -641,7 +641,9 @@ enum { PARALLEL_MIN_WORK = 1 << 18 };
 /* llmc.CQAttention (cq_ort.c): 11 inputs, codes at 1 and 4; one output. */
 static int input_type_float(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, TYPE_FLOAT; }
 static const char *cq_name(const OrtCustomOp *op) { return (void)op, "CQAttention"; }
-static int cq_input_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 1 || i == 4 ? TYPE_UINT8 : TYPE_FLOAT; }
+static int cq_input_type(const OrtCustomOp *op, size_t i) {
+    return (void)op, i == 1 || i == 4 ? TYPE_UINT8 : TYPE_FLOAT;
+}
 static size_t cq_input_count(const OrtCustomOp *op) { return (void)op, 11; }
 
 static OrtStatus *cq_invalid(const char *what) {
@@ -676,7 +678,8 @@ static OrtStatus *cq_compute(void *kernel, OrtKernelContext *context) {
         kn[3] != D || kb[0] != H || vb[0] != H || kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D ||
         vb[1] * vb[3] != D || P + S < 1)
         return cq_invalid("codes, new tokens or codebooks do not match q");
-    if (D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256) return cq_invalid("head or codebook too large");
+    if (D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256)
+        return cq_invalid("head or codebook too large");
     const int64_t *cs = dims[COS], *sn = dims[SIN], *bi = dims[BIAS];
     for (int k = 0; k < 4; k++)
         if (cs[k] != sn[k]) return cq_invalid("cos and sin differ in shape");
@@ -738,7 +741,8 @@ static OrtStatus *encode_compute(void *kernel, OrtKernelContext *context) {
     if (status) return status;
     const llmc_cq_encode_args args = {.x = data[0], .codebooks_t = data[1], .norms = data[2], .B = x[0], .H = x[1],
                                       .S = x[2], .G = cb[1], .K = cb[3], .c = cb[2], .codes = codes};
-    llmc_cq_encode_run(&args, x[0] * x[1] * x[2] * x[3] * cb[3] < PARALLEL_MIN_WORK ? llmc_serial : parallel_ort, context);
+    const int small = x[0] * x[1] * x[2] * x[3] * cb[3] < PARALLEL_MIN_WORK;
+    llmc_cq_encode_run(&args, small ? llmc_serial : parallel_ort, context);
     return NULL;
 }
 
@@ -756,7 +760,9 @@ static int bb_input_type(const OrtCustomOp *op, size_t i) {
     return (void)op, i == 1 ? TYPE_UINT8 : i == 3 ? TYPE_INT32 : TYPE_FLOAT;
 }
 static size_t bb_input_count(const OrtCustomOp *op) { return (void)op, 5; }
-static int bb_input_characteristic(const OrtCustomOp *op, size_t i) { return (void)op, i < 3 ? IO_REQUIRED : IO_OPTIONAL; }
+static int bb_input_characteristic(const OrtCustomOp *op, size_t i) {
+    return (void)op, i < 3 ? IO_REQUIRED : IO_OPTIONAL;
+}
 
 static OrtStatus *bb_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
