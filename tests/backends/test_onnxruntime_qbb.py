@@ -115,8 +115,12 @@ def test_qbb_model_exports_with_parity(lowering, outliers, tmp_path):
     if lowering == "kernel":  # one BinaryBasesLinear a layer on its packed signs: 1 bit per weight and basis
         inits = {i.name: i for i in onnx_model.graph.initializer}
         ops = [n for n in onnx_model.graph.node if n.op_type == "BinaryBasesLinear"]
-        assert len(ops) == 14
-        assert manifest["fusions"].get("BinaryBasesLinear.outliers", 0) == (14 if outliers else 0)
+        assert len(ops) == 8  # per layer: q/k/v merged, gate/up merged, o, down
+        fusions = manifest["fusions"]
+        assert fusions["BinaryBasesLinearMerge"] == 4 and fusions["BinaryBasesLinearMerge.linears"] == 10
+        assert fusions.get("BinaryBasesLinear.outliers", 0) == (14 if outliers else 0)
+        read = {i for n in onnx_model.graph.node for i in n.input}
+        assert set(inits) <= read  # the merged layers' own tensors are gone from the file
         assert all(len([i for i in n.input if i]) == (5 if outliers else 3) for n in ops)  # outliers in the op
         signs = [inits[n.input[1]] for n in ops]
         assert all(c.data_type == onnx.TensorProto.UINT8 for c in signs)

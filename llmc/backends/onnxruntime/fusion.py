@@ -19,6 +19,9 @@ applies the rewrites below in order, saves it in place and returns how many time
                                        MatMulNBits over their codes, scales and zero points
                                        concatenated along N, then a Split (`merge_matmulnbits`);
                                        `MatMulNBitsMerge.linears` counts the layers merged
+    BinaryBasesLinearMerge             the same for llmc.BinaryBasesLinear (qbb_quant with the kernel
+                                       lowering): signs, scales and kept outliers concatenated along N
+                                       (`merge_binary_bases`)
 
 A rewrite only fires where its whole pattern matches, with the constants it needs (epsilon,
 inv_freq, packed weights) known: LayerNorm (with a mean and a bias), a rotation whose cos/sin are
@@ -242,6 +245,88 @@ def merge_matmulnbits(model) -> tuple[int, int]:
     return merges, layers
 
 
+def _const_or_cast(value) -> np.ndarray | None:
+    """The constant behind `value`, or behind a Cast of a constant (cast here), as numpy; None otherwise."""
+    import onnx_ir as ir
+
+    arr = _const(value)
+    if arr is not None or value is None:
+        return arr
+    node = value.producer()
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return None
+    src = _const(node.inputs[0])
+    if src is None:
+        return None
+    return src.astype(ir.DataType(node.attributes.get_int("to")).numpy())
+
+
+def merge_binary_bases(model) -> tuple[int, int, set]:
+    """Merge llmc.BinaryBasesLinear layers that read one input into one BinaryBasesLinear and a Split; returns
+    (merges, layers).
+
+    Layers merge when they share the input value, the bases, the input width, the scale groups and the
+    number of kept outliers, and their signs, scales and outliers are constants (a Cast of a constant is
+    cast here). Signs [nb, N, K/8] and scales [nb, N, G] are concatenated along N, outlier indices and
+    values [N, k] along their rows, so each output column is computed exactly as before. Also returns the
+    names of the initializers the merged layers read (directly or through a Cast), to drop once unused.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    groups: dict = {}
+    for node in graph:
+        if node.op_type != "BinaryBasesLinear" or node.domain != "llmc" or any(id(o) in outputs for o in node.outputs):
+            continue
+        present = [v for v in node.inputs[1:] if v is not None]
+        consts = [_const_or_cast(v) for v in present]
+        if len(present) not in (2, 4) or any(c is None for c in consts):
+            continue
+        signs, scales = consts[:2]
+        key = (id(node.inputs[0]), len(present), signs.shape[0], signs.shape[2], scales.shape[2],
+               consts[2].shape[1] if len(consts) > 2 else 0, *(c.dtype.str for c in consts))
+        groups.setdefault(key, []).append((node, consts))
+    merges = layers = 0
+    replaced = set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0][0]
+        ns = [c[0].shape[1] for _, c in members]
+        for node, _ in members:
+            for v in node.inputs[1:]:
+                source = v.producer().inputs[0] if v is not None and v.producer() is not None else v
+                if source is not None and source.is_initializer():
+                    replaced.add(source.name)
+        tag = f"llmc_bases_merged_{merges}"
+        packed = []
+        for i, (what, axis) in enumerate((("signs", 1), ("scales", 1), ("outlier_index", 0),
+                                          ("outlier_values", 0))[:len(members[0][1])]):
+            tensor = ir.tensor(np.concatenate([c[i] for _, c in members], axis))
+            v = ir.Value(name=f"{tag}_{what}", const_value=tensor, shape=ir.Shape(tensor.shape),
+                         type=ir.TensorType(tensor.dtype))
+            graph.register_initializer(v)
+            packed.append(v)
+        split_sizes = ir.Value(name=f"{tag}_split", const_value=ir.tensor(np.asarray(ns, dtype=np.int64)))
+        split_sizes.shape, split_sizes.type = ir.Shape([len(ns)]), ir.TensorType(ir.DataType.INT64)
+        graph.register_initializer(split_sizes)
+        merged = ir.node("BinaryBasesLinear", [first.inputs[0], *packed], domain="llmc", name=f"{tag}_linear")
+        split = ir.node("Split", [merged.outputs[0], split_sizes], attributes={"axis": -1},
+                        num_outputs=len(ns), name=f"{tag}_split")
+        merged.outputs[0].name = f"{tag}_out"
+        merged.outputs[0].type = first.outputs[0].type
+        graph.insert_before(first, [merged, split])
+        for (node, _), out in zip(members, split.outputs):
+            out.name = node.outputs[0].name + "_split"
+            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+            node.outputs[0].replace_all_uses_with(out)
+        graph.remove([n for n, _ in members], safe=True)
+        merges += 1
+        layers += len(members)
+    return merges, layers, replaced
+
+
 def fuse(model_path: str, max_positions: int) -> dict[str, int]:
     """Rewrite `model_path` (and its external data file beside it) in place; returns the fusion counts.
 
@@ -265,10 +350,15 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         skip_rms_normalization_ruleset.apply_to_model(model)
         RewriteRuleSet([_rotary_rule_class().rule(max_positions=max_positions)]).apply_to_model(model)
         merges, layers = merge_matmulnbits(model)
+        bases_merges, bases_layers, replaced = merge_binary_bases(model)
         optimizer.remove_unused_nodes(model)
+        for name in replaced:  # the merged layers' own signs, scales and outliers, now read by nobody
+            if name in model.graph.initializers and not model.graph.initializers[name].uses():
+                del model.graph.initializers[name]
         ops = Counter(n.op_type for n in model.graph if n.domain in ("", "com.microsoft"))
         counts = {name: ops.get(name, 0) for name in FUSED_OPS}
-        counts.update({"MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers})
+        counts.update({"MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
+                       "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers})
         # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
         # they are stale; the model is not used after saving
         quiet = logging.getLogger("onnx_ir")
