@@ -39,8 +39,10 @@ def _max_logit_difference(folder_a, folder_b) -> float:
 
 
 def _fusions(simple, skip, rotary, merges, merged):
+    """The fusion counts of a model without binary bases (their merges are tested in test_onnxruntime_qbb.py)."""
     return {"SimplifiedLayerNormalization": simple, "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
-            "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged}
+            "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged,
+            "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0}
 
 
 # The tiny models have 2 layers: 5 RMSNorms (the first reads the embeddings, the other 4 follow a
