@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 
 import torch
 from torch import fx, nn
@@ -183,3 +184,25 @@ def op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return str(target)  # "aten.mul.Tensor"
     return getattr(target, "__name__", str(target))
+
+
+def replace_in_copy(gm: fx.GraphModule, sites: list, target) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (a new graph, the same tensors) where each (node, args) of `sites` is replaced by a call of
+    `target` on `args` (nodes of `gm`, mapped to the copy; other values as they are), dead nodes removed; and
+    how many were replaced. `gm` itself, untouched, when `sites` is empty."""
+    if not sites:
+        return gm, 0
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = dict(zip(gm.graph.nodes, out.graph.nodes))
+    graph = out.graph
+    for node, args in sites:
+        old = nodes[node]
+        with graph.inserting_before(old):
+            new = graph.call_function(target, tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
+        new.meta = dict(old.meta)
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+    graph.eliminate_dead_code()
+    graph.lint()
+    out.recompile()
+    return out, len(sites)

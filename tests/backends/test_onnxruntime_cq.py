@@ -44,14 +44,6 @@ def _case(B, H, R, P, S, D, c, bits, rot, seed=0):
     return q, kc, kn, kb, vc, vn, vb, cos, sin, bias, D**-0.5
 
 
-@pytest.fixture(params=custom_ops.ISA_LEVELS[:2])
-def isa(request):
-    """The portable C path and the AVX-512 one (on a CPU without AVX-512, both portable)."""
-    custom_ops.set_isa_limit(request.param)
-    yield request.param
-    custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
-
-
 @needs_kernel
 @pytest.mark.parametrize("B,H,groups,P,S,D,c,bits,rot", [
     (1, 3, 3, 150, 1, 64, 4, 8, 64),   # a decode step on the AVX-512 path's shape (4-channel groups, whole-head RoPE)

@@ -68,14 +68,6 @@ def test_translation_matches_torch_and_keeps_signs_packed(lowering, nb, G, tmp_p
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-@pytest.fixture(params=custom_ops.ISA_LEVELS[:2])
-def isa(request):
-    """The portable C path and the AVX-512 one (on a CPU without AVX-512, both portable)."""
-    custom_ops.set_isa_limit(request.param)
-    yield request.param
-    custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
-
-
 @needs_kernel
 @pytest.mark.parametrize("nb,N,K,G", [(4, 40, 576, 1), (4, 33, 576, 3), (2, 16, 64, 2), (3, 10, 48, 2), (1, 7, 24, 1)])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])

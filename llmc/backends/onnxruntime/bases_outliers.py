@@ -9,10 +9,10 @@ kernel lowering writes as one llmc.BinaryBasesLinear node with the outliers as t
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx
+
+from llmc.graph import replace_in_copy
 
 aten = torch.ops.aten
 _RESHAPES = (aten.view.default, aten.reshape.default, aten.unflatten.int, aten._unsafe_view.default,
@@ -59,20 +59,4 @@ def fuse_bases_outliers(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its tensors) with every binary-bases layer and its outliers as
     llmc::binary_bases_linear_outliers, and how many were; `gm` itself when there is none."""
     sites = [(n, args) for n in gm.graph.nodes if (args := _site(n)) is not None]
-    if not sites:
-        return gm, 0
-    fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    nodes = dict(zip(gm.graph.nodes, fused.graph.nodes))
-    graph = fused.graph
-    for add, args in sites:
-        old = nodes[add]
-        with graph.inserting_before(old):
-            new = graph.call_function(torch.ops.llmc.binary_bases_linear_outliers.default,
-                                      tuple(nodes[a] for a in args))
-        new.meta = dict(old.meta)
-        old.replace_all_uses_with(new)
-        graph.erase_node(old)
-    graph.eliminate_dead_code()
-    graph.lint()
-    fused.recompile()
-    return fused, len(sites)
+    return replace_in_copy(gm, sites, torch.ops.llmc.binary_bases_linear_outliers.default)

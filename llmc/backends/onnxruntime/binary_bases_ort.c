@@ -56,15 +56,6 @@ static void rows_portable(const bb_job *job, int64_t n0, int64_t n1) {
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,fma")))
 
-static int has_avx512(void) {
-    static int cpu = -1;
-    if (cpu < 0) {
-        __builtin_cpu_init();
-        cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-    }
-    return cpu;
-}
-
 /* The 16 signs of a chunk as a mask (the first input in the low bit), loaded straight into a mask register
    (kmovw from memory is a load; from a general register it would take the port of half the multiply-adds). */
 AVX512 static inline __mmask16 mask_at(const uint8_t *signs, int64_t chunk) {
@@ -192,7 +183,6 @@ AVX512 static void dequantize_avx512(const llmc_bb_args *a, int64_t n0, int64_t 
         }
 }
 #else
-static int has_avx512(void) { return 0; }
 static void rows_avx512(const bb_job *job, int64_t n0, int64_t n1) { rows_portable(job, n0, n1); }
 #endif
 
@@ -258,7 +248,7 @@ int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, vo
     if (a->K % 8 || a->G < 1 || a->K % a->G || a->nb < 1 || a->outliers < 0) return 1;
     for (int64_t i = 0; i < a->N * a->outliers; i++)
         if (a->outlier_index[i] < 0 || a->outlier_index[i] >= a->K) return 1;
-    bb_job job = {a, NULL, has_avx512() && llmc_vq_isa_limit >= 1 && (a->K / a->G) % 16 == 0, 0};
+    bb_job job = {a, NULL, llmc_has_avx512() && llmc_vq_isa_limit >= 1 && (a->K / a->G) % 16 == 0, 0};
     if (a->T == 0 || a->N == 0) return 0;
     if (a->T > DECODE_TOKENS) {
         parallel(context, block_task_bb, (size_t)((a->N + BLOCK_ROWS_BB - 1) / BLOCK_ROWS_BB), &job);

@@ -18,12 +18,10 @@ non-float32 tensors stay as they are.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx
 
-from llmc.graph import attr_tensor
+from llmc.graph import attr_tensor, replace_in_copy
 
 aten = torch.ops.aten
 _LAST = (-1, 3)  # the channel dim of [B, H, T, D]
@@ -140,20 +138,4 @@ def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its tensors) with every CQ attention written as llmc::cq_attention, and
     how many were; `gm` itself when there is none."""
     sites = [(n, args) for n in gm.graph.nodes if (args := _site(gm, n)) is not None]
-    if not sites:
-        return gm, 0
-    fused = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    nodes = dict(zip(gm.graph.nodes, fused.graph.nodes))
-    graph = fused.graph
-    for sdpa, args in sites:
-        old = nodes[sdpa]
-        with graph.inserting_before(old):
-            new = graph.call_function(torch.ops.llmc.cq_attention.default,
-                                      tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
-        new.meta = dict(old.meta)
-        old.replace_all_uses_with(new)
-        graph.erase_node(old)
-    graph.eliminate_dead_code()
-    graph.lint()
-    fused.recompile()
-    return fused, len(sites)
+    return replace_in_copy(gm, sites, torch.ops.llmc.cq_attention.default)

@@ -166,19 +166,10 @@ CLONES static int block_portable(const llmc_cq_attention_args *a, cq_views v) {
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,fma")))
 
-static int has_avx512(void) {
-    static int cpu = -1;
-    if (cpu < 0) {
-        __builtin_cpu_init();
-        cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-    }
-    return cpu;
-}
-
 /* The AVX-512 path's shapes: 4-channel groups (4c<b>b), whole-head RoPE, D a multiple of 32 up to 128,
    so a head is at most 8 registers and rolling it by D/2 is a rotation of whole registers. */
 static int avx512_path(const llmc_cq_attention_args *a) {
-    return has_avx512() && a->ck == 4 && a->cv == 4 && a->rot == a->D && a->D % 32 == 0 && a->D <= 128;
+    return llmc_has_avx512() && a->ck == 4 && a->cv == 4 && a->rot == a->D && a->D % 32 == 0 && a->D <= 128;
 }
 
 /* Ask for every cache line of n floats, in order: a decode step's lookups would otherwise fetch a head's
@@ -341,7 +332,6 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
     return 0;
 }
 #else
-static int has_avx512(void) { return 0; }
 static int avx512_path(const llmc_cq_attention_args *a) { return (void)a, 0; }
 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) { return (void)a, (void)v, 1; }
 #endif
@@ -445,7 +435,7 @@ CLONES static void encode_task(void *arg, size_t i) {
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context) {
     const int64_t rows = a->B * a->H * a->S;
     if (rows == 0) return;
-    encode_job job = {a, rows < 64 ? 1 : 16, has_avx512() && llmc_vq_isa_limit >= 1 && a->K % 16 == 0};
+    encode_job job = {a, rows < 64 ? 1 : 16, llmc_has_avx512() && llmc_vq_isa_limit >= 1 && a->K % 16 == 0};
     parallel(context, encode_task, (size_t)((rows + job.tokens_per_task - 1) / job.tokens_per_task), &job);
 }
 

@@ -179,6 +179,25 @@ def _unit_rms_rule_class():
     return UnitRmsNormFusion
 
 
+def _replace_by_split(graph, members: list, merged, sizes: list[int], tag: str) -> None:
+    """Put `merged` (whose output is the members' outputs side by side on the last axis) and a Split by `sizes`
+    before the first member, hand each member's users its slice, and remove the members."""
+    import onnx_ir as ir
+
+    split_sizes = ir.Value(name=f"{tag}_split", const_value=ir.tensor(np.asarray(sizes, dtype=np.int64)))
+    split_sizes.shape, split_sizes.type = ir.Shape([len(sizes)]), ir.TensorType(ir.DataType.INT64)
+    graph.register_initializer(split_sizes)
+    split = ir.node("Split", [merged.outputs[0], split_sizes], attributes={"axis": -1}, num_outputs=len(sizes),
+                    name=f"{tag}_split")
+    merged.outputs[0].name = f"{tag}_out"
+    graph.insert_before(members[0], [merged, split])
+    for node, out in zip(members, split.outputs):
+        out.name = node.outputs[0].name + "_split"
+        out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+        node.outputs[0].replace_all_uses_with(out)
+    graph.remove(members, safe=True)
+
+
 def merge_matmulnbits(model) -> tuple[int, int]:
     """Merge MatMulNBits layers that read one input into one MatMulNBits and a Split; returns (merges, layers).
 
@@ -220,23 +239,11 @@ def merge_matmulnbits(model) -> tuple[int, int]:
                          type=ir.TensorType(tensor.dtype))
             graph.register_initializer(v)
             packed.append(v)
-        split_sizes = ir.Value(name=f"{tag}_split", const_value=ir.tensor(np.asarray(ns, dtype=np.int64)))
-        split_sizes.shape, split_sizes.type = ir.Shape([len(ns)]), ir.TensorType(ir.DataType.INT64)
-        graph.register_initializer(split_sizes)
         attrs = {a: first.attributes.get_int(a, 0) for a in ("K", "bits", "block_size", "accuracy_level")}
         merged = ir.node("MatMulNBits", [first.inputs[0], *packed], attributes={**attrs, "N": sum(ns)},
                          domain="com.microsoft", name=f"{tag}_matmul")
-        split = ir.node("Split", [merged.outputs[0], split_sizes], attributes={"axis": -1},
-                        num_outputs=len(ns), name=f"{tag}_split")
-        merged.outputs[0].name = f"{tag}_out"
-        graph.insert_before(first, [merged, split])
-        old_inputs = []
-        for (node, _), out in zip(members, split.outputs):
-            out.name = node.outputs[0].name + "_split"
-            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
-            node.outputs[0].replace_all_uses_with(out)
-            old_inputs.extend(node.inputs[1:])
-        graph.remove([n for n, _ in members], safe=True)
+        old_inputs = [v for n, _ in members for v in n.inputs[1:]]
+        _replace_by_split(graph, [n for n, _ in members], merged, ns, tag)
         for v in old_inputs:
             if v is not None and v.is_initializer() and not v.uses() and v.name in graph.initializers:
                 del graph.initializers[v.name]
@@ -308,20 +315,9 @@ def merge_binary_bases(model) -> tuple[int, int, set]:
                          type=ir.TensorType(tensor.dtype))
             graph.register_initializer(v)
             packed.append(v)
-        split_sizes = ir.Value(name=f"{tag}_split", const_value=ir.tensor(np.asarray(ns, dtype=np.int64)))
-        split_sizes.shape, split_sizes.type = ir.Shape([len(ns)]), ir.TensorType(ir.DataType.INT64)
-        graph.register_initializer(split_sizes)
         merged = ir.node("BinaryBasesLinear", [first.inputs[0], *packed], domain="llmc", name=f"{tag}_linear")
-        split = ir.node("Split", [merged.outputs[0], split_sizes], attributes={"axis": -1},
-                        num_outputs=len(ns), name=f"{tag}_split")
-        merged.outputs[0].name = f"{tag}_out"
         merged.outputs[0].type = first.outputs[0].type
-        graph.insert_before(first, [merged, split])
-        for (node, _), out in zip(members, split.outputs):
-            out.name = node.outputs[0].name + "_split"
-            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
-            node.outputs[0].replace_all_uses_with(out)
-        graph.remove([n for n, _ in members], safe=True)
+        _replace_by_split(graph, [n for n, _ in members], merged, ns, tag)
         merges += 1
         layers += len(members)
     return merges, layers, replaced

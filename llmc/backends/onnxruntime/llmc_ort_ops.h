@@ -14,6 +14,9 @@ typedef void (*parallel_fn)(void *context, void (*task)(void *, size_t), size_t 
    default: whatever the CPU has). Tests lower it to check every path on one machine. */
 extern int llmc_vq_isa_limit;
 
+/* Whether this CPU has AVX-512F and FMA (probed once). */
+int llmc_has_avx512(void);
+
 /* Sequential parallel_fn (tests, and runtimes without KernelContext_ParallelFor). */
 void llmc_serial(void *context, void (*task)(void *, size_t), size_t total, void *arg);
 

@@ -122,6 +122,8 @@ static int cpu_level(void) {
     return level;
 }
 
+int llmc_has_avx512(void) { return cpu_level() >= 1; }
+
 #if defined(__x86_64__)
 /* partial_sums for 256 codewords with AVX-512 VBMI byte permutes instead of loads: a table's 256
    floats are held as 4 byte planes of 256 bytes (16 registers), and 64 lookups are, per plane, two
