@@ -107,8 +107,8 @@ class Program:
         ExportedProgram with the same dynamic dims."""
         example = self.example_inputs()
         with torch.no_grad():
-            return torch.export.export(self.gm if gm is None else gm, example, dynamic_shapes=dynamic_shapes(self.cache_layout),
-                                       strict=False)
+            return torch.export.export(self.gm if gm is None else gm, example,
+                                       dynamic_shapes=dynamic_shapes(self.cache_layout), strict=False)
 
     def example_inputs(self, batch: int = 2, seq: int = 3, past_len: int = 4):
         """Sample inputs matching the cache layout (every dynamic dim >= 2)."""

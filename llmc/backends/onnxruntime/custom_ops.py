@@ -3,13 +3,16 @@
     from llmc.backends.onnxruntime.custom_ops import library_path
     opts = onnxruntime.SessionOptions(); opts.register_custom_ops_library(library_path())
 
-The library holds `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear`
-(`vq_linear_ort.c`, which documents the op and holds the ONNX Runtime binding of both ops), and
-`llmc.CQAttention`, attention over a cache of CQ codes read as codes, and `llmc.CQEncode`, the
-codes of new keys and values (`cq_ort.c`), and `llmc.BinaryBasesLinear`, a linear layer of binary
-bases read from its packed signs (`binary_bases_ort.c`). It
-talks to ONNX Runtime through its stable C ABI and needs no ONNX Runtime headers, only a C compiler
-(`$CC`, else `cc`): it is compiled once per source, compiler and flags into `$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
+The library holds, each documented in its source:
+- `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear` (`vq_linear_ort.c`, which
+  also holds the ONNX Runtime binding of every op);
+- `llmc.CQAttention`, attention over a cache of CQ codes read as codes, and `llmc.CQEncode`, the
+  codes of new keys and values (`cq_ort.c`);
+- `llmc.BinaryBasesLinear`, a linear layer of binary bases read from its packed signs
+  (`binary_bases_ort.c`).
+It talks to ONNX Runtime through its stable C ABI and needs no ONNX Runtime headers, only a C
+compiler (`$CC`, else `cc`): it is compiled once per source, compiler and flags into
+`$LLMC_CACHE/ort_ops/<digest>/` (default `~/.cache/llmc`). The
 build is portable x86-64 (or the host's architecture elsewhere); the AVX-512 paths are chosen at
 run time, so an export folder can carry the library to another machine of the same architecture.
 """

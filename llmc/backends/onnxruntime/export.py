@@ -350,9 +350,12 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
             try:
                 manifest["parity"] = check_parity(program, tmp, atol=atol)
             except ParityError as e:
-                if not fuse:
+                hints = ["the fused lowering (backend option fuse=false exports without it)"] * bool(fuse)
+                if {"CQAttention", "BinaryBasesLinear.outliers"} & set(fusions or {}):
+                    hints.append("llmc's CQ attention / binary-bases ops (vq_lowering='dequantize' exports without them)")
+                if not hints:
                     raise
-                raise ParityError(f"{e} (with the fused lowering; backend option fuse=false exports without it)") from e
+                raise ParityError(f"{e} (with {'; with '.join(hints)})") from e
             _write_json(os.path.join(tmp, ONNX_MANIFEST), manifest)
     return out_dir
 

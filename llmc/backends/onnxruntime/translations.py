@@ -156,8 +156,8 @@ def cq_attention_kernel(q, key_codes, key_new, key_codebooks, value_codes, value
 def cq_encode_kernel(x, codebooks):
     """llmc::cq_encode -> llmc.CQEncode (one op instead of the standard lowering's dozen; the channel-major
     codebooks and the centroids' squared norms are computed from the codebooks, an initializer, so ONNX
-    Runtime folds them at load). Codebooks of more
-    than 256 centroids (int16 codes) take the standard lowering."""
+    Runtime folds them at load). Codebooks of more than 256 centroids (int16 codes) take the standard
+    lowering."""
     _, _, K, _ = _dims(codebooks, "codebooks")
     if K > 256:
         return cq_encode(x, codebooks)

@@ -649,7 +649,7 @@ static int cq_input_type(const OrtCustomOp *op, size_t i) {
 static size_t cq_input_count(const OrtCustomOp *op) { return (void)op, 11; }
 
 static OrtStatus *cq_invalid(const char *what) {
-    static char message[400];
+    char message[400]; /* CreateStatus copies it */
     strcpy(message, "CQAttention: expected q [B, H, R, D], key/value codes [B, H, P, G], new keys/values [B, H, S, D], "
                     "codebooks [H, G, K <= 256, c] with G * c = D <= 1024, cos/sin [B|1, 1, >= P+S, rot <= D, even], "
                     "bias [B|1, 1, R, >= P+S], scale [1]; ");
