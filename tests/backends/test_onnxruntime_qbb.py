@@ -70,9 +70,9 @@ def test_translation_matches_torch_and_keeps_signs_packed(lowering, nb, G, tmp_p
 
 @needs_kernel
 @pytest.mark.parametrize("nb,N,K,G", [(4, 40, 576, 1), (4, 33, 576, 3), (2, 16, 64, 2), (3, 10, 48, 2), (1, 7, 24, 1)])
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 40])
 def test_kernel_equals_torch(isa, nb, N, K, G, tokens):
-    """Decode sizes (<= 8 tokens: masked multiply-adds) and prompts (dequantized blocks), groups of 16k inputs
+    """Decode sizes (<= 4 tokens: masked multiply-adds) and more (dequantized blocks), groups of 16k inputs
     (the AVX-512 path) and of 24 or 8 (portable)."""
     layer = _layer(nb, N, K, G, seed=tokens)
     gen = torch.Generator().manual_seed(2)
