@@ -199,8 +199,10 @@ static void dequantize_portable(const llmc_bb_args *a, int64_t n0, int64_t n1, f
     }
 }
 
-/* The kept outliers of rows n0 .. n1, every token: y[t, n] += Σ_j values[n, j] x[t, index[n, j]]. */
-static void add_outliers(const llmc_bb_args *a, int64_t n0, int64_t n1) {
+/* The kept outliers of rows n0 .. n1, every token: y[t, n] += Σ_j values[n, j] x[t, index[n, j]]. An index
+   outside the input width is skipped and fails the call (failed = 1), checked where it is read. */
+static void add_outliers(bb_job *job, int64_t n0, int64_t n1) {
+    const llmc_bb_args *a = job->a;
     if (!a->outliers) return;
     for (int64_t t = 0; t < a->T; t++) {
         const float *x = a->x + t * a->K;
@@ -208,20 +210,26 @@ static void add_outliers(const llmc_bb_args *a, int64_t n0, int64_t n1) {
             const int32_t *index = a->outlier_index + n * a->outliers;
             const float *values = a->outlier_values + n * a->outliers;
             float sum = 0.0f;
-            for (int64_t j = 0; j < a->outliers; j++) sum += values[j] * x[index[j]];
+            for (int64_t j = 0; j < a->outliers; j++) {
+                if ((uint64_t)(int64_t)index[j] >= (uint64_t)a->K) {
+                    job->failed = 1; /* (a racy store of the same value) */
+                    continue;
+                }
+                sum += values[j] * x[index[j]];
+            }
             a->y[t * a->N + n] += sum;
         }
     }
 }
 
 static void decode_task(void *arg, size_t i) {
-    const bb_job *job = (const bb_job *)arg;
+    bb_job *job = (bb_job *)arg;
     const int64_t n0 = (int64_t)i * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < job->a->N ? n0 + ROWS_PER_TASK : job->a->N;
     if (job->fast)
         rows_avx512(job, n0, n1);
     else
         rows_portable(job, n0, n1);
-    add_outliers(job->a, n0, n1);
+    add_outliers(job, n0, n1);
 }
 
 static void block_task_bb(void *arg, size_t i) {
@@ -230,7 +238,7 @@ static void block_task_bb(void *arg, size_t i) {
     const int64_t n0 = (int64_t)i * BLOCK_ROWS_BB, n1 = n0 + BLOCK_ROWS_BB < a->N ? n0 + BLOCK_ROWS_BB : a->N;
     float *w = (float *)malloc(sizeof(float) * (size_t)((n1 - n0) * a->K));
     if (!w) {
-        job->failed = 1;
+        job->failed = 2;
         return;
     }
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -241,18 +249,16 @@ static void block_task_bb(void *arg, size_t i) {
         dequantize_portable(a, n0, n1, w);
     llmc_multiply_rows(a->x, a->T, (int)a->K, w, (int)(n1 - n0), a->y, (int)a->N, (int)n0);
     free(w);
-    add_outliers(a, n0, n1);
+    add_outliers(job, n0, n1);
 }
 
 int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, void *context) {
     if (a->K % 8 || a->G < 1 || a->K % a->G || a->nb < 1 || a->outliers < 0) return 1;
-    for (int64_t i = 0; i < a->N * a->outliers; i++)
-        if (a->outlier_index[i] < 0 || a->outlier_index[i] >= a->K) return 1;
     bb_job job = {a, NULL, llmc_has_avx512() && llmc_vq_isa_limit >= 1 && (a->K / a->G) % 16 == 0, 0};
     if (a->T == 0 || a->N == 0) return 0;
     if (a->T > DECODE_TOKENS) {
         parallel(context, block_task_bb, (size_t)((a->N + BLOCK_ROWS_BB - 1) / BLOCK_ROWS_BB), &job);
-        return job.failed ? 2 : 0;
+        return job.failed;
     }
     float *sums = (float *)malloc(sizeof(float) * (size_t)(a->T * a->G));
     if (!sums) return 2;
@@ -266,7 +272,7 @@ int llmc_binary_bases_linear_run(const llmc_bb_args *a, parallel_fn parallel, vo
     job.group_sums = sums;
     parallel(context, decode_task, (size_t)((a->N + ROWS_PER_TASK - 1) / ROWS_PER_TASK), &job);
     free(sums);
-    return 0;
+    return job.failed;
 }
 
 int llmc_binary_bases_linear(const llmc_bb_args *a) { return llmc_binary_bases_linear_run(a, llmc_serial, NULL); }

@@ -258,7 +258,7 @@ def check_parity(program, folder: str, decode_tokens: int = 16, atol: float = 1e
     return report
 
 
-def has_vq_linear(gm: torch.fx.GraphModule) -> bool:
+def has_kernel_ops(gm: torch.fx.GraphModule) -> bool:
     """Whether the graph has what llmc's custom ops run: layers of vector codes or binary bases (llmc.VQLinear),
     or attention over a CQ-coded cache (llmc.CQAttention)."""
     kernel_ops = (torch.ops.llmc.vq_linear.default, torch.ops.llmc.binary_bases_linear.default,
@@ -276,7 +276,7 @@ def resolve_vq_lowering(program, vq_lowering: str) -> str | None:
     """
     if vq_lowering not in ("auto", *VQ_LOWERINGS):
         raise ExportError(f"vq_lowering must be 'auto' or one of {', '.join(VQ_LOWERINGS)}, got {vq_lowering!r}")
-    if not has_vq_linear(program.gm):
+    if not has_kernel_ops(program.gm):
         return None
     if vq_lowering == "auto":
         try:
