@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
+import operator
 
 import torch
 from torch import fx, nn
@@ -186,23 +188,46 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def replace_in_copy(gm: fx.GraphModule, sites: list, target) -> tuple[fx.GraphModule, int]:
+def _impure(node: fx.Node) -> bool:
+    """fx's notion of impure, except that an unused scaled-dot-product attention (tagged nondeterministic for its
+    dropout, which a traced decoder does not use) is dead code."""
+    if node.op == "call_function" and node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        return False
+    return node.is_impure()
+
+
+def replace_in_copy(gm: fx.GraphModule, sites: list, target, outputs: list | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (a new graph, the same tensors) where each (node, args) of `sites` is replaced by a call of
     `target` on `args` (nodes of `gm`, mapped to the copy; other values as they are), dead nodes removed; and
-    how many were replaced. `gm` itself, untouched, when `sites` is empty."""
+    how many were replaced. `gm` itself, untouched, when `sites` is empty.
+
+    With `outputs` (one tuple of nodes per site), `target` returns a tuple: its first element replaces the
+    site's node and the next ones replace the nodes of the tuple, in order."""
     if not sites:
         return gm, 0
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     nodes = dict(zip(gm.graph.nodes, out.graph.nodes))
     graph = out.graph
-    for node, args in sites:
+    for i, (node, args) in enumerate(sites):
         old = nodes[node]
+        extra = [nodes[n] for n in outputs[i]] if outputs is not None else None
         with graph.inserting_before(old):
             new = graph.call_function(target, tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
-        new.meta = dict(old.meta)
-        old.replace_all_uses_with(new)
+            if extra is None:
+                new.meta = dict(old.meta)
+                results = [(old, new)]
+            else:
+                new.meta = {"val": tuple(n.meta.get("val") for n in [old, *extra])}
+                results = []
+                for k, replaced in enumerate([old, *extra]):
+                    item = graph.call_function(operator.getitem, (new, k))
+                    item.meta = dict(replaced.meta)
+                    results.append((replaced, item))
+        earlier = set(itertools.takewhile(lambda n: n is not new, graph.nodes))  # users left to dead-code removal
+        for replaced, result in results:
+            replaced.replace_all_uses_with(result, delete_user_cb=lambda user: user not in earlier)
         graph.erase_node(old)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     out.recompile()
     return out, len(sites)

@@ -38,9 +38,11 @@ def _max_logit_difference(folder_a, folder_b) -> float:
     return float((la - lb)[mask.bool()].abs().max())
 
 
-def _fusions(simple, skip, rotary, merges, merged):
+def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, float_merged=0):
     """The fusion counts of a model without binary bases (their merges are tested in test_onnxruntime_qbb.py)."""
-    return {"SimplifiedLayerNormalization": simple, "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
+    return {"GroupQueryAttention": attention, "SimplifiedLayerNormalization": simple,
+            "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
+            "MatMulMerge": float_merges, "MatMulMerge.linears": float_merged,
             "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged,
             "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0}
 
@@ -83,14 +85,79 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
     plain = backend.lower(cm.program, str(tmp_path / "plain"), {"fuse": "false"})
     fused = backend.lower(cm.program, str(tmp_path / "fused"))
     assert _manifest(plain)["fuse"] is False and _manifest(plain)["fusions"] == {}
-    assert _manifest(fused)["fusions"] == _fusions(1, 4, 4, 0, 0)  # float32: no MatMulNBits to merge
+    # float32: q/k/v and gate/up merge as MatMuls, not MatMulNBits
+    assert _manifest(fused)["fusions"] == _fusions(1, 4, 4, 0, 0, float_merges=4, float_merged=10)
+    assert _manifest(fused)["cache_buffers"] == "shared" and _manifest(plain)["cache_buffers"] == "concatenated"
     assert _manifest(fused)["parity"]["greedy_identical"]
     plain_ops, fused_ops = _ops(plain), _ops(fused)
     assert not {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} & set(plain_ops)
     assert plain_ops["Pow"] == 5 and fused_ops["Pow"] == 0
+    # attention is one node per layer, fed by the projections without a head split (no Transpose), and
+    # nothing concatenates the cache
+    assert fused_ops["GroupQueryAttention"] == 2 and fused_ops["Transpose"] == 0 and fused_ops["Softmax"] == 0
+    assert plain_ops["Softmax"] == 2 and fused_ops["MatMul"] == 2 * 4 + 1  # q/k/v, o, gate/up, down; lm_head
     assert _max_logit_difference(plain, fused) < 1e-5
     a, b = OrtModel(plain), OrtModel(fused)
     assert a.generate(PROMPTS, 16, return_tokens=True) == b.generate(PROMPTS, 16, return_tokens=True)
+
+
+def _chunked_steps(model):
+    """Logits of a left-padded batch of 2: the prompts (real positions only), one token, a chunk of 3 tokens
+    after the past, one more token; and the cache tensors each step returned."""
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    logits, cache = model.step(ids, mask, position_ids_from_mask(mask), model.empty_cache(2))
+    out, caches = [logits[mask.bool()]], [cache]
+    for new in ([[7], [8]], [[11, 12, 13], [14, 15, 16]], [[1], [2]]):
+        new = torch.tensor(new)
+        mask = torch.cat([mask, torch.ones_like(new)], 1)
+        logits, cache = model.step(new, mask, position_ids_from_mask(mask)[:, -new.shape[1]:], cache)
+        out.append(logits)
+        caches.append(cache)
+    return out, caches
+
+
+def test_group_query_attention_shares_the_cache_and_takes_chunks(tiny_models, tmp_path, one_thread):
+    """The fused export reads and writes one buffer per cache tensor (bound as past and present); a chunk of
+    several tokens after a past at batch 2, which ONNX Runtime's kernel takes at batch 1 only, runs row by row;
+    every step equals the plain graph's."""
+    cm = llmc.compile(tiny_models["qwen2"], tokenizer=tiny_tokenizer(), progress=False)
+    fused = OrtModel(lower(cm.program, tmp_path / "fused"))
+    plain = OrtModel(lower(cm.program, tmp_path / "plain", fuse=False))
+    assert fused.shared_buffers and not plain.shared_buffers
+    a, a_caches = _chunked_steps(fused)
+    b, b_caches = _chunked_steps(plain)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    total = len(PROMPTS[0]) + 5
+    real = torch.cat([left_pad(PROMPTS, pad_id=0)[1], torch.ones(2, 5, dtype=torch.long)], 1).bool().numpy()
+    for x, y in zip(a_caches[-1], b_caches[-1]):  # the tokens' positions hold the same keys and values
+        assert x.shape()[2] >= total and y.shape()[2] == total
+        np.testing.assert_allclose(x.numpy()[:, :, :total].transpose(0, 2, 1, 3)[real],
+                                   y.numpy().transpose(0, 2, 1, 3)[real], atol=1e-5)
+    # the last step wrote into the buffers it was given (they had room): the same OrtValues came back
+    assert all(x is y for x, y in zip(a_caches[-1], a_caches[-2]))
+
+
+def test_cached_attention_writes_into_a_longer_buffer():
+    """llmc::cached_attention with a past buffer longer than the past (its length comes from the mask): the step
+    lands at [P, T), the rest of the buffer is kept, and the output equals attention over the plain past."""
+    from llmc.ops.attention import attend
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, P, C, D = 2, 4, 2, 2, 5, 9, 8
+    q, key, value = (torch.randn(B, h, S, D, generator=gen) for h in (H, Hkv, Hkv))
+    past_k, past_v = torch.randn(B, Hkv, C, D, generator=gen), torch.randn(B, Hkv, C, D, generator=gen)
+    bias = torch.zeros(B, S, P + S)
+    bias[0, :, :2] = torch.finfo(torch.float32).min  # left padding of row 0
+    bias[:, 0, -1] = torch.finfo(torch.float32).min  # causal
+    out, pk, pv = torch.ops.llmc.cached_attention(q, key, value, past_k, past_v, bias, 0.3)
+    ref, rk, rv = attend(q, key, value, past_k[:, :, :P], past_v[:, :, :P], bias, 0.3)
+    assert pk.shape == past_k.shape and rk.shape[2] == P + S
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(pk[:, :, :P + S], rk)
+    torch.testing.assert_close(pv[:, :, :P + S], rv)
+    torch.testing.assert_close(pk[:, :, P + S:], past_k[:, :, P + S:])
+    torch.testing.assert_close(pk[:, :, P:P + S], key)
 
 
 def test_merged_matmulnbits_with_int8_activations(tiny_models, tmp_path, one_thread):
@@ -175,6 +242,6 @@ def test_norm_rewrites_do_not_fire_on_layer_norm_families(tmp_path, one_thread):
     cm = llmc.compile(tiny_model("gpt_neox"), tokenizer=tiny_tokenizer(), progress=False)
     out = lower(cm.program, tmp_path / "neox")
     manifest = _manifest(out)
-    assert manifest["fusions"] == _fusions(0, 0, 4, 0, 0)
+    assert manifest["fusions"] == _fusions(0, 0, 4, 0, 0)  # one packed qkv projection: nothing to merge
     assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
     assert _ops(out)["LayerNormalization"] == 5

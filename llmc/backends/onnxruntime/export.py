@@ -24,6 +24,7 @@ import torch
 from llmc.backends.onnxruntime import custom_ops
 from llmc.backends.onnxruntime.bases_outliers import fuse_bases_outliers
 from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
+from llmc.backends.onnxruntime.gqa import fuse_group_query_attention
 from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel
 from llmc.backends.onnxruntime.translations import TRANSLATIONS, VQ_LOWERINGS, translations
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
@@ -145,17 +146,21 @@ def _genai_config(program, library: str | None = None) -> dict:
     }
 
 
-def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> tuple[float, dict]:
+def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> tuple[float, dict, bool]:
     """torch.onnx.export of the re-exported program into `folder` with the translations of `lowering`
     (with "kernel", a CQ cache's attention reads the codes, llmc.backends.onnxruntime.cq_attention, and
     binary-bases layers take their outliers in the same op, llmc.backends.onnxruntime.bases_outliers),
-    then (if `fuse`) the fused lowering (llmc.backends.onnxruntime.fusion); returns seconds and
-    the rewrite counts."""
+    then (if `fuse`) the fused lowering (llmc.backends.onnxruntime.fusion, with attention over a float cache
+    as GroupQueryAttention, llmc.backends.onnxruntime.gqa); returns seconds, the rewrite counts and whether
+    the cache inputs may share their buffers with the outputs."""
     t0 = time.perf_counter()
     gm, counts = program.gm, {}
     if lowering == "kernel":
         gm, counts["CQAttention"] = fuse_cq_attention(gm)
         gm, counts["BinaryBasesLinear.outliers"] = fuse_bases_outliers(gm)
+    shared = False
+    if fuse:
+        gm, counts["GroupQueryAttention"], shared = fuse_group_query_attention(gm)
     table = translations(lowering or "dequantize")
     ep = program.exported(gm)
     input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]
@@ -179,7 +184,7 @@ def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> t
 
         fusions.update(fuse_graph(path, max_positions=getattr(program.config, "max_position_embeddings", None) or 2048))
     _write_prefill_graph(folder)
-    return time.perf_counter() - t0, fusions
+    return time.perf_counter() - t0, fusions, shared
 
 
 def has_int8_activations(gm: torch.fx.GraphModule) -> bool:
@@ -318,7 +323,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
     with atomic_folder(out_dir, overwrite, error=ExportError) as tmp:
         log(f"exporting ONNX ({program.num_layers} layers)")
         try:
-            seconds, fusions = _export(program, tmp, lowering, fuse=fuse)
+            seconds, fusions, shared = _export(program, tmp, lowering, fuse=fuse)
         except (ExportError, UnsupportedOpError):
             raise
         except Exception as e:
@@ -340,7 +345,7 @@ def lower(program, out_dir: str, *, parity: bool = True, overwrite: bool = False
             "versions": versions(), "model_file": MODEL_FILE, "data_file": DATA_FILE,
             "prefill_file": PREFILL_FILE if os.path.exists(os.path.join(tmp, PREFILL_FILE)) else None,
             "export_seconds": round(seconds, 2), "vq_lowering": lowering, "custom_ops_library": library,
-            "fuse": bool(fuse), "fusions": fusions or {},
+            "fuse": bool(fuse), "fusions": fusions or {}, "cache_buffers": "shared" if shared else "concatenated",
             "cache_layout": [c.to_json() for c in program.cache_layout], "eos_ids": list(program.eos_ids),
             "history": [h.to_json() for h in program.history], "parity": None,
         }

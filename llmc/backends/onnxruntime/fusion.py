@@ -179,6 +179,62 @@ def _unit_rms_rule_class():
     return UnitRmsNormFusion
 
 
+def _same_shape(a, b) -> bool:
+    """Whether two ir.Values have the same known shape (symbolic dims compared by name)."""
+    return a.shape is not None and b.shape is not None and a.shape.rank() == b.shape.rank() and \
+        all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
+
+
+def _heads_rule_classes():
+    """Rules that take the attention inputs of GroupQueryAttention ([B, S, heads*D]) straight from the
+    projections: the traced graph splits each projection into heads [B, heads, S, D] (Reshape, Transpose) and
+    the GroupQueryAttention lowering joins them back (Transpose, Reshape)."""
+    from onnxscript.rewriter import pattern
+
+    class HeadsRoundTrip(pattern.RewriteRuleClassBase):
+        """Reshape(Reshape(x, [B, S, heads, D]), [0, 0, -1]) -> x (the values: their transposes cancel at export)."""
+
+        def pattern(self, op, x, heads, flat):
+            return op.Reshape(op.Reshape(x, heads, _allow_other_attributes=True), flat, _allow_other_attributes=True,
+                              _outputs=["out"])
+
+        def check(self, op, x, heads, flat, out, **_):
+            result = pattern.MatchResult()
+            if not _is(flat, [0, 0, -1]) or not _same_shape(x, out) or x.shape.rank() != 3:
+                return result.fail("not a split of the last dim into heads and back", flat)
+            return result
+
+        def rewrite(self, op, x, **_):
+            return op.Identity(x)
+
+    class RotaryOnHidden(pattern.RewriteRuleClassBase):
+        """The same round trip around a RotaryEmbedding of the heads: RotaryEmbedding of x [B, S, heads*D] itself
+        (ONNX Runtime's op takes either layout)."""
+
+        def pattern(self, op, x, heads, position_ids, cos, sin, flat):
+            split = op.Transpose(op.Reshape(x, heads, _allow_other_attributes=True), perm=[0, 2, 1, 3])
+            rotated = op.RotaryEmbedding(split, position_ids, cos, sin, _domain="com.microsoft",
+                                         _allow_other_attributes=True, _outputs=["rotated"])
+            return op.Reshape(op.Transpose(rotated, perm=[0, 2, 1, 3]), flat, _allow_other_attributes=True,
+                              _outputs=["out"])
+
+        def check(self, op, x, flat, rotated, out, **_):
+            result = pattern.MatchResult()
+            attrs = rotated.producer().attributes
+            if not _is(flat, [0, 0, -1]) or not _same_shape(x, out) or x.shape.rank() != 3:
+                return result.fail("not a split of the last dim into heads and back", flat)
+            if attrs.get_int("interleaved", 0) or attrs.get_int("rotary_embedding_dim", 0):
+                return result.fail("an interleaved or partial rotation", rotated)
+            return result
+
+        def rewrite(self, op, x, position_ids, cos, sin, rotated, **_):
+            heads = rotated.producer().attributes.get_int("num_heads")
+            return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=0, num_heads=heads,
+                                      _domain="com.microsoft")
+
+    return HeadsRoundTrip, RotaryOnHidden
+
+
 def _replace_by_split(graph, members: list, merged, sizes: list[int], tag: str) -> None:
     """Put `merged` (whose output is the members' outputs side by side on the last axis) and a Split by `sizes`
     before the first member, hand each member's users its slice, and remove the members."""
@@ -246,6 +302,43 @@ def merge_matmulnbits(model) -> tuple[int, int]:
         _replace_by_split(graph, [n for n, _ in members], merged, ns, tag)
         for v in old_inputs:
             if v is not None and v.is_initializer() and not v.uses() and v.name in graph.initializers:
+                del graph.initializers[v.name]
+        merges += 1
+        layers += len(members)
+    return merges, layers
+
+
+def merge_matmul(model) -> tuple[int, int]:
+    """Merge float MatMuls that read one input with constant weights [K, N_i] (q/k/v, gate/up) into one MatMul
+    over the weights concatenated along N and a Split; returns (merges, layers). Each output column is the
+    same dot product as before. Outputs that are graph outputs are left alone."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    groups: dict = {}
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or any(id(o) in outputs for o in node.outputs):
+            continue
+        weight = _const(node.inputs[1])
+        if weight is None or weight.ndim != 2 or not node.inputs[1].is_initializer():
+            continue
+        groups.setdefault((id(node.inputs[0]), weight.shape[0], weight.dtype.str), []).append((node, weight))
+    merges = layers = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        tag = f"llmc_matmul_merged_{merges}"
+        tensor = ir.tensor(np.concatenate([w for _, w in members], 1))
+        weight = ir.Value(name=f"{tag}_weight", const_value=tensor, shape=ir.Shape(tensor.shape),
+                          type=ir.TensorType(tensor.dtype))
+        graph.register_initializer(weight)
+        old = [n.inputs[1] for n, _ in members]
+        merged = ir.node("MatMul", [members[0][0].inputs[0], weight], name=f"{tag}_matmul")
+        merged.outputs[0].type = members[0][0].outputs[0].type
+        _replace_by_split(graph, [n for n, _ in members], merged, [w.shape[1] for _, w in members], tag)
+        for v in old:
+            if not v.uses() and v.name in graph.initializers:
                 del graph.initializers[v.name]
         merges += 1
         layers += len(members)
@@ -345,7 +438,10 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         RewriteRuleSet([_unit_rms_rule_class().rule()]).apply_to_model(model)
         skip_rms_normalization_ruleset.apply_to_model(model)
         RewriteRuleSet([_rotary_rule_class().rule(max_positions=max_positions)]).apply_to_model(model)
+        round_trip, rotary_on_hidden = _heads_rule_classes()
+        RewriteRuleSet([rotary_on_hidden.rule(), round_trip.rule()]).apply_to_model(model)
         merges, layers = merge_matmulnbits(model)
+        float_merges, float_layers = merge_matmul(model)
         bases_merges, bases_layers, replaced = merge_binary_bases(model)
         optimizer.remove_unused_nodes(model)
         for name in replaced:  # the merged layers' own signs, scales and outliers, now read by nobody
@@ -353,7 +449,8 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
                 del model.graph.initializers[name]
         ops = Counter(n.op_type for n in model.graph if n.domain in ("", "com.microsoft"))
         counts = {name: ops.get(name, 0) for name in FUSED_OPS}
-        counts.update({"MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
+        counts.update({"MatMulMerge": float_merges, "MatMulMerge.linears": float_layers,
+                       "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
                        "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers})
         # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
         # they are stale; the model is not used after saving

@@ -20,6 +20,12 @@ def is_onnx_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ONNX_MANIFEST))
 
 
+def _length(cache_tensor) -> int:
+    """The sequence length (dim 2) of a cache tensor: an OrtValue, a torch tensor or an array."""
+    shape = cache_tensor.shape() if callable(getattr(cache_tensor, "shape", None)) else cache_tensor.shape
+    return int(shape[2])
+
+
 class OrtModel(Model):
     """An exported folder in an ONNX Runtime session, with the Model interface of every llmc runtime.
 
@@ -63,6 +69,12 @@ class OrtModel(Model):
         self.eos_ids = tuple(self.manifest.get("eos_ids", ()))
         self.tokenizer = load_tokenizer(folder)
         self.output_names = ["logits"] + [c.output_name for c in self.cache_layout]
+        # ONNX Runtime's CPU GroupQueryAttention refuses a step of more than one token after a past at
+        # batch > 1: such steps run one row at a time (`_run_rows`)
+        self._rows_one_at_a_time = bool(self.manifest.get("fusions", {}).get("GroupQueryAttention"))
+        # a graph that takes the past's length from the mask reads and writes each cache tensor in place: one
+        # buffer per tensor, bound as both past and present (`_buffers`)
+        self.shared_buffers = self.manifest.get("cache_buffers") == "shared"
 
     def _open(self, path: str):
         import onnxruntime as ort
@@ -102,12 +114,23 @@ class OrtModel(Model):
         """
         import onnxruntime as ort
 
+        if self._rows_one_at_a_time and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and past \
+                and _length(past[0]) > 0:
+            return self._run_rows(session, input_ids, attention_mask, position_ids, past)
         binding = session.io_binding()
         keep = []  # numpy inputs must outlive the run
         for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, position_ids)):
             arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
             keep.append(arr)
             binding.bind_cpu_input(name, arr)
+        if self.shared_buffers:
+            past = self._buffers(past, attention_mask.shape[1], input_ids.shape[1])
+            binding.bind_output("logits", "cpu")
+            for c, buffer in zip(self.cache_layout, past):
+                binding.bind_ortvalue_input(c.input_name, buffer)
+                binding.bind_ortvalue_output(c.output_name, buffer)
+            session.run_with_iobinding(binding)
+            return torch.from_numpy(binding.get_outputs()[0].numpy()), past
         for c, t in zip(self.cache_layout, past):
             if isinstance(t, ort.OrtValue):
                 binding.bind_ortvalue_input(c.input_name, t)
@@ -120,6 +143,40 @@ class OrtModel(Model):
         session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return torch.from_numpy(outs[0].numpy()), outs[1:]
+
+    def _buffers(self, past, total: int, steps: int) -> list:
+        """The cache as buffers that hold `total` positions: `past` itself when its tensors are such OrtValues,
+        else new buffers with the first total - steps positions of `past` copied in. A new buffer has room for
+        a quarter more (at least 64 positions), so a decode reallocates rarely; the positions past the valid
+        ones are never read (the graph takes the valid length from the mask)."""
+        import onnxruntime as ort
+
+        if all(isinstance(t, ort.OrtValue) and _length(t) >= total for t in past):
+            return list(past)
+        keep = total - steps
+        capacity = total + max(64, total // 4)
+        buffers = []
+        for t in past:
+            old = t.numpy() if isinstance(t, (ort.OrtValue, torch.Tensor)) else np.asarray(t)
+            if old.shape[2] < keep:
+                raise ValueError(f"the cache holds {old.shape[2]} positions, the mask says {keep}")
+            new = np.zeros((*old.shape[:2], capacity, *old.shape[3:]), dtype=old.dtype)
+            new[:, :, :keep] = old[:, :, :keep]
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(new))
+        return buffers
+
+    def _run_rows(self, session, input_ids, attention_mask, position_ids, past):
+        """`_run` of each batch row on its own, the results stacked (copies; for the steps GroupQueryAttention
+        takes at batch 1 only)."""
+        import onnxruntime as ort
+
+        past = [t.numpy() if isinstance(t, (ort.OrtValue, torch.Tensor)) else np.asarray(t) for t in past]
+        rows = [self._run(session, input_ids[b:b + 1], attention_mask[b:b + 1], position_ids[b:b + 1],
+                          [t[b:b + 1] for t in past]) for b in range(input_ids.shape[0])]
+        logits = torch.cat([r[0] for r in rows])
+        present = [ort.OrtValue.ortvalue_from_numpy(np.concatenate([r[1][i].numpy() for r in rows]))
+                   for i in range(len(past))]
+        return logits, present
 
     def report(self) -> dict:
         """History, cache layout, ONNX op histogram and initializer sizes by dtype and file size."""

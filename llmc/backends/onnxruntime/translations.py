@@ -56,6 +56,24 @@ def register_contrib_schemas() -> None:
                         A("quantize_axis", INT, "axis quantized in blocks", required=False),
                         A("block_size", INT, "elements per block", required=False),
                         A("bits", INT, "bits per element", required=False)]))
+    if not onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        FLOAT = OpSchema.AttrType.FLOAT
+        onnx.defs.register_schema(OpSchema(
+            "GroupQueryAttention", "com.microsoft", 1,
+            doc="Attention of grouped query heads over a KV cache that it extends by the step's keys and values "
+                "(ONNX Runtime contrib op; the inputs llmc emits).",
+            inputs=[P("query", "T"), P("key", "T", param_option=Opt), P("value", "T", param_option=Opt),
+                    P("past_key", "T", param_option=Opt), P("past_value", "T", param_option=Opt),
+                    P("seqlens_k", "M"), P("total_sequence_length", "M"), P("cos_cache", "T", param_option=Opt),
+                    P("sin_cache", "T", param_option=Opt), P("position_ids", "I", param_option=Opt),
+                    P("attention_bias", "T", param_option=Opt)],
+            outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations and cache"),
+                              ("M", ["tensor(int32)"], "sequence lengths"), ("I", ["tensor(int64)"], "positions")],
+            attributes=[A("num_heads", INT, "query heads"), A("kv_num_heads", INT, "key/value heads"),
+                        A("scale", FLOAT, "score scale", required=False),
+                        A("do_rotary", INT, "rotate q and k inside", required=False),
+                        A("local_window_size", INT, "left window", required=False)]))
     if not onnx.defs.has("VQLinear", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "VQLinear", "llmc", 1,
@@ -163,6 +181,31 @@ def cq_encode_kernel(x, codebooks):
         return cq_encode(x, codebooks)
     norms = op.ReduceSumSquare(codebooks, op.Constant(value_ints=[3]), keepdims=0)
     return LLMC.CQEncode(op.Cast(x, to=onnx.TensorProto.FLOAT), op.Transpose(codebooks, perm=[0, 1, 3, 2]), norms)
+
+
+def cached_attention(q, key, value, past_key, past_value, bias, scale):
+    """llmc::cached_attention -> one com.microsoft.GroupQueryAttention: the step's q/k/v as [B, S, heads*D], the
+    past as it is (BNSH), every row's total length T = P + S (`seqlens_k` = T - 1: left padding counts as
+    tokens, hidden by the mask) and `bias` [B, S, T] as attention_bias [B, 1, S, T]. Causality is also in the
+    bias, so the op's own causal mask (query i sees keys up to P + i) changes nothing. Returns the output
+    [B, S, H*D] and the present cache. ONNX Runtime's CPU kernel refuses a step of more than one token after a
+    past at batch > 1; OrtModel runs such steps one row at a time."""
+    H, Hkv = q.shape[1], key.shape[1]
+    if not (isinstance(H, int) and isinstance(Hkv, int)):
+        raise TypeError(f"GroupQueryAttention needs static head counts, got q {q.shape} and key {key.shape}")
+
+    def heads_last(x):  # [B, heads, S, D] -> [B, S, heads*D]
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+    total = op.Shape(bias, start=2, end=3)  # [T]
+    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(bias, start=0, end=1)),
+                      to=onnx.TensorProto.INT32)
+    total_length = op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32)
+    out, present_key, present_value = MSFT.GroupQueryAttention(
+        heads_last(q), heads_last(key), heads_last(value), past_key, past_value, seqlens, total_length, None, None,
+        None, op.Unsqueeze(bias, op.Constant(value_ints=[1])), num_heads=H, kv_num_heads=Hkv, scale=scale,
+        _outputs=3)
+    return out, present_key, present_value
 
 
 def _int32(values) -> object:
@@ -413,4 +456,5 @@ TRANSLATIONS: dict = {
     torch.ops.llmc.cq_decode.default: cq_decode,
     torch.ops.llmc.vq_linear.default: vq_linear,
     torch.ops.llmc.binary_bases_linear.default: binary_bases_linear,
+    torch.ops.llmc.cached_attention.default: cached_attention,
 }
