@@ -18,7 +18,9 @@ greedy decode of `--new-tokens` tokens per row.
 - peak RSS of the process (VmHWM), model load included (llmc's process also holds torch and a second,
   last-position session for the prefill, with its own copy of the weights);
 - both engines run with `--threads` intra-op threads; llmc's time to first token includes making the
-  empty cache, genai's allocates it before the timer.
+  empty cache, genai's allocates it before the timer. llmc's process picks tokens with torch on one
+  thread, as OrtModel.generate does (torch's OpenMP workers spinning after a parallel argmax slow the
+  next ONNX Runtime step; genai picks tokens in its own C++ loop).
 A warm-up (a 16-token prompt and 4 steps) runs first in each process.
 """
 
@@ -43,7 +45,7 @@ import torch
 from llmc.backends.onnxruntime import OrtModel
 from llmc.calibration import decode_inputs
 folder, threads, prompt_file, new = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-torch.set_num_threads(threads)
+torch.set_num_threads(1)  # as OrtModel.generate: ORT's threads work, torch's only pick the next token
 model = OrtModel(folder, threads=threads)
 prefill = model.prefill_step if model.prefill_session is not None else model.step
 

@@ -11,7 +11,7 @@ import torch
 import llmc
 from llmc.backends.onnxruntime import OrtModel, lower
 from llmc.generation import left_pad, position_ids_from_mask
-from llmc.testing import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
+from llmc.testing import FAMILY_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]]
 
@@ -136,6 +136,18 @@ def test_group_query_attention_shares_the_cache_and_takes_chunks(tiny_models, tm
                                    y.numpy().transpose(0, 2, 1, 3)[real], atol=1e-5)
     # the last step wrote into the buffers it was given (they had room): the same OrtValues came back
     assert all(x is y for x, y in zip(a_caches[-1], a_caches[-2]))
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHITECTURES)
+def test_group_query_attention_on_the_other_families(arch, tmp_path, one_thread):
+    """Every further family's attention becomes GroupQueryAttention with a shared cache and keeps parity (padded
+    batch, greedy decode), except Gemma 2's soft-capped scores, which are not a scaled dot product."""
+    cm = llmc.compile(tiny_model(arch), tokenizer=tiny_tokenizer(), progress=False)
+    manifest = _manifest(lower(cm.program, tmp_path / arch))
+    capped = arch == "gemma2"
+    assert manifest["fusions"].get("GroupQueryAttention", 0) == (0 if capped else cm.program.num_layers)
+    assert manifest["cache_buffers"] == ("concatenated" if capped else "shared")
+    assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
 
 
 def test_cached_attention_writes_into_a_longer_buffer():

@@ -94,6 +94,17 @@ class OrtModel(Model):
         except Exception as e:
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
 
+    def generate(self, prompts, max_new_tokens: int = 20, **kwargs):
+        """`Model.generate`, with torch on one thread while it runs: ONNX Runtime's threads do the work, and
+        torch's OpenMP workers, woken by a parallel argmax over the vocabulary, would keep spinning on the same
+        cores through the next step (SmolLM2 4-bit at batch 8: 27.9 against 21.2 ms per step)."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().generate(prompts, max_new_tokens, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
     def step(self, input_ids, attention_mask, position_ids, past):
         """One decode step in ONNX Runtime (see `_run`)."""
         return self._run(self.session, input_ids, attention_mask, position_ids, past)
