@@ -31,6 +31,13 @@ class OrtModel(Model):
 
     `step(input_ids, attention_mask, position_ids, past) -> (logits, present)` takes and returns
     torch tensors (shared with ORT's numpy buffers, no copies on the way out).
+
+    A folder whose manifest says `"cache_buffers": "shared"` (the fused lowering's GroupQueryAttention)
+    takes the past's length from the mask: its cache tensors are buffers of some capacity whose first
+    `attention_mask.shape[1] - input_ids.shape[1]` positions are the past, and a step writes its keys and
+    values into the buffers it is given and returns them. So `present` may be longer than the valid length
+    (the mask says how much is valid), and a past passed to `step` must not be used again for another
+    continuation (select or copy its rows first, as llmc.search.reorder_cache does).
     """
 
     def __init__(self, folder: str, threads: int | None = None, prefill_session: bool = True):
