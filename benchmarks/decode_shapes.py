@@ -22,6 +22,10 @@ greedy decode of `--new-tokens` tokens per row.
   thread, as OrtModel.generate does (torch's OpenMP workers spinning after a parallel argmax slow the
   next ONNX Runtime step; genai picks tokens in its own C++ loop).
 A warm-up (a 16-token prompt and 4 steps) runs first in each process.
+
+`--ppl` also scores every engine on ppl-512x40 of WikiText-2 test (llmc folders through OrtModel, genai
+folders through their graph in a plain ONNX Runtime session, `GenaiGraph`) and records it in every row
+of that engine, earlier rows of the results file included; `--shapes ''` then times nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+
+import numpy as np
+import torch
 
 import llmc
 from benchmarks.common import STARTED_AT, load_rows, row_definitions, write_result
@@ -103,6 +110,51 @@ print(json.dumps({"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": peak / 1024
 """
 
 
+class GenaiGraph:
+    """An onnxruntime-genai builder's decoder (`model.onnx` + `genai_config.json`) in a plain ONNX Runtime session,
+    with llmc's step interface, so llmc.eval.perplexity scores it as it scores an llmc export (every window from
+    an empty cache, no position_ids: the graph computes them from the mask)."""
+
+    def __init__(self, folder: str, threads: int):
+        import onnxruntime as ort
+
+        with open(os.path.join(folder, "genai_config.json")) as f:
+            decoder = json.load(f)["model"]["decoder"]
+        self.layers, self.heads, self.dim = (decoder["num_hidden_layers"], decoder["num_key_value_heads"],
+                                              decoder["head_size"])
+        self.names = decoder["inputs"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(os.path.join(folder, decoder["filename"]), opts,
+                                            providers=["CPUExecutionProvider"])
+
+    def empty_cache(self, batch: int) -> list:
+        return [np.zeros((batch, self.heads, 0, self.dim), np.float32) for _ in range(2 * self.layers)]
+
+    def step(self, ids, mask, pos, past):
+        feeds = {self.names["input_ids"]: ids.numpy(), self.names["attention_mask"]: mask.numpy()}
+        for i in range(self.layers):
+            feeds[self.names["past_key_names"] % i] = past[2 * i]
+            feeds[self.names["past_value_names"] % i] = past[2 * i + 1]
+        outs = self.session.run(None, feeds)
+        return torch.from_numpy(outs[0]), outs[1:]
+
+
+def perplexities(engines: dict, threads: int, ids) -> dict:
+    """ppl-512x40 of WikiText-2 test for every engine: llmc folders through OrtModel, genai folders through
+    GenaiGraph (the same windows and scoring)."""
+    from llmc.backends.onnxruntime import OrtModel
+    from llmc.eval import perplexity
+
+    out = {}
+    for name, (kind, folder) in engines.items():
+        model = OrtModel(folder, threads=threads, prefill_session=False) if kind == "llmc" else GenaiGraph(folder, threads)
+        out[name] = round(perplexity(model, ids, "ppl-512x40", progress=False).ppl, 4)
+        print(json.dumps({"engine": name, "ppl_512x40": out[name]}), flush=True)
+        del model
+    return out
+
+
 def _measure(kind: str, folder: str, threads: int, prompt_file: str, new: int, python: str) -> dict:
     if kind == "llmc":
         cmd = [sys.executable, "-c", _LLMC, folder, str(threads), prompt_file, str(new)]
@@ -146,7 +198,9 @@ def main() -> None:
     ap.add_argument("--genai", action="append", default=[], metavar="NAME=DIR",
                     help="a folder built by onnxruntime-genai's builder (needs --genai-python)")
     ap.add_argument("--genai-python", help="a Python with onnxruntime-genai")
-    ap.add_argument("--shapes", default="1x128,8x128,1x2048,8x2048", help="BATCHxPROMPT, comma-separated")
+    ap.add_argument("--shapes", default="1x128,8x128,1x2048,8x2048", help="BATCHxPROMPT, comma-separated ('' for none)")
+    ap.add_argument("--ppl", action="store_true",
+                    help="also score every engine on ppl-512x40 (WikiText-2 test) and record it in all its rows")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -155,7 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.genai and not args.genai_python:
         raise SystemExit("--genai needs --genai-python")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
 
     src = llmc.load_model("smollm2-135m")
     ids = data.tokenize(src.tokenizer, data.text("wikitext2-test"))
@@ -188,6 +242,15 @@ def main() -> None:
                                         if f.startswith("model") and ".onnx" in f)
 
     rows = load_rows(args.name)
+    if args.ppl:
+        ppl = perplexities(engines, args.threads, ids)
+        for name, value in ppl.items():
+            about[name]["ppl_512x40"] = value
+        for r in rows:  # earlier rows of the same engines
+            if r.get("engine") in ppl:
+                r["ppl_512x40"] = ppl[r["engine"]]
+        write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
+                     data_sha256=data.sha256("wikitext2-test"))
     for B, P in shapes:
         if B * P > ids.numel():
             raise SystemExit(f"the test text has {ids.numel()} tokens, fewer than {B}x{P}")

@@ -284,6 +284,7 @@ QUALITY_COLUMNS = [
      if num(r.get("ppl")) and num(r.get("fp_ppl")) else None),
     ("FP ppl", lambda r, d: num(r.get("fp_ppl"))),
     ("torch ppl", lambda r, d: num(r.get("torch_ppl"))),
+    ("ppl-512x40", lambda r, d: num(r.get("ppl_512x40"))),
     ("bits/weight", lambda r, d: num(r.get("bits_per_weight"))),
     ("bits/param (stored)", lambda r, d: bits_param(r)),
     ("bits/channel", lambda r, d: num(r.get("bits_per_channel"))),
@@ -762,6 +763,38 @@ def decode_points(docs: list[dict]) -> list[dict]:
     return out
 
 
+def plot_decode_pareto(docs: list[dict]) -> bytes:
+    """decode_shapes rows that carry a ppl-512x40: decode tok/s against ONNX file bytes, one panel per batch size
+    at 128-token prompts, each point labelled with its perplexity (× the FP32 export's)."""
+    doc = next((d for d in docs if d["_file"] == "decode_shapes"), None)
+    rows = [r for r in (doc["rows"] if doc else []) if num(r.get("ppl_512x40")) and r.get("prompt") == 128
+            and num(r.get("onnx_bytes"))]
+    fp = next((r["ppl_512x40"] for r in rows if r["engine"] == "fp32"), None)
+    batches = sorted({r["batch"] for r in rows}) or [1]
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        labels = []
+        for r in (r for r in rows if r["batch"] == batch):
+            genai = "genai" in r["engine"]
+            mb, tps = r["onnx_bytes"] / 1e6, r["decode_tokens_per_s"]
+            ax.scatter([mb], [tps], color=COLORS[1] if genai else COLORS[0], marker="*" if genai else "o",
+                       s=110 if genai else 40, zorder=3)
+            ratio = f" ({r['ppl_512x40'] / fp:.2f}× FP)" if fp else ""
+            labels.append((mb, tps, f"{r['engine']}: ppl {r['ppl_512x40']:.2f}{ratio}", "black"))
+        place_labels(ax, labels, fontsize=7.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("ONNX file MB (model.onnx + model.onnx.data)")
+        ax.set_ylabel(f"decode tokens/s, batch {batch}, 128-token prompts")
+        ax.set_title(f"batch {batch}: speed, bytes and ppl-512x40 (same run)", fontsize=10)
+        ax.grid(True, lw=0.3, alpha=0.5)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([70, 100, 200, 300, 550])
+        ax.set_xticklabels(["70", "100", "200", "300", "550"])
+    fig.suptitle("SmolLM2-135M on a 2-core CPU: llmc exports (●) and onnxruntime-genai's builds (★)", fontsize=11)
+    fig.tight_layout()
+    return save_png(fig)
+
+
 def plot_decode_vs_bytes(docs: list[dict]) -> bytes:
     from matplotlib.lines import Line2D
 
@@ -888,7 +921,10 @@ def results_md(docs: list[dict]) -> str:
              "![decode tokens/s vs model bytes](plots/decode_vs_bytes.png)", "",
              "Every decode row that records the ONNX file it ran; colours are runs, and speeds compare within a "
              "run. Discussed in [the ONNX Runtime backend](backends/onnxruntime.md).", "",
-             "## Contents", ""]
+             "![decode tokens/s vs bytes vs perplexity](plots/decode_pareto.png)", "",
+             "The decode_shapes rows that carry a perplexity: llmc's exports and onnxruntime-genai's builds, timed "
+             "in one run and scored on ppl-512x40. Discussed in [the ONNX Runtime backend](backends/onnxruntime.md).",
+             "", "## Contents", ""]
     for g in order:
         lines.append(f"- [{g} benchmark](#{g.lower()}-benchmark): " + ", ".join(f"[{d['_file']}](#{d['_file'].lower()})"
                                                             for d in groups[g]))
@@ -909,7 +945,8 @@ def outputs() -> dict[str, bytes]:
     out = {os.path.join(DOCS, "results.md"): results_md(docs).encode(),
            os.path.join(PLOTS, "ppl_vs_bits.png"): plot_ppl_vs_bits(docs, peer),
            os.path.join(PLOTS, "ppl_vs_kv_bits.png"): plot_ppl_vs_kv_bits(docs, peer),
-           os.path.join(PLOTS, "decode_vs_bytes.png"): plot_decode_vs_bytes(docs)}
+           os.path.join(PLOTS, "decode_vs_bytes.png"): plot_decode_vs_bytes(docs),
+           os.path.join(PLOTS, "decode_pareto.png"): plot_decode_pareto(docs)}
     if os.path.exists(README):
         text = open(README, encoding="utf-8").read()
         if BEGIN in text and END in text:

@@ -103,11 +103,11 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
 
 def _chunked_steps(model):
     """Logits of a left-padded batch of 2: the prompts (real positions only), one token, a chunk of 3 tokens
-    after the past, one more token; and the cache tensors each step returned."""
+    after the past, two more single tokens; and the cache tensors each step returned."""
     ids, mask = left_pad(PROMPTS, pad_id=0)
     logits, cache = model.step(ids, mask, position_ids_from_mask(mask), model.empty_cache(2))
     out, caches = [logits[mask.bool()]], [cache]
-    for new in ([[7], [8]], [[11, 12, 13], [14, 15, 16]], [[1], [2]]):
+    for new in ([[7], [8]], [[11, 12, 13], [14, 15, 16]], [[1], [2]], [[3], [4]]):
         new = torch.tensor(new)
         mask = torch.cat([mask, torch.ones_like(new)], 1)
         logits, cache = model.step(new, mask, position_ids_from_mask(mask)[:, -new.shape[1]:], cache)
@@ -119,7 +119,8 @@ def _chunked_steps(model):
 def test_group_query_attention_shares_the_cache_and_takes_chunks(tiny_models, tmp_path, one_thread):
     """The fused export reads and writes one buffer per cache tensor (bound as past and present); a chunk of
     several tokens after a past at batch 2, which ONNX Runtime's kernel takes at batch 1 only, runs row by row;
-    every step equals the plain graph's."""
+    every step equals the plain graph's (the logits each step returned are its own, though the buffers stay
+    bound from step to step)."""
     cm = llmc.compile(tiny_models["qwen2"], tokenizer=tiny_tokenizer(), progress=False)
     fused = OrtModel(lower(cm.program, tmp_path / "fused"))
     plain = OrtModel(lower(cm.program, tmp_path / "plain", fuse=False))
@@ -128,8 +129,8 @@ def test_group_query_attention_shares_the_cache_and_takes_chunks(tiny_models, tm
     b, b_caches = _chunked_steps(plain)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-    total = len(PROMPTS[0]) + 5
-    real = torch.cat([left_pad(PROMPTS, pad_id=0)[1], torch.ones(2, 5, dtype=torch.long)], 1).bool().numpy()
+    total = len(PROMPTS[0]) + 6
+    real = torch.cat([left_pad(PROMPTS, pad_id=0)[1], torch.ones(2, 6, dtype=torch.long)], 1).bool().numpy()
     for x, y in zip(a_caches[-1], b_caches[-1]):  # the tokens' positions hold the same keys and values
         assert x.shape()[2] >= total and y.shape()[2] == total
         np.testing.assert_allclose(x.numpy()[:, :, :total].transpose(0, 2, 1, 3)[real],
