@@ -183,6 +183,11 @@ def export_facts(folder: str) -> dict:
             "cache_bytes_per_token": per_token, "context_in_1gib": 2**30 // per_token}
 
 
+def engine_of(row: dict) -> str:
+    """The NAME a row was timed under (its id is NAME-bB-pP; its "engine" says which runtime ran it)."""
+    return row["row"].rsplit("-b", 1)[0]
+
+
 def _split(option: str, what: str) -> tuple[str, str]:
     name, sep, value = option.partition("=")
     if not sep or not name:
@@ -247,8 +252,8 @@ def main() -> None:
         for name, value in ppl.items():
             about[name]["ppl_512x40"] = value
         for r in rows:  # earlier rows of the same engines
-            if r.get("engine") in ppl:
-                r["ppl_512x40"] = ppl[r["engine"]]
+            if engine_of(r) in ppl:
+                r["ppl_512x40"] = ppl[engine_of(r)]
         write_result(args.name, rows, model="smollm2-135m", model_sha256=src.fingerprint,
                      data_sha256=data.sha256("wikitext2-test"))
     for B, P in shapes:

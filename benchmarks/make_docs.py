@@ -769,18 +769,19 @@ def plot_decode_pareto(docs: list[dict]) -> bytes:
     doc = next((d for d in docs if d["_file"] == "decode_shapes"), None)
     rows = [r for r in (doc["rows"] if doc else []) if num(r.get("ppl_512x40")) and r.get("prompt") == 128
             and num(r.get("onnx_bytes"))]
-    fp = next((r["ppl_512x40"] for r in rows if r["engine"] == "fp32"), None)
+    name = lambda r: r["row"].rsplit("-b", 1)[0]  # noqa: E731  (decode_shapes.engine_of)
+    fp = next((r["ppl_512x40"] for r in rows if name(r) == "fp32"), None)
     batches = sorted({r["batch"] for r in rows}) or [1]
     fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.5), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         labels = []
         for r in (r for r in rows if r["batch"] == batch):
-            genai = "genai" in r["engine"]
+            genai = "genai" in r["engine"]  # the runtime: "onnxruntime-genai" or "llmc OrtModel"
             mb, tps = r["onnx_bytes"] / 1e6, r["decode_tokens_per_s"]
             ax.scatter([mb], [tps], color=COLORS[1] if genai else COLORS[0], marker="*" if genai else "o",
                        s=110 if genai else 40, zorder=3)
             ratio = f" ({r['ppl_512x40'] / fp:.2f}× FP)" if fp else ""
-            labels.append((mb, tps, f"{r['engine']}: ppl {r['ppl_512x40']:.2f}{ratio}", "black"))
+            labels.append((mb, tps, f"{name(r)}: ppl {r['ppl_512x40']:.2f}{ratio}", "black"))
         place_labels(ax, labels, fontsize=7.5)
         ax.set_xscale("log")
         ax.set_xlabel("ONNX file MB (model.onnx + model.onnx.data)")
