@@ -151,6 +151,16 @@ def test_group_query_attention_on_the_other_families(arch, tmp_path, one_thread)
     assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
 
 
+def test_group_query_attention_leaves_heads_it_cannot_take(tmp_path, one_thread):
+    """ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 8: heads of 20 keep the standard
+    attention and the concatenated cache, and the export keeps parity."""
+    model = tiny_model("qwen2", hidden_size=80, num_attention_heads=4, num_key_value_heads=2)
+    cm = llmc.compile(model, tokenizer=tiny_tokenizer(), progress=False)
+    manifest = _manifest(lower(cm.program, tmp_path / "d20"))
+    assert "GroupQueryAttention" not in manifest["fusions"] and manifest["cache_buffers"] == "concatenated"
+    assert manifest["parity"]["greedy_identical"]
+
+
 def test_cached_attention_writes_into_a_longer_buffer():
     """llmc::cached_attention with a past buffer longer than the past (its length comes from the mask): the step
     lands at [P, T), the rest of the buffer is kept, and the output equals attention over the plain past."""

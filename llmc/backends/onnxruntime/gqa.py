@@ -15,7 +15,8 @@ which ONNX Runtime runs as some twenty nodes per layer, two of them copies of th
 (translations.cached_attention) is one com.microsoft.GroupQueryAttention node, which appends the
 step to the past, attends with the additive mask (padding, causality, windows) and returns the
 present cache. Only the exact pattern is taken: soft-capped attention (no SDPA), a cache that is
-not the graph's own input (cq_kv, kivi), or tensors other than float32 stay as they are.
+not the graph's own input (cq_kv, kivi), tensors other than float32, and heads whose size is not a
+multiple of 8 (or differs between keys and values) stay as they are.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def _site(sdpa: fx.Node):
     groups = q_shape[1] // k_shape[1]
     if groups > 1 and q is rows:
         return None
+    if not (q_shape[3] == k_shape[3] == v_shape[3] and isinstance(q_shape[3], int) and q_shape[3] % 8 == 0):
+        return None  # ONNX Runtime's kernel takes one head size for q, k and v, a multiple of 8
     bias = _unfolded_bias(mask, groups)
     out = _output(sdpa, groups)
     b_shape = _shape(bias)
