@@ -83,6 +83,7 @@ class OrtModel(Model):
         # buffer per tensor, bound as both past and present (`_buffers`)
         self.shared_buffers = self.manifest.get("cache_buffers") == "shared"
         self._bound: dict = {}  # id(session) -> (its IO binding, the cache buffers bound to it, their capacity)
+        self._logits_layout: dict = {}  # id(session) -> (sequence dim, vocabulary, dtype) of its logits
 
     def _open(self, path: str):
         import onnxruntime as ort
@@ -184,9 +185,12 @@ class OrtModel(Model):
     def _logits_array(self, session, batch: int, steps: int) -> np.ndarray:
         """An empty array for the logits of one run of `session`: [batch, steps, vocab], or [batch, 1, vocab] for the
         last-position graph."""
-        out = session.get_outputs()[0]
-        _, seq, vocab = out.shape
-        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[out.type]
+        if id(session) not in self._logits_layout:
+            out = session.get_outputs()[0]
+            _, seq, vocab = out.shape
+            self._logits_layout[id(session)] = (seq, vocab, {"tensor(float)": np.float32,
+                                                             "tensor(float16)": np.float16}[out.type])
+        seq, vocab, dtype = self._logits_layout[id(session)]
         return np.empty((batch, seq if isinstance(seq, int) else steps, vocab), dtype=dtype)
 
     def _buffers(self, past, total: int, steps: int) -> list:
