@@ -768,6 +768,12 @@ def decode_points(docs: list[dict]) -> list[dict]:
     return out
 
 
+def coded_cache(r: dict) -> bool:
+    """Whether a decode_shapes row's export has a cq_kv cache, which ppl-512x40 (each window from an empty cache)
+    never reads: its ppl there is not the cache's."""
+    return any(str(p).startswith("cq_kv") for p in r.get("passes") or [])
+
+
 def plot_decode_pareto(docs: list[dict]) -> bytes:
     """decode_shapes rows that carry a ppl-512x40: decode tok/s against ONNX file bytes, one panel per batch size
     at 128-token prompts, each point labelled with its perplexity (× the FP32 export's)."""
@@ -786,9 +792,8 @@ def plot_decode_pareto(docs: list[dict]) -> bytes:
             ax.scatter([mb], [tps], color=COLORS[1] if genai else COLORS[0], marker="*" if genai else "o",
                        s=110 if genai else 40, zorder=3)
             ratio = f" ({r['ppl_512x40'] / fp:.2f}× FP)" if fp else ""
-            coded_cache = any(str(p).startswith("cq_kv") for p in r.get("passes") or [])
-            text = ("its windows never read the coded cache" if coded_cache
-                    else f"ppl {r['ppl_512x40']:.2f}{ratio}")  # ppl-512x40 scores from an empty cache
+            text = ("its windows never read the coded cache" if coded_cache(r)
+                    else f"ppl {r['ppl_512x40']:.2f}{ratio}")
             labels.append((mb, tps, f"{name(r)}: {text}", "black"))
         place_labels(ax, labels, fontsize=7.5)
         ax.set_xscale("log")
@@ -879,8 +884,7 @@ def headline_value(r: dict) -> str | None:
     if num(r.get("decode_tokens_per_s")) is not None:  # benchmarks/decode_shapes.py
         text = (f"decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s "
                 f"(batch {r['batch']}, {r['prompt']}-token prompts), peak RSS {r['peak_rss_mb']:,} MB")
-        coded_cache = any(str(p).startswith("cq_kv") for p in r.get("passes") or [])  # ppl-512x40 never reads it
-        return text + (f", ppl-512x40 {r['ppl_512x40']:.2f}" if num(r.get("ppl_512x40")) and not coded_cache else "")
+        return text + (f", ppl-512x40 {r['ppl_512x40']:.2f}" if num(r.get("ppl_512x40")) and not coded_cache(r) else "")
     if not is_speed(r):
         return None
     parts = [f"{r['tokens_per_s']:.1f} tok/s"]
