@@ -88,6 +88,9 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
     # float32: q/k/v and gate/up merge as MatMuls, not MatMulNBits
     assert _manifest(fused)["fusions"] == _fusions(1, 4, 4, 0, 0, float_merges=4, float_merged=10)
     assert _manifest(fused)["cache_buffers"] == "shared" and _manifest(plain)["cache_buffers"] == "concatenated"
+    for folder, shared in ((fused, True), (plain, False)):  # onnxruntime-genai binds one buffer where it may
+        with open(os.path.join(folder, "genai_config.json")) as f:
+            assert json.load(f)["search"]["past_present_share_buffer"] is shared
     assert _manifest(fused)["parity"]["greedy_identical"]
     plain_ops, fused_ops = _ops(plain), _ops(fused)
     assert not {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} & set(plain_ops)
