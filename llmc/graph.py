@@ -188,6 +188,12 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def is_call(node, *targets, nargs: int | None = None) -> bool:
+    """Whether `node` is an fx call of one of `targets` (with `nargs` positional arguments, when given)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+            and (nargs is None or len(node.args) == nargs))
+
+
 def _impure(node: fx.Node) -> bool:
     """fx's notion of impure, except that an unused scaled-dot-product attention (tagged nondeterministic for its
     dropout, which a traced decoder does not use) is dead code."""

@@ -12,42 +12,38 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from llmc.graph import replace_in_copy
+from llmc.graph import is_call, replace_in_copy
 
 aten = torch.ops.aten
 _RESHAPES = (aten.view.default, aten.reshape.default, aten.unflatten.int, aten._unsafe_view.default,
              aten._to_copy.default, aten.clone.default)
 
 
-def _call(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
 def _through_reshapes(node):
     """The node under any chain of reshapes and dtype copies."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _RESHAPES:
+    while is_call(node, *_RESHAPES):
         node = node.args[0]
     return node
 
 
 def _site(add: fx.Node):
     """(x, signs, scales, index, values) when `add` is binary_bases_linear(x, ...) + Σ values·x[index], else None."""
-    if not _call(add, aten.add.Tensor) or len(add.args) != 2:
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2:
         return None
     for y, corr in (add.args, add.args[::-1]):
-        if not _call(y, torch.ops.llmc.binary_bases_linear.default) or not _call(corr, aten.sum.dim_IntList):
+        if not is_call(y, torch.ops.llmc.binary_bases_linear.default) or not is_call(corr, aten.sum.dim_IntList):
             continue
         x, signs, scales = y.args
         last = [-1] + ([x.meta["val"].dim()] if "val" in x.meta else [])  # picked [..., N, k] has one dim more
         if len(corr.args) != 2 or len(corr.args[1]) != 1 or corr.args[1][0] not in last or corr.kwargs:
             continue
         prod = corr.args[0]
-        if not _call(prod, aten.mul.Tensor):
+        if not is_call(prod, aten.mul.Tensor):
             continue
         for picked, vals in (prod.args, prod.args[::-1]):
             gather = _through_reshapes(picked)
             values = _through_reshapes(vals)
-            if not (_call(gather, aten.index_select.default) and gather.args[0] is x and gather.args[1] == -1):
+            if not (is_call(gather, aten.index_select.default) and gather.args[0] is x and gather.args[1] == -1):
                 continue
             index = _through_reshapes(gather.args[2])
             if index.op == "get_attr" and isinstance(values, fx.Node) and values.op == "get_attr":

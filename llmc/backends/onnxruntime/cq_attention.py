@@ -21,24 +21,19 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from llmc.graph import attr_tensor, replace_in_copy
+from llmc.graph import attr_tensor, is_call, replace_in_copy
 
 aten = torch.ops.aten
 _LAST = (-1, 3)  # the channel dim of [B, H, T, D]
 _SEQUENCE = (2, -2)
 
 
-def _call(node, target, nargs: int | None = None) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-            and (nargs is None or len(node.args) == nargs))
-
-
 def _coded_cat(node):
     """(codes placeholder, codebooks get_attr, new tokens) of cat([cq_decode(codes, codebooks), new], 2), else None."""
-    if not _call(node, aten.cat.default) or len(node.args[0]) != 2 or (node.args[1:] or (0,))[0] not in _SEQUENCE:
+    if not is_call(node, aten.cat.default) or len(node.args[0]) != 2 or (node.args[1:] or (0,))[0] not in _SEQUENCE:
         return None
     decoded, new = node.args[0]
-    if not _call(decoded, torch.ops.llmc.cq_decode.default, 2):
+    if not is_call(decoded, torch.ops.llmc.cq_decode.default, nargs=2):
         return None
     codes, codebooks = decoded.args
     if codes.op != "placeholder" or codebooks.op != "get_attr":
@@ -48,7 +43,7 @@ def _coded_cat(node):
 
 def _channel_slice(node, x, start: int, end: int | None) -> bool:
     """Whether node is x[..., start:end] (end None: to the end)."""
-    if not _call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in _LAST:
+    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in _LAST:
         return False
     lo = node.args[2] if len(node.args) > 2 else 0
     hi = node.args[3] if len(node.args) > 3 else None
@@ -57,13 +52,13 @@ def _channel_slice(node, x, start: int, end: int | None) -> bool:
 
 def _rotation(node):
     """(x, cos, signed_sin, rot) when node is x·cos + roll(x, rot/2)·signed_sin (either order), else None."""
-    if not _call(node, aten.add.Tensor, 2):
+    if not is_call(node, aten.add.Tensor, nargs=2):
         return None
     for a, b in (node.args, node.args[::-1]):
-        if not (_call(a, aten.mul.Tensor, 2) and _call(b, aten.mul.Tensor, 2)):
+        if not (is_call(a, aten.mul.Tensor, nargs=2) and is_call(b, aten.mul.Tensor, nargs=2)):
             continue
         for rolled, sin in (b.args, b.args[::-1]):
-            if not _call(rolled, aten.roll.default) or list(rolled.args[2]) not in ([-1], [3]):
+            if not is_call(rolled, aten.roll.default) or list(rolled.args[2]) not in ([-1], [3]):
                 continue
             x = rolled.args[0]
             if x not in a.args or len(rolled.args[1]) != 1:
@@ -85,14 +80,14 @@ def _rope(node, D: int):
     if whole is not None:
         x, cos, sin, rot = whole
         return (x, cos, sin) if rot == D else None
-    if not _call(node, aten.cat.default) or len(node.args[0]) != 2 or node.args[1] not in _LAST:
+    if not is_call(node, aten.cat.default) or len(node.args[0]) != 2 or node.args[1] not in _LAST:
         return None
     head, rest = node.args[0]
     part = _rotation(head)
     if part is None:
         return None
     xs, cos, sin, rot = part
-    if not (_call(xs, aten.slice.Tensor) and _call(rest, aten.slice.Tensor)):
+    if not (is_call(xs, aten.slice.Tensor) and is_call(rest, aten.slice.Tensor)):
         return None
     x = xs.args[0]
     if not (_channel_slice(xs, x, 0, rot) and _channel_slice(rest, x, rot, None)):
@@ -107,7 +102,7 @@ def _float32(node) -> bool:
 
 def _site(gm: fx.GraphModule, sdpa: fx.Node):
     """The arguments of llmc::cq_attention for an SDPA node over a CQ cache, else None."""
-    if not _call(sdpa, aten.scaled_dot_product_attention.default, 4) or set(sdpa.kwargs) - {"scale"}:
+    if not is_call(sdpa, aten.scaled_dot_product_attention.default, nargs=4) or set(sdpa.kwargs) - {"scale"}:
         return None
     q, k, v, bias = sdpa.args
     values = _coded_cat(v)

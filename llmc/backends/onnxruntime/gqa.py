@@ -27,14 +27,10 @@ import torch
 from torch import fx
 
 import llmc.ops  # noqa: F401  (registers llmc::cached_attention)
-from llmc.graph import replace_in_copy
+from llmc.graph import is_call, replace_in_copy
 
 aten = torch.ops.aten
 _SEQUENCE = (2, -2)
-
-
-def _call(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _shape(node) -> tuple | None:
@@ -49,7 +45,7 @@ def _float32(node) -> bool:
 
 def _cache_cat(node):
     """(past placeholder, new) of cat([past, new], 2) over a float32 graph input, else None."""
-    if not _call(node, aten.cat.default) or len(node.args[0]) != 2 or (node.args[1:] or (0,))[0] not in _SEQUENCE:
+    if not is_call(node, aten.cat.default) or len(node.args[0]) != 2 or (node.args[1:] or (0,))[0] not in _SEQUENCE:
         return None
     past, new = node.args[0]
     if not (isinstance(past, fx.Node) and past.op == "placeholder" and _float32(past) and _float32(new)):
@@ -66,17 +62,17 @@ def _unfolded_bias(mask, groups: int):
     """The [B, S, T] bias that `mask` repeats per query group (see the module docstring), else None."""
     if groups == 1:
         node = mask
-        if not _call(node, aten.unsqueeze.default) or node.args[1] != 1:
+        if not is_call(node, aten.unsqueeze.default) or node.args[1] != 1:
             return None
         return node.args[0]
-    if not _call(mask, aten.reshape.default, aten.view.default):
+    if not is_call(mask, aten.reshape.default, aten.view.default):
         return None
     node = mask.args[0]
-    if not _call(node, aten.expand.default):
+    if not is_call(node, aten.expand.default):
         return None
     node = node.args[0]
     for dim in (2, 1):  # bias[:, None, None]
-        if not _call(node, aten.unsqueeze.default) or node.args[1] != dim:
+        if not is_call(node, aten.unsqueeze.default) or node.args[1] != dim:
             return None
         node = node.args[0]
     return node
@@ -86,22 +82,22 @@ def _output(sdpa, groups: int):
     """The [B, S, H*D] node that unfolds the heads of the SDPA output, else None."""
     node = _only_user(sdpa)
     if groups == 1:
-        if not (_call(node, aten.transpose.int) and sorted(node.args[1:3]) == [1, 2]):
+        if not (is_call(node, aten.transpose.int) and sorted(node.args[1:3]) == [1, 2]):
             return None
     else:
-        if not (_call(node, aten.unflatten.int) and node.args[1] == 2):
+        if not (is_call(node, aten.unflatten.int) and node.args[1] == 2):
             return None
         node = _only_user(node)
-        if not (_call(node, aten.permute.default) and list(node.args[1]) == [0, 3, 1, 2, 4]):
+        if not (is_call(node, aten.permute.default) and list(node.args[1]) == [0, 3, 1, 2, 4]):
             return None
     node = _only_user(node)
-    return node if _call(node, aten.reshape.default, aten.view.default) else None
+    return node if is_call(node, aten.reshape.default, aten.view.default) else None
 
 
 def _site(sdpa: fx.Node):
     """(output node, present key cat, present value cat, args of llmc::cached_attention) for an SDPA over the
     float cache, else None."""
-    if not _call(sdpa, aten.scaled_dot_product_attention.default) or len(sdpa.args) != 4:
+    if not is_call(sdpa, aten.scaled_dot_product_attention.default) or len(sdpa.args) != 4:
         return None
     if set(sdpa.kwargs) - {"scale"}:
         return None
@@ -113,7 +109,7 @@ def _site(sdpa: fx.Node):
     k_shape, v_shape, r_shape = _shape(key), _shape(value), _shape(rows)
     if k_shape is None or v_shape is None or r_shape is None:
         return None
-    q = rows.args[0] if _call(rows, aten.reshape.default, aten.view.default) else rows
+    q = rows.args[0] if is_call(rows, aten.reshape.default, aten.view.default) else rows
     q_shape = _shape(q)
     if q_shape is None or len(q_shape) != 4 or q_shape[1] % k_shape[1]:
         return None
@@ -148,11 +144,11 @@ def _past_length_from_mask(gm: fx.GraphModule) -> bool:
         for user in cache.users:
             if user.op == "call_module" and user.target == "_guards_fn":  # torch.export's input checks
                 continue
-            if _call(user, aten.sym_size.int) and user.args[1] in (0, 1, 3):
+            if is_call(user, aten.sym_size.int) and user.args[1] in (0, 1, 3):
                 continue
-            if _call(user, aten.sym_size.int) and user.args[1] == 2:
+            if is_call(user, aten.sym_size.int) and user.args[1] == 2:
                 sizes.append(user)
-            elif not (_call(user, torch.ops.llmc.cached_attention.default) and user.args.index(cache) in (3, 4)):
+            elif not (is_call(user, torch.ops.llmc.cached_attention.default) and user.args.index(cache) in (3, 4)):
                 return False
     if sizes:
         with graph.inserting_after(mask):
