@@ -79,7 +79,7 @@ def machine() -> dict:
     """CPU count, torch threads and the CPU's kernel level (AVX2 / AVX512: bf16 and int8 speed depend on it)."""
     import torch
 
-    from llmc.passes.pv_quant.tune import native_bf16
+    from llmc.calibration import native_bf16
 
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16()}

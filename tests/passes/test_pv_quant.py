@@ -394,7 +394,7 @@ def test_v_step_defaults_depend_on_the_format():
 def test_amp_follows_the_cpu_unless_set():
     """bf16 autocast only where oneDNN has native bf16 kernels (on AVX2 it is several times slower)."""
     from llmc.passes.pv_quant import PVQuant
-    from llmc.passes.pv_quant.tune import native_bf16
+    from llmc.calibration import native_bf16
 
     native = native_bf16()
     assert PVQuant().tune_plan(0).amp is native

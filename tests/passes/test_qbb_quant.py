@@ -298,6 +298,26 @@ def test_stage_3_calibrates_the_scales_towards_the_teacher(setup, tmp_path):
     assert not torch.equal(s0, s1)
 
 
+def test_stage_3_can_train_the_norm_weights(setup, tmp_path, monkeypatch):
+    model, ids, ref = setup
+    spec = f"bases=2,refine=alternate,stages=123,{STAGE3},scale_lr=1e-2,scale_loss=kl"
+    scales_only = _compile(model, spec, tmp_path)
+    with_norms = _compile(model, spec + ",scale_norms=true", tmp_path)
+    sc = with_norms.program.history[-1].stats["scale_calibration"]
+    norms = [n for n, p in with_norms.program.gm.named_parameters() if p.dim() == 1 and "norm" in n]
+    assert sc["norms"] == len(norms) == 2 * 2 + 1  # two per layer and the final one
+    fp = dict(model.named_parameters())
+    for n in norms:
+        assert torch.equal(attr_tensor(scales_only.program.gm, n), fp[n])  # the paper's stage 3 leaves them
+        assert not torch.equal(attr_tensor(with_norms.program.gm, n), fp[n])
+    assert _kl(with_norms, ref, ids) < 0.97 * _kl(scales_only, ref, ids)
+    # interrupted and resumed, the norms come back from the checkpoint with the scales
+    _interrupted_in_stage_3(monkeypatch, lambda: _compile(model, spec + ",scale_norms=true", tmp_path / "r"))
+    resumed = _compile(model, spec + ",scale_norms=true", tmp_path / "r")
+    for n in norms + ["model.layers.1.self_attn.q_proj.scales"]:
+        assert torch.equal(attr_tensor(resumed.program.gm, n), attr_tensor(with_norms.program.gm, n))
+
+
 def _interrupted_in_stage_3(monkeypatch, compile_):
     """Run `compile_` with stage 3 interrupted at its 11th step (after the checkpoint of step 10)."""
     grads = qbb_calibrate.Student.factor_grads

@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import fx
 
-from llmc.calibration import graph_teacher, output_error
+from llmc.calibration import graph_teacher, native_bf16, output_error
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
@@ -42,7 +42,7 @@ from llmc.ops.vq import bits_per_weight, store_codes
 from llmc.passes.pv_quant.aq import AQConfig
 from llmc.passes.pv_quant.calibrate import FinetunePlan, calibrate
 from llmc.passes.pv_quant.representations import scalar_from_packed, scalar_to_packed
-from llmc.passes.pv_quant.tune import TunePlan, native_bf16, pv_tune
+from llmc.passes.pv_quant.tune import TunePlan, pv_tune
 from llmc.passes_base import Pass, PassContext, PassResult, register_pass
 from llmc.progress import log
 from llmc.quantization import gptq_quantize

@@ -26,7 +26,6 @@ to the nearest code of X every step, with no subspace and no trust region.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from llmc.calibration import flat_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
+from llmc.calibration import autocast, flat_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
 from llmc.graph import attr_tensor, set_attr_tensor
 from llmc.passes.pv_quant.representations import compact_codes
 from llmc.progress import bar, log
@@ -145,20 +144,6 @@ def v_step(q, X: torch.Tensor, W_hat: torch.Tensor, plan: TunePlan, gen, stats: 
     return int(changed.sum())
 
 
-def native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 matmuls natively on this CPU (AVX-512 / AMX); on AVX2 they are emulated
-    and measured 7x slower than float32, so autocast would only cost time."""
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def _other_parameters(gm: fx.GraphModule, state: dict, plan: TunePlan) -> tuple[dict[str, list[str]], list[str]]:
     """The non-quantized parameters to tune (norms, and `plan.extra` matches), one name per storage, each
     with every name sharing that storage (a tied embedding and lm_head are one tensor to tune); and the
@@ -252,10 +237,10 @@ class _Tuner:
         loss = 0.0
         for chunk in ids.split(plan.micro_batch):
             inputs = flat_inputs(chunk, empty_cache)
-            with torch.no_grad(), _autocast(plan.amp):
+            with torch.no_grad(), autocast(plan.amp):
                 target = teacher(chunk, inputs[1])
             with torch.enable_grad():
-                with _autocast(plan.amp):
+                with autocast(plan.amp):
                     logits = self.gm(chunk, inputs[1], inputs[2], inputs[3:])[0]
                 part = kl_to_teacher(logits, target) * (chunk.shape[0] / ids.shape[0])
                 del logits, target

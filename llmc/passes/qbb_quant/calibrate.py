@@ -1,10 +1,11 @@
-"""Stage 3 of QBB: calibration of the scales (and, optionally, a V step on the signs), whole network, against the
-FP teacher.
+"""Stage 3 of QBB: calibration of the scales (optionally also of the norm weights, and a V step on the signs),
+whole network, against the FP teacher.
 
 The student is the graph with every quantized weight replaced by its dense Ŵ = Σ αᵢ ⊙ Bᵢ (a
 parameter), so one backward pass gives ∂L/∂Ŵ for all of them, pulled back to the scales as
 ∂L/∂αᵢ[n, g] = Σ_{k in g} Bᵢ[n, k] ∂L/∂Ŵ[n, k]. The scales are trained as factors (initially 1) of
-their stage-2 values with Adam, so one learning rate suits every layer.
+their stage-2 values with Adam, so one learning rate suits every layer. With `norms` (beyond the paper, as
+PV-Tuning's P step does) the norm weights are trained the same way, as factors of their FP values.
 
 With `sign_change` > 0, each step is also a V step of PV-Tuning for the signs: the weights are
 re-rounded towards a gradient step (`Student.flip_signs`), at most a `sign_change` fraction of each
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from llmc.calibration import decode_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
+from llmc.calibration import autocast, decode_inputs, kl_to_teacher, load_checkpoint, save_checkpoint
 from llmc.graph import attr_tensor, set_attr_tensor
 from llmc.ops.binary_bases import pack_signs, unpack_signs
 from llmc.passes.qbb_quant.bases import expand, round_to_levels
@@ -49,6 +50,8 @@ class ScalePlan:
     seed: int = 0
     sign_change: float = 0.0  # > 0: a V step on the signs after every step (at most this fraction changed)
     sign_step: float = 0.3    # the V step's target: a gradient step of this times the matrix's rms weight
+    norms: bool = False       # also train the norm weights (as factors, like the scales), as PV-Tuning's P step does
+    amp: bool = False         # teacher and student under bfloat16 autocast
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -61,17 +64,26 @@ def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch
 class Student:
     """The graph with dense weights Ŵ(α) for every quantized matrix: `set()` writes them from the factors."""
 
-    def __init__(self, gm: fx.GraphModule, state: dict, empty_cache):
+    def __init__(self, gm: fx.GraphModule, state: dict, empty_cache, norms: bool = False):
         self.gm, self.empty = gm, empty_cache
         self.targets = sorted(state)
+        # 1-d "norm" parameters (RMSNorm / LayerNorm gains), trained as factors of their values when `norms`
+        self.norms = sorted(n for n, p in gm.named_parameters() if norms and p.dim() == 1 and "norm" in n)
         self.signs = {t: state[t]["B"] for t in self.targets}  # int8 ±1 [nb, N, K]
         self.base = {t: state[t]["scales"].float() for t in self.targets}
-        self.factors = {t: torch.ones_like(self.base[t]) for t in self.targets}
+        self.original = {t: attr_tensor(gm, t) for t in self.targets + self.norms}
+        self.base.update({n: self.original[n].detach().float() for n in self.norms})
+        self.factors = {t: torch.ones_like(self.base[t]) for t in self.targets + self.norms}
         self.outliers = {t: state[t].get("outliers") for t in self.targets}
-        self.original = {t: attr_tensor(gm, t) for t in self.targets}
         self.momentum: dict = {}  # the averaged dense gradients of the V step
 
+    @property
+    def trained(self) -> list[str]:
+        """Every tensor with factors: the quantized matrices' scales, then the norms."""
+        return self.targets + self.norms
+
     def scales(self, t: str) -> torch.Tensor:
+        """The scales of matrix `t` (or the weight of norm `t`) as trained so far."""
         return self.base[t] * self.factors[t]
 
     def set(self, grad: bool) -> None:
@@ -83,10 +95,13 @@ class Student:
                 w = w.scatter_add(1, idx.long(), vals.float())
             set_attr_tensor(self.gm, t, w, parameter=True)
             attr_tensor(self.gm, t).requires_grad_(grad)
+        for n in self.norms:
+            set_attr_tensor(self.gm, n, self.scales(n).to(self.original[n].dtype))
+            attr_tensor(self.gm, n).requires_grad_(grad)
 
     def restore(self) -> None:
-        for t in self.targets:
-            set_attr_tensor(self.gm, t, self.original[t], parameter=True)
+        for t in self.trained:
+            set_attr_tensor(self.gm, t, self.original[t])
 
     def factor_grads(self) -> dict:
         """∂L/∂factor from the dense weights' gradients."""
@@ -98,6 +113,8 @@ class Student:
             G = self.base[t].shape[-1]
             dscale = (B.float() * dW.reshape(1, N, K)).reshape(nb, N, G, K // G).sum(-1)
             out[t] = dscale * self.base[t]
+        for n in self.norms:
+            out[n] = attr_tensor(self.gm, n).grad.float() * self.base[n]
         return out
 
     def flip_signs(self, fraction: float, step: float, beta: float = 0.9) -> int:
@@ -159,7 +176,7 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
     Leaves the trained factors in `student.factors` (with `plan.sign_change`, the flipped signs in
     `student.signs`) and the graph's weights restored."""
     t0 = time.perf_counter()
-    params = [student.factors[t].requires_grad_(True) for t in student.targets]
+    params = [student.factors[t].requires_grad_(True) for t in student.trained]
     opt = torch.optim.Adam(params, lr=plan.lr)
     losses: list[float] = []
     flips: list[int] = []
@@ -167,7 +184,7 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
     saved = load_checkpoint(path, fingerprint, "qbb_quant scales")
     if saved is not None:
         with torch.no_grad():
-            for t, p in zip(student.targets, params):
+            for t, p in zip(student.trained, params):
                 p.copy_(saved["factors"][t])
         opt.load_state_dict(saved["optimizer"])
         losses, start = list(saved["losses"]), int(saved["step"])
@@ -185,14 +202,16 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
         for step in bar(range(start, plan.steps), desc="qbb_quant scale calibration", unit="step", enabled=progress):
             gen = torch.Generator().manual_seed(plan.seed * 100003 + step)
             batch = rows[torch.randperm(n, generator=gen)[:plan.batch_size]]
-            with torch.no_grad():
+            with torch.no_grad(), autocast(plan.amp):
                 target = teacher(batch)
             student.set(grad=True)
-            loss = logit_loss(student.logits(batch), target, plan.loss)
+            with autocast(plan.amp):
+                logits = student.logits(batch)
+            loss = logit_loss(logits, target, plan.loss)
             loss.backward()
             grads = student.factor_grads()
             opt.zero_grad(set_to_none=True)
-            for t, p in zip(student.targets, params):
+            for t, p in zip(student.trained, params):
                 p.grad = grads[t]
             opt.step()
             if plan.sign_change:
@@ -203,7 +222,7 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
                 extra = {"flips": flips, "signs": {t: pack_signs(student.signs[t]) for t in student.targets},
                          "momentum": student.momentum} if plan.sign_change else {}
                 save_checkpoint(path, fingerprint, factors={t: p.detach().clone() for t, p in
-                                                            zip(student.targets, params)},
+                                                            zip(student.trained, params)},
                                 optimizer=opt.state_dict(), losses=losses, step=step + 1, **extra)
     finally:
         student.restore()
@@ -212,6 +231,7 @@ def calibrate_scales(student: Student, teacher, rows: torch.Tensor, plan: ScaleP
         for p in params:
             p.requires_grad_(False)
     return {"steps": plan.steps, "loss": plan.loss, "lr": plan.lr, "batch_size": plan.batch_size,
+            "norms": len(student.norms), "amp": plan.amp,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "losses": losses, "seconds": round(time.perf_counter() - t0, 1),
             **({"sign_change": plan.sign_change, "sign_step": plan.sign_step, "weights_changed": sum(flips),

@@ -37,10 +37,10 @@ from typing import Literal
 import torch
 from torch import fx
 
-from llmc.calibration import graph_teacher, load_checkpoint, save_checkpoint, stream_grams
+from llmc.calibration import graph_teacher, load_checkpoint, native_bf16, save_checkpoint, stream_grams
 from llmc.errors import ConfigError, PassError
 from llmc.fsutil import tensor_digest
-from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
+from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
 from llmc.ops.binary_bases import bits_per_weight, pack_signs
 from llmc.ops.nbits_linear import SUPPORTED_BITS
 from llmc.ops.nbits_linear import dequantize as nbits_dequantize
@@ -111,6 +111,12 @@ class QBBQuant(Pass):
     sign_step: float = dataclasses.field(default=0.3, metadata={
         "help": "stage 3 with sign_change: the V step re-rounds towards a gradient step of this times the matrix's "
                 "rms weight"})
+    scale_norms: bool = dataclasses.field(default=False, metadata={
+        "help": "stage 3: also train the norm weights (as factors of their FP values, like the scales), as "
+                "PV-Tuning's P step does; false: scales only (the paper's)"})
+    scale_amp: Literal["auto", "on", "off"] = dataclasses.field(default="off", metadata={
+        "help": "stage 3: teacher and student under bfloat16 autocast; auto: on where oneDNN has native bf16 "
+                "kernels (AVX-512, AMX)"})
     scale_candidates: int = dataclasses.field(default=128, metadata={
         "help": "stage 3, generated: sequences sampled, of which the scale_samples most divergent are kept"})
     scale_len: int = dataclasses.field(default=128, metadata={"help": "stage 3: tokens per sequence"})
@@ -283,12 +289,13 @@ class QBBQuant(Pass):
     def _stage3(self, gm, ctx, state, empty, root, run12) -> dict:
         teacher = graph_teacher(gm, empty)
         plan = ScalePlan(steps=self.scale_steps, batch_size=self.scale_batch, lr=self.scale_lr, loss=self.scale_loss,
-                         seed=ctx.seed, sign_change=self.sign_change,
-                         sign_step=self.sign_step)
+                         seed=ctx.seed, sign_change=self.sign_change, sign_step=self.sign_step,
+                         norms=self.scale_norms,
+                         amp=self.scale_amp == "on" or self.scale_amp == "auto" and native_bf16())
         dense = {t: {"B": _unpack(s["signs"]).to(torch.int8), "scales": s["scales"],
                      "outliers": (s["outlier_index"], s["outlier_values"]) if "outlier_index" in s else None}
                  for t, s in state.items()}
-        student = Student(gm, dense, empty)
+        student = Student(gm, dense, empty, norms=self.scale_norms)
         what = f"{run12} {self.scale_data} {self.scale_samples} {self.scale_candidates} {self.scale_len} {ctx.seed}"
         if self.scale_data == "generated":
             rows = self._generated(gm, ctx, empty, root, what)
@@ -310,6 +317,8 @@ class QBBQuant(Pass):
             state[t]["scales"] = student.scales(t).detach().clone()
             if self.sign_change:
                 state[t]["signs"] = pack_signs(student.signs[t])
+        for n in student.norms:
+            set_attr_tensor(gm, n, student.scales(n).detach().to(attr_tensor(gm, n).dtype))
         stats["data"] = self.scale_data
         if scores is not None:
             stats["kept_scores"] = scores
