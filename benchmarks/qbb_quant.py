@@ -83,6 +83,13 @@ ROWS = {
     "n4-o4-s123-ef": ["qbb_quant:bases=4,outliers=4,stages=123,refine=gptq,objective=input,scale_steps=40"],
     "n4-o4-s123-ef-wiki": ["qbb_quant:bases=4,outliers=4,stages=123,refine=gptq,objective=input,scale_steps=40,"
                            "scale_data=wikitext2-valid"],
+    # stage 3 as PV-Tuning's P step: KL, norm weights trained too, 512-token windows, bfloat16 autocast
+    "n4-g192-o4-s123-ef-p": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
+                             "scale_steps=150,scale_data=wikitext2-valid,scale_loss=kl,scale_norms=true,"
+                             "scale_amp=auto,scale_len=512,scale_samples=256,scale_batch=2"],
+    "n3-g192-o4-s123-ef-p": ["qbb_quant:bases=3,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
+                             "scale_steps=150,scale_data=wikitext2-valid,scale_loss=kl,scale_norms=true,"
+                             "scale_amp=auto,scale_len=512,scale_samples=256,scale_batch=2"],
 }
 DECODE_ROWS = ("ort-",)
 
