@@ -156,7 +156,7 @@ class QBBQuant(Pass):
                           ("scale_samples", 1), ("scale_len", 2)):
             if getattr(self, name) < low:
                 raise ConfigError(f"qbb_quant.{name} must be >= {low}, got {getattr(self, name)}")
-        if self.scale_candidates < self.scale_samples:
+        if self.scale_data == "generated" and self.scale_candidates < self.scale_samples:
             raise ConfigError(f"qbb_quant.scale_candidates ({self.scale_candidates}) must be >= scale_samples "
                               f"({self.scale_samples}): the most divergent samples are kept from the candidates")
         for name in ("gd_lr", "scale_lr"):
