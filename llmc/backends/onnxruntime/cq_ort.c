@@ -221,11 +221,32 @@ AVX512 static inline __m512 centroids4(const float *book, int64_t K, const uint8
     return _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 3) * K + codes[g + 3]) * 4), 3);
 }
 
-/* The AVX-512 path. Past keys are decoded and rotated in registers, one dot product per query row.
+/* One sum per vector: lane j of the result is the sum of the 16 lanes of acc[j]. Four levels of pairwise
+   shuffles and adds (two shuffles per vector in all, where a horizontal sum of each costs four), then one
+   permutation back to key order. */
+AVX512 static inline __m512 sum16(const __m512 acc[16]) {
+    __m512 c[8], e[4], g[2];
+    for (int i = 0; i < 8; i++) /* 128-bit halves: 8 lanes per vector */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; i++) /* 4 lanes */
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; i++) /* 2 lanes, within 128-bit chunks */
+        g[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* lane l now holds vector 4 (l % 4) + l / 4 */
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
+}
+
+/* The AVX-512 path. Past keys are decoded and rotated 16 at a time into a block (each key decoded once for
+   all query rows); every row scores the block with D multiply-adds per key and one sum16 for all 16.
    New keys are rotated 16 at a time into transposed blocks kt [S/16][D][16], so a row scores 16 keys
    with D multiply-adds and no horizontal sums; a block of keys the row's mask hides entirely is not
-   computed. Values are accumulated per position: past ones from their centroids (skipping weights
-   that are exactly 0), new ones as they are. */
+   computed. Past values are decoded 16 at a time too and accumulated into every row (skipping weights
+   that are exactly 0), then the new ones as they are. */
 AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
     const int64_t P = a->P, S = a->S, D = a->D, T = v.T, rows = v.rows, NV = D / 16, HV = NV / 2;
     float *scores = (float *)malloc(sizeof(float) * rows * T);
@@ -240,20 +261,37 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
         prefetch_all(v.vbook, a->Gv * a->Kv * 4);
     }
     const __m512 scale = _mm512_set1_ps(a->scale);
+    float decoded[16 * 128] __attribute__((aligned(64))); /* 16 decoded keys (or values) [16][D] */
     int64_t seen[ROW_BLOCK]; /* per row: the keys after seen[r] are all hidden (a causal prompt's later keys) */
     for (int64_t r = 0; r < rows; r++) seen[r] = P;
-    for (int64_t t = 0; t < P; t++) {
-        __m512 k[8], rk[8];
-        for (int64_t m = 0; m < NV; m++) k[m] = centroids4(v.kbook, a->Kk, v.kcodes + t * a->Gk, 4 * m);
-        const float *c = v.cos + t * D, *s = v.sin + t * D;
-        for (int64_t m = 0; m < NV; m++)
-            rk[m] = _mm512_fmadd_ps(k[(m + HV) % NV], _mm512_loadu_ps(s + 16 * m),
-                                    _mm512_mul_ps(k[m], _mm512_loadu_ps(c + 16 * m)));
+    for (int64_t t0 = 0; t0 < P; t0 += 16) {
+        const int64_t n = P - t0 < 16 ? P - t0 : 16;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t t = t0 + j;
+            __m512 k[8];
+            for (int64_t m = 0; m < NV; m++) k[m] = centroids4(v.kbook, a->Kk, v.kcodes + t * a->Gk, 4 * m);
+            const float *c = v.cos + t * D, *s = v.sin + t * D;
+            for (int64_t m = 0; m < NV; m++)
+                _mm512_store_ps(decoded + j * D + 16 * m,
+                                _mm512_fmadd_ps(k[(m + HV) % NV], _mm512_loadu_ps(s + 16 * m),
+                                                _mm512_mul_ps(k[m], _mm512_loadu_ps(c + 16 * m))));
+        }
+        const __mmask16 lanes = n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
         for (int64_t r = 0; r < rows; r++) {
             const float *qr = v.q + r * D;
-            __m512 acc = _mm512_mul_ps(rk[0], _mm512_loadu_ps(qr));
-            for (int64_t m = 1; m < NV; m++) acc = _mm512_fmadd_ps(rk[m], _mm512_loadu_ps(qr + 16 * m), acc);
-            scores[r * T + t] = _mm512_reduce_add_ps(acc) * a->scale + v.bias[r * a->bias_cols + t];
+            __m512 q[8], acc[16];
+            for (int64_t m = 0; m < NV; m++) q[m] = _mm512_loadu_ps(qr + 16 * m);
+            for (int64_t j = 0; j < 16; j++) {
+                if (j >= n) {
+                    acc[j] = _mm512_setzero_ps();
+                    continue;
+                }
+                acc[j] = _mm512_mul_ps(q[0], _mm512_load_ps(decoded + j * D));
+                for (int64_t m = 1; m < NV; m++) acc[j] = _mm512_fmadd_ps(q[m], _mm512_load_ps(decoded + j * D + 16 * m),
+                                                                          acc[j]);
+            }
+            const __m512 bias = _mm512_maskz_loadu_ps(lanes, v.bias + r * a->bias_cols + t0);
+            _mm512_mask_storeu_ps(scores + r * T + t0, lanes, _mm512_fmadd_ps(sum16(acc), scale, bias));
         }
     }
     for (int64_t t0 = 0; t0 < S; t0 += 16) { /* the new keys, rotated, 16 a block, each block transposed */
@@ -295,19 +333,39 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
             seen[r] = P + t0 + (S - t0 < 16 ? S - t0 : 16);
         }
     }
+    float sums[ROW_BLOCK];
+    int64_t seen_all = 0; /* the most positions any row weighs */
     for (int64_t r = 0; r < rows; r++) {
-        const float *p = scores + r * T;
-        const int64_t n = seen[r] ? seen[r] : T; /* a row that sees nothing weighs every key alike, as SDPA does */
-        const float sum = softmax_row512(scores + r * T, n);
-        __m512 o[8];
-        for (int64_t m = 0; m < NV; m++) o[m] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < (P < n ? P : n); t++) {
-            if (p[t] == 0.0f) continue;
-            const __m512 w = _mm512_set1_ps(p[t]);
+        seen[r] = seen[r] ? seen[r] : T; /* a row that sees nothing weighs every key alike, as SDPA does */
+        sums[r] = softmax_row512(scores + r * T, seen[r]);
+        seen_all = seen[r] > seen_all ? seen[r] : seen_all;
+        memset(v.out + r * D, 0, sizeof(float) * D);
+    }
+    const int64_t past = P < seen_all ? P : seen_all;
+    for (int64_t t0 = 0; t0 < past; t0 += 16) { /* past values, 16 a block, into every row */
+        const int64_t n = past - t0 < 16 ? past - t0 : 16;
+        for (int64_t j = 0; j < n; j++)
             for (int64_t m = 0; m < NV; m++)
-                o[m] = _mm512_fmadd_ps(w, centroids4(v.vbook, a->Kv, v.vcodes + t * a->Gv, 4 * m), o[m]);
+                _mm512_store_ps(decoded + j * D + 16 * m,
+                                centroids4(v.vbook, a->Kv, v.vcodes + (t0 + j) * a->Gv, 4 * m));
+        for (int64_t r = 0; r < rows; r++) {
+            const float *p = scores + r * T + t0;
+            float *out = v.out + r * D;
+            __m512 o[8];
+            for (int64_t m = 0; m < NV; m++) o[m] = _mm512_loadu_ps(out + 16 * m);
+            for (int64_t j = 0; j < n && t0 + j < seen[r]; j++) {
+                if (p[j] == 0.0f) continue;
+                const __m512 w = _mm512_set1_ps(p[j]);
+                for (int64_t m = 0; m < NV; m++) o[m] = _mm512_fmadd_ps(w, _mm512_load_ps(decoded + j * D + 16 * m), o[m]);
+            }
+            for (int64_t m = 0; m < NV; m++) _mm512_storeu_ps(out + 16 * m, o[m]);
         }
-        __m512 o2[8]; /* a second set of sums, for the odd new positions: two chains per register */
+    }
+    for (int64_t r = 0; r < rows; r++) { /* the new values, then 1 / sum */
+        const float *p = scores + r * T;
+        const int64_t n = seen[r];
+        __m512 o[8], o2[8]; /* a second set of sums, for the odd new positions: two chains per register */
+        for (int64_t m = 0; m < NV; m++) o[m] = _mm512_loadu_ps(v.out + r * D + 16 * m);
         for (int64_t m = 0; m < NV; m++) o2[m] = _mm512_setzero_ps();
         int64_t t = P;
         for (; t + 1 < n; t += 2) {
@@ -324,7 +382,7 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
             for (int64_t m = 0; m < NV; m++) o[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * m), o[m]);
         }
         for (int64_t m = 0; m < NV; m++) o[m] = _mm512_add_ps(o[m], o2[m]);
-        const __m512 inv = _mm512_set1_ps(1.0f / sum);
+        const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
         for (int64_t m = 0; m < NV; m++) _mm512_storeu_ps(v.out + r * D + 16 * m, _mm512_mul_ps(inv, o[m]));
     }
     free(scores);
