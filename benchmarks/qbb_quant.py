@@ -90,6 +90,15 @@ ROWS = {
     "n3-g192-o4-s123-ef-p": ["qbb_quant:bases=3,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
                              "scale_steps=150,scale_data=wikitext2-valid,scale_loss=kl,scale_norms=true,"
                              "scale_amp=auto,scale_len=512,scale_samples=256,scale_batch=2"],
+    "n4-g192-o4-s123-ef-p-scales": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
+                                    "scale_steps=150,scale_data=wikitext2-valid,scale_loss=kl,scale_amp=auto,"
+                                    "scale_len=512,scale_samples=256,scale_batch=2"],
+    "n4-g192-o4-s123-ef-p-gen": ["qbb_quant:bases=4,group=192,outliers=4,stages=123,refine=gptq,objective=input,"
+                                 "scale_steps=150,scale_loss=kl,scale_norms=true,scale_amp=auto,scale_len=512,"
+                                 "scale_samples=64,scale_candidates=128,scale_batch=2"],
+    "n2-o4-s123-ef-p": ["qbb_quant:bases=2,outliers=4,stages=123,refine=gptq,objective=input,"
+                        "scale_steps=150,scale_data=wikitext2-valid,scale_loss=kl,scale_norms=true,"
+                        "scale_amp=auto,scale_len=512,scale_samples=256,scale_batch=2"],
 }
 DECODE_ROWS = ("ort-",)
 
