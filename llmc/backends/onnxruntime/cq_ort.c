@@ -247,8 +247,9 @@ AVX512 static inline __m512 sum16(const __m512 acc[16]) {
    with D multiply-adds and no horizontal sums; a block of keys the row's mask hides entirely is not
    computed. Past values are decoded 16 at a time too and accumulated into every row (skipping weights
    that are exactly 0), then the new ones as they are. */
-AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
-    const int64_t P = a->P, S = a->S, D = a->D, T = v.T, rows = v.rows, NV = D / 16, HV = NV / 2;
+AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const llmc_cq_attention_args *a, cq_views v,
+                                                                         const int64_t NV) {
+    const int64_t P = a->P, S = a->S, D = 16 * NV, T = v.T, rows = v.rows, HV = NV / 2;
     float *scores = (float *)malloc(sizeof(float) * rows * T);
     float *kt = (float *)aligned_alloc(64, sizeof(float) * ((S + 15) / 16 * 16 + 16) * D); /* [blocks][D][16] */
     if (!scores || !kt) {
@@ -388,6 +389,17 @@ AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
     free(scores);
     free(kt);
     return 0;
+}
+
+/* block_avx512_nv with the head size a constant (D = 32, 64, 96, 128), so the loops over a head's registers
+   unroll and the registers stay registers. */
+AVX512 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) {
+    switch (a->D) {
+    case 32: return block_avx512_nv(a, v, 2);
+    case 64: return block_avx512_nv(a, v, 4);
+    case 96: return block_avx512_nv(a, v, 6);
+    default: return block_avx512_nv(a, v, 8);
+    }
 }
 #else
 static int avx512_path(const llmc_cq_attention_args *a) { return (void)a, 0; }
