@@ -50,6 +50,7 @@ def _case(B, H, R, P, S, D, c, bits, rot, seed=0):
     (2, 2, 2, 40, 3, 128, 4, 8, 128),  # the same at D = 128, batch 2 with left padding, a chunk of 3 tokens
     (1, 3, 3, 9, 1, 64, 4, 8, 64),     # a decode step over a short past
     (2, 2, 1, 300, 2, 32, 4, 8, 32),   # a long past
+    (1, 2, 2, 50, 1, 96, 4, 8, 96),    # D = 96: the AVX-512 path's third head size
     (2, 2, 2, 37, 20, 32, 2, 6, 16),   # a chunk after a past: partial rotary, 2-channel groups, 64-code books
     (2, 1, 3, 0, 45, 64, 4, 8, 64),    # a prompt: no past, 135 rows in three blocks, blocks of keys hidden whole
 ])
