@@ -1,5 +1,6 @@
 """llmc.CQAttention: the kernel against torch, the graph rewrite, and the export against the standard-op lowering."""
 
+import collections
 import json
 import os
 
@@ -11,7 +12,8 @@ import llmc
 from llmc.backends.onnxruntime import OrtModel, custom_ops, lower
 from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
 from llmc.generation import left_pad, position_ids_from_mask
-from llmc.ops.cq import attention, encode
+from llmc.graph import attr_tensor
+from llmc.ops.cq import attention, decode, encode
 from llmc.testing import tiny_model, tiny_tokenizer
 
 needs_kernel = pytest.mark.skipif(not custom_ops.available(), reason="no C compiler to build llmc's custom ops")
@@ -88,10 +90,11 @@ def _steps(step, empty_cache):
 
 def test_rewrite_takes_every_layer_and_computes_the_same(cq_llama):
     program = cq_llama.program
-    fused, n = fuse_cq_attention(program.gm)
-    assert n == program.num_layers
+    fused, n, cached = fuse_cq_attention(program.gm)
+    assert n == cached == program.num_layers
     ops = [x.target for x in fused.graph.nodes if x.op == "call_function"]
-    assert ops.count(torch.ops.llmc.cq_attention.default) == n and torch.ops.llmc.cq_decode.default not in ops
+    assert ops.count(torch.ops.llmc.cq_cached_attention.default) == n
+    assert not {torch.ops.llmc.cq_decode.default, torch.ops.llmc.cq_encode.default} & set(ops)  # all in the op
     assert torch.ops.llmc.cq_decode.default in [x.target for x in program.gm.graph.nodes]  # the program is untouched
 
     def run(gm):
@@ -106,17 +109,39 @@ def test_rewrite_takes_every_layer_and_computes_the_same(cq_llama):
 def test_rewrite_leaves_other_cq_caches_alone(spec):
     cm = llmc.compile(tiny_model("llama"), passes=[spec], calibration=_calib(4), tokenizer=tiny_tokenizer(),
                       progress=False)
-    fused, n = fuse_cq_attention(cm.program.gm)
-    assert n == 0 and fused is cm.program.gm
+    fused, n, cached = fuse_cq_attention(cm.program.gm)
+    assert n == cached == 0 and fused is cm.program.gm
 
 
-def test_rewrite_takes_partial_rotary():
-    cm = llmc.compile(tiny_model("stablelm"), passes=["cq_kv:config=4c8b,tokens=512"], calibration=_calib(4),
-                      tokenizer=tiny_tokenizer(), progress=False)
-    fused, n = fuse_cq_attention(cm.program.gm)
-    assert n == cm.program.num_layers
+@pytest.fixture(scope="module")
+def cq_stablelm():
+    return llmc.compile(tiny_model("stablelm"), passes=["cq_kv:config=4c8b,tokens=512"], calibration=_calib(4),
+                        tokenizer=tiny_tokenizer(), progress=False)
+
+
+def test_rewrite_takes_partial_rotary(cq_stablelm):
+    """StableLM rotates a quarter of each head, and normalizes each key head before the cache: its new keys are no
+    plain projection, so every layer becomes cq_attention beside its encodings (not cq_cached_attention)."""
+    cm = cq_stablelm
+    fused, n, cached = fuse_cq_attention(cm.program.gm)
+    assert n == cm.program.num_layers and cached == 0
     for a, b in zip(_steps(cm.program.gm, cm.program.empty_cache), _steps(fused, cm.program.empty_cache)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_export_of_cq_attention_beside_its_encodings(cq_stablelm, tmp_path):
+    kernel = lower(cq_stablelm.program, str(tmp_path / "kernel"), vq_lowering="kernel")
+    standard = lower(cq_stablelm.program, str(tmp_path / "standard"), vq_lowering="dequantize")
+    manifest = json.load(open(os.path.join(kernel, "llmc_onnx.json")))
+    layers = cq_stablelm.program.num_layers
+    assert manifest["fusions"]["CQAttention"] == layers and manifest["cache_buffers"] == "concatenated"
+    graph = onnx.load(os.path.join(kernel, "model.onnx"), load_external_data=False).graph
+    assert collections.Counter(n.op_type for n in graph.node if n.domain == "llmc") == {
+        "CQAttention": layers, "CQEncode": 2 * layers}
+    a, b = OrtModel(kernel), OrtModel(standard)
+    for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
 @needs_kernel
@@ -125,12 +150,55 @@ def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path)
     standard = lower(cq_llama.program, str(tmp_path / "standard"), vq_lowering="dequantize")
     manifest = json.load(open(os.path.join(kernel, "llmc_onnx.json")))
     layers = cq_llama.program.num_layers
-    assert manifest["fusions"]["CQAttention"] == layers and manifest["parity"]["greedy_identical"]
+    assert manifest["fusions"]["CQCachedAttention"] == layers and manifest["parity"]["greedy_identical"]
+    assert manifest["cache_buffers"] == "shared"
     assert "CQAttention" not in json.load(open(os.path.join(standard, "llmc_onnx.json")))["fusions"]
     graph = onnx.load(os.path.join(kernel, "model.onnx"), load_external_data=False).graph
-    assert sum(n.op_type == "CQAttention" and n.domain == "llmc" for n in graph.node) == layers
-    assert sum(n.op_type == "CQEncode" and n.domain == "llmc" for n in graph.node) == 2 * layers
-    assert not any(n.op_type == "ArgMin" for n in graph.node)
+    ops = collections.Counter(n.op_type for n in graph.node if n.domain == "llmc")
+    assert ops == {"CQCachedAttention": layers}  # encoding and the cache's concatenation are in the op
+    assert not any(n.op_type in ("ArgMin", "Concat") for n in graph.node if "present" in "".join(n.output))
     a, b = OrtModel(kernel), OrtModel(standard)
     for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_cached_attention_writes_the_codes_in_place_or_after_a_copy(cq_llama, tmp_path):
+    """Bound to one buffer per cache tensor (OrtModel), a step writes its codes into the buffers it is given; run
+    without binding, ONNX Runtime allocates the present and the op copies the past into it first. Both give
+    torch's codes and logits."""
+    import numpy as np
+
+    kernel = OrtModel(lower(cq_llama.program, str(tmp_path / "kernel"), vq_lowering="kernel"))
+    ids, mask = left_pad([[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]], pad_id=0)
+    pos = position_ids_from_mask(mask)
+    _, shared = kernel.step(ids, mask, pos, kernel.empty_cache(2))
+    _, plain = cq_llama.step(ids, mask, pos, cq_llama.empty_cache(2))
+    names = [c.input_name for c in kernel.cache_layout]
+    books = [attr_tensor(cq_llama.program.gm, f"model.layers.{c.layer}.self_attn.cq_{c.kind}.codebooks")
+             for c in kernel.cache_layout]
+
+    def same(codes, ref, book):  # the same centroids: this calibration leaves some centroids within 3e-8 of
+        # another, where the kernel's and torch's sums may round the tie either way
+        return torch.allclose(decode(torch.as_tensor(codes), book), decode(ref, book), rtol=0, atol=1e-6)
+
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+             **{n: np.zeros((2, *t.shape[1:2], 0, *t.shape[3:]), np.uint8) for n, t in zip(names, kernel.empty_cache(2))}}
+    unbound = kernel.session.run(None, feeds)[1:]  # fresh presents: the (empty) past copied, then the codes
+    T = mask.shape[1]
+    for buffer, fresh, ref, book in zip(shared, unbound, plain, books):
+        assert buffer.shape()[2] > T and fresh.shape[2] == T  # a buffer with room to spare; an exact present
+        assert np.array_equal(buffer.numpy()[:, :, :T], fresh) and same(fresh, ref, book)
+    new = torch.tensor([[7], [8]])
+    mask2 = torch.cat([mask, torch.ones_like(new)], 1)
+    pos2 = position_ids_from_mask(mask2)[:, -1:]
+    logits, again = kernel.step(new, mask2, pos2, shared)
+    assert all(a is b for a, b in zip(again, shared))  # written in place
+    ref_logits, ref_cache = cq_llama.step(new, mask2, pos2, plain)
+    feeds = {"input_ids": new.numpy(), "attention_mask": mask2.numpy(), "position_ids": pos2.numpy(),
+             **dict(zip(names, unbound))}
+    out = kernel.session.run(None, feeds)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(out[0]), ref_logits, atol=1e-4, rtol=1e-4)
+    for buffer, fresh, ref, book in zip(again, out[1:], ref_cache, books):
+        assert np.array_equal(buffer.numpy()[:, :, :T + 1], fresh) and same(fresh, ref, book)

@@ -14,9 +14,20 @@ to the step's own float tokens in the same softmax (translations.cq_attention_ke
 cq_ort.c). Only the exact pattern is taken: cq_kv with a float
 window or sink, or `exact_current=false`, codes wider than 8 bits, soft-capped attention or
 non-float32 tensors stay as they are.
+
+Where, in every layer, the step's keys and values are their projections split into heads and the
+present cache is cat([past codes, cq_encode(new)]), the attention, both encodings and both
+concatenations become one `llmc::cq_cached_attention` (llmc.ops.cq.cached_attention), written as
+one llmc.CQCachedAttention node that encodes the step into the cache it is given. Its sizes of the
+present then read the mask's length, so the graph can take the past's length from the mask
+(gqa.past_length_from_mask) and a runtime can bind one buffer per cache tensor as past and present.
+A layer that normalizes its key heads first (StableLM) keeps cq_attention beside its encodings.
 """
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import torch
 from torch import fx
@@ -129,8 +140,79 @@ def _site(gm: fx.GraphModule, sdpa: fx.Node):
     return None
 
 
-def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of `gm` (sharing its tensors) with every CQ attention written as llmc::cq_attention, and
-    how many were; `gm` itself when there is none."""
+def _heads(node, heads: int, D: int):
+    """x when node = transpose(view(x, [B, S, heads, D]), 1, 2) with x [B, S, heads * D] (a projection split into
+    heads), else None."""
+    if not (is_call(node, aten.transpose.int) and sorted(node.args[1:3]) == [1, 2]):
+        return None
+    view = node.args[0]
+    if not is_call(view, aten.view.default, aten.reshape.default):
+        return None
+    x = view.args[0]
+    shape = x.meta["val"].shape if isinstance(x, fx.Node) and "val" in x.meta else None
+    return x if shape is not None and len(shape) == 3 and shape[2] == heads * D else None
+
+
+def _present(codes, new, book):
+    """The node cat([codes, cq_encode(new, book)], 2) among the users of `codes` (the present cache), else None."""
+    for user in codes.users:
+        if is_call(user, aten.cat.default) and len(user.args[0]) == 2 and user.args[0][0] is codes \
+                and (user.args[1:] or (0,))[0] in _SEQUENCE:
+            enc = user.args[0][1]
+            if is_call(enc, torch.ops.llmc.cq_encode.default, nargs=2) and enc.args == (new, book):
+                return user
+    return None
+
+
+def _cached_site(gm: fx.GraphModule, node: fx.Node, args: tuple):
+    """(present key cat, present value cat, args of llmc::cq_cached_attention) for a cq_attention site whose new
+    keys and values are projections split into heads and whose present cache is cat([codes, cq_encode(new)]),
+    else None."""
+    q, kcodes, knew, kbook, vcodes, vnew, vbook, cos, sin, bias, scale = args
+    H, D = int(q.meta["val"].shape[1]), int(q.meta["val"].shape[3])
+    key, value = _heads(knew, H, D), _heads(vnew, H, D)
+    kcat, vcat = _present(kcodes, knew, kbook), _present(vcodes, vnew, vbook)
+    if key is None or value is None or kcat is None or vcat is None:
+        return None
+    return kcat, vcat, (q, key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale)
+
+
+def _lengths_from_mask(gm: fx.GraphModule, cats: list) -> None:
+    """In place: every size(cat, 2) of `cats` (a present cache, of length T = P + S) read as the mask's length
+    instead, so that the present may become a buffer longer than T."""
+    mask = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
+    for cat in cats:
+        for user in list(cat.users):
+            if is_call(user, aten.sym_size.int) and user.args[1] in _SEQUENCE:
+                with gm.graph.inserting_after(mask):
+                    total = gm.graph.call_function(aten.sym_size.int, (mask, 1))
+                total.meta = dict(user.meta)
+                user.replace_all_uses_with(total)
+                gm.graph.erase_node(user)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, int]:
+    """A copy of `gm` (sharing its tensors) with every CQ attention written as one op: llmc::cq_cached_attention
+    where the step's keys and values come straight from their projections and are encoded into the present
+    cache there (the op then takes the past's length from the mask and writes the codes itself), else
+    llmc::cq_attention; how many attentions were rewritten, and how many of them as cq_cached_attention.
+    `gm` itself when there is none."""
     sites = [(n, args) for n in gm.graph.nodes if (args := _site(gm, n)) is not None]
-    return replace_in_copy(gm, sites, torch.ops.llmc.cq_attention.default)
+    cached = [(n, c) for n, args in sites if (c := _cached_site(gm, n, args)) is not None]
+    if len(cached) != len(sites):  # one kind per graph: a cached layer's cache is a buffer, a plain one is not
+        cached = []
+    if not cached:
+        out, n = replace_in_copy(gm, sites, torch.ops.llmc.cq_attention.default)
+        return out, n, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        copy_ = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = dict(zip(gm.graph.nodes, copy_.graph.nodes))
+    _lengths_from_mask(copy_, [nodes[c] for _, (kcat, vcat, _) in cached for c in (kcat, vcat)])
+    moved = [(nodes[n], (nodes[kcat], nodes[vcat]), tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
+             for n, (kcat, vcat, args) in cached]
+    out, n = replace_in_copy(copy_, [(node, args) for node, _, args in moved], torch.ops.llmc.cq_cached_attention.default,
+                             outputs=[cats for _, cats, _ in moved])
+    return out, n, n

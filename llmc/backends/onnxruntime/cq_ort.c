@@ -106,24 +106,27 @@ static inline float softmax_row(float *s, int64_t n) {
     return total;
 }
 
-/* Where a task's tensors start. */
+/* Where a task's tensors start; `stride`: floats from one new token to the next. */
 typedef struct {
     const float *q, *cos, *sin, *bias, *key_new, *value_new, *kbook, *vbook;
     const uint8_t *kcodes, *vcodes;
     float *out;
-    int64_t T, rows;
+    int64_t T, rows, stride;
 } cq_views;
 
 static cq_views views(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
-    const int64_t bh = b * a->H + h, R = a->R, D = a->D;
+    const int64_t bh = b * a->H + h, R = a->R, D = a->D, capacity = a->codes_capacity ? a->codes_capacity : a->P;
+    const int64_t new_at = b * (a->new_batch_stride ? a->new_batch_stride : a->H * a->S * D) +
+                           h * (a->new_head_stride ? a->new_head_stride : a->S * D);
     cq_views v = {
         .q = a->q + (bh * R + r0) * D, .cos = a->cos + b * a->table_batch_stride,
         .sin = a->signed_sin + b * a->table_batch_stride,
         .bias = a->bias + b * a->bias_batch_stride + r0 * a->bias_cols,
-        .key_new = a->key_new + bh * a->S * D, .value_new = a->value_new + bh * a->S * D,
+        .key_new = a->key_new + new_at, .value_new = a->value_new + new_at,
         .kbook = a->key_codebooks + h * a->Gk * a->Kk * a->ck, .vbook = a->value_codebooks + h * a->Gv * a->Kv * a->cv,
-        .kcodes = a->key_codes + bh * a->P * a->Gk, .vcodes = a->value_codes + bh * a->P * a->Gv,
-        .out = a->out + (bh * R + r0) * D, .T = a->P + a->S, .rows = rows};
+        .kcodes = a->key_codes + bh * capacity * a->Gk, .vcodes = a->value_codes + bh * capacity * a->Gv,
+        .out = a->out + (bh * R + r0) * D, .T = a->P + a->S, .rows = rows,
+        .stride = a->new_token_stride ? a->new_token_stride : D};
     return v;
 }
 
@@ -139,7 +142,7 @@ CLONES static int block_portable(const llmc_cq_attention_args *a, cq_views v) {
             for (int64_t g = 0; g < a->Gk; g++)
                 memcpy(key + g * a->ck, v.kbook + (g * a->Kk + codes[g]) * a->ck, sizeof(float) * a->ck);
         }
-        rotate(t < P ? key : v.key_new + (t - P) * D, v.cos + t * rot, v.sin + t * rot, rot, D, rotated);
+        rotate(t < P ? key : v.key_new + (t - P) * v.stride, v.cos + t * rot, v.sin + t * rot, rot, D, rotated);
         for (int64_t r = 0; r < rows; r++)
             scores[r * T + t] = dot(v.q + r * D, rotated, D) * a->scale + v.bias[r * a->bias_cols + t];
     }
@@ -153,7 +156,7 @@ CLONES static int block_portable(const llmc_cq_attention_args *a, cq_views v) {
                 for (int64_t c = 0; c < a->cv; c++) o[g * a->cv + c] += p[t] * word[c];
             }
         for (int64_t t = P; t < T; t++) {
-            const float *x = v.value_new + (t - P) * D;
+            const float *x = v.value_new + (t - P) * v.stride;
             for (int64_t d = 0; d < D; d++) o[d] += p[t] * x[d];
         }
         for (int64_t d = 0; d < D; d++) o[d] /= sum;
@@ -303,7 +306,7 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
                 continue;
             }
             const int64_t t = P + t0 + j;
-            const float *key = v.key_new + (t0 + j) * D, *c = v.cos + t * D, *s = v.sin + t * D;
+            const float *key = v.key_new + (t0 + j) * v.stride, *c = v.cos + t * D, *s = v.sin + t * D;
             float rotated[128];
             for (int64_t m = 0; m < NV; m++) {
                 const __m512 rolled = _mm512_loadu_ps(key + 16 * ((m + HV) % NV));
@@ -371,15 +374,15 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
         int64_t t = P;
         for (; t + 1 < n; t += 2) {
             const __m512 w = _mm512_set1_ps(p[t]), w2 = _mm512_set1_ps(p[t + 1]);
-            const float *x = v.value_new + (t - P) * D;
+            const float *x = v.value_new + (t - P) * v.stride;
             for (int64_t m = 0; m < NV; m++) {
                 o[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * m), o[m]);
-                o2[m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + D + 16 * m), o2[m]);
+                o2[m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + v.stride + 16 * m), o2[m]);
             }
         }
         for (; t < n; t++) {
             const __m512 w = _mm512_set1_ps(p[t]);
-            const float *x = v.value_new + (t - P) * D;
+            const float *x = v.value_new + (t - P) * v.stride;
             for (int64_t m = 0; m < NV; m++) o[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * m), o[m]);
         }
         for (int64_t m = 0; m < NV; m++) o[m] = _mm512_add_ps(o[m], o2[m]);
@@ -485,10 +488,14 @@ CLONES static void encode_task(void *arg, size_t i) {
     const int64_t first = (int64_t)i * job->tokens_per_task;
     const int64_t last = first + job->tokens_per_task < rows ? first + job->tokens_per_task : rows;
     float dist[256];
+    const int64_t batch_stride = a->x_batch_stride ? a->x_batch_stride : a->H * a->S * D;
+    const int64_t head_stride = a->x_head_stride ? a->x_head_stride : a->S * D;
+    const int64_t token_stride = a->x_token_stride ? a->x_token_stride : D;
+    const int64_t capacity = a->codes_capacity ? a->codes_capacity : a->S;
     for (int64_t row = first; row < last; row++) { /* row = (b * H + h) * S + s */
-        const int64_t h = (row / a->S) % a->H;
-        const float *x = a->x + row * D;
-        uint8_t *codes = a->codes + row * G;
+        const int64_t s = row % a->S, h = (row / a->S) % a->H, b = row / (a->S * a->H);
+        const float *x = a->x + b * batch_stride + h * head_stride + s * token_stride;
+        uint8_t *codes = a->codes + ((b * a->H + h) * capacity + a->codes_offset + s) * G;
         for (int64_t g = 0; g < G; g++) {
             const float *book = a->codebooks_t + (h * G + g) * c * K, *norm = a->norms + (h * G + g) * K;
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -6,8 +6,9 @@
 The library holds, each documented in its source:
 - `llmc.VQLinear`, the run-time lookup-table kernel of `llmc::vq_linear` (`vq_linear_ort.c`, which
   also holds the ONNX Runtime binding of every op);
-- `llmc.CQAttention`, attention over a cache of CQ codes read as codes, and `llmc.CQEncode`, the
-  codes of new keys and values (`cq_ort.c`);
+- `llmc.CQAttention`, attention over a cache of CQ codes read as codes, `llmc.CQEncode`, the
+  codes of new keys and values (`cq_ort.c`), and `llmc.CQCachedAttention`, both in one op that
+  writes the step's codes into the cache it is given;
 - `llmc.BinaryBasesLinear`, a linear layer of binary bases read from its packed signs
   (`binary_bases_ort.c`).
 It talks to ONNX Runtime through its stable C ABI and needs no ONNX Runtime headers, only a C
@@ -115,7 +116,9 @@ class _CQAttentionArgs(ctypes.Structure):
                 + [("scale", ctypes.c_float)]
                 + [(n, ctypes.c_int64) for n in ("B", "H", "R", "P", "S", "D", "Gk", "Kk", "ck", "Gv", "Kv", "cv",
                                                  "rot", "table_batch_stride", "bias_cols", "bias_batch_stride")]
-                + [("out", ctypes.c_void_p)])
+                + [("out", ctypes.c_void_p)]
+                + [(n, ctypes.c_int64) for n in ("new_batch_stride", "new_head_stride", "new_token_stride",
+                                                 "codes_capacity")])  # 0: the default layouts
 
 
 def cq_attention_reference():
@@ -153,7 +156,9 @@ class _CQEncodeArgs(ctypes.Structure):
     """llmc_cq_encode_args of llmc_ort_ops.h."""
 
     _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "codebooks_t", "norms")]
-                + [(n, ctypes.c_int64) for n in ("B", "H", "S", "G", "K", "c")] + [("codes", ctypes.c_void_p)])
+                + [(n, ctypes.c_int64) for n in ("B", "H", "S", "G", "K", "c")] + [("codes", ctypes.c_void_p)]
+                + [(n, ctypes.c_int64) for n in ("x_batch_stride", "x_head_stride", "x_token_stride", "codes_capacity",
+                                                 "codes_offset")])  # 0: the default layouts
 
 
 def cq_encode_reference():

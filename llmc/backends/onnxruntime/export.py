@@ -24,7 +24,7 @@ import torch
 from llmc.backends.onnxruntime import custom_ops
 from llmc.backends.onnxruntime.bases_outliers import fuse_bases_outliers
 from llmc.backends.onnxruntime.cq_attention import fuse_cq_attention
-from llmc.backends.onnxruntime.gqa import fuse_group_query_attention
+from llmc.backends.onnxruntime.gqa import fuse_group_query_attention, past_length_from_mask
 from llmc.backends.onnxruntime.runtime import ONNX_MANIFEST, OrtModel
 from llmc.backends.onnxruntime.translations import TRANSLATIONS, VQ_LOWERINGS, translations
 from llmc.errors import ExportError, ParityError, UnsupportedOpError
@@ -158,12 +158,15 @@ def _export(program, folder: str, lowering: str | None, fuse: bool = False) -> t
     the cache inputs may share their buffers with the outputs."""
     t0 = time.perf_counter()
     gm, counts = program.gm, {}
-    if lowering == "kernel":
-        gm, counts["CQAttention"] = fuse_cq_attention(gm)
-        gm, counts["BinaryBasesLinear.outliers"] = fuse_bases_outliers(gm)
     shared = False
+    if lowering == "kernel":
+        gm, counts["CQAttention"], counts["CQCachedAttention"] = fuse_cq_attention(gm)
+        if counts["CQCachedAttention"]:  # a copy: its caches may become buffers shared with the outputs
+            shared = past_length_from_mask(gm)
+        gm, counts["BinaryBasesLinear.outliers"] = fuse_bases_outliers(gm)
     if fuse:
-        gm, counts["GroupQueryAttention"], shared = fuse_group_query_attention(gm)
+        gm, counts["GroupQueryAttention"], float_shared = fuse_group_query_attention(gm)
+        shared = shared or float_shared
     table = translations(lowering or "dequantize")
     ep = program.exported(gm)
     input_names = list(INPUT_NAMES) + [c.input_name for c in program.cache_layout]

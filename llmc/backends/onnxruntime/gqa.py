@@ -127,13 +127,19 @@ def _site(sdpa: fx.Node):
     return out, kcat, vcat, (q, key, value, past_key, past_value, bias, float(scale))
 
 
-def _past_length_from_mask(gm: fx.GraphModule) -> bool:
-    """Where every cache input is read only by llmc::cached_attention (and for its sizes), make the graph take
+# The ops that take the past's length from the mask and write the step into the cache they are given, with the
+# past key and value at arguments 3 and 4: attention over a float cache, and over a CQ cache's codes.
+CACHE_WRITERS = (torch.ops.llmc.cached_attention.default, torch.ops.llmc.cq_cached_attention.default)
+
+
+def past_length_from_mask(gm: fx.GraphModule) -> bool:
+    """Where every cache input is read only by a CACHE_WRITERS op (and for its sizes), make the graph take
     the past's length from the mask (T - S) instead of the cache's length; in place. Returns whether it did.
 
     Then the cache inputs may be buffers longer than the past (capacity C >= P): the step writes its keys
-    and values at [P, T) of them and returns them (cached_attention), so a runtime can bind each past and
-    present to one buffer. A graph with other readers of the cache (a cq_kv or kivi layer) keeps P = C."""
+    and values (or their codes) at [P, T) of them and returns them, so a runtime can bind each past and
+    present to one buffer. A graph with other readers of the cache (a kivi layer, a cq_kv layer left
+    to standard ops) keeps P = C."""
     graph = gm.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     ids, mask, caches = inputs[0], inputs[1], inputs[3:]
@@ -148,7 +154,7 @@ def _past_length_from_mask(gm: fx.GraphModule) -> bool:
                 continue
             if is_call(user, aten.sym_size.int) and user.args[1] == 2:
                 sizes.append(user)
-            elif not (is_call(user, torch.ops.llmc.cached_attention.default) and user.args.index(cache) in (3, 4)):
+            elif not (is_call(user, *CACHE_WRITERS) and user.args.index(cache) in (3, 4)):
                 return False
     if sizes:
         with graph.inserting_after(mask):
@@ -168,7 +174,7 @@ def _past_length_from_mask(gm: fx.GraphModule) -> bool:
 def fuse_group_query_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, bool]:
     """A copy of `gm` (sharing its tensors) with every attention over the float cache written as
     llmc::cached_attention; how many were; and whether the copy takes the past's length from the mask, so
-    that its cache inputs may be buffers shared with its outputs (`_past_length_from_mask`). `gm` itself,
+    that its cache inputs may be buffers shared with its outputs (`past_length_from_mask`). `gm` itself,
     0, False when there is none."""
     sites = [s for n in gm.graph.nodes if (s := _site(n)) is not None]
     if not sites:
@@ -177,4 +183,4 @@ def fuse_group_query_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int,
     # two concatenations (the present cache) by its other outputs
     fused, n = replace_in_copy(gm, [(out, args) for out, _, _, args in sites], torch.ops.llmc.cached_attention.default,
                                outputs=[(kcat, vcat) for _, kcat, vcat, _ in sites])
-    return fused, n, _past_length_from_mask(fused)
+    return fused, n, past_length_from_mask(fused)

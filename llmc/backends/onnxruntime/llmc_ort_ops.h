@@ -37,6 +37,10 @@ typedef struct {
     int64_t table_batch_stride;       /* Tt * rot, or 0 when the tables broadcast over the batch */
     int64_t bias_cols, bias_batch_stride; /* Tb; R * Tb, or 0 likewise */
     float *out;                       /* [B, H, R, D] */
+    /* Other layouts (0: the ones above). llmc.CQCachedAttention reads its new tokens from [B, S, H * D]
+       (strides S H D, D, H D) and the past from a buffer of `codes_capacity` >= P positions. */
+    int64_t new_batch_stride, new_head_stride, new_token_stride; /* floats; defaults H S D, S D, D */
+    int64_t codes_capacity;                                      /* default P */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);
@@ -51,6 +55,10 @@ typedef struct {
     const float *norms;     /* [H, G, K]: squared norms of the centroids */
     int64_t B, H, S, G, K, c;
     uint8_t *codes;         /* [B, H, S, G] */
+    /* Other layouts (0: the ones above): x as [B, S, H * G * c] (strides S H D, D, H D), codes written at
+       positions [codes_offset, codes_offset + S) of a buffer [B, H, codes_capacity, G]. */
+    int64_t x_batch_stride, x_head_stride, x_token_stride; /* floats; defaults H S D, S D, D */
+    int64_t codes_capacity, codes_offset;                   /* defaults S, 0 */
 } llmc_cq_encode_args;
 
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context);

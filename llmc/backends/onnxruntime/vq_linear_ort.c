@@ -756,6 +756,122 @@ static const OrtCustomOp cq_encode_op = {
     zero, one, zero, create_kernel_v2, encode_compute,
 };
 
+/* llmc.CQCachedAttention (cq_ort.c): CQAttention that also writes the step's codes into the cache. 15 inputs:
+   q [B, H, R, D]; key, value [B, S, H * D] (the key before RoPE); past key / value codes [B, H, C, G], whose first
+   P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c], their
+   channel-major copies [H, G, c, K] and squared norms [H, G, K]; cos, signed_sin [B|1, 1, >= T, rot]; bias
+   [B|1, 1, R, T]; scale [1]. Outputs: out [B, H, R, D] and the present key / value codes [B, H, max(C, T), G]:
+   the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
+   is that buffer written in place; any other is the past copied first. */
+enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KBT, CQC_KN, CQC_VBT, CQC_VN, CQC_COS, CQC_SIN,
+       CQC_BIAS, CQC_SCALE, CQC_INPUTS };
+static const char *cqc_name(const OrtCustomOp *op) { return (void)op, "CQCachedAttention"; }
+static int cqc_input_type(const OrtCustomOp *op, size_t i) {
+    return (void)op, i == CQC_KC || i == CQC_VC ? TYPE_UINT8 : TYPE_FLOAT;
+}
+static size_t cqc_input_count(const OrtCustomOp *op) { return (void)op, CQC_INPUTS; }
+static int cqc_output_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
+static size_t cqc_output_count(const OrtCustomOp *op) { return (void)op, 3; }
+
+static OrtStatus *cqc_invalid(const char *what) {
+    char message[400]; /* CreateStatus copies it */
+    strcpy(message, "CQCachedAttention: expected q [B, H, R, D], key/value [B, S, H*D], past codes [B, H, C, G], "
+                    "codebooks [H, G, K <= 256, c] (channel-major [H, G, c, K], norms [H, G, K]) with G * c = D, "
+                    "cos/sin [B|1, 1, >= T, rot], bias [B|1, 1, R, T] with S <= T <= C + S, scale [1]; ");
+    strncat(message, what, sizeof message - strlen(message) - 1);
+    return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+/* present = past (unless they are one buffer), then the codes of x's S tokens at [P, P + S) of it. */
+static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uint8_t *past, const int64_t *pc,
+                              const float *x, const void *const *book, const int64_t *bt, int64_t S, int64_t P,
+                              int64_t T, uint8_t **present) {
+    const int64_t B = pc[0], H = pc[1], C = pc[2], G = pc[3], capacity = C > T ? C : T;
+    const int64_t dims[4] = {B, H, capacity, G};
+    OrtValue *out = NULL;
+    void *data = NULL;
+    OrtStatus *status = ORT(KernelContext_GetOutput)(context, index, dims, 4, &out);
+    if (!status) status = ORT(GetTensorMutableData)(out, &data);
+    if (status) return status;
+    *present = (uint8_t *)data;
+    if (*present != past && C > 0)
+        for (int64_t bh = 0; bh < B * H; bh++) memcpy(*present + bh * capacity * G, past + bh * C * G, (size_t)(C * G));
+    const int64_t D = G * bt[2];
+    const llmc_cq_encode_args args = {.x = x, .codebooks_t = book[0], .norms = book[1], .B = B, .H = H, .S = S,
+                                      .G = G, .K = bt[3], .c = bt[2], .codes = *present, .x_batch_stride = S * H * D,
+                                      .x_head_stride = D, .x_token_stride = H * D, .codes_capacity = capacity,
+                                      .codes_offset = P};
+    const int small = B * H * S * D * bt[3] < PARALLEL_MIN_WORK;
+    llmc_cq_encode_run(&args, small ? llmc_serial : parallel_ort, context);
+    return NULL;
+}
+
+static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    void *data[CQC_INPUTS];
+    int64_t dims[CQC_INPUTS][MAX_RANK];
+    size_t rank[CQC_INPUTS];
+    for (size_t i = 0; i < CQC_INPUTS; i++) {
+        const OrtValue *value = NULL;
+        OrtStatus *status = ORT(KernelContext_GetInput)(context, i, &value);
+        if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
+        if (status) return status;
+    }
+    static const size_t ranks[CQC_SCALE] = {4, 3, 3, 4, 4, 4, 4, 4, 3, 4, 3, 4, 4, 4};
+    for (size_t i = 0; i < CQC_SCALE; i++)
+        if (rank[i] != ranks[i]) return cqc_invalid("an input has the wrong rank");
+    const int64_t *q = dims[CQC_Q], *k = dims[CQC_K], *v = dims[CQC_V], *kc = dims[CQC_KC], *vc = dims[CQC_VC];
+    const int64_t *kb = dims[CQC_KB], *vb = dims[CQC_VB], *kbt = dims[CQC_KBT], *kn = dims[CQC_KN];
+    const int64_t *vbt = dims[CQC_VBT], *vn = dims[CQC_VN], *cs = dims[CQC_COS], *sn = dims[CQC_SIN];
+    const int64_t *bi = dims[CQC_BIAS];
+    const int64_t B = q[0], H = q[1], R = q[2], D = q[3], S = k[1], C = kc[2], T = bi[3], P = T - S;
+    for (int d = 0; d < 3; d++)
+        if (k[d] != v[d]) return cqc_invalid("keys and values differ in shape");
+    if (k[0] != B || k[2] != H * D || kc[0] != B || kc[1] != H || vc[0] != B || vc[1] != H || vc[2] != C)
+        return cqc_invalid("keys, values or codes do not match q");
+    if (kb[0] != H || vb[0] != H || kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D || vb[1] * vb[3] != D ||
+        D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256)
+        return cqc_invalid("codebooks do not match the codes or the head");
+    for (int d = 0; d < 4; d++)
+        if (kbt[d] != (d < 2 ? kb[d] : d == 2 ? kb[3] : kb[2]) || vbt[d] != (d < 2 ? vb[d] : d == 2 ? vb[3] : vb[2]) ||
+            (d < 3 && (kn[d] != kbt[d == 2 ? 3 : d] || vn[d] != vbt[d == 2 ? 3 : d])))
+            return cqc_invalid("channel-major codebooks or norms do not match the codebooks");
+    for (int d = 0; d < 4; d++)
+        if (cs[d] != sn[d]) return cqc_invalid("cos and sin differ in shape");
+    if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < T || cs[3] > D || cs[3] % 2) return cqc_invalid("bad RoPE tables");
+    if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || P < 0 || P > C || T < 1) return cqc_invalid("bad bias");
+    if (rank[CQC_SCALE] > 1 || (rank[CQC_SCALE] == 1 && dims[CQC_SCALE][0] != 1)) return cqc_invalid("scale is not one value");
+    uint8_t *present_k = NULL, *present_v = NULL;
+    const void *kbooks[2] = {data[CQC_KBT], data[CQC_KN]}, *vbooks[2] = {data[CQC_VBT], data[CQC_VN]};
+    OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], kbooks, kbt, S, P, T, &present_k);
+    if (!status) status = cqc_present(context, 2, data[CQC_VC], vc, data[CQC_V], vbooks, vbt, S, P, T, &present_v);
+    OrtValue *out = NULL;
+    void *out_data = NULL;
+    if (!status) status = ORT(KernelContext_GetOutput)(context, 0, q, 4, &out);
+    if (!status) status = ORT(GetTensorMutableData)(out, &out_data);
+    if (status) return status;
+    /* the past's codes are read from the past input: positions [0, P), which the present's writes leave alone */
+    const llmc_cq_attention_args args = {
+        .q = data[CQC_Q], .key_codes = data[CQC_KC], .key_new = data[CQC_K], .value_codes = data[CQC_VC],
+        .value_new = data[CQC_V], .key_codebooks = data[CQC_KB], .value_codebooks = data[CQC_VB], .cos = data[CQC_COS],
+        .signed_sin = data[CQC_SIN], .bias = data[CQC_BIAS], .scale = *(const float *)data[CQC_SCALE], .B = B, .H = H,
+        .R = R, .P = P, .S = S, .D = D, .Gk = kb[1], .Kk = kb[2], .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3],
+        .rot = cs[3], .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = T,
+        .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * H * D,
+        .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C};
+    if (llmc_cq_attention_run(&args, parallel_ort, context))
+        return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
+    return NULL;
+}
+
+static void cqc_compute_v1(void *kernel, OrtKernelContext *context) { (void)cqc_compute(kernel, context); }
+
+static const OrtCustomOp cq_cached_attention_op = {
+    OP_API_VERSION, create_kernel, cqc_name, op_provider, cqc_input_type, cqc_input_count, cqc_output_type,
+    cqc_output_count, cqc_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
+    create_kernel_v2, cqc_compute,
+};
+
 /* llmc.BinaryBasesLinear (binary_bases_ort.c): x, signs, scales[, outlier index, outlier values] -> y. */
 static const char *bb_name(const OrtCustomOp *op) { return (void)op, "BinaryBasesLinear"; }
 static int bb_input_type(const OrtCustomOp *op, size_t i) {
@@ -816,7 +932,7 @@ static const OrtCustomOp binary_bases_op = {
 };
 
 /* Entry point called by SessionOptions.register_custom_ops_library: adds domain "llmc" with VQLinear,
-   CQAttention, CQEncode and BinaryBasesLinear. */
+   CQAttention, CQEncode, CQCachedAttention and BinaryBasesLinear. */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     OrtApiTable api = base->GetApi(PARALLEL_API_VERSION);
     ort_parallel = api != NULL;
@@ -832,6 +948,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &vq_linear_op);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_attention_op);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_encode_op);
+    if (!status) status = ORT(CustomOpDomain_Add)(domain, &cq_cached_attention_op);
     if (!status) status = ORT(CustomOpDomain_Add)(domain, &binary_bases_op);
     if (!status) status = ORT(AddCustomOpDomain)(options, domain);
     return status; /* the domain must outlive the sessions made with these options: it is never released */
