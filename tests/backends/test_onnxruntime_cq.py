@@ -62,12 +62,13 @@ def test_kernel_equals_torch(isa, B, H, groups, P, S, D, c, bits, rot):
 
 
 @needs_kernel
+@pytest.mark.parametrize("row_major", [False, True])
 @pytest.mark.parametrize("c,bits", [(4, 8), (2, 5), (8, 8), (4, 3)])
-def test_encode_kernel_equals_torch(isa, c, bits):
+def test_encode_kernel_equals_torch(isa, c, bits, row_major):
     g = torch.Generator().manual_seed(c + bits)
     codebooks = torch.randn(3, 32 // c, 2**bits, c, generator=g)
     x = torch.randn(2, 3, 70, 32, generator=g)
-    assert torch.equal(custom_ops.cq_encode_reference()(x, codebooks), encode(x, codebooks))
+    assert torch.equal(custom_ops.cq_encode_reference()(x, codebooks, row_major), encode(x, codebooks))
 
 
 @pytest.fixture(scope="module")

@@ -459,7 +459,56 @@ static inline int64_t nearest(const float *xg, const float *book, const float *n
     return arg;
 }
 
+/* nearest() from the row-major codebook [K, c] (the one CQAttention reads): the same products and sums. */
+static inline int64_t nearest_rows(const float *xg, const float *book, const float *norm, int64_t K, int64_t c,
+                                   float *restrict dist) {
+    for (int64_t k = 0; k < K; k++) dist[k] = xg[0] * book[k * c];
+    for (int64_t j = 1; j < c; j++) {
+        const float xj = xg[j];
+        for (int64_t k = 0; k < K; k++) dist[k] += xj * book[k * c + j];
+    }
+    for (int64_t k = 0; k < K; k++) dist[k] = norm[k] - 2.0f * dist[k];
+    int64_t arg = 0;
+    for (int64_t k = 1; k < K; k++) arg = dist[k] < dist[arg] ? k : arg;
+    return arg;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
+/* The first k with the smallest best[lane] (at[lane] its k), 0 when every distance is NaN. */
+AVX512 static inline int64_t first_minimum(__m512 best, __m512i at) {
+    const float m = _mm512_reduce_min_ps(best);
+    const __mmask16 is_min = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    if (!is_min) return 0;
+    return _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), is_min, at));
+}
+
+/* nearest_rows() with c = 4 and K a multiple of 16: 16 centroids are 4 registers, transposed within their 128-bit
+   lanes into one register per channel (lane 4m + i then holds centroid 4i + m of the 16), and the same products
+   and sums as nearest(), so the same code as CQEncode's channel-major search. */
+AVX512 static int64_t nearest_rows_avx512(const float *xg, const float *book, const float *norm, int64_t K) {
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 x0 = _mm512_set1_ps(xg[0]), x1 = _mm512_set1_ps(xg[1]), x2 = _mm512_set1_ps(xg[2]);
+    const __m512 x3 = _mm512_set1_ps(xg[3]), two = _mm512_set1_ps(2.0f);
+    __m512 best = _mm512_set1_ps(INFINITY);
+    __m512i at = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+        const float *c = book + k * 4;
+        const __m512 a = _mm512_loadu_ps(c), b = _mm512_loadu_ps(c + 16), cc = _mm512_loadu_ps(c + 32);
+        const __m512 d = _mm512_loadu_ps(c + 48);
+        const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(a, b)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(a, b));
+        const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(cc, d)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(cc, d));
+        __m512 dot = _mm512_mul_ps(x0, _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)));
+        dot = _mm512_add_ps(dot, _mm512_mul_ps(x1, _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2))));
+        dot = _mm512_add_ps(dot, _mm512_mul_ps(x2, _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3))));
+        dot = _mm512_add_ps(dot, _mm512_mul_ps(x3, _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3))));
+        const __m512 dist = _mm512_sub_ps(_mm512_permutexvar_ps(order, _mm512_loadu_ps(norm + k)), _mm512_mul_ps(two, dot));
+        const __mmask16 less = _mm512_cmp_ps_mask(dist, best, _CMP_LT_OQ);
+        best = _mm512_mask_mov_ps(best, less, dist);
+        at = _mm512_mask_mov_epi32(at, less, _mm512_add_epi32(order, _mm512_set1_epi32((int)k)));
+    }
+    return first_minimum(best, at);
+}
+
 /* nearest() with K a multiple of 16, 16 centroids a register (the same products and sums, so the same code). */
 AVX512 static int64_t nearest_avx512(const float *xg, const float *book, const float *norm, int64_t K, int64_t c) {
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -474,10 +523,7 @@ AVX512 static int64_t nearest_avx512(const float *xg, const float *book, const f
         best = _mm512_mask_mov_ps(best, less, d);
         at = _mm512_mask_mov_epi32(at, less, _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)));
     }
-    const float m = _mm512_reduce_min_ps(best); /* the smallest value; the first k that has it */
-    const __mmask16 is_min = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
-    if (!is_min) return 0; /* NaN distances */
-    return _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), is_min, at));
+    return first_minimum(best, at);
 }
 #endif
 
@@ -497,7 +543,19 @@ CLONES static void encode_task(void *arg, size_t i) {
         const float *x = a->x + b * batch_stride + h * head_stride + s * token_stride;
         uint8_t *codes = a->codes + ((b * a->H + h) * capacity + a->codes_offset + s) * G;
         for (int64_t g = 0; g < G; g++) {
-            const float *book = a->codebooks_t + (h * G + g) * c * K, *norm = a->norms + (h * G + g) * K;
+            const float *norm = a->norms + (h * G + g) * K;
+            if (a->codebooks) { /* row-major */
+                const float *book = a->codebooks + (h * G + g) * K * c;
+#if defined(__x86_64__) && defined(__GNUC__)
+                if (job->fast && c == 4) {
+                    codes[g] = (uint8_t)nearest_rows_avx512(x + g * c, book, norm, K);
+                    continue;
+                }
+#endif
+                codes[g] = (uint8_t)nearest_rows(x + g * c, book, norm, K, c, dist);
+                continue;
+            }
+            const float *book = a->codebooks_t + (h * G + g) * c * K;
 #if defined(__x86_64__) && defined(__GNUC__)
             if (job->fast) {
                 codes[g] = (uint8_t)nearest_avx512(x + g * c, book, norm, K, c);

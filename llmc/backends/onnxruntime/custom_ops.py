@@ -158,26 +158,30 @@ class _CQEncodeArgs(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "codebooks_t", "norms")]
                 + [(n, ctypes.c_int64) for n in ("B", "H", "S", "G", "K", "c")] + [("codes", ctypes.c_void_p)]
                 + [(n, ctypes.c_int64) for n in ("x_batch_stride", "x_head_stride", "x_token_stride", "codes_capacity",
-                                                 "codes_offset")])  # 0: the default layouts
+                                                 "codes_offset")]  # 0: the default layouts
+                + [("codebooks", ctypes.c_void_p)])  # row-major codebooks instead of codebooks_t (None: not)
 
 
 def cq_encode_reference():
     """llmc.CQEncode's kernel as a Python function of torch tensors (single thread; for tests):
-    f(x [B, H, S, D], codebooks [H, G, K, c]) -> uint8 codes [B, H, S, G]."""
+    f(x [B, H, S, D], codebooks [H, G, K, c], row_major=False) -> uint8 codes [B, H, S, G]; with row_major, the
+    search reads the codebooks as they are (CQCachedAttention's) instead of channel-major (CQEncode's)."""
     import torch
 
     run = ctypes.CDLL(library_path()).llmc_cq_encode
     run.argtypes = [ctypes.POINTER(_CQEncodeArgs)]
     run.restype = None
 
-    def f(x, codebooks):
-        x, books_t = x.contiguous(), codebooks.transpose(2, 3).contiguous()
+    def f(x, codebooks, row_major: bool = False):
+        x, books, books_t = x.contiguous(), codebooks.contiguous(), codebooks.transpose(2, 3).contiguous()
         norms = codebooks.pow(2).sum(-1).contiguous()
         B, H, S, _ = x.shape
         _, G, K, c = codebooks.shape
         codes = torch.empty(B, H, S, G, dtype=torch.uint8)
-        run(ctypes.byref(_CQEncodeArgs(x.data_ptr(), books_t.data_ptr(), norms.data_ptr(), B, H, S, G, K, c,
-                                       codes.data_ptr())))
+        args = _CQEncodeArgs(x.data_ptr(), books_t.data_ptr(), norms.data_ptr(), B, H, S, G, K, c, codes.data_ptr())
+        if row_major:
+            args.codebooks = books.data_ptr()
+        run(ctypes.byref(args))
         return codes
 
     return f

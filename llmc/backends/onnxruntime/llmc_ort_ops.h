@@ -59,6 +59,7 @@ typedef struct {
        positions [codes_offset, codes_offset + S) of a buffer [B, H, codes_capacity, G]. */
     int64_t x_batch_stride, x_head_stride, x_token_stride; /* floats; defaults H S D, S D, D */
     int64_t codes_capacity, codes_offset;                   /* defaults S, 0 */
+    const float *codebooks; /* [H, G, K, c] row-major, read instead of codebooks_t when not NULL */
 } llmc_cq_encode_args;
 
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context);

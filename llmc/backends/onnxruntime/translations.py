@@ -101,8 +101,8 @@ def register_contrib_schemas() -> None:
                 "library; layout in backends/onnxruntime/vq_linear_ort.c).",
             inputs=[P("q", "T"), P("key", "T"), P("value", "T"), P("past_key_codes", "T2"),
                     P("past_value_codes", "T2"), P("key_codebooks", "T"), P("value_codebooks", "T"),
-                    P("key_codebooks_t", "T"), P("key_norms", "T"), P("value_codebooks_t", "T"),
-                    P("value_norms", "T"), P("cos", "T"), P("signed_sin", "T"), P("bias", "T"), P("scale", "T")],
+                    P("key_norms", "T"), P("value_norms", "T"), P("cos", "T"), P("signed_sin", "T"), P("bias", "T"),
+                    P("scale", "T")],
             outputs=[P("out", "T"), P("present_key_codes", "T2"), P("present_value_codes", "T2")],
             type_constraints=[("T", ["tensor(float)"], "queries, keys, values, codebooks, tables, mask, output"),
                               ("T2", ["tensor(uint8)"], "codes [B, H, C, G]")]))
@@ -187,15 +187,14 @@ def cq_cached_attention_kernel(q, key, value, past_key_codes, past_value_codes, 
                                signed_sin, bias, scale):
     """llmc::cq_cached_attention -> llmc.CQCachedAttention: CQAttention that also encodes the step's keys and values
     into the cache (cq_ort.c, vq_linear_ort.c), so one node per layer replaces the attention, two CQEncodes, the
-    head splits around them and the two concatenations of the cache. The channel-major codebooks and the
-    centroids' squared norms of the encoding are computed from the codebooks, initializers, so ONNX Runtime folds
-    them at load."""
-    def encoding(books):
-        return op.Transpose(books, perm=[0, 1, 3, 2]), op.ReduceSumSquare(books, op.Constant(value_ints=[3]),
-                                                                          keepdims=0)
+    head splits around them and the two concatenations of the cache. The encoding reads the codebooks the
+    attention reads (one copy); the centroids' squared norms come from the codebooks, initializers, so ONNX
+    Runtime folds them at load."""
+    def norms(books):
+        return op.ReduceSumSquare(books, op.Constant(value_ints=[3]), keepdims=0)
 
     return LLMC.CQCachedAttention(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks,
-                                  *encoding(key_codebooks), *encoding(value_codebooks), cos, signed_sin, bias,
+                                  norms(key_codebooks), norms(value_codebooks), cos, signed_sin, bias,
                                   op.Constant(value_floats=[scale]), _outputs=3)
 
 

@@ -756,15 +756,15 @@ static const OrtCustomOp cq_encode_op = {
     zero, one, zero, create_kernel_v2, encode_compute,
 };
 
-/* llmc.CQCachedAttention (cq_ort.c): CQAttention that also writes the step's codes into the cache. 15 inputs:
+/* llmc.CQCachedAttention (cq_ort.c): CQAttention that also writes the step's codes into the cache. 13 inputs:
    q [B, H, R, D]; key, value [B, S, H * D] (the key before RoPE); past key / value codes [B, H, C, G], whose first
-   P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c], their
-   channel-major copies [H, G, c, K] and squared norms [H, G, K]; cos, signed_sin [B|1, 1, >= T, rot]; bias
+   P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c] and their
+   squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin [B|1, 1, >= T, rot]; bias
    [B|1, 1, R, T]; scale [1]. Outputs: out [B, H, R, D] and the present key / value codes [B, H, max(C, T), G]:
    the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
    is that buffer written in place; any other is the past copied first. */
-enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KBT, CQC_KN, CQC_VBT, CQC_VN, CQC_COS, CQC_SIN,
-       CQC_BIAS, CQC_SCALE, CQC_INPUTS };
+enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KN, CQC_VN, CQC_COS, CQC_SIN, CQC_BIAS, CQC_SCALE,
+       CQC_INPUTS };
 static const char *cqc_name(const OrtCustomOp *op) { return (void)op, "CQCachedAttention"; }
 static int cqc_input_type(const OrtCustomOp *op, size_t i) {
     return (void)op, i == CQC_KC || i == CQC_VC ? TYPE_UINT8 : TYPE_FLOAT;
@@ -776,7 +776,7 @@ static size_t cqc_output_count(const OrtCustomOp *op) { return (void)op, 3; }
 static OrtStatus *cqc_invalid(const char *what) {
     char message[400]; /* CreateStatus copies it */
     strcpy(message, "CQCachedAttention: expected q [B, H, R, D], key/value [B, S, H*D], past codes [B, H, C, G], "
-                    "codebooks [H, G, K <= 256, c] (channel-major [H, G, c, K], norms [H, G, K]) with G * c = D, "
+                    "codebooks [H, G, K <= 256, c] and their norms [H, G, K] with G * c = D, "
                     "cos/sin [B|1, 1, >= T, rot], bias [B|1, 1, R, T] with S <= T <= C + S, scale [1]; ");
     strncat(message, what, sizeof message - strlen(message) - 1);
     return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, message);
@@ -784,8 +784,8 @@ static OrtStatus *cqc_invalid(const char *what) {
 
 /* present = past (unless they are one buffer), then the codes of x's S tokens at [P, P + S) of it. */
 static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uint8_t *past, const int64_t *pc,
-                              const float *x, const void *const *book, const int64_t *bt, int64_t S, int64_t P,
-                              int64_t T, uint8_t **present) {
+                              const float *x, const float *book, const float *norms, const int64_t *bd, int64_t S,
+                              int64_t P, int64_t T, uint8_t **present) {
     const int64_t B = pc[0], H = pc[1], C = pc[2], G = pc[3], capacity = C > T ? C : T;
     const int64_t dims[4] = {B, H, capacity, G};
     OrtValue *out = NULL;
@@ -796,12 +796,12 @@ static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uin
     *present = (uint8_t *)data;
     if (*present != past && C > 0)
         for (int64_t bh = 0; bh < B * H; bh++) memcpy(*present + bh * capacity * G, past + bh * C * G, (size_t)(C * G));
-    const int64_t D = G * bt[2];
-    const llmc_cq_encode_args args = {.x = x, .codebooks_t = book[0], .norms = book[1], .B = B, .H = H, .S = S,
-                                      .G = G, .K = bt[3], .c = bt[2], .codes = *present, .x_batch_stride = S * H * D,
+    const int64_t D = G * bd[3];
+    const llmc_cq_encode_args args = {.x = x, .codebooks = book, .norms = norms, .B = B, .H = H, .S = S, .G = G,
+                                      .K = bd[2], .c = bd[3], .codes = *present, .x_batch_stride = S * H * D,
                                       .x_head_stride = D, .x_token_stride = H * D, .codes_capacity = capacity,
                                       .codes_offset = P};
-    const int small = B * H * S * D * bt[3] < PARALLEL_MIN_WORK;
+    const int small = B * H * S * D * bd[2] < PARALLEL_MIN_WORK;
     llmc_cq_encode_run(&args, small ? llmc_serial : parallel_ort, context);
     return NULL;
 }
@@ -817,12 +817,12 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
         if (status) return status;
     }
-    static const size_t ranks[CQC_SCALE] = {4, 3, 3, 4, 4, 4, 4, 4, 3, 4, 3, 4, 4, 4};
+    static const size_t ranks[CQC_SCALE] = {4, 3, 3, 4, 4, 4, 4, 3, 3, 4, 4, 4};
     for (size_t i = 0; i < CQC_SCALE; i++)
         if (rank[i] != ranks[i]) return cqc_invalid("an input has the wrong rank");
     const int64_t *q = dims[CQC_Q], *k = dims[CQC_K], *v = dims[CQC_V], *kc = dims[CQC_KC], *vc = dims[CQC_VC];
-    const int64_t *kb = dims[CQC_KB], *vb = dims[CQC_VB], *kbt = dims[CQC_KBT], *kn = dims[CQC_KN];
-    const int64_t *vbt = dims[CQC_VBT], *vn = dims[CQC_VN], *cs = dims[CQC_COS], *sn = dims[CQC_SIN];
+    const int64_t *kb = dims[CQC_KB], *vb = dims[CQC_VB], *kn = dims[CQC_KN], *vn = dims[CQC_VN];
+    const int64_t *cs = dims[CQC_COS], *sn = dims[CQC_SIN];
     const int64_t *bi = dims[CQC_BIAS];
     const int64_t B = q[0], H = q[1], R = q[2], D = q[3], S = k[1], C = kc[2], T = bi[3], P = T - S;
     for (int d = 0; d < 3; d++)
@@ -832,19 +832,19 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
     if (kb[0] != H || vb[0] != H || kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D || vb[1] * vb[3] != D ||
         D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256)
         return cqc_invalid("codebooks do not match the codes or the head");
-    for (int d = 0; d < 4; d++)
-        if (kbt[d] != (d < 2 ? kb[d] : d == 2 ? kb[3] : kb[2]) || vbt[d] != (d < 2 ? vb[d] : d == 2 ? vb[3] : vb[2]) ||
-            (d < 3 && (kn[d] != kbt[d == 2 ? 3 : d] || vn[d] != vbt[d == 2 ? 3 : d])))
-            return cqc_invalid("channel-major codebooks or norms do not match the codebooks");
+    for (int d = 0; d < 3; d++)
+        if (kn[d] != kb[d] || vn[d] != vb[d]) return cqc_invalid("norms do not match the codebooks");
     for (int d = 0; d < 4; d++)
         if (cs[d] != sn[d]) return cqc_invalid("cos and sin differ in shape");
     if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < T || cs[3] > D || cs[3] % 2) return cqc_invalid("bad RoPE tables");
     if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || P < 0 || P > C || T < 1) return cqc_invalid("bad bias");
     if (rank[CQC_SCALE] > 1 || (rank[CQC_SCALE] == 1 && dims[CQC_SCALE][0] != 1)) return cqc_invalid("scale is not one value");
     uint8_t *present_k = NULL, *present_v = NULL;
-    const void *kbooks[2] = {data[CQC_KBT], data[CQC_KN]}, *vbooks[2] = {data[CQC_VBT], data[CQC_VN]};
-    OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], kbooks, kbt, S, P, T, &present_k);
-    if (!status) status = cqc_present(context, 2, data[CQC_VC], vc, data[CQC_V], vbooks, vbt, S, P, T, &present_v);
+    OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], data[CQC_KB], data[CQC_KN], kb, S, P, T,
+                                    &present_k);
+    if (!status)
+        status = cqc_present(context, 2, data[CQC_VC], vc, data[CQC_V], data[CQC_VB], data[CQC_VN], vb, S, P, T,
+                             &present_v);
     OrtValue *out = NULL;
     void *out_data = NULL;
     if (!status) status = ORT(KernelContext_GetOutput)(context, 0, q, 4, &out);
