@@ -51,7 +51,11 @@ typedef struct {
     int64_t blocks; /* row blocks per (batch, head) */
     int fast;       /* block_avx512 applies */
     volatile int failed;
+    void *encode[2]; /* CQCachedAttention: the encode jobs of the new keys and values, run by each (batch, head)'s
+                        first task, or NULL */
 } cq_job;
+
+static void encode_task(void *arg, size_t i);
 
 /* e^x for x <= 0 to about 2 ulp (Cody-Waite reduction by ln 2, a degree-6 polynomial, the exponent
    put in the bits); 0 below -87 (where float underflows). Plain arithmetic, so loops of it vectorise. */
@@ -416,11 +420,15 @@ static void cq_block(void *arg, size_t i) {
     const int64_t b = (int64_t)i / (a->H * job->blocks), h = ((int64_t)i / job->blocks) % a->H;
     const int64_t r0 = ((int64_t)i % job->blocks) * ROW_BLOCK, rows = a->R - r0 < ROW_BLOCK ? a->R - r0 : ROW_BLOCK;
     const cq_views v = views(a, b, h, r0, rows);
+    if (r0 == 0 && job->encode[0]) { /* one task per (b, h) and encoding job covers that head's S tokens */
+        encode_task(job->encode[0], (size_t)(b * a->H + h));
+        encode_task(job->encode[1], (size_t)(b * a->H + h));
+    }
     if (job->fast ? block_avx512(a, v) : block_portable(a, v)) job->failed = 1;
 }
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context) {
-    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0};
+    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0, {NULL, NULL}};
     if (a->R == 0 || a->B == 0 || a->H == 0) return 0;
     if (a->P + a->S == 0) return 1; /* no key at all: the caller checks the shapes */
     parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
@@ -575,3 +583,21 @@ void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void
 }
 
 void llmc_cq_encode(const llmc_cq_encode_args *a) { llmc_cq_encode_run(a, llmc_serial, NULL); }
+
+/* llmc.CQCachedAttention's work: the codes of the new keys and values (`keys`, `values`: the encodings into the
+   present cache) and the attention (which reads the past from its own codes input), in one parallel loop whose
+   task for each (batch, head) also encodes that head's new tokens. Returns as llmc_cq_attention_run. */
+int llmc_cq_cached_attention_run(const llmc_cq_attention_args *a, const llmc_cq_encode_args *keys,
+                                 const llmc_cq_encode_args *values, parallel_fn parallel, void *context) {
+    const int fast = llmc_has_avx512() && llmc_vq_isa_limit >= 1;
+    encode_job k = {keys, keys->S, fast && keys->K % 16 == 0}, v = {values, values->S, fast && values->K % 16 == 0};
+    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0, {&k, &v}};
+    if (a->B == 0 || a->H == 0) return 0;
+    if (a->R == 0 || a->S == 0) { /* no attention: just the codes */
+        llmc_cq_encode_run(keys, parallel, context);
+        llmc_cq_encode_run(values, parallel, context);
+        return 0;
+    }
+    parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
+    return job.failed ? 2 : 0;
+}

@@ -65,6 +65,11 @@ typedef struct {
 void llmc_cq_encode_run(const llmc_cq_encode_args *a, parallel_fn parallel, void *context);
 void llmc_cq_encode(const llmc_cq_encode_args *a);
 
+/* llmc.CQCachedAttention (cq_ort.c): the encodings of the new keys and values into the present cache and the
+   attention, in one parallel loop. */
+int llmc_cq_cached_attention_run(const llmc_cq_attention_args *a, const llmc_cq_encode_args *keys,
+                                 const llmc_cq_encode_args *values, parallel_fn parallel, void *context);
+
 /* llmc.BinaryBasesLinear (binary_bases_ort.c): y = x Wᵀ, W = Σ_i scales_i ⊙ signs_i, plus kept outliers.
    Returns 0, 1 on inconsistent sizes, 2 when out of memory. */
 typedef struct {

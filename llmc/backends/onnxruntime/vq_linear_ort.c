@@ -782,10 +782,11 @@ static OrtStatus *cqc_invalid(const char *what) {
     return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, message);
 }
 
-/* present = past (unless they are one buffer), then the codes of x's S tokens at [P, P + S) of it. */
+/* The present codes: the past (unless they are one buffer), and in `encoding` the job that writes the codes of
+   x's S tokens at [P, P + S) of it. */
 static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uint8_t *past, const int64_t *pc,
                               const float *x, const float *book, const float *norms, const int64_t *bd, int64_t S,
-                              int64_t P, int64_t T, uint8_t **present) {
+                              int64_t P, int64_t T, llmc_cq_encode_args *encoding) {
     const int64_t B = pc[0], H = pc[1], C = pc[2], G = pc[3], capacity = C > T ? C : T;
     const int64_t dims[4] = {B, H, capacity, G};
     OrtValue *out = NULL;
@@ -793,16 +794,15 @@ static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uin
     OrtStatus *status = ORT(KernelContext_GetOutput)(context, index, dims, 4, &out);
     if (!status) status = ORT(GetTensorMutableData)(out, &data);
     if (status) return status;
-    *present = (uint8_t *)data;
-    if (*present != past && C > 0)
-        for (int64_t bh = 0; bh < B * H; bh++) memcpy(*present + bh * capacity * G, past + bh * C * G, (size_t)(C * G));
+    uint8_t *present = (uint8_t *)data;
+    if (present != past && C > 0)
+        for (int64_t bh = 0; bh < B * H; bh++) memcpy(present + bh * capacity * G, past + bh * C * G, (size_t)(C * G));
     const int64_t D = G * bd[3];
     const llmc_cq_encode_args args = {.x = x, .codebooks = book, .norms = norms, .B = B, .H = H, .S = S, .G = G,
-                                      .K = bd[2], .c = bd[3], .codes = *present, .x_batch_stride = S * H * D,
+                                      .K = bd[2], .c = bd[3], .codes = present, .x_batch_stride = S * H * D,
                                       .x_head_stride = D, .x_token_stride = H * D, .codes_capacity = capacity,
                                       .codes_offset = P};
-    const int small = B * H * S * D * bd[2] < PARALLEL_MIN_WORK;
-    llmc_cq_encode_run(&args, small ? llmc_serial : parallel_ort, context);
+    *encoding = args;
     return NULL;
 }
 
@@ -839,12 +839,12 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
     if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < T || cs[3] > D || cs[3] % 2) return cqc_invalid("bad RoPE tables");
     if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || P < 0 || P > C || T < 1) return cqc_invalid("bad bias");
     if (rank[CQC_SCALE] > 1 || (rank[CQC_SCALE] == 1 && dims[CQC_SCALE][0] != 1)) return cqc_invalid("scale is not one value");
-    uint8_t *present_k = NULL, *present_v = NULL;
+    llmc_cq_encode_args keys, values;
     OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], data[CQC_KB], data[CQC_KN], kb, S, P, T,
-                                    &present_k);
+                                    &keys);
     if (!status)
         status = cqc_present(context, 2, data[CQC_VC], vc, data[CQC_V], data[CQC_VB], data[CQC_VN], vb, S, P, T,
-                             &present_v);
+                             &values);
     OrtValue *out = NULL;
     void *out_data = NULL;
     if (!status) status = ORT(KernelContext_GetOutput)(context, 0, q, 4, &out);
@@ -859,7 +859,7 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         .rot = cs[3], .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = T,
         .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * H * D,
         .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C};
-    if (llmc_cq_attention_run(&args, parallel_ort, context))
+    if (llmc_cq_cached_attention_run(&args, &keys, &values, parallel_ort, context))
         return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
     return NULL;
 }
