@@ -241,24 +241,26 @@ def cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tens
                      key_codebooks: Tensor, value_codebooks: Tensor, cos: Tensor, signed_sin: Tensor, bias: Tensor,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of `llmc::cq_cached_attention`: `attention` over the past's codes and this step's keys and values,
-    which it also encodes into the cache, as one op.
+    which it also encodes into the cache, as one op, with the heads in the hidden dimension on both sides.
 
-    q [B, H, R, D] (folded rows, as `attention`), key (before RoPE) and value [B, S, H * D], past codes
-    [B, H, C, G] whose first P = T - S positions are the past (T = bias.shape[-1]: the past's length comes from
-    the mask, so the codes may be a buffer with room to spare), cos / signed_sin [B|1, 1, T, Drot], bias
-    [B|1, 1, R, T]. Returns out [B, H, R, D] and the present codes [B, H, max(C, T), G]: the past's, with the
-    step's at [P, T)."""
-    B, H, R, D = q.shape
-    S, T = key.shape[1], bias.shape[-1]
-    P = T - S
+    q [B, Hq, S, D] (the step's query heads, rotated; each KV head's Hq / H query heads are folded into rows as
+    `attention` takes them), key (before RoPE) and value [B, S, H * D], past codes [B, H, C, G] whose first
+    P = T - S positions are the past (T = bias.shape[-1]: the past's length comes from the mask, so the codes may
+    be a buffer with room to spare), cos / signed_sin [B|1, 1, T, Drot], bias [B|1, 1, R, T] (R = Hq / H * S
+    rows, as `attention`). Returns out [B, S, Hq * D] and the present codes [B, H, max(C, T), G]: the past's, with
+    the step's at [P, T)."""
+    B, Hq, S, D = q.shape
+    H, T = past_key_codes.shape[1], bias.shape[-1]
+    P, G = T - S, Hq // H
     key_new = key.reshape(B, S, H, D).transpose(1, 2)
     value_new = value.reshape(B, S, H, D).transpose(1, 2)
     present_key = torch.cat([past_key_codes[:, :, :P], encode(key_new, key_codebooks), past_key_codes[:, :, T:]], 2)
     present_value = torch.cat([past_value_codes[:, :, :P], encode(value_new, value_codebooks),
                                past_value_codes[:, :, T:]], 2)
-    out = attention(q, past_key_codes[:, :, :P], key_new, key_codebooks, past_value_codes[:, :, :P], value_new,
-                    value_codebooks, cos[:, :, :T], signed_sin[:, :, :T], bias, scale)
-    return out, present_key, present_value
+    out = attention(q.reshape(B, H, G * S, D), past_key_codes[:, :, :P], key_new, key_codebooks,
+                    past_value_codes[:, :, :P], value_new, value_codebooks, cos[:, :, :T], signed_sin[:, :, :T], bias,
+                    scale)
+    return out.unflatten(2, (G, S)).permute(0, 3, 1, 2, 4).reshape(B, S, Hq * D), present_key, present_value
 
 
 @torch.library.custom_op("llmc::cq_cached_attention", mutates_args=())
@@ -272,7 +274,8 @@ def cq_cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: T
 
 @cq_cached_attention.register_fake
 def _(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale):
-    B, H, C = past_key_codes.shape[:3]
+    B, Hq, S, D = q.shape
+    H, C = past_key_codes.shape[1:3]
     length = torch.sym_max(C, bias.shape[-1])
-    return (torch.empty_like(q), past_key_codes.new_empty(B, H, length, past_key_codes.shape[3]),
+    return (q.new_empty(B, S, Hq * D), past_key_codes.new_empty(B, H, length, past_key_codes.shape[3]),
             past_value_codes.new_empty(B, H, length, past_value_codes.shape[3]))

@@ -203,3 +203,9 @@ def test_cached_attention_writes_the_codes_in_place_or_after_a_copy(cq_llama, tm
     torch.testing.assert_close(torch.from_numpy(out[0]), ref_logits, atol=1e-4, rtol=1e-4)
     for buffer, fresh, ref, book in zip(again, out[1:], ref_cache, books):
         assert np.array_equal(buffer.numpy()[:, :, :T + 1], fresh) and same(fresh, ref, book)
+    # a prompt of 140 tokens: 280 query rows a KV head, two blocks of rows gathered from and scattered to [B, S, Hq*D]
+    ids = torch.randint(3, 256, (1, 140), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    args = (ids, mask, position_ids_from_mask(mask))
+    torch.testing.assert_close(kernel.step(*args, kernel.empty_cache(1))[0], cq_llama.step(*args, cq_llama.empty_cache(1))[0],
+                               atol=1e-4, rtol=1e-4)

@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch import fx
 
+from llmc.backends.onnxruntime.gqa import heads_output
 from llmc.graph import attr_tensor, is_call, replace_in_copy
 
 aten = torch.ops.aten
@@ -164,17 +165,30 @@ def _present(codes, new, book):
     return None
 
 
+def _query_heads(rows: fx.Node, H: int):
+    """(q [B, Hq, S, D], Hq / H) when `rows` folds the query heads of each of the H KV heads into rows, else None."""
+    q = rows.args[0] if is_call(rows, aten.reshape.default, aten.view.default) else rows
+    shape = q.meta["val"].shape if "val" in q.meta else None
+    if shape is None or len(shape) != 4 or shape[1] % H or (q is rows and shape[1] != H):
+        return None
+    return q, shape[1] // H
+
+
 def _cached_site(gm: fx.GraphModule, node: fx.Node, args: tuple):
-    """(present key cat, present value cat, args of llmc::cq_cached_attention) for a cq_attention site whose new
-    keys and values are projections split into heads and whose present cache is cat([codes, cq_encode(new)]),
-    else None."""
-    q, kcodes, knew, kbook, vcodes, vnew, vbook, cos, sin, bias, scale = args
-    H, D = int(q.meta["val"].shape[1]), int(q.meta["val"].shape[3])
+    """(output node, present key cat, present value cat, args of llmc::cq_cached_attention) for a cq_attention site
+    whose new keys and values are projections split into heads, whose present cache is cat([codes, cq_encode(new)])
+    and whose output is unfolded into [B, S, Hq * D], else None."""
+    rows, kcodes, knew, kbook, vcodes, vnew, vbook, cos, sin, bias, scale = args
+    H, D = int(rows.meta["val"].shape[1]), int(rows.meta["val"].shape[3])
     key, value = _heads(knew, H, D), _heads(vnew, H, D)
     kcat, vcat = _present(kcodes, knew, kbook), _present(vcodes, vnew, vbook)
-    if key is None or value is None or kcat is None or vcat is None:
+    query = _query_heads(rows, H)
+    if key is None or value is None or kcat is None or vcat is None or query is None:
         return None
-    return kcat, vcat, (q, key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale)
+    out = heads_output(node, query[1])
+    if out is None:
+        return None
+    return out, kcat, vcat, (query[0], key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale)
 
 
 def _lengths_from_mask(gm: fx.GraphModule, cats: list) -> None:
@@ -200,7 +214,7 @@ def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, int]:
     llmc::cq_attention; how many attentions were rewritten, and how many of them as cq_cached_attention.
     `gm` itself when there is none."""
     sites = [(n, args) for n in gm.graph.nodes if (args := _site(gm, n)) is not None]
-    cached = [(n, c) for n, args in sites if (c := _cached_site(gm, n, args)) is not None]
+    cached = [c for n, args in sites if (c := _cached_site(gm, n, args)) is not None]
     if len(cached) != len(sites):  # one kind per graph: a cached layer's cache is a buffer, a plain one is not
         cached = []
     if not cached:
@@ -210,9 +224,9 @@ def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, int]:
         warnings.simplefilter("ignore", FutureWarning)
         copy_ = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     nodes = dict(zip(gm.graph.nodes, copy_.graph.nodes))
-    _lengths_from_mask(copy_, [nodes[c] for _, (kcat, vcat, _) in cached for c in (kcat, vcat)])
+    _lengths_from_mask(copy_, [nodes[c] for _, kcat, vcat, _ in cached for c in (kcat, vcat)])
     moved = [(nodes[n], (nodes[kcat], nodes[vcat]), tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
-             for n, (kcat, vcat, args) in cached]
+             for n, kcat, vcat, args in cached]
     out, n = replace_in_copy(copy_, [(node, args) for node, _, args in moved], torch.ops.llmc.cq_cached_attention.default,
                              outputs=[cats for _, cats, _ in moved])
     return out, n, n

@@ -419,12 +419,37 @@ static void cq_block(void *arg, size_t i) {
     const llmc_cq_attention_args *a = job->a;
     const int64_t b = (int64_t)i / (a->H * job->blocks), h = ((int64_t)i / job->blocks) % a->H;
     const int64_t r0 = ((int64_t)i % job->blocks) * ROW_BLOCK, rows = a->R - r0 < ROW_BLOCK ? a->R - r0 : ROW_BLOCK;
-    const cq_views v = views(a, b, h, r0, rows);
+    cq_views v = views(a, b, h, r0, rows);
     if (r0 == 0 && job->encode[0]) { /* one task per (b, h) and encoding job covers that head's S tokens */
         encode_task(job->encode[0], (size_t)(b * a->H + h));
         encode_task(job->encode[1], (size_t)(b * a->H + h));
     }
+    if (!a->heads_last) {
+        if (job->fast ? block_avx512(a, v) : block_portable(a, v)) job->failed = 1;
+        return;
+    }
+    /* q and out as [B, S, Hq * D]: the block's rows gathered into [rows, D] and its output scattered back */
+    const int64_t D = a->D, S = a->S, G = a->R / S, Hq = a->H * G;
+    float *rows_q = (float *)malloc(sizeof(float) * rows * D), *rows_out = (float *)malloc(sizeof(float) * rows * D);
+    if (!rows_q || !rows_out) {
+        free(rows_q);
+        free(rows_out);
+        job->failed = 1;
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = ((b * S + s) * Hq + h * G + g) * D;
+        memcpy(rows_q + r * D, a->q + at, sizeof(float) * D);
+    }
+    v.q = rows_q;
+    v.out = rows_out;
     if (job->fast ? block_avx512(a, v) : block_portable(a, v)) job->failed = 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = ((b * S + s) * Hq + h * G + g) * D;
+        memcpy(a->out + at, rows_out + r * D, sizeof(float) * D);
+    }
+    free(rows_q);
+    free(rows_out);
 }
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context) {

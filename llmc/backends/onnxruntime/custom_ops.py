@@ -118,7 +118,7 @@ class _CQAttentionArgs(ctypes.Structure):
                                                  "rot", "table_batch_stride", "bias_cols", "bias_batch_stride")]
                 + [("out", ctypes.c_void_p)]
                 + [(n, ctypes.c_int64) for n in ("new_batch_stride", "new_head_stride", "new_token_stride",
-                                                 "codes_capacity")])  # 0: the default layouts
+                                                 "codes_capacity", "heads_last")])  # 0: the default layouts
 
 
 def cq_attention_reference():

@@ -78,8 +78,9 @@ def _unfolded_bias(mask, groups: int):
     return node
 
 
-def _output(sdpa, groups: int):
-    """The [B, S, H*D] node that unfolds the heads of the SDPA output, else None."""
+def heads_output(sdpa, groups: int):
+    """The [B, S, H*D] node that unfolds the heads of an attention's output (SDPA's, or cq_attention's: the
+    query heads of each KV head folded into `groups` blocks of rows), else None."""
     node = _only_user(sdpa)
     if groups == 1:
         if not (is_call(node, aten.transpose.int) and sorted(node.args[1:3]) == [1, 2]):
@@ -119,7 +120,7 @@ def _site(sdpa: fx.Node):
     if not (q_shape[3] == k_shape[3] == v_shape[3] and isinstance(q_shape[3], int) and q_shape[3] % 8 == 0):
         return None  # ONNX Runtime's kernel takes one head size for q, k and v, a multiple of 8
     bias = _unfolded_bias(mask, groups)
-    out = _output(sdpa, groups)
+    out = heads_output(sdpa, groups)
     b_shape = _shape(bias)
     if out is None or b_shape is None or len(b_shape) != 3 or not _float32(bias):
         return None

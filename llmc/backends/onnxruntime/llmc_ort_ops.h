@@ -41,6 +41,8 @@ typedef struct {
        (strides S H D, D, H D) and the past from a buffer of `codes_capacity` >= P positions. */
     int64_t new_batch_stride, new_head_stride, new_token_stride; /* floats; defaults H S D, S D, D */
     int64_t codes_capacity;                                      /* default P */
+    int64_t heads_last; /* 1: q and out are [B, S, H * R / S * D] (row r of head h: query head h R / S + r / S,
+                           token r % S), as CQCachedAttention takes them */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);

@@ -183,17 +183,24 @@ def cq_attention_kernel(q, key_codes, key_new, key_codebooks, value_codes, value
                             signed_sin, bias, op.Constant(value_floats=[scale]))
 
 
+def _heads_last(x):
+    """[B, heads, S, D] -> [B, S, heads * D] (the fused lowering's rules take the pair out where x comes from the
+    same split)."""
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
 def cq_cached_attention_kernel(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos,
                                signed_sin, bias, scale):
     """llmc::cq_cached_attention -> llmc.CQCachedAttention: CQAttention that also encodes the step's keys and values
     into the cache (cq_ort.c, vq_linear_ort.c), so one node per layer replaces the attention, two CQEncodes, the
-    head splits around them and the two concatenations of the cache. The encoding reads the codebooks the
+    head splits and joins around them and the two concatenations of the cache; q goes in as [B, S, Hq * D]. The encoding reads the codebooks the
     attention reads (one copy); the centroids' squared norms come from the codebooks, initializers, so ONNX
     Runtime folds them at load."""
     def norms(books):
         return op.ReduceSumSquare(books, op.Constant(value_ints=[3]), keepdims=0)
 
-    return LLMC.CQCachedAttention(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks,
+    return LLMC.CQCachedAttention(_heads_last(q), key, value, past_key_codes, past_value_codes, key_codebooks,
+                                  value_codebooks,
                                   norms(key_codebooks), norms(value_codebooks), cos, signed_sin, bias,
                                   op.Constant(value_floats=[scale]), _outputs=3)
 
@@ -221,15 +228,12 @@ def cached_attention(q, key, value, past_key, past_value, bias, scale):
     if not (isinstance(H, int) and isinstance(Hkv, int)):
         raise TypeError(f"GroupQueryAttention needs static head counts, got q {q.shape} and key {key.shape}")
 
-    def heads_last(x):  # [B, heads, S, D] -> [B, S, heads*D]
-        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-
     total = op.Shape(bias, start=2, end=3)  # [T]
     seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(bias, start=0, end=1)),
                       to=onnx.TensorProto.INT32)
     total_length = op.Cast(op.Squeeze(total), to=onnx.TensorProto.INT32)
     out, present_key, present_value = MSFT.GroupQueryAttention(
-        heads_last(q), heads_last(key), heads_last(value), past_key, past_value, seqlens, total_length, None, None,
+        _heads_last(q), _heads_last(key), _heads_last(value), past_key, past_value, seqlens, total_length, None, None,
         None, op.Unsqueeze(bias, op.Constant(value_ints=[1])), num_heads=H, kv_num_heads=Hkv, scale=scale,
         _outputs=3)
     return out, present_key, present_value

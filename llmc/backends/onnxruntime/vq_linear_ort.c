@@ -757,10 +757,11 @@ static const OrtCustomOp cq_encode_op = {
 };
 
 /* llmc.CQCachedAttention (cq_ort.c): CQAttention that also writes the step's codes into the cache. 13 inputs:
-   q [B, H, R, D]; key, value [B, S, H * D] (the key before RoPE); past key / value codes [B, H, C, G], whose first
+   q [B, S, Hq * D] (the step's query heads, rotated; R = Hq / H * S rows a KV head); key, value [B, S, H * D] (the
+   key before RoPE); past key / value codes [B, H, C, G], whose first
    P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c] and their
    squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin [B|1, 1, >= T, rot]; bias
-   [B|1, 1, R, T]; scale [1]. Outputs: out [B, H, R, D] and the present key / value codes [B, H, max(C, T), G]:
+   [B|1, 1, R, T]; scale [1]. Outputs: out [B, S, Hq * D] and the present key / value codes [B, H, max(C, T), G]:
    the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
    is that buffer written in place; any other is the past copied first. */
 enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KN, CQC_VN, CQC_COS, CQC_SIN, CQC_BIAS, CQC_SCALE,
@@ -775,7 +776,7 @@ static size_t cqc_output_count(const OrtCustomOp *op) { return (void)op, 3; }
 
 static OrtStatus *cqc_invalid(const char *what) {
     char message[400]; /* CreateStatus copies it */
-    strcpy(message, "CQCachedAttention: expected q [B, H, R, D], key/value [B, S, H*D], past codes [B, H, C, G], "
+    strcpy(message, "CQCachedAttention: expected q [B, S, Hq*D], key/value [B, S, H*D], past codes [B, H, C, G], "
                     "codebooks [H, G, K <= 256, c] and their norms [H, G, K] with G * c = D, "
                     "cos/sin [B|1, 1, >= T, rot], bias [B|1, 1, R, T] with S <= T <= C + S, scale [1]; ");
     strncat(message, what, sizeof message - strlen(message) - 1);
@@ -817,18 +818,20 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
         if (status) return status;
     }
-    static const size_t ranks[CQC_SCALE] = {4, 3, 3, 4, 4, 4, 4, 3, 3, 4, 4, 4};
+    static const size_t ranks[CQC_SCALE] = {3, 3, 3, 4, 4, 4, 4, 3, 3, 4, 4, 4};
     for (size_t i = 0; i < CQC_SCALE; i++)
         if (rank[i] != ranks[i]) return cqc_invalid("an input has the wrong rank");
     const int64_t *q = dims[CQC_Q], *k = dims[CQC_K], *v = dims[CQC_V], *kc = dims[CQC_KC], *vc = dims[CQC_VC];
     const int64_t *kb = dims[CQC_KB], *vb = dims[CQC_VB], *kn = dims[CQC_KN], *vn = dims[CQC_VN];
     const int64_t *cs = dims[CQC_COS], *sn = dims[CQC_SIN];
     const int64_t *bi = dims[CQC_BIAS];
-    const int64_t B = q[0], H = q[1], R = q[2], D = q[3], S = k[1], C = kc[2], T = bi[3], P = T - S;
+    const int64_t B = q[0], S = q[1], H = kc[1], D = kb[1] * kb[3], C = kc[2], T = bi[3], P = T - S;
     for (int d = 0; d < 3; d++)
         if (k[d] != v[d]) return cqc_invalid("keys and values differ in shape");
-    if (k[0] != B || k[2] != H * D || kc[0] != B || kc[1] != H || vc[0] != B || vc[1] != H || vc[2] != C)
-        return cqc_invalid("keys, values or codes do not match q");
+    if (H < 1 || D < 1 || q[2] % (H * D) || k[0] != B || k[1] != S || k[2] != H * D || kc[0] != B || vc[0] != B ||
+        vc[1] != H || vc[2] != C)
+        return cqc_invalid("q, keys, values or codes do not match");
+    const int64_t R = q[2] / (H * D) * S;
     if (kb[0] != H || vb[0] != H || kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D || vb[1] * vb[3] != D ||
         D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256)
         return cqc_invalid("codebooks do not match the codes or the head");
@@ -847,7 +850,7 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
                              &values);
     OrtValue *out = NULL;
     void *out_data = NULL;
-    if (!status) status = ORT(KernelContext_GetOutput)(context, 0, q, 4, &out);
+    if (!status) status = ORT(KernelContext_GetOutput)(context, 0, q, 3, &out);
     if (!status) status = ORT(GetTensorMutableData)(out, &out_data);
     if (status) return status;
     /* the past's codes are read from the past input: positions [0, P), which the present's writes leave alone */
@@ -858,7 +861,7 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         .R = R, .P = P, .S = S, .D = D, .Gk = kb[1], .Kk = kb[2], .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3],
         .rot = cs[3], .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = T,
         .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * H * D,
-        .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C};
+        .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C, .heads_last = 1};
     if (llmc_cq_cached_attention_run(&args, &keys, &values, parallel_ort, context))
         return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
     return NULL;
