@@ -76,7 +76,8 @@ HEADLINES = [
     ("structured_ffn_layerwise_400", "structured_ffn blockdense 63% layerwise init + 400 recovery steps",
      "structured_ffn block-dense, 63% of FFN parameters"),
     ("qbb_quant", "n4-s12-ef", "qbb_quant N=4 pure binary bases, error-fed joint rounding (stages 1-2)"),
-    ("qbb_quant", "n4-g192-o4-s123-ef-wiki-150", "qbb_quant N=4, scales per 192 inputs, 4 outliers/row, 150 stage-3 steps"),
+    ("qbb_quant", "n4-g192-o4-s123-ef-p", "qbb_quant N=4, scales per 192 inputs, 4 outliers/row, stage 3 as PV-Tuning's P step"),
+    ("qbb_quant", "n3-g192-o4-s123-ef-p", "qbb_quant N=3, scales per 192 inputs, 4 outliers/row, stage 3 as PV-Tuning's P step"),
     ("qbb_quant", "ort-n4-o4-s123-ef-wiki", "qbb_quant N=4, 4 outliers/row, in ONNX Runtime (llmc.BinaryBasesLinear)"),
     ("decode_shapes", "fp32-b1-p128", "FP32 in ONNX Runtime (GroupQueryAttention, shared cache buffers)"),
     ("decode_shapes", "genai-fp32-b1-p128", "onnxruntime-genai's own FP32 build, same run"),
@@ -84,7 +85,9 @@ HEADLINES = [
     ("decode_shapes", "genai-int4-b8-p128", "onnxruntime-genai's own int4 build, same run"),
     ("decode_shapes", "pv4-head8-int8-b8-p128", "pv_quant 4-bit + 8-bit lm_head + int8 activations in ONNX Runtime"),
     ("decode_shapes", "fp32-b8-p2048", "FP32 in ONNX Runtime, float KV cache"),
-    ("decode_shapes", "cq4c8b-b8-p2048", "FP32 + cq_kv 4c8b in ONNX Runtime (llmc.CQAttention reads the codes)"),
+    ("decode_shapes_cq", "fp32-b8-p2048", "FP32 in ONNX Runtime, float KV cache (the code cache's run)"),
+    ("decode_shapes_cq", "cq4c8b-b8-p2048",
+     "FP32 + cq_kv 4c8b in ONNX Runtime (llmc.CQCachedAttention reads and writes the codes), same run"),
 ]
 
 
