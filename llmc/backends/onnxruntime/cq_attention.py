@@ -227,6 +227,6 @@ def fuse_cq_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, int]:
     _lengths_from_mask(copy_, [nodes[c] for _, kcat, vcat, _ in cached for c in (kcat, vcat)])
     moved = [(nodes[n], (nodes[kcat], nodes[vcat]), tuple(nodes[a] if isinstance(a, fx.Node) else a for a in args))
              for n, kcat, vcat, args in cached]
-    out, n = replace_in_copy(copy_, [(node, args) for node, _, args in moved], torch.ops.llmc.cq_cached_attention.default,
-                             outputs=[cats for _, cats, _ in moved])
+    out, n = replace_in_copy(copy_, [(node, args) for node, _, args in moved],
+                             torch.ops.llmc.cq_cached_attention.default, outputs=[cats for _, cats, _ in moved])
     return out, n, n

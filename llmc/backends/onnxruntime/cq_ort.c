@@ -295,8 +295,8 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
                     continue;
                 }
                 acc[j] = _mm512_mul_ps(q[0], _mm512_load_ps(decoded + j * D));
-                for (int64_t m = 1; m < NV; m++) acc[j] = _mm512_fmadd_ps(q[m], _mm512_load_ps(decoded + j * D + 16 * m),
-                                                                          acc[j]);
+                for (int64_t m = 1; m < NV; m++)
+                    acc[j] = _mm512_fmadd_ps(q[m], _mm512_load_ps(decoded + j * D + 16 * m), acc[j]);
             }
             const __m512 bias = _mm512_maskz_loadu_ps(lanes, v.bias + r * a->bias_cols + t0);
             _mm512_mask_storeu_ps(scores + r * T + t0, lanes, _mm512_fmadd_ps(sum16(acc), scale, bias));
@@ -364,7 +364,8 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
             for (int64_t j = 0; j < n && t0 + j < seen[r]; j++) {
                 if (p[j] == 0.0f) continue;
                 const __m512 w = _mm512_set1_ps(p[j]);
-                for (int64_t m = 0; m < NV; m++) o[m] = _mm512_fmadd_ps(w, _mm512_load_ps(decoded + j * D + 16 * m), o[m]);
+                for (int64_t m = 0; m < NV; m++)
+                    o[m] = _mm512_fmadd_ps(w, _mm512_load_ps(decoded + j * D + 16 * m), o[m]);
             }
             for (int64_t m = 0; m < NV; m++) _mm512_storeu_ps(out + 16 * m, o[m]);
         }
@@ -477,28 +478,15 @@ typedef struct {
     int fast; /* nearest_avx512 applies */
 } encode_job;
 
-/* The code of one group: x·C_k summed over the c channels in order for every k at once (the codebook
-   channel-major), ||C_k||² - 2 x·C_k, the first minimum. */
+/* The code of one group: x·C_k summed over the c channels in order for every k at once, ||C_k||² - 2 x·C_k, the
+   first minimum. Centroid k's channel j is book[k * k_stride + j * j_stride]: (1, K) for CQEncode's channel-major
+   codebooks, (c, 1) for the row-major ones CQAttention reads. */
 static inline int64_t nearest(const float *xg, const float *book, const float *norm, int64_t K, int64_t c,
-                              float *restrict dist) {
-    for (int64_t k = 0; k < K; k++) dist[k] = xg[0] * book[k];
+                              int64_t k_stride, int64_t j_stride, float *restrict dist) {
+    for (int64_t k = 0; k < K; k++) dist[k] = xg[0] * book[k * k_stride];
     for (int64_t j = 1; j < c; j++) {
         const float xj = xg[j];
-        for (int64_t k = 0; k < K; k++) dist[k] += xj * book[j * K + k];
-    }
-    for (int64_t k = 0; k < K; k++) dist[k] = norm[k] - 2.0f * dist[k];
-    int64_t arg = 0;
-    for (int64_t k = 1; k < K; k++) arg = dist[k] < dist[arg] ? k : arg;
-    return arg;
-}
-
-/* nearest() from the row-major codebook [K, c] (the one CQAttention reads): the same products and sums. */
-static inline int64_t nearest_rows(const float *xg, const float *book, const float *norm, int64_t K, int64_t c,
-                                   float *restrict dist) {
-    for (int64_t k = 0; k < K; k++) dist[k] = xg[0] * book[k * c];
-    for (int64_t j = 1; j < c; j++) {
-        const float xj = xg[j];
-        for (int64_t k = 0; k < K; k++) dist[k] += xj * book[k * c + j];
+        for (int64_t k = 0; k < K; k++) dist[k] += xj * book[k * k_stride + j * j_stride];
     }
     for (int64_t k = 0; k < K; k++) dist[k] = norm[k] - 2.0f * dist[k];
     int64_t arg = 0;
@@ -515,9 +503,9 @@ AVX512 static inline int64_t first_minimum(__m512 best, __m512i at) {
     return _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), is_min, at));
 }
 
-/* nearest_rows() with c = 4 and K a multiple of 16: 16 centroids are 4 registers, transposed within their 128-bit
-   lanes into one register per channel (lane 4m + i then holds centroid 4i + m of the 16), and the same products
-   and sums as nearest(), so the same code as CQEncode's channel-major search. */
+/* nearest() on row-major codebooks with c = 4 and K a multiple of 16: 16 centroids are 4 registers,
+   transposed within their 128-bit lanes into one register per channel (lane 4m + i then holds centroid
+   4i + m of the 16), and the same products and sums, so the same code as CQEncode's channel-major search. */
 AVX512 static int64_t nearest_rows_avx512(const float *xg, const float *book, const float *norm, int64_t K) {
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512 x0 = _mm512_set1_ps(xg[0]), x1 = _mm512_set1_ps(xg[1]), x2 = _mm512_set1_ps(xg[2]);
@@ -528,13 +516,16 @@ AVX512 static int64_t nearest_rows_avx512(const float *xg, const float *book, co
         const float *c = book + k * 4;
         const __m512 a = _mm512_loadu_ps(c), b = _mm512_loadu_ps(c + 16), cc = _mm512_loadu_ps(c + 32);
         const __m512 d = _mm512_loadu_ps(c + 48);
-        const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(a, b)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(a, b));
-        const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(cc, d)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(cc, d));
+        const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(a, b));
+        const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(a, b));
+        const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(cc, d));
+        const __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(cc, d));
         __m512 dot = _mm512_mul_ps(x0, _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)));
         dot = _mm512_add_ps(dot, _mm512_mul_ps(x1, _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2))));
         dot = _mm512_add_ps(dot, _mm512_mul_ps(x2, _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3))));
         dot = _mm512_add_ps(dot, _mm512_mul_ps(x3, _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3))));
-        const __m512 dist = _mm512_sub_ps(_mm512_permutexvar_ps(order, _mm512_loadu_ps(norm + k)), _mm512_mul_ps(two, dot));
+        const __m512 norms = _mm512_permutexvar_ps(order, _mm512_loadu_ps(norm + k));
+        const __m512 dist = _mm512_sub_ps(norms, _mm512_mul_ps(two, dot));
         const __mmask16 less = _mm512_cmp_ps_mask(dist, best, _CMP_LT_OQ);
         best = _mm512_mask_mov_ps(best, less, dist);
         at = _mm512_mask_mov_epi32(at, less, _mm512_add_epi32(order, _mm512_set1_epi32((int)k)));
@@ -585,7 +576,7 @@ CLONES static void encode_task(void *arg, size_t i) {
                     continue;
                 }
 #endif
-                codes[g] = (uint8_t)nearest_rows(x + g * c, book, norm, K, c, dist);
+                codes[g] = (uint8_t)nearest(x + g * c, book, norm, K, c, c, 1, dist);
                 continue;
             }
             const float *book = a->codebooks_t + (h * G + g) * c * K;
@@ -595,7 +586,7 @@ CLONES static void encode_task(void *arg, size_t i) {
                 continue;
             }
 #endif
-            codes[g] = (uint8_t)nearest(x + g * c, book, norm, K, c, dist);
+            codes[g] = (uint8_t)nearest(x + g * c, book, norm, K, c, 1, K, dist);
         }
     }
 }

@@ -760,8 +760,9 @@ static const OrtCustomOp cq_encode_op = {
    q [B, S, Hq * D] (the step's query heads, rotated; R = Hq / H * S rows a KV head); key, value [B, S, H * D] (the
    key before RoPE); past key / value codes [B, H, C, G], whose first
    P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c] and their
-   squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin [B|1, 1, >= T, rot]; bias
-   [B|1, 1, R, T]; scale [1]. Outputs: out [B, S, Hq * D] and the present key / value codes [B, H, max(C, T), G]:
+   squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin
+   [B|1, 1, >= T, rot]; bias [B|1, 1, R, T]; scale [1]. Outputs: out [B, S, Hq * D] and the present key / value
+   codes [B, H, max(C, T), G]:
    the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
    is that buffer written in place; any other is the past copied first. */
 enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KN, CQC_VN, CQC_COS, CQC_SIN, CQC_BIAS, CQC_SCALE,
@@ -839,9 +840,12 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         if (kn[d] != kb[d] || vn[d] != vb[d]) return cqc_invalid("norms do not match the codebooks");
     for (int d = 0; d < 4; d++)
         if (cs[d] != sn[d]) return cqc_invalid("cos and sin differ in shape");
-    if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < T || cs[3] > D || cs[3] % 2) return cqc_invalid("bad RoPE tables");
-    if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || P < 0 || P > C || T < 1) return cqc_invalid("bad bias");
-    if (rank[CQC_SCALE] > 1 || (rank[CQC_SCALE] == 1 && dims[CQC_SCALE][0] != 1)) return cqc_invalid("scale is not one value");
+    if ((cs[0] != B && cs[0] != 1) || cs[1] != 1 || cs[2] < T || cs[3] > D || cs[3] % 2)
+        return cqc_invalid("bad RoPE tables");
+    if ((bi[0] != B && bi[0] != 1) || bi[1] != 1 || bi[2] != R || P < 0 || P > C || T < 1)
+        return cqc_invalid("bad bias");
+    if (rank[CQC_SCALE] > 1 || (rank[CQC_SCALE] == 1 && dims[CQC_SCALE][0] != 1))
+        return cqc_invalid("scale is not one value");
     llmc_cq_encode_args keys, values;
     OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], data[CQC_KB], data[CQC_KN], kb, S, P, T,
                                     &keys);
