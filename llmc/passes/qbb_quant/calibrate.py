@@ -67,8 +67,10 @@ class Student:
     def __init__(self, gm: fx.GraphModule, state: dict, empty_cache, norms: bool = False):
         self.gm, self.empty = gm, empty_cache
         self.targets = sorted(state)
-        # 1-d "norm" parameters (RMSNorm / LayerNorm gains), trained as factors of their values when `norms`
-        self.norms = sorted(n for n, p in gm.named_parameters() if norms and p.dim() == 1 and "norm" in n)
+        # the gains of the norms (1-d "norm" weights; a LayerNorm's bias is left alone), trained as factors of
+        # their values when `norms`
+        self.norms = sorted(n for n, p in gm.named_parameters()
+                            if norms and p.dim() == 1 and "norm" in n and n.endswith("weight"))
         self.signs = {t: state[t]["B"] for t in self.targets}  # int8 ±1 [nb, N, K]
         self.base = {t: state[t]["scales"].float() for t in self.targets}
         self.original = {t: attr_tensor(gm, t) for t in self.targets + self.norms}
