@@ -32,7 +32,7 @@ import warnings
 import torch
 from torch import fx
 
-from llmc.backends.onnxruntime.gqa import heads_output
+from llmc.backends.onnxruntime.gqa import heads_output, node_shape
 from llmc.graph import attr_tensor, is_call, replace_in_copy
 
 aten = torch.ops.aten
@@ -150,7 +150,7 @@ def _heads(node, heads: int, D: int):
     if not is_call(view, aten.view.default, aten.reshape.default):
         return None
     x = view.args[0]
-    shape = x.meta["val"].shape if isinstance(x, fx.Node) and "val" in x.meta else None
+    shape = node_shape(x)
     return x if shape is not None and len(shape) == 3 and shape[2] == heads * D else None
 
 
@@ -168,7 +168,7 @@ def _present(codes, new, book):
 def _query_heads(rows: fx.Node, H: int):
     """(q [B, Hq, S, D], Hq / H) when `rows` folds the query heads of each of the H KV heads into rows, else None."""
     q = rows.args[0] if is_call(rows, aten.reshape.default, aten.view.default) else rows
-    shape = q.meta["val"].shape if "val" in q.meta else None
+    shape = node_shape(q)
     if shape is None or len(shape) != 4 or shape[1] % H or (q is rows and shape[1] != H):
         return None
     return q, shape[1] // H
@@ -179,7 +179,10 @@ def _cached_site(gm: fx.GraphModule, node: fx.Node, args: tuple):
     whose new keys and values are projections split into heads, whose present cache is cat([codes, cq_encode(new)])
     and whose output is unfolded into [B, S, Hq * D], else None."""
     rows, kcodes, knew, kbook, vcodes, vnew, vbook, cos, sin, bias, scale = args
-    H, D = int(rows.meta["val"].shape[1]), int(rows.meta["val"].shape[3])
+    shape = node_shape(rows)
+    if shape is None or not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+        return None
+    H, D = shape[1], shape[3]
     key, value = _heads(knew, H, D), _heads(vnew, H, D)
     kcat, vcat = _present(kcodes, knew, kbook), _present(vcodes, vnew, vbook)
     query = _query_heads(rows, H)
@@ -195,12 +198,14 @@ def _lengths_from_mask(gm: fx.GraphModule, cats: list) -> None:
     """In place: every size(cat, 2) of `cats` (a present cache, of length T = P + S) read as the mask's length
     instead, so that the present may become a buffer longer than T."""
     mask = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
+    total = None
     for cat in cats:
         for user in list(cat.users):
             if is_call(user, aten.sym_size.int) and user.args[1] in _SEQUENCE:
-                with gm.graph.inserting_after(mask):
-                    total = gm.graph.call_function(aten.sym_size.int, (mask, 1))
-                total.meta = dict(user.meta)
+                if total is None:
+                    with gm.graph.inserting_after(mask):
+                        total = gm.graph.call_function(aten.sym_size.int, (mask, 1))
+                    total.meta = dict(user.meta)
                 user.replace_all_uses_with(total)
                 gm.graph.erase_node(user)
     gm.graph.lint()

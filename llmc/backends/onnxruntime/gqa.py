@@ -33,7 +33,8 @@ aten = torch.ops.aten
 _SEQUENCE = (2, -2)
 
 
-def _shape(node) -> tuple | None:
+def node_shape(node) -> tuple | None:
+    """The traced shape of an fx node's tensor value, else None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
@@ -107,11 +108,11 @@ def _site(sdpa: fx.Node):
     if keys is None or values is None or not _float32(rows) or not _float32(mask):
         return None
     (past_key, key), (past_value, value) = keys, values
-    k_shape, v_shape, r_shape = _shape(key), _shape(value), _shape(rows)
+    k_shape, v_shape, r_shape = node_shape(key), node_shape(value), node_shape(rows)
     if k_shape is None or v_shape is None or r_shape is None:
         return None
     q = rows.args[0] if is_call(rows, aten.reshape.default, aten.view.default) else rows
-    q_shape = _shape(q)
+    q_shape = node_shape(q)
     if q_shape is None or len(q_shape) != 4 or q_shape[1] % k_shape[1]:
         return None
     groups = q_shape[1] // k_shape[1]
@@ -121,7 +122,7 @@ def _site(sdpa: fx.Node):
         return None  # ONNX Runtime's kernel takes one head size for q, k and v, a multiple of 8
     bias = _unfolded_bias(mask, groups)
     out = heads_output(sdpa, groups)
-    b_shape = _shape(bias)
+    b_shape = node_shape(bias)
     if out is None or b_shape is None or len(b_shape) != 3 or not _float32(bias):
         return None
     scale = sdpa.kwargs.get("scale") or q_shape[3] ** -0.5
