@@ -21,11 +21,14 @@ def _manifest(folder):
         return json.load(f)
 
 
-def _ops(folder):
+def _graph(folder):
     import onnx
 
-    graph = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False).graph
-    return Counter(n.op_type for n in graph.node)
+    return onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False).graph
+
+
+def _ops(folder):
+    return Counter(n.op_type for n in _graph(folder).node)
 
 
 def _max_logit_difference(folder_a, folder_b) -> float:
@@ -38,21 +41,27 @@ def _max_logit_difference(folder_a, folder_b) -> float:
     return float((la - lb)[mask.bool()].abs().max())
 
 
-def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, float_merged=0):
+def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, float_merged=0, in_attention=0,
+             packed=0):
     """The fusion counts of a model without binary bases (their merges are tested in test_onnxruntime_qbb.py)."""
     return {"GroupQueryAttention": attention, "SimplifiedLayerNormalization": simple,
             "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
             "MatMulMerge": float_merges, "MatMulMerge.linears": float_merged,
             "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged,
-            "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0}
+            "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0,
+            "RotaryInAttention": in_attention, "PackedQKV": packed}
 
 
 # The tiny models have 2 layers: 5 RMSNorms (the first reads the embeddings, the other 4 follow a
 # residual add), 2 rotations (q, k) per layer, and q/k/v + gate/up as two groups of MatMulNBits
-# siblings per layer. Qwen3 adds an RMSNorm on q and on k per layer; Phi-3's checkpoint already
-# packs qkv_proj and gate_up_proj, so nothing is left to merge.
-EXPECTED_RTN4 = {"llama": _fusions(1, 4, 4, 4, 10), "mistral": _fusions(1, 4, 4, 4, 10),
-                 "qwen2": _fusions(1, 4, 4, 4, 10), "qwen3": _fusions(5, 4, 4, 4, 10), "phi3": _fusions(1, 4, 4, 0, 0)}
+# siblings per layer. The rotations then move into the attention, which also reads the merged q/k/v
+# projection unsplit, except: Qwen2's q/k/v biases are added after the split; Qwen3's RMSNorm on q and on k
+# per layer keeps its rotations on [B, heads, S, D] before the attention. Phi-3's checkpoint already packs
+# qkv_proj and gate_up_proj, so nothing is left to merge.
+EXPECTED_RTN4 = {"llama": _fusions(1, 4, 0, 4, 10, in_attention=2, packed=2),
+                 "mistral": _fusions(1, 4, 0, 4, 10, in_attention=2, packed=2),
+                 "qwen2": _fusions(1, 4, 0, 4, 10, in_attention=2), "qwen3": _fusions(5, 4, 4, 4, 10),
+                 "phi3": _fusions(1, 4, 0, 0, 0, in_attention=2, packed=2)}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
@@ -71,7 +80,12 @@ def test_rewrites_fire_on_each_family_and_keep_parity(arch, tiny_models, tmp_pat
     fusions = manifest["fusions"]
     linears = sum(n.target is torch.ops.llmc.nbits_linear.default for n in cm.program.gm.graph.nodes)
     assert ops["MatMulNBits"] == linears - fusions["MatMulNBitsMerge.linears"] + fusions["MatMulNBitsMerge"]
-    assert ops["Split"] >= fusions["MatMulNBitsMerge"]
+    assert ops["Split"] >= fusions["MatMulNBitsMerge"] - fusions["PackedQKV"]
+    assert ops["RotaryEmbedding"] == fusions["RotaryEmbedding"]  # none is left beside the attention's own
+    attention = [n for n in _graph(out).node if n.op_type == "GroupQueryAttention"]
+    rotating = [n for n in attention if any(a.name == "do_rotary" and a.i == 1 for a in n.attribute)]
+    assert len(rotating) == fusions["RotaryInAttention"] and all(n.input[7] and n.input[8] for n in rotating)
+    assert sum(not n.input[1] and not n.input[2] for n in attention) == fusions["PackedQKV"]
     assert OrtModel(out).generate(PROMPTS, 12, return_tokens=True) == cm.generate(PROMPTS, 12, return_tokens=True)
 
 
@@ -86,7 +100,8 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
     fused = backend.lower(cm.program, str(tmp_path / "fused"))
     assert _manifest(plain)["fuse"] is False and _manifest(plain)["fusions"] == {}
     # float32: q/k/v and gate/up merge as MatMuls, not MatMulNBits
-    assert _manifest(fused)["fusions"] == _fusions(1, 4, 4, 0, 0, float_merges=4, float_merged=10)
+    assert _manifest(fused)["fusions"] == _fusions(1, 4, 0, 0, 0, float_merges=4, float_merged=10, in_attention=2,
+                                                   packed=2)
     assert _manifest(fused)["cache_buffers"] == "shared" and _manifest(plain)["cache_buffers"] == "concatenated"
     for folder, shared in ((fused, True), (plain, False)):  # onnxruntime-genai binds one buffer where it may
         with open(os.path.join(folder, "genai_config.json")) as f:
@@ -99,6 +114,7 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
     # nothing concatenates the cache
     assert fused_ops["GroupQueryAttention"] == 2 and fused_ops["Transpose"] == 0 and fused_ops["Softmax"] == 0
     assert plain_ops["Softmax"] == 2 and fused_ops["MatMul"] == 2 * 4 + 1  # q/k/v, o, gate/up, down; lm_head
+    assert fused_ops["RotaryEmbedding"] == 0 and fused_ops["Split"] == 2  # the attention rotates; gate/up split
     assert _max_logit_difference(plain, fused) < 1e-5
     a, b = OrtModel(plain), OrtModel(fused)
     assert a.generate(PROMPTS, 16, return_tokens=True) == b.generate(PROMPTS, 16, return_tokens=True)
@@ -123,7 +139,8 @@ def test_group_query_attention_shares_the_cache_and_takes_chunks(tiny_models, tm
     """The fused export reads and writes one buffer per cache tensor (bound as past and present); a chunk of
     several tokens after a past at batch 2, which ONNX Runtime's kernel takes at batch 1 only, runs row by row;
     every step equals the plain graph's (the logits each step returned are its own, though the buffers stay
-    bound from step to step)."""
+    bound from step to step). The attention rotates q and k at their index in the buffer: the keys of the
+    left-padded row are the plain graph's rotated by the row's padding."""
     cm = llmc.compile(tiny_models["qwen2"], tokenizer=tiny_tokenizer(), progress=False)
     fused = OrtModel(lower(cm.program, tmp_path / "fused"))
     plain = OrtModel(lower(cm.program, tmp_path / "plain", fuse=False))
@@ -134,12 +151,45 @@ def test_group_query_attention_shares_the_cache_and_takes_chunks(tiny_models, tm
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     total = len(PROMPTS[0]) + 6
     real = torch.cat([left_pad(PROMPTS, pad_id=0)[1], torch.ones(2, 6, dtype=torch.long)], 1).bool().numpy()
-    for x, y in zip(a_caches[-1], b_caches[-1]):  # the tokens' positions hold the same keys and values
+    pad = len(PROMPTS[0]) - len(PROMPTS[1])
+    angle = pad * tiny_models["qwen2"].model.rotary_emb.inv_freq.double().numpy()
+    cos, sin = np.cos(angle), np.sin(angle)
+
+    def shifted(k):  # keys rotated by `pad` more positions (rotate_half pairs i and i + D/2)
+        lo, hi = np.split(k.astype(np.float64), 2, axis=-1)
+        return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], -1)
+
+    assert pad > 0 and {c.kind for c in fused.cache_layout} == {"key", "value"}
+    for c, x, y in zip(fused.cache_layout, a_caches[-1], b_caches[-1]):  # the tokens' keys and values
         assert x.shape()[2] >= total and y.shape()[2] == total
-        np.testing.assert_allclose(x.numpy()[:, :, :total].transpose(0, 2, 1, 3)[real],
-                                   y.numpy().transpose(0, 2, 1, 3)[real], atol=1e-5)
+        x, y = x.numpy()[:, :, :total].transpose(0, 2, 1, 3), y.numpy().transpose(0, 2, 1, 3)
+        if c.kind == "key":
+            y = np.stack([y[0], shifted(y[1])])
+        np.testing.assert_allclose(x[real], y[real], atol=1e-5)
     # the last step wrote into the buffers it was given (they had room): the same OrtValues came back
     assert all(x is y for x, y in zip(a_caches[-1], a_caches[-2]))
+
+
+def test_rotating_attention_refuses_positions_it_would_ignore(tiny_models, tmp_path, one_thread):
+    """The fused export's attention rotates at buffer indices and ignores position_ids: positions that do not
+    count each row's tokens from its first raise (at a prompt and at a decode step) instead of being ignored."""
+    cm = llmc.compile(tiny_models["llama"], tokenizer=tiny_tokenizer(), progress=False)
+    model = OrtModel(lower(cm.program, tmp_path / "fused"))
+    assert model.manifest["fusions"]["RotaryInAttention"] == 2
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    pos = position_ids_from_mask(mask)
+    with pytest.raises(ValueError, match="fuse=false"):
+        model.step(ids, mask, pos + 3, model.empty_cache(2))
+    shifted = pos.clone()
+    shifted[1, -1] += 1  # one real token of the padded row
+    with pytest.raises(ValueError, match="fuse=false"):
+        model.step(ids, mask, shifted, model.empty_cache(2))
+    logits, cache = model.step(ids, mask, pos, model.empty_cache(2))  # padding's own positions are free
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    nxt = logits[:, -1:].argmax(-1)
+    with pytest.raises(ValueError, match="fuse=false"):
+        model.step(nxt, mask, torch.full((2, 1), len(PROMPTS[0])), cache)  # the padded row's is 3
+    model.step(nxt, mask, position_ids_from_mask(mask)[:, -1:], cache)
 
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHITECTURES)
@@ -268,6 +318,7 @@ def test_norm_rewrites_do_not_fire_on_layer_norm_families(tmp_path, one_thread):
     cm = llmc.compile(tiny_model("gpt_neox"), tokenizer=tiny_tokenizer(), progress=False)
     out = lower(cm.program, tmp_path / "neox")
     manifest = _manifest(out)
-    assert manifest["fusions"] == _fusions(0, 0, 4, 0, 0)  # one packed qkv projection: nothing to merge
+    assert manifest["fusions"] == _fusions(0, 0, 4, 0, 0)  # one packed qkv projection: nothing to merge; the
+    # rotations of a quarter of each head stay beside the attention
     assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
     assert _ops(out)["LayerNormalization"] == 5

@@ -22,6 +22,13 @@ applies the rewrites below in order, saves it in place and returns how many time
     BinaryBasesLinearMerge             the same for llmc.BinaryBasesLinear (qbb_quant with the kernel
                                        lowering): signs, scales and kept outliers concatenated along N
                                        (`merge_binary_bases`)
+    RotaryInAttention                  the RotaryEmbeddings of q and k moved into the GroupQueryAttention
+                                       that reads them (its do_rotary, over the same cos/sin caches): it
+                                       rotates at each token's index in the cache buffer, which for a
+                                       left-padded row is its position plus the row's padding; the scores,
+                                       and so the logits, are the same up to float rounding (see the rule)
+    PackedQKV                          a GroupQueryAttention whose q, k and v are the parts of one Split
+                                       (a merged q/k/v projection) reads the merged tensor unsplit
 
 A rewrite only fires where its whole pattern matches, with the constants it needs (epsilon,
 inv_freq, packed weights) known: LayerNorm (with a mean and a bias), a rotation whose cos/sin are
@@ -122,6 +129,8 @@ def _rotary_rule_class():
             return result
 
         def rewrite(self, op, x, position_ids, inv_freq, **_):
+            import onnx_ir as ir
+
             key = inv_freq.name
             if key not in self._caches:
                 # angles [max_positions, d/2] = float32 positions x inv_freq, the float32 product torch takes;
@@ -132,6 +141,8 @@ def _rotary_rule_class():
                 angles = op.Mul(op.Unsqueeze(positions, op.Constant(value_ints=[1])),
                                 op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
                 self._caches[key] = (op.Cos(angles), op.Sin(angles))
+                for cache in self._caches[key]:  # known shapes, which RotaryInAttention checks
+                    cache.shape, cache.type = ir.Shape([self.max_positions, x.shape[3] // 2]), x.type
             cos, sin = self._caches[key]
             return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=0, num_heads=x.shape[1],
                                       _domain="com.microsoft")
@@ -233,6 +244,92 @@ def _heads_rule_classes():
                                       _domain="com.microsoft")
 
     return HeadsRoundTrip, RotaryOnHidden
+
+
+def _attention_rule_classes():
+    """Rules that hand GroupQueryAttention the work of the nodes before it: the rotation of q and k (its
+    `do_rotary`) and the split of a merged q/k/v projection (its packed query input)."""
+    from onnxscript.rewriter import pattern
+
+    def gqa(op, q, k, v, past_key, past_value, seqlens, total, cos, sin, bias):
+        return op.GroupQueryAttention(q, k, v, past_key, past_value, seqlens, total, cos, sin, None, bias,
+                                      _domain="com.microsoft", _allow_other_attributes=True, _outputs=["out", "pk", "pv"])
+
+    def rewritten(op, out, inputs, **attributes):
+        """A GroupQueryAttention with the attributes of the matched one (`out`'s producer), and `attributes`."""
+        attrs = {a.name: a.value for a in out.producer().attributes.values()}
+        return op.GroupQueryAttention(*inputs, _domain="com.microsoft", _outputs=3, **{**attrs, **attributes})
+
+    class RotaryInAttention(pattern.RewriteRuleClassBase):
+        """GroupQueryAttention(RotaryEmbedding(q), RotaryEmbedding(k), v, ...) -> GroupQueryAttention(q, k, v, ...,
+        cos, sin, do_rotary=1).
+
+        The op rotates each step's token at its index in the cache buffer (seqlens_k + 1 - S + s), not at
+        `position_ids`: the same position for an unpadded row, and for a left-padded row its position plus
+        the row's padding. A rotation's scores depend only on the distance between the query's and the key's
+        positions, which the shift keeps, so the logits are those of `position_ids` up to float rounding,
+        wherever the positions count real tokens from the row's first (llmc.generation.position_ids_from_mask,
+        which every llmc runtime uses). The keys in the cache of a padded row are rotated by the shifted
+        positions. Taken only where the rotations are full (no partial rotary), not interleaved, read the
+        graph's own position_ids input and one pair of cos/sin caches of head_dim / 2 columns."""
+
+        def __init__(self):
+            super().__init__("RotaryInAttention")
+
+        def pattern(self, op, q, k, v, past_key, past_value, seqlens, total, position_ids, cos, sin, bias):
+            rotate = lambda x, name: op.RotaryEmbedding(x, position_ids, cos, sin, _domain="com.microsoft",  # noqa: E731
+                                                        _allow_other_attributes=True, _outputs=[name])
+            return gqa(op, rotate(q, "rq"), rotate(k, "rk"), v, past_key, past_value, seqlens, total, None, None, bias)
+
+        def check(self, op, q, position_ids, cos, out, rq, rk, **_):
+            result = pattern.MatchResult()
+            if not position_ids.is_graph_input():
+                return result.fail("the rotation's positions are not the graph's position_ids", position_ids)
+            for rotated in (rq, rk):
+                attrs = rotated.producer().attributes
+                if attrs.get_int("interleaved", 0) or attrs.get_int("rotary_embedding_dim", 0) \
+                        or attrs.get_float("scale", 1.0) != 1.0:
+                    return result.fail("an interleaved, partial or scaled rotation", rotated)
+            heads = out.producer().attributes.get_int("num_heads")
+            width = q.shape[-1] if q.shape is not None and q.shape.rank() == 3 else None
+            half = cos.shape[-1] if cos.shape is not None and cos.shape.rank() == 2 else None
+            if not (isinstance(width, int) and isinstance(half, int) and width == heads * 2 * half):
+                return result.fail("q is not [batch, seq, heads * head_dim] with cos/sin of head_dim / 2 columns", q)
+            return result
+
+        def rewrite(self, op, q, k, v, past_key, past_value, seqlens, total, cos, sin, bias, out, **_):
+            return rewritten(op, out, [q, k, v, past_key, past_value, seqlens, total, cos, sin, None, bias],
+                             do_rotary=1, rotary_interleaved=0)
+
+    class PackedQKV(pattern.RewriteRuleClassBase):
+        """GroupQueryAttention(q, k, v, ...) of the three parts of one Split (a merged q/k/v projection, in
+        that order) -> GroupQueryAttention(packed, None, None, ...), which reads the parts itself. After
+        RotaryInAttention: the op's packed input takes the rotation inside."""
+
+        def __init__(self):
+            super().__init__("PackedQKV")
+
+        def pattern(self, op, x, sizes, past_key, past_value, seqlens, total, cos, sin, bias):
+            q, k, v = op.Split(x, sizes, _allow_other_attributes=True, _outputs=["q", "k", "v"])
+            return gqa(op, q, k, v, past_key, past_value, seqlens, total, cos, sin, bias)
+
+        def check(self, op, sizes, q, out, pk, **_):
+            result = pattern.MatchResult()
+            attrs = out.producer().attributes
+            parts = _const(sizes)
+            head = pk.shape[-1] if pk.shape is not None and pk.shape.rank() == 4 else None
+            if q.shape is None or q.shape.rank() != 3 or q.producer().attributes.get_int("axis", 0) not in (-1, 2):
+                return result.fail("not a split of [batch, seq, hidden] on its last axis", q)
+            if not isinstance(head, int) or parts is None or parts.tolist() != [
+                    attrs.get_int("num_heads") * head, attrs.get_int("kv_num_heads") * head,
+                    attrs.get_int("kv_num_heads") * head]:
+                return result.fail("the split is not q, k, v of the attention's heads", sizes)
+            return result
+
+        def rewrite(self, op, x, past_key, past_value, seqlens, total, cos, sin, bias, out, **_):
+            return rewritten(op, out, [x, None, None, past_key, past_value, seqlens, total, cos, sin, None, bias])
+
+    return RotaryInAttention, PackedQKV
 
 
 def _replace_by_split(graph, members: list, merged, sizes: list[int], tag: str) -> None:
@@ -425,6 +522,7 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
     SmolLM2) and the merges of MatMulNBits; a rewrite that never fired has count 0.
     """
     import onnx_ir as ir
+    from onnx_ir.passes.common import IdentityEliminationPass
     from onnxscript import optimizer
     from onnxscript.rewriter.ort_fusions.rms_normalization import rms_normalization_ruleset
     from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
@@ -443,6 +541,10 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         merges, layers = merge_matmulnbits(model)
         float_merges, float_layers = merge_matmul(model)
         bases_merges, bases_layers, replaced = merge_binary_bases(model)
+        IdentityEliminationPass()(model)  # the values' head round trips (HeadsRoundTrip), between Split and attention
+        rotary_in_attention, packed_qkv = _attention_rule_classes()
+        in_attention = rotary_in_attention.rule().apply_to_model(model)
+        packed = packed_qkv.rule().apply_to_model(model)
         optimizer.remove_unused_nodes(model)
         for name in replaced:  # the merged layers' own signs, scales and outliers, now read by nobody
             if name in model.graph.initializers and not model.graph.initializers[name].uses():
@@ -451,7 +553,8 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         counts = {name: ops.get(name, 0) for name in FUSED_OPS}
         counts.update({"MatMulMerge": float_merges, "MatMulMerge.linears": float_layers,
                        "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
-                       "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers})
+                       "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers,
+                       "RotaryInAttention": in_attention, "PackedQKV": packed})
         # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
         # they are stale; the model is not used after saving
         quiet = logging.getLogger("onnx_ir")

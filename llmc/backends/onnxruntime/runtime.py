@@ -26,6 +26,20 @@ def _length(cache_tensor) -> int:
     return int(shape[2])
 
 
+def _check_positions(mask: np.ndarray, positions: np.ndarray) -> None:
+    """Raise unless the positions of the step's real tokens (mask 1) count each row's tokens from its first: the
+    token at index i of a row with `pad` leading zeros in the mask is at position i - pad
+    (llmc.generation.position_ids_from_mask)."""
+    total, steps = mask.shape[1], positions.shape[1]
+    pad = (mask != 0).argmax(1)
+    want = np.arange(total - steps, total) - pad[:, None]
+    real = mask[:, total - steps:] != 0
+    if not np.array_equal(positions[real], want[real]):
+        raise ValueError("this export's attention places each token at its index in the cache (the fused lowering's "
+                         "RotaryInAttention) and takes only position_ids that count a row's tokens from its first "
+                         "(llmc.generation.position_ids_from_mask); export with fuse=false for other positions")
+
+
 class OrtModel(Model):
     """An exported folder in an ONNX Runtime session, with the Model interface of every llmc runtime.
 
@@ -38,6 +52,10 @@ class OrtModel(Model):
     values into the buffers it is given and returns them. So `present` may be longer than the valid length
     (the mask says how much is valid), and a past passed to `step` must not be used again for another
     continuation (select or copy its rows first, as llmc.search.reorder_cache does).
+
+    A folder whose attention rotates q and k itself (`"RotaryInAttention"` in the manifest's fusions) takes the
+    positions llmc.generation.position_ids_from_mask gives (each row's tokens counted from its first) and raises
+    ValueError on others.
     """
 
     def __init__(self, folder: str, threads: int | None = None, prefill_session: bool = True):
@@ -70,7 +88,10 @@ class OrtModel(Model):
         # A second session on the last-position variant makes generation's prefill skip lm_head for
         # all but the last prompt token; it costs a second in-memory copy of the weights.
         prefill = self.manifest.get("prefill_file")
-        self.prefill_session = self._open(os.path.join(folder, prefill)) if prefill and prefill_session else None
+        # Its threads do not spin-wait after a run: spinning workers of an idle session take the cores from the
+        # decode session's first steps (SmolLM2 4-bit, batch 1: the first 4 steps 12-17 instead of 7-10 ms).
+        self.prefill_session = self._open(os.path.join(folder, prefill), spin=False) \
+            if prefill and prefill_session else None
         self.folder = folder
         self.cache_layout = [CacheTensor.from_json(c) for c in self.manifest["cache_layout"]]
         self.eos_ids = tuple(self.manifest.get("eos_ids", ()))
@@ -79,18 +100,24 @@ class OrtModel(Model):
         # ONNX Runtime's CPU GroupQueryAttention refuses a step of more than one token after a past at
         # batch > 1: such steps run one row at a time (`_run_rows`)
         self._rows_one_at_a_time = bool(self.manifest.get("fusions", {}).get("GroupQueryAttention"))
+        # a graph whose attention rotates q and k itself (the fused lowering's RotaryInAttention) places every token
+        # at its index in the cache buffer and ignores position_ids: it takes only positions that count a row's
+        # tokens from its first (`_check_positions`)
+        self._positions_at_index = bool(self.manifest.get("fusions", {}).get("RotaryInAttention"))
         # a graph that takes the past's length from the mask reads and writes each cache tensor in place: one
         # buffer per tensor, bound as both past and present (`_buffers`)
         self.shared_buffers = self.manifest.get("cache_buffers") == "shared"
         self._bound: dict = {}  # id(session) -> (its IO binding, the cache buffers bound to it, their capacity)
         self._logits_layout: dict = {}  # id(session) -> (sequence dim, vocabulary, dtype) of its logits
 
-    def _open(self, path: str):
+    def _open(self, path: str, spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if self._threads:
             opts.intra_op_num_threads = self._threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._library:
             try:
                 opts.register_custom_ops_library(self._library)
@@ -144,6 +171,8 @@ class OrtModel(Model):
             arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
             keep.append(arr)
             inputs.append((name, arr))
+        if self._positions_at_index:
+            _check_positions(keep[1], keep[2])
         if self.shared_buffers:
             # the buffers stay bound from one step to the next while they have room (a decode rebinds only the
             # ids, the mask, the positions and the logits: 2 x layers fewer calls into ONNX Runtime per step)
