@@ -18,9 +18,9 @@ greedy decode of `--new-tokens` tokens per row.
 - peak RSS of the process (VmHWM), model load included (llmc's process also holds torch and a second,
   last-position session for the prefill, with its own copy of the weights);
 - both engines run with `--threads` intra-op threads; llmc's time to first token includes making the
-  empty cache, genai's allocates it before the timer. llmc's process picks tokens with torch on one
-  thread, as OrtModel.generate does (torch's OpenMP workers spinning after a parallel argmax slow the
-  next ONNX Runtime step; genai picks tokens in its own C++ loop).
+  empty cache, genai's allocates it before the timer. llmc's process picks tokens as OrtModel.generate
+  does (llmc.generation.greedy, numpy's argmax; torch on one thread: its OpenMP workers spinning after
+  a parallel op slow the next ONNX Runtime step); genai picks tokens in its own C++ loop.
 A warm-up (a 16-token prompt and 4 steps) runs first in each process.
 
 `--ppl` also scores every engine on ppl-512x40 of WikiText-2 test (llmc folders through OrtModel, genai
@@ -51,6 +51,7 @@ import json, sys, time
 import torch
 from llmc.backends.onnxruntime import OrtModel
 from llmc.calibration import decode_inputs
+from llmc.generation import greedy  # as OrtModel.generate picks a token
 folder, threads, prompt_file, new = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)  # as OrtModel.generate: ORT's threads work, torch's only pick the next token
 model = OrtModel(folder, threads=threads)
@@ -61,13 +62,13 @@ def run(ids, new):
     mask, pos = decode_inputs(ids)
     t0 = time.perf_counter()
     logits, cache = prefill(ids, mask, pos, model.empty_cache(B))
-    nxt = torch.as_tensor(logits)[:, -1].argmax(-1, keepdim=True)
+    nxt = greedy(torch.as_tensor(logits)[:, -1])[:, None]
     t1 = time.perf_counter()
     tokens = [nxt]
     for t in range(new - 1):
         mask = torch.ones(B, P + t + 1, dtype=mask.dtype)
         logits, cache = model.step(nxt, mask, torch.full((B, 1), P + t, dtype=torch.long), cache)
-        nxt = torch.as_tensor(logits)[:, -1].argmax(-1, keepdim=True)
+        nxt = greedy(torch.as_tensor(logits)[:, -1])[:, None]
         tokens.append(nxt)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, torch.cat(tokens, 1).tolist()

@@ -59,6 +59,15 @@ def position_ids_from_mask(mask: Tensor) -> Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
+def greedy(logits: Tensor) -> Tensor:
+    """argmax over the last dim (the first of equal maxima; a NaN counts as the maximum, as in torch). On CPU through
+    numpy, whose argmax over a vocabulary of float32 logits takes a few microseconds where torch's takes tens, per
+    generated token."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def _filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     logits = logits / cfg.temperature
     if cfg.top_k > 0:
@@ -102,7 +111,7 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
                 probs = _filter_logits(last, cfg).softmax(-1)
                 nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
             else:
-                nxt = last.argmax(-1)
+                nxt = greedy(last)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
             if stop.numel():

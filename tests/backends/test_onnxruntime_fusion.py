@@ -190,6 +190,11 @@ def test_rotating_attention_refuses_positions_it_would_ignore(tiny_models, tmp_p
     with pytest.raises(ValueError, match="fuse=false"):
         model.step(nxt, mask, torch.full((2, 1), len(PROMPTS[0])), cache)  # the padded row's is 3
     model.step(nxt, mask, position_ids_from_mask(mask)[:, -1:], cache)
+    one = torch.tensor([PROMPTS[1]])  # one row's decode step (checked in scalars)
+    logits, cache = model.step(one, torch.ones_like(one), torch.arange(3)[None], model.empty_cache(1))
+    with pytest.raises(ValueError, match="fuse=false"):
+        model.step(logits[:, -1:].argmax(-1), torch.ones(1, 4, dtype=torch.long), torch.tensor([[4]]), cache)
+    model.step(logits[:, -1:].argmax(-1), torch.ones(1, 4, dtype=torch.long), torch.tensor([[3]]), cache)
 
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHITECTURES)

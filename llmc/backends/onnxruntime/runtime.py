@@ -31,13 +31,20 @@ def _check_positions(mask: np.ndarray, positions: np.ndarray) -> None:
     token at index i of a row with `pad` leading zeros in the mask is at position i - pad
     (llmc.generation.position_ids_from_mask)."""
     total, steps = mask.shape[1], positions.shape[1]
+    if mask.shape[0] == 1 and steps == 1:  # one row's decode step, in scalars (a few microseconds a token)
+        if mask[0, -1] != 0 and positions[0, 0] != total - 1 - mask[0].argmax():
+            raise ValueError(_POSITIONS)
+        return
     pad = (mask != 0).argmax(1)
     want = np.arange(total - steps, total) - pad[:, None]
     real = mask[:, total - steps:] != 0
     if not np.array_equal(positions[real], want[real]):
-        raise ValueError("this export's attention places each token at its index in the cache (the fused lowering's "
-                         "RotaryInAttention) and takes only position_ids that count a row's tokens from its first "
-                         "(llmc.generation.position_ids_from_mask); export with fuse=false for other positions")
+        raise ValueError(_POSITIONS)
+
+
+_POSITIONS = ("this export's attention places each token at its index in the cache (the fused lowering's "
+              "RotaryInAttention) and takes only position_ids that count a row's tokens from its first "
+              "(llmc.generation.position_ids_from_mask); export with fuse=false for other positions")
 
 
 class OrtModel(Model):
@@ -178,8 +185,8 @@ class OrtModel(Model):
             # ids, the mask, the positions and the logits: 2 x layers fewer calls into ONNX Runtime per step)
             total = attention_mask.shape[1]
             bound = self._bound.get(id(session))
-            if bound is not None and bound[2] >= total and len(bound[1]) == len(past) \
-                    and all(a is b for a, b in zip(bound[1], past)):
+            if bound is not None and bound[2] >= total and (past is bound[1] or len(bound[1]) == len(past)
+                                                            and all(a is b for a, b in zip(bound[1], past))):
                 binding, past = bound[0], bound[1]
             else:
                 past = self._buffers(past, total, input_ids.shape[1])
