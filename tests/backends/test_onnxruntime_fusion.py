@@ -205,6 +205,13 @@ def test_group_query_attention_on_the_other_families(arch, tmp_path, one_thread)
     manifest = _manifest(lower(cm.program, tmp_path / arch))
     capped = arch == "gemma2"
     assert manifest["fusions"].get("GroupQueryAttention", 0) == (0 if capped else cm.program.num_layers)
+    # the rotations move into the attention except where they are partial (StableLM, GPT-NeoX) or follow
+    # per-head q/k norms (Gemma 3, Qwen3-MoE); it reads q/k/v packed except after biases (StarCoder2) or
+    # norms of the whole projections (OLMo 2)
+    rotating = {"gemma", "olmo2", "granite", "starcoder2", "mixtral"}
+    assert manifest["fusions"]["RotaryInAttention"] == (cm.program.num_layers if arch in rotating else 0)
+    packed = {"gemma", "granite", "mixtral"}
+    assert manifest["fusions"]["PackedQKV"] == (cm.program.num_layers if arch in packed else 0)
     assert manifest["cache_buffers"] == ("concatenated" if capped else "shared")
     assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
 
