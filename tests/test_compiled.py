@@ -144,6 +144,17 @@ def test_top_p_filter_keeps_the_nucleus():
     assert kept.tolist() == [[True, True, True, False]]
 
 
+def test_greedy_picks_as_torch_argmax():
+    """llmc.generation.greedy (numpy's argmax on CPU) returns torch's argmax: the first of equal maxima, a NaN as
+    the maximum, any float dtype."""
+    from llmc.generation import greedy
+
+    x = torch.tensor([[1.0, float("nan"), 3.0, float("nan")], [2.0, 5.0, 5.0, 1.0], [-1.0, -3.0, -1.0, -2.0]])
+    for t in (x, x.double(), x.half(), x.bfloat16(), x[:, None].expand(3, 2, 4)[:, -1], torch.randn(2, 3, 49152)):
+        got = greedy(t)
+        assert got.dtype == torch.long and torch.equal(got, t.argmax(-1)), t.dtype
+
+
 def test_stop_tokens_end_generation(tiny_compiled):
     full = tiny_compiled.generate("abc", 16, return_tokens=True)
     stop_at = full[3]

@@ -30,6 +30,8 @@ applies the rewrites below in order, saves it in place and returns how many time
     PackedQKV                          a GroupQueryAttention whose q, k and v are the parts of one Split
                                        (a merged q/k/v projection) reads the merged tensor unsplit
 
+Last, the norms' optional outputs that nothing reads are left out (`drop_unused_statistics`).
+
 A rewrite only fires where its whole pattern matches, with the constants it needs (epsilon,
 inv_freq, packed weights) known: LayerNorm (with a mean and a bias), a rotation whose cos/sin are
 scaled or not computed from a constant inv_freq, 3-bit codes widened at load, or MatMulNBits layers
@@ -513,6 +515,21 @@ def merge_binary_bases(model) -> tuple[int, int, set]:
     return merges, layers, replaced
 
 
+def drop_unused_statistics(model) -> int:
+    """Leave out the optional outputs of the norms (the mean and inverse standard deviation of
+    (Skip)SimplifiedLayerNormalization and LayerNormalization, a skip sum nobody reads) that no node and no graph
+    output reads: ONNX Runtime's kernels write every output they are given (SmolLM2 FP32 at batch 1: the 60
+    SkipSimplifiedLayerNormalizations 0.77 → 0.51 ms per step). Returns how many it left out."""
+    dropped = 0
+    for node in model.graph:
+        if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization"):
+            for out in node.outputs[1:]:
+                if out.name and not out.uses() and not out.is_graph_output():
+                    out.name = ""  # written as an absent output
+                    dropped += 1
+    return dropped
+
+
 def fuse(model_path: str, max_positions: int) -> dict[str, int]:
     """Rewrite `model_path` (and its external data file beside it) in place; returns the fusion counts.
 
@@ -546,6 +563,7 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         in_attention = rotary_in_attention.rule().apply_to_model(model)
         packed = packed_qkv.rule().apply_to_model(model)
         optimizer.remove_unused_nodes(model)
+        drop_unused_statistics(model)
         for name in replaced:  # the merged layers' own signs, scales and outliers, now read by nobody
             if name in model.graph.initializers and not model.graph.initializers[name].uses():
                 del model.graph.initializers[name]
