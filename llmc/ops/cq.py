@@ -239,16 +239,22 @@ def _(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebo
 
 def cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tensor, past_value_codes: Tensor,
                      key_codebooks: Tensor, value_codebooks: Tensor, cos: Tensor, signed_sin: Tensor, bias: Tensor,
-                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                     scale: float, q_cos: Tensor | None = None,
+                     q_signed_sin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of `llmc::cq_cached_attention`: `attention` over the past's codes and this step's keys and values,
     which it also encodes into the cache, as one op, with the heads in the hidden dimension on both sides.
 
-    q [B, Hq, S, D] (the step's query heads, rotated; each KV head's Hq / H query heads are folded into rows as
+    q [B, Hq, S, D] (the step's query heads, rotated unless q_cos is given; each KV head's Hq / H query heads are folded into rows as
     `attention` takes them), key (before RoPE) and value [B, S, H * D], past codes [B, H, C, G] whose first
     P = T - S positions are the past (T = bias.shape[-1]: the past's length comes from the mask, so the codes may
     be a buffer with room to spare), cos / signed_sin [B|1, 1, T, Drot], bias [B|1, 1, R, T] (R = Hq / H * S
-    rows, as `attention`). Returns out [B, S, Hq * D] and the present codes [B, H, max(C, T), G]: the past's, with
-    the step's at [P, T)."""
+    rows, as `attention`). With q_cos / q_signed_sin [B|1, 1, S, Drot] (the tables of the step's positions), q is
+    before RoPE and rotated here. Returns out [B, S, Hq * D] and the present codes [B, H, max(C, T), G]: the
+    past's, with the step's at [P, T)."""
+    if (q_cos is None) != (q_signed_sin is None):
+        raise ValueError("cq_cached_attention: q_cos and q_signed_sin go together")
+    if q_cos is not None:
+        q = rotate(q, q_cos, q_signed_sin)
     B, Hq, S, D = q.shape
     H, T = past_key_codes.shape[1], bias.shape[-1]
     P, G = T - S, Hq // H
@@ -266,14 +272,16 @@ def cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tens
 @torch.library.custom_op("llmc::cq_cached_attention", mutates_args=())
 def cq_cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tensor, past_value_codes: Tensor,
                         key_codebooks: Tensor, value_codebooks: Tensor, cos: Tensor, signed_sin: Tensor, bias: Tensor,
-                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                        scale: float, q_cos: Tensor | None = None,
+                        q_signed_sin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Attention over a CQ cache that also writes the step's codes into it (`cached_attention`)."""
     return cached_attention(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos,
-                            signed_sin, bias, scale)
+                            signed_sin, bias, scale, q_cos, q_signed_sin)
 
 
 @cq_cached_attention.register_fake
-def _(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale):
+def _(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale,
+      q_cos=None, q_signed_sin=None):
     B, Hq, S, D = q.shape
     H, C = past_key_codes.shape[1:3]
     length = torch.sym_max(C, bias.shape[-1])

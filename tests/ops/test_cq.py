@@ -91,3 +91,29 @@ def test_minibatch_kmeans_matches_lloyd_and_is_deterministic():
     c, sc = weighted_kmeans(pts, k, w, iters=3, minibatch=N, steps=5, tol=0, seed=3)
     d, sd = weighted_kmeans(pts, k, w, iters=8, tol=0, seed=3)
     assert torch.equal(c, d) and sc["iterations"] == 8
+
+
+def test_cached_attention_rotates_q_with_its_tables():
+    """With q_cos / q_signed_sin the op takes q before RoPE: the same as given q rotated; without them, q as it is
+    (a step of 2 tokens after 5, 2 query heads a KV head, partial rotary of 8 of 16 channels)."""
+    from llmc.ops.cq import cached_attention, rotate
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hq, P, S, D, rot = 2, 2, 4, 5, 2, 16, 8
+    T = P + S
+    books = torch.randn(H, D // 4, 16, 4, generator=g), torch.randn(H, D // 4, 16, 4, generator=g)
+    past = [encode(torch.randn(B, H, P, D, generator=g), b) for b in books]
+    angle = torch.arange(T)[:, None] * torch.rand(rot // 2, generator=g)[None]
+    cos = torch.cat([angle.cos(), angle.cos()], -1).expand(B, 1, T, rot)
+    sin = torch.cat([-angle.sin(), angle.sin()], -1).expand(B, 1, T, rot)
+    q = torch.randn(B, Hq, S, D, generator=g)
+    key, value = torch.randn(B, S, H * D, generator=g), torch.randn(B, S, H * D, generator=g)
+    bias = torch.zeros(B, 1, Hq // H * S, T)
+    args = (key, value, *past, *books, cos, sin, bias, D**-0.5)
+    inside = torch.ops.llmc.cq_cached_attention(q, *args, cos[:, :, P:], sin[:, :, P:])
+    outside = torch.ops.llmc.cq_cached_attention(rotate(q, cos[:, :, P:], sin[:, :, P:]), *args)
+    for a, b in zip(inside, outside):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(torch.ops.llmc.cq_cached_attention(q, *args)[0], inside[0], atol=1e-3)
+    with pytest.raises(ValueError, match="together"):
+        cached_attention(q, *args, cos[:, :, P:], None)

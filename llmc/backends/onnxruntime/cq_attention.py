@@ -21,6 +21,9 @@ concatenations become one `llmc::cq_cached_attention` (llmc.ops.cq.cached_attent
 one llmc.CQCachedAttention node that encodes the step into the cache it is given. Its sizes of the
 present then read the mask's length, so the graph can take the past's length from the mask
 (gqa.past_length_from_mask) and a runtime can bind one buffer per cache tensor as past and present.
+Where the query is rotated by the same RoPE (apply_rope with tables of the step's positions), the op takes
+q before its rotation and those tables, and rotates it while it gathers the query rows (one rotation node a
+layer fewer; the same formula, so the same values).
 A layer that normalizes its key heads first (StableLM) keeps cq_attention beside its encodings.
 """
 
@@ -191,7 +194,23 @@ def _cached_site(gm: fx.GraphModule, node: fx.Node, args: tuple):
     out = heads_output(node, query[1])
     if out is None:
         return None
-    return out, kcat, vcat, (query[0], key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale)
+    q, q_tables = _unrotated(query[0], D, cos)
+    return out, kcat, vcat, (q, key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale, *q_tables)
+
+
+def _unrotated(q: fx.Node, D: int, cos: fx.Node):
+    """(q before RoPE, its tables) when q = apply_rope(x, q_cos, q_signed_sin) with tables [B|1, 1, S, Drot] as wide
+    as the keys' `cos`, so the op rotates the query itself (one rotation a layer fewer in the graph); else (q, ())."""
+    rope = _rope(q, D)
+    if rope is None:
+        return q, ()
+    x, q_cos, q_sin = rope
+    shapes = [node_shape(t) for t in (q_cos, q_sin)]
+    keys = node_shape(cos)  # unknown where cq_kv computed the keys' tables (nodes without metadata); the op checks
+    if any(s is None or len(s) != 4 or s[1] != 1 or s[3] != shapes[0][3] for s in shapes) \
+            or (keys is not None and keys[3] != shapes[0][3]) or not all(map(_float32, (x, q_cos, q_sin))):
+        return q, ()
+    return x, (q_cos, q_sin)
 
 
 def _lengths_from_mask(gm: fx.GraphModule, cats: list) -> None:

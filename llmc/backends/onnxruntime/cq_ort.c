@@ -440,7 +440,12 @@ static void cq_block(void *arg, size_t i) {
     }
     for (int64_t r = 0; r < rows; r++) {
         const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = ((b * S + s) * Hq + h * G + g) * D;
-        memcpy(rows_q + r * D, a->q + at, sizeof(float) * D);
+        if (a->q_cos) { /* q before RoPE: rotated at its token's position */
+            const int64_t row = b * a->q_table_batch_stride + s * a->rot;
+            rotate(a->q + at, a->q_cos + row, a->q_signed_sin + row, a->rot, D, rows_q + r * D);
+        } else {
+            memcpy(rows_q + r * D, a->q + at, sizeof(float) * D);
+        }
     }
     v.q = rows_q;
     v.out = rows_out;

@@ -118,7 +118,9 @@ class _CQAttentionArgs(ctypes.Structure):
                                                  "rot", "table_batch_stride", "bias_cols", "bias_batch_stride")]
                 + [("out", ctypes.c_void_p)]
                 + [(n, ctypes.c_int64) for n in ("new_batch_stride", "new_head_stride", "new_token_stride",
-                                                 "codes_capacity", "heads_last")])  # 0: the default layouts
+                                                 "codes_capacity", "heads_last")]  # 0: the default layouts
+                + [(n, ctypes.c_void_p) for n in ("q_cos", "q_signed_sin")]  # NULL: q rotated already
+                + [("q_table_batch_stride", ctypes.c_int64)])
 
 
 def cq_attention_reference():

@@ -43,6 +43,10 @@ typedef struct {
     int64_t codes_capacity;                                      /* default P */
     int64_t heads_last; /* 1: q and out are [B, S, H * R / S * D] (row r of head h: query head h R / S + r / S,
                            token r % S), as CQCachedAttention takes them */
+    /* heads_last only: q before RoPE, rotated here with these tables of the S query positions (NULL: q is
+       rotated already) */
+    const float *q_cos, *q_signed_sin; /* [B or 1, 1, S, rot] */
+    int64_t q_table_batch_stride;      /* S * rot, or 0 when the tables broadcast over the batch */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);

@@ -97,12 +97,13 @@ def register_contrib_schemas() -> None:
     if not onnx.defs.has("CQCachedAttention", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "CQCachedAttention", "llmc", 1,
-            doc="CQAttention that also writes this step's codes into the cache it is given (llmc's custom-op "
-                "library; layout in backends/onnxruntime/vq_linear_ort.c).",
+            doc="CQAttention that also writes this step's codes into the cache it is given, and with q_cos / "
+                "q_signed_sin rotates q itself (llmc's custom-op library; layout in backends/onnxruntime/"
+                "vq_linear_ort.c).",
             inputs=[P("q", "T"), P("key", "T"), P("value", "T"), P("past_key_codes", "T2"),
                     P("past_value_codes", "T2"), P("key_codebooks", "T"), P("value_codebooks", "T"),
                     P("key_norms", "T"), P("value_norms", "T"), P("cos", "T"), P("signed_sin", "T"), P("bias", "T"),
-                    P("scale", "T")],
+                    P("scale", "T"), P("q_cos", "T", param_option=Opt), P("q_signed_sin", "T", param_option=Opt)],
             outputs=[P("out", "T"), P("present_key_codes", "T2"), P("present_value_codes", "T2")],
             type_constraints=[("T", ["tensor(float)"], "queries, keys, values, codebooks, tables, mask, output"),
                               ("T2", ["tensor(uint8)"], "codes [B, H, C, G]")]))
@@ -190,19 +191,19 @@ def _heads_last(x):
 
 
 def cq_cached_attention_kernel(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos,
-                               signed_sin, bias, scale):
+                               signed_sin, bias, scale, q_cos=None, q_signed_sin=None):
     """llmc::cq_cached_attention -> llmc.CQCachedAttention: CQAttention that also encodes the step's keys and values
     into the cache (cq_ort.c, vq_linear_ort.c), so one node per layer replaces the attention, two CQEncodes, the
     head splits and joins around them and the two concatenations of the cache; q goes in as [B, S, Hq * D]. The encoding reads the codebooks the
     attention reads (one copy); the centroids' squared norms come from the codebooks, initializers, so ONNX
-    Runtime folds them at load."""
+    Runtime folds them at load. With q_cos / q_signed_sin (q before RoPE), the op rotates q itself."""
     def norms(books):
         return op.ReduceSumSquare(books, op.Constant(value_ints=[3]), keepdims=0)
 
+    tables = () if q_cos is None else (q_cos, q_signed_sin)
     return LLMC.CQCachedAttention(_heads_last(q), key, value, past_key_codes, past_value_codes, key_codebooks,
-                                  value_codebooks,
-                                  norms(key_codebooks), norms(value_codebooks), cos, signed_sin, bias,
-                                  op.Constant(value_floats=[scale]), _outputs=3)
+                                  value_codebooks, norms(key_codebooks), norms(value_codebooks), cos, signed_sin, bias,
+                                  op.Constant(value_floats=[scale]), *tables, _outputs=3)
 
 
 def cq_encode_kernel(x, codebooks):

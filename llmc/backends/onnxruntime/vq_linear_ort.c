@@ -761,17 +761,21 @@ static const OrtCustomOp cq_encode_op = {
    key before RoPE); past key / value codes [B, H, C, G], whose first
    P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c] and their
    squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin
-   [B|1, 1, >= T, rot]; bias [B|1, 1, R, T]; scale [1]. Outputs: out [B, S, Hq * D] and the present key / value
+   [B|1, 1, >= T, rot]; bias [B|1, 1, R, T]; scale [1]; optionally q_cos, q_signed_sin [B|1, 1, S, rot], the
+   tables of the step's positions, with which the op rotates q itself (q then before RoPE). Outputs: out [B, S, Hq * D] and the present key / value
    codes [B, H, max(C, T), G]:
    the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
    is that buffer written in place; any other is the past copied first. */
 enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KN, CQC_VN, CQC_COS, CQC_SIN, CQC_BIAS, CQC_SCALE,
-       CQC_INPUTS };
+       CQC_QCOS, CQC_QSIN, CQC_INPUTS };
 static const char *cqc_name(const OrtCustomOp *op) { return (void)op, "CQCachedAttention"; }
 static int cqc_input_type(const OrtCustomOp *op, size_t i) {
     return (void)op, i == CQC_KC || i == CQC_VC ? TYPE_UINT8 : TYPE_FLOAT;
 }
 static size_t cqc_input_count(const OrtCustomOp *op) { return (void)op, CQC_INPUTS; }
+static int cqc_input_characteristic(const OrtCustomOp *op, size_t i) {
+    return (void)op, i < CQC_QCOS ? IO_REQUIRED : IO_OPTIONAL;
+}
 static int cqc_output_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t cqc_output_count(const OrtCustomOp *op) { return (void)op, 3; }
 
@@ -779,7 +783,8 @@ static OrtStatus *cqc_invalid(const char *what) {
     char message[400]; /* CreateStatus copies it */
     strcpy(message, "CQCachedAttention: expected q [B, S, Hq*D], key/value [B, S, H*D], past codes [B, H, C, G], "
                     "codebooks [H, G, K <= 256, c] and their norms [H, G, K] with G * c = D, "
-                    "cos/sin [B|1, 1, >= T, rot], bias [B|1, 1, R, T] with S <= T <= C + S, scale [1]; ");
+                    "cos/sin [B|1, 1, >= T, rot], bias [B|1, 1, R, T] with S <= T <= C + S, scale [1], "
+                    "optional q_cos/q_sin [B|1, 1, S, rot]; ");
     strncat(message, what, sizeof message - strlen(message) - 1);
     return ORT(CreateStatus)(ORT_INVALID_ARGUMENT, message);
 }
@@ -810,13 +815,13 @@ static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uin
 
 static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
-    void *data[CQC_INPUTS];
+    void *data[CQC_INPUTS] = {NULL};
     int64_t dims[CQC_INPUTS][MAX_RANK];
-    size_t rank[CQC_INPUTS];
+    size_t rank[CQC_INPUTS] = {0};
     for (size_t i = 0; i < CQC_INPUTS; i++) {
         const OrtValue *value = NULL;
         OrtStatus *status = ORT(KernelContext_GetInput)(context, i, &value);
-        if (!status) status = tensor(value, &data[i], dims[i], &rank[i]);
+        if (!status && value) status = tensor(value, &data[i], dims[i], &rank[i]);
         if (status) return status;
     }
     static const size_t ranks[CQC_SCALE] = {3, 3, 3, 4, 4, 4, 4, 3, 3, 4, 4, 4};
@@ -846,6 +851,13 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         return cqc_invalid("bad bias");
     if (rank[CQC_SCALE] > 1 || (rank[CQC_SCALE] == 1 && dims[CQC_SCALE][0] != 1))
         return cqc_invalid("scale is not one value");
+    const int64_t *qc = dims[CQC_QCOS], *qs = dims[CQC_QSIN];
+    const int rotate_q = data[CQC_QCOS] != NULL;
+    if (rotate_q != (data[CQC_QSIN] != NULL))
+        return cqc_invalid("q_cos and q_sin must be given together");
+    if (rotate_q && (rank[CQC_QCOS] != 4 || rank[CQC_QSIN] != 4 || (qc[0] != B && qc[0] != 1) || qc[1] != 1 ||
+                     qc[2] != S || qc[3] != cs[3] || qs[0] != qc[0] || qs[1] != 1 || qs[2] != S || qs[3] != qc[3]))
+        return cqc_invalid("bad q RoPE tables");
     llmc_cq_encode_args keys, values;
     OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], data[CQC_KB], data[CQC_KN], kb, S, P, T,
                                     &keys);
@@ -865,7 +877,9 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         .R = R, .P = P, .S = S, .D = D, .Gk = kb[1], .Kk = kb[2], .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3],
         .rot = cs[3], .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = T,
         .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * H * D,
-        .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C, .heads_last = 1};
+        .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C, .heads_last = 1,
+        .q_cos = data[CQC_QCOS], .q_signed_sin = data[CQC_QSIN],
+        .q_table_batch_stride = rotate_q && qc[0] != 1 ? S * qc[3] : 0};
     if (llmc_cq_cached_attention_run(&args, &keys, &values, parallel_ort, context))
         return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
     return NULL;
@@ -875,7 +889,7 @@ static void cqc_compute_v1(void *kernel, OrtKernelContext *context) { (void)cqc_
 
 static const OrtCustomOp cq_cached_attention_op = {
     OP_API_VERSION, create_kernel, cqc_name, op_provider, cqc_input_type, cqc_input_count, cqc_output_type,
-    cqc_output_count, cqc_compute_v1, kernel_destroy, required, required, default_memory, one, zero, one, zero,
+    cqc_output_count, cqc_compute_v1, kernel_destroy, cqc_input_characteristic, required, default_memory, one, zero, one, zero,
     create_kernel_v2, cqc_compute,
 };
 
