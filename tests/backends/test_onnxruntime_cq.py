@@ -157,9 +157,13 @@ def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path)
     graph = onnx.load(os.path.join(kernel, "model.onnx"), load_external_data=False).graph
     ops = collections.Counter(n.op_type for n in graph.node if n.domain == "llmc")
     assert ops == {"CQCachedAttention": layers}  # encoding and the cache's concatenation are in the op
-    # and the query's rotation: the op takes q before RoPE with the tables of its positions (inputs 14 and 15)
-    assert [len(n.input) for n in graph.node if n.op_type == "CQCachedAttention"] == [15] * layers
-    assert not any(n.op_type == "RotaryEmbedding" for n in graph.node)
+    # and the query's rotation (the op takes q before RoPE with the tables of its positions, inputs 14 and 15) and
+    # the split of the merged q/k/v projection (q is the packed projection, no key and value inputs)
+    attention = [n for n in graph.node if n.op_type == "CQCachedAttention"]
+    assert [(len(n.input), n.input[1], n.input[2]) for n in attention] == [(15, "", "")] * layers
+    assert not any(n.op_type in ("RotaryEmbedding", "Split") and attention[0].input[0] in n.output or
+                   n.op_type == "RotaryEmbedding" for n in graph.node)
+    assert manifest["fusions"]["PackedQKV"] == layers
     assert not any(n.op_type in ("ArgMin", "Concat") for n in graph.node if "present" in "".join(n.output))
     a, b = OrtModel(kernel), OrtModel(standard)
     for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):

@@ -430,7 +430,8 @@ static void cq_block(void *arg, size_t i) {
         return;
     }
     /* q and out as [B, S, Hq * D]: the block's rows gathered into [rows, D] and its output scattered back */
-    const int64_t D = a->D, S = a->S, G = a->R / S, Hq = a->H * G;
+    const int64_t D = a->D, S = a->S, G = a->R / S, Hq = a->H * G, q_stride = a->q_token_stride ? a->q_token_stride
+                                                                                                : Hq * D;
     float *rows_q = (float *)malloc(sizeof(float) * rows * D), *rows_out = (float *)malloc(sizeof(float) * rows * D);
     if (!rows_q || !rows_out) {
         free(rows_q);
@@ -439,7 +440,7 @@ static void cq_block(void *arg, size_t i) {
         return;
     }
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = ((b * S + s) * Hq + h * G + g) * D;
+        const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = (b * S + s) * q_stride + (h * G + g) * D;
         if (a->q_cos) { /* q before RoPE: rotated at its token's position */
             const int64_t row = b * a->q_table_batch_stride + s * a->rot;
             rotate(a->q + at, a->q_cos + row, a->q_signed_sin + row, a->rot, D, rows_q + r * D);

@@ -120,7 +120,7 @@ class _CQAttentionArgs(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("new_batch_stride", "new_head_stride", "new_token_stride",
                                                  "codes_capacity", "heads_last")]  # 0: the default layouts
                 + [(n, ctypes.c_void_p) for n in ("q_cos", "q_signed_sin")]  # NULL: q rotated already
-                + [("q_table_batch_stride", ctypes.c_int64)])
+                + [(n, ctypes.c_int64) for n in ("q_table_batch_stride", "q_token_stride")])
 
 
 def cq_attention_reference():

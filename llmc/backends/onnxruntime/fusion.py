@@ -28,7 +28,8 @@ applies the rewrites below in order, saves it in place and returns how many time
                                        left-padded row is its position plus the row's padding; the scores,
                                        and so the logits, are the same up to float rounding (see the rule)
     PackedQKV                          a GroupQueryAttention whose q, k and v are the parts of one Split
-                                       (a merged q/k/v projection) reads the merged tensor unsplit
+                                       (a merged q/k/v projection) reads the merged tensor unsplit; so
+                                       does an llmc.CQCachedAttention that rotates q itself (`PackedCQ`)
 
 Last, the norms' optional outputs that nothing reads are left out (`drop_unused_statistics`).
 
@@ -331,7 +332,37 @@ def _attention_rule_classes():
         def rewrite(self, op, x, past_key, past_value, seqlens, total, cos, sin, bias, out, **_):
             return rewritten(op, out, [x, None, None, past_key, past_value, seqlens, total, cos, sin, None, bias])
 
-    return RotaryInAttention, PackedQKV
+    class PackedCQ(pattern.RewriteRuleClassBase):
+        """llmc.CQCachedAttention(q, k, v, ...) of the three parts of one Split (a merged q/k/v projection, in that
+        order) -> llmc.CQCachedAttention(packed, None, None, ...), which reads the parts itself (cq_ort.c). Taken
+        where the op rotates q itself (its 15 inputs), as the code-cache graphs of rotary models have it."""
+
+        def __init__(self):
+            super().__init__("PackedCQ")
+
+        def pattern(self, op, x, sizes, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin):
+            q, k, v = op.Split(x, sizes, _allow_other_attributes=True, _outputs=["q", "k", "v"])
+            return op.CQCachedAttention(q, k, v, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin,
+                                        _domain="llmc", _outputs=["out", "pk", "pv"])
+
+        def check(self, op, sizes, q, kb, **_):
+            result = pattern.MatchResult()
+            parts = _const(sizes)
+            books = kb.shape if kb.shape is not None and kb.shape.rank() == 4 else None
+            if q.shape is None or q.shape.rank() != 3 or q.producer().attributes.get_int("axis", 0) not in (-1, 2):
+                return result.fail("not a split of [batch, seq, hidden] on its last axis", q)
+            if books is None or not all(isinstance(d, int) for d in books) or parts is None or len(parts) != 3:
+                return result.fail("unknown codebook or split sizes", sizes)
+            kv = books[0] * books[1] * books[3]  # H * G * c = H * D
+            if parts.tolist()[1:] != [kv, kv] or parts[0] % kv:
+                return result.fail("the split is not q, k, v of the cache's heads", sizes)
+            return result
+
+        def rewrite(self, op, x, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin, **_):
+            return op.CQCachedAttention(x, None, None, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin,
+                                        _domain="llmc", _outputs=3)
+
+    return RotaryInAttention, PackedQKV, PackedCQ
 
 
 def _replace_by_split(graph, members: list, merged, sizes: list[int], tag: str) -> None:
@@ -559,9 +590,9 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         float_merges, float_layers = merge_matmul(model)
         bases_merges, bases_layers, replaced = merge_binary_bases(model)
         IdentityEliminationPass()(model)  # the values' head round trips (HeadsRoundTrip), between Split and attention
-        rotary_in_attention, packed_qkv = _attention_rule_classes()
+        rotary_in_attention, packed_qkv, packed_cq = _attention_rule_classes()
         in_attention = rotary_in_attention.rule().apply_to_model(model)
-        packed = packed_qkv.rule().apply_to_model(model)
+        packed = packed_qkv.rule().apply_to_model(model) + packed_cq.rule().apply_to_model(model)
         optimizer.remove_unused_nodes(model)
         drop_unused_statistics(model)
         for name in replaced:  # the merged layers' own signs, scales and outliers, now read by nobody

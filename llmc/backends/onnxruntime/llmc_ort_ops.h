@@ -47,6 +47,8 @@ typedef struct {
        rotated already) */
     const float *q_cos, *q_signed_sin; /* [B or 1, 1, S, rot] */
     int64_t q_table_batch_stride;      /* S * rot, or 0 when the tables broadcast over the batch */
+    int64_t q_token_stride;            /* heads_last: floats from one token's q to the next (default H R / S D; more
+                                          where q is the first part of a packed q/k/v) */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);

@@ -97,10 +97,11 @@ def register_contrib_schemas() -> None:
     if not onnx.defs.has("CQCachedAttention", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "CQCachedAttention", "llmc", 1,
-            doc="CQAttention that also writes this step's codes into the cache it is given, and with q_cos / "
-                "q_signed_sin rotates q itself (llmc's custom-op library; layout in backends/onnxruntime/"
-                "vq_linear_ort.c).",
-            inputs=[P("q", "T"), P("key", "T"), P("value", "T"), P("past_key_codes", "T2"),
+            doc="CQAttention that also writes this step's codes into the cache it is given, with q_cos / "
+                "q_signed_sin rotates q itself, and without key and value reads them from a packed q "
+                "(llmc's custom-op library; layout in backends/onnxruntime/vq_linear_ort.c).",
+            inputs=[P("q", "T"), P("key", "T", param_option=Opt), P("value", "T", param_option=Opt),
+                    P("past_key_codes", "T2"),
                     P("past_value_codes", "T2"), P("key_codebooks", "T"), P("value_codebooks", "T"),
                     P("key_norms", "T"), P("value_norms", "T"), P("cos", "T"), P("signed_sin", "T"), P("bias", "T"),
                     P("scale", "T"), P("q_cos", "T", param_option=Opt), P("q_signed_sin", "T", param_option=Opt)],

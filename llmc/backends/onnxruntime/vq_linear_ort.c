@@ -762,7 +762,8 @@ static const OrtCustomOp cq_encode_op = {
    P = T - S positions are the past (T: the bias's last dimension); key / value codebooks [H, G, K, c] and their
    squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin
    [B|1, 1, >= T, rot]; bias [B|1, 1, R, T]; scale [1]; optionally q_cos, q_signed_sin [B|1, 1, S, rot], the
-   tables of the step's positions, with which the op rotates q itself (q then before RoPE). Outputs: out [B, S, Hq * D] and the present key / value
+   tables of the step's positions, with which the op rotates q itself (q then before RoPE). Without key and
+   value, q is a packed projection [B, S, (Hq + 2 H) * D]: q, then the key, then the value. Outputs: out [B, S, Hq * D] and the present key / value
    codes [B, H, max(C, T), G]:
    the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
    is that buffer written in place; any other is the past copied first. */
@@ -774,14 +775,15 @@ static int cqc_input_type(const OrtCustomOp *op, size_t i) {
 }
 static size_t cqc_input_count(const OrtCustomOp *op) { return (void)op, CQC_INPUTS; }
 static int cqc_input_characteristic(const OrtCustomOp *op, size_t i) {
-    return (void)op, i < CQC_QCOS ? IO_REQUIRED : IO_OPTIONAL;
+    return (void)op, i < CQC_QCOS && i != CQC_K && i != CQC_V ? IO_REQUIRED : IO_OPTIONAL;
 }
 static int cqc_output_type(const OrtCustomOp *op, size_t i) { return (void)op, i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t cqc_output_count(const OrtCustomOp *op) { return (void)op, 3; }
 
 static OrtStatus *cqc_invalid(const char *what) {
     char message[400]; /* CreateStatus copies it */
-    strcpy(message, "CQCachedAttention: expected q [B, S, Hq*D], key/value [B, S, H*D], past codes [B, H, C, G], "
+    strcpy(message, "CQCachedAttention: expected q [B, S, Hq*D], key/value [B, S, H*D] (or neither and q packed "
+                    "[B, S, (Hq+2H)*D]), past codes [B, H, C, G], "
                     "codebooks [H, G, K <= 256, c] and their norms [H, G, K] with G * c = D, "
                     "cos/sin [B|1, 1, >= T, rot], bias [B|1, 1, R, T] with S <= T <= C + S, scale [1], "
                     "optional q_cos/q_sin [B|1, 1, S, rot]; ");
@@ -792,8 +794,8 @@ static OrtStatus *cqc_invalid(const char *what) {
 /* The present codes: the past (unless they are one buffer), and in `encoding` the job that writes the codes of
    x's S tokens at [P, P + S) of it. */
 static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uint8_t *past, const int64_t *pc,
-                              const float *x, const float *book, const float *norms, const int64_t *bd, int64_t S,
-                              int64_t P, int64_t T, llmc_cq_encode_args *encoding) {
+                              const float *x, int64_t x_token_stride, const float *book, const float *norms,
+                              const int64_t *bd, int64_t S, int64_t P, int64_t T, llmc_cq_encode_args *encoding) {
     const int64_t B = pc[0], H = pc[1], C = pc[2], G = pc[3], capacity = C > T ? C : T;
     const int64_t dims[4] = {B, H, capacity, G};
     OrtValue *out = NULL;
@@ -806,8 +808,8 @@ static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uin
         for (int64_t bh = 0; bh < B * H; bh++) memcpy(present + bh * capacity * G, past + bh * C * G, (size_t)(C * G));
     const int64_t D = G * bd[3];
     const llmc_cq_encode_args args = {.x = x, .codebooks = book, .norms = norms, .B = B, .H = H, .S = S, .G = G,
-                                      .K = bd[2], .c = bd[3], .codes = present, .x_batch_stride = S * H * D,
-                                      .x_head_stride = D, .x_token_stride = H * D, .codes_capacity = capacity,
+                                      .K = bd[2], .c = bd[3], .codes = present, .x_batch_stride = S * x_token_stride,
+                                      .x_head_stride = D, .x_token_stride = x_token_stride, .codes_capacity = capacity,
                                       .codes_offset = P};
     *encoding = args;
     return NULL;
@@ -824,20 +826,31 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         if (!status && value) status = tensor(value, &data[i], dims[i], &rank[i]);
         if (status) return status;
     }
+    const int packed = data[CQC_K] == NULL;
+    if (packed != (data[CQC_V] == NULL)) return cqc_invalid("key and value must be given together");
     static const size_t ranks[CQC_SCALE] = {3, 3, 3, 4, 4, 4, 4, 3, 3, 4, 4, 4};
     for (size_t i = 0; i < CQC_SCALE; i++)
-        if (rank[i] != ranks[i]) return cqc_invalid("an input has the wrong rank");
-    const int64_t *q = dims[CQC_Q], *k = dims[CQC_K], *v = dims[CQC_V], *kc = dims[CQC_KC], *vc = dims[CQC_VC];
+        if (rank[i] != ranks[i] && !(packed && (i == CQC_K || i == CQC_V)))
+            return cqc_invalid("an input has the wrong rank");
+    const int64_t *q = dims[CQC_Q], *kc = dims[CQC_KC], *vc = dims[CQC_VC];
     const int64_t *kb = dims[CQC_KB], *vb = dims[CQC_VB], *kn = dims[CQC_KN], *vn = dims[CQC_VN];
     const int64_t *cs = dims[CQC_COS], *sn = dims[CQC_SIN];
     const int64_t *bi = dims[CQC_BIAS];
     const int64_t B = q[0], S = q[1], H = kc[1], D = kb[1] * kb[3], C = kc[2], T = bi[3], P = T - S;
-    for (int d = 0; d < 3; d++)
-        if (k[d] != v[d]) return cqc_invalid("keys and values differ in shape");
-    if (H < 1 || D < 1 || q[2] % (H * D) || k[0] != B || k[1] != S || k[2] != H * D || kc[0] != B || vc[0] != B ||
-        vc[1] != H || vc[2] != C)
-        return cqc_invalid("q, keys, values or codes do not match");
-    const int64_t R = q[2] / (H * D) * S;
+    const int64_t width = packed ? q[2] - 2 * H * D : q[2]; /* Hq * D */
+    if (H < 1 || D < 1 || width < 1 || width % (H * D) || kc[0] != B || vc[0] != B || vc[1] != H || vc[2] != C)
+        return cqc_invalid("q or codes do not match");
+    if (!packed) {
+        const int64_t *k = dims[CQC_K], *v = dims[CQC_V];
+        for (int d = 0; d < 3; d++)
+            if (k[d] != v[d]) return cqc_invalid("keys and values differ in shape");
+        if (k[0] != B || k[1] != S || k[2] != H * D) return cqc_invalid("keys and values do not match q or the codes");
+    }
+    const int64_t R = width / (H * D) * S;
+    /* where the step's keys and values are, and the floats from one token to the next */
+    const float *key = packed ? (const float *)data[CQC_Q] + width : data[CQC_K];
+    const float *value = packed ? key + H * D : data[CQC_V];
+    const int64_t kv_stride = packed ? q[2] : H * D;
     if (kb[0] != H || vb[0] != H || kb[1] != kc[3] || vb[1] != vc[3] || kb[1] * kb[3] != D || vb[1] * vb[3] != D ||
         D > 1024 || kb[2] < 1 || kb[2] > 256 || vb[2] < 1 || vb[2] > 256)
         return cqc_invalid("codebooks do not match the codes or the head");
@@ -859,25 +872,26 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
                      qc[2] != S || qc[3] != cs[3] || qs[0] != qc[0] || qs[1] != 1 || qs[2] != S || qs[3] != qc[3]))
         return cqc_invalid("bad q RoPE tables");
     llmc_cq_encode_args keys, values;
-    OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, data[CQC_K], data[CQC_KB], data[CQC_KN], kb, S, P, T,
-                                    &keys);
+    OrtStatus *status = cqc_present(context, 1, data[CQC_KC], kc, key, kv_stride, data[CQC_KB], data[CQC_KN], kb, S,
+                                    P, T, &keys);
     if (!status)
-        status = cqc_present(context, 2, data[CQC_VC], vc, data[CQC_V], data[CQC_VB], data[CQC_VN], vb, S, P, T,
-                             &values);
+        status = cqc_present(context, 2, data[CQC_VC], vc, value, kv_stride, data[CQC_VB], data[CQC_VN], vb, S, P,
+                             T, &values);
     OrtValue *out = NULL;
     void *out_data = NULL;
-    if (!status) status = ORT(KernelContext_GetOutput)(context, 0, q, 3, &out);
+    const int64_t out_dims[3] = {B, S, width};
+    if (!status) status = ORT(KernelContext_GetOutput)(context, 0, out_dims, 3, &out);
     if (!status) status = ORT(GetTensorMutableData)(out, &out_data);
     if (status) return status;
     /* the past's codes are read from the past input: positions [0, P), which the present's writes leave alone */
     const llmc_cq_attention_args args = {
-        .q = data[CQC_Q], .key_codes = data[CQC_KC], .key_new = data[CQC_K], .value_codes = data[CQC_VC],
-        .value_new = data[CQC_V], .key_codebooks = data[CQC_KB], .value_codebooks = data[CQC_VB], .cos = data[CQC_COS],
+        .q = data[CQC_Q], .key_codes = data[CQC_KC], .key_new = key, .value_codes = data[CQC_VC], .value_new = value, .key_codebooks = data[CQC_KB], .value_codebooks = data[CQC_VB], .cos = data[CQC_COS],
         .signed_sin = data[CQC_SIN], .bias = data[CQC_BIAS], .scale = *(const float *)data[CQC_SCALE], .B = B, .H = H,
         .R = R, .P = P, .S = S, .D = D, .Gk = kb[1], .Kk = kb[2], .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3],
         .rot = cs[3], .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = T,
-        .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * H * D,
-        .new_head_stride = D, .new_token_stride = H * D, .codes_capacity = C, .heads_last = 1,
+        .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * kv_stride,
+        .new_head_stride = D, .new_token_stride = kv_stride, .codes_capacity = C, .heads_last = 1,
+        .q_token_stride = q[2],
         .q_cos = data[CQC_QCOS], .q_signed_sin = data[CQC_QSIN],
         .q_table_batch_stride = rotate_q && qc[0] != 1 ? S * qc[3] : 0};
     if (llmc_cq_cached_attention_run(&args, &keys, &values, parallel_ort, context))
