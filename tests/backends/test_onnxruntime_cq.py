@@ -164,6 +164,10 @@ def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path)
     assert not any(n.op_type in ("RotaryEmbedding", "Split") and attention[0].input[0] in n.output or
                    n.op_type == "RotaryEmbedding" for n in graph.node)
     assert manifest["fusions"]["PackedQKV"] == layers
+    # the RoPE tables of the cached keys and of q (cos and sin each) gathered from constant tables: one Cos and one
+    # Sin left, over constants, which the session folds at load
+    assert manifest["fusions"]["RotaryTables"] == 4
+    assert sum(n.op_type == "Cos" for n in graph.node) == sum(n.op_type == "Sin" for n in graph.node) == 1
     assert not any(n.op_type in ("ArgMin", "Concat") for n in graph.node if "present" in "".join(n.output))
     a, b = OrtModel(kernel), OrtModel(standard)
     for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):

@@ -27,6 +27,10 @@ applies the rewrites below in order, saves it in place and returns how many time
                                        rotates at each token's index in the cache buffer, which for a
                                        left-padded row is its position plus the row's padding; the scores,
                                        and so the logits, are the same up to float rounding (see the rule)
+    RotaryTables                       the RoPE tables still computed as tensors (cos or sin of the
+                                       positions times inv_freq: the cached keys' tables of a code cache
+                                       and the query's that its attention op rotates with) gathered from
+                                       constant tables of max_positions rows instead
     PackedQKV                          a GroupQueryAttention whose q, k and v are the parts of one Split
                                        (a merged q/k/v projection) reads the merged tensor unsplit; so
                                        does an llmc.CQCachedAttention that rotates q itself (`PackedCQ`)
@@ -151,6 +155,59 @@ def _rotary_rule_class():
                                       _domain="com.microsoft")
 
     return LlmcRotaryFusion
+
+
+def _rotary_tables_rule_class():
+    from onnxscript.rewriter import pattern
+
+    class RotaryTables(pattern.RewriteRuleClassBase):
+        """Cos (or Sin) of cat(f, f), f = float(positions[..., None]) · inv_freq, for int positions [B, T] ->
+        Gather of rows of a table [max_positions, d] of the same float32 angles, computed by constant nodes (ONNX
+        Runtime folds them at load; shared by the tables of one inv_freq). Takes the RoPE tables that are left
+        as tensors after LlmcRotaryFusion: the cached keys' tables of a code cache (cq_kv recomputes them for
+        every key in the cache each step, B·T·d cosines and sines) and the query's tables its attention op
+        reads."""
+
+        def __init__(self, function: str, max_positions: int, caches: dict):
+            super().__init__(f"RotaryTables{function}", remove_nodes=False)  # cos and sin share their angles
+            self.function, self.max_positions, self._caches = function, max_positions, caches
+
+        def pattern(self, op, positions, pos_axis, inv_freq):
+            from onnx_ir import DataType
+
+            freqs = op.Mul(op.Cast(op.Unsqueeze(positions, pos_axis), to=DataType.FLOAT), inv_freq)
+            return getattr(op, self.function)(op.Concat(freqs, freqs, axis=-1))
+
+        def check(self, op, positions, pos_axis, inv_freq, **_):
+            from onnx_ir import DataType
+
+            result = pattern.MatchResult()
+            freq = _const(inv_freq)
+            if freq is None or freq.dtype != np.float32 or freq.ndim != 1:
+                return result.fail("inv_freq is not a float32 constant vector", inv_freq)
+            if positions.shape is None or positions.shape.rank() != 2 or positions.dtype != DataType.INT64:
+                return result.fail("the positions are not int64 [batch, seq]", positions)
+            if not _is(pos_axis, [-1], [2]):
+                return result.fail("not positions[..., None]", pos_axis)
+            return result
+
+        def rewrite(self, op, positions, inv_freq, **_):
+            import onnx_ir as ir
+
+            key = (inv_freq.name, self.function)
+            if key not in self._caches:
+                # the float32 angles torch takes (float positions x inv_freq), as in LlmcRotaryFusion's caches
+                rows = op.Range(op.Constant(value_float=0.0), op.Constant(value_float=float(self.max_positions)),
+                                op.Constant(value_float=1.0))
+                angles = op.Mul(op.Unsqueeze(rows, op.Constant(value_ints=[1])),
+                                op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+                table = getattr(op, self.function)(op.Concat(angles, angles, axis=-1))
+                table.shape, table.type = ir.Shape([self.max_positions, 2 * _const(inv_freq).size]), \
+                    ir.TensorType(ir.DataType.FLOAT)
+                self._caches[key] = table
+            return op.Gather(self._caches[key], positions, axis=0)
+
+    return RotaryTables
 
 
 def _unit_rms_rule_class():
@@ -584,6 +641,10 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         RewriteRuleSet([_unit_rms_rule_class().rule()]).apply_to_model(model)
         skip_rms_normalization_ruleset.apply_to_model(model)
         RewriteRuleSet([_rotary_rule_class().rule(max_positions=max_positions)]).apply_to_model(model)
+        optimizer.remove_unused_nodes(model)  # the tables the rotations above no longer read
+        tables_rule, caches = _rotary_tables_rule_class(), {}
+        tables = RewriteRuleSet([tables_rule.rule(function=f, max_positions=max_positions, caches=caches)
+                                 for f in ("Cos", "Sin")]).apply_to_model(model)
         round_trip, rotary_on_hidden = _heads_rule_classes()
         RewriteRuleSet([rotary_on_hidden.rule(), round_trip.rule()]).apply_to_model(model)
         merges, layers = merge_matmulnbits(model)
@@ -603,7 +664,7 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         counts.update({"MatMulMerge": float_merges, "MatMulMerge.linears": float_layers,
                        "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
                        "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers,
-                       "RotaryInAttention": in_attention, "PackedQKV": packed})
+                       "RotaryInAttention": in_attention, "PackedQKV": packed, "RotaryTables": tables})
         # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
         # they are stale; the model is not used after saving
         quiet = logging.getLogger("onnx_ir")
