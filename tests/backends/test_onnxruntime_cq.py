@@ -55,12 +55,10 @@ def _case(B, H, R, P, S, D, c, bits, rot, seed=0):
     (1, 2, 2, 50, 1, 96, 4, 8, 96),    # D = 96: the AVX-512 path's third head size
     (2, 2, 2, 37, 20, 32, 2, 6, 16),   # a chunk after a past: partial rotary, 2-channel groups, 64-code books
     (2, 1, 3, 0, 45, 64, 4, 8, 64),    # a prompt: no past, 135 rows in three blocks, blocks of keys hidden whole
-    (1, 2, 3, 1000, 1, 64, 4, 8, 64),  # a long decode step with 2 (batch, head) tasks: the past in 4 splits
-    (2, 1, 2, 300, 1, 128, 4, 8, 128), # 2 tasks, 4 splits of 75 keys; row 1's first split hidden whole below
+    (1, 2, 3, 1000, 1, 64, 4, 8, 64),  # a long decode step at batch 1
+    (2, 1, 2, 300, 1, 128, 4, 8, 128), # a decode step whose row 1 has 100 positions of left padding (below)
 ])
 def test_kernel_equals_torch(isa, B, H, groups, P, S, D, c, bits, rot):
-    """The kernel against llmc.ops.cq.attention; a decode step with fewer (batch, head) tasks than 8 and a past of
-    128 keys or more is split along the past (partial softmaxes merged), the others are not."""
     case = list(_case(B, H, groups * S, P, S, D, c, bits, rot))
     if B == 2 and P == 300:
         case[9][1, :, :, :100] = torch.finfo(torch.float32).min  # left padding longer than a split
@@ -227,7 +225,7 @@ def test_cached_attention_writes_the_codes_in_place_or_after_a_copy(cq_llama, tm
     logits, shared = kernel.step(*args, kernel.empty_cache(1))
     ref_logits, plain = cq_llama.step(*args, cq_llama.empty_cache(1))
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    # then decode steps at batch 1: fewer (batch, head) tasks than 8 over 140+ past keys, each split in two
+    # then decode steps at batch 1 over that past
     for token in (7, 8):
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
         args = (torch.tensor([[token]]), mask, position_ids_from_mask(mask)[:, -1:])

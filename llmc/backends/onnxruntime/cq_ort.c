@@ -53,12 +53,6 @@ typedef struct {
     volatile int failed;
     void *encode[2]; /* CQCachedAttention: the encode jobs of the new keys and values, run by each (batch, head)'s
                         first task, or NULL */
-    /* A decode step with fewer (batch, head) tasks than the threads want is split along the past: `splits` tasks
-       per (batch, head, row block), each over `chunk` past keys (the last also over the new ones), each writing its
-       rows normalized over its own keys with their softmax maximum and sum; `merge_splits` combines them. */
-    int64_t splits, chunk;
-    float *partial; /* [B * H * blocks][splits][ROW_BLOCK][D] */
-    float *stats;   /* [B * H * blocks][splits][ROW_BLOCK][2]: maximum, sum */
 } cq_job;
 
 static void encode_task(void *arg, size_t i);
@@ -103,10 +97,9 @@ static inline void rotate(const float *restrict key, const float *cos, const flo
 }
 
 /* Softmax weights of one row of scores in place (unnormalised); returns their sum. */
-static inline float softmax_row(float *s, int64_t n, float *max_out) {
+static inline float softmax_row(float *s, int64_t n) {
     float m = -INFINITY;
     for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
-    *max_out = m;
     float acc[LANES] = {0};
     int64_t t = 0;
     for (; t + LANES <= n; t += LANES)
@@ -123,7 +116,6 @@ typedef struct {
     const uint8_t *kcodes, *vcodes;
     float *out;
     int64_t T, rows, stride;
-    float *stats; /* per row: its scores' maximum and the sum of their exponentials, or NULL */
 } cq_views;
 
 static cq_views views(const llmc_cq_attention_args *a, int64_t b, int64_t h, int64_t r0, int64_t rows) {
@@ -160,9 +152,7 @@ CLONES static int block_portable(const llmc_cq_attention_args *a, cq_views v) {
     }
     for (int64_t r = 0; r < rows; r++) {
         float *p = scores + r * T, *o = v.out + r * D;
-        float top;
-        const float sum = softmax_row(p, T, &top);
-        if (v.stats) v.stats[2 * r] = top, v.stats[2 * r + 1] = sum;
+        const float sum = softmax_row(p, T);
         memset(o, 0, sizeof(float) * D);
         for (int64_t t = 0; t < P; t++)
             for (int64_t g = 0; g < a->Gv; g++) {
@@ -213,14 +203,13 @@ AVX512 static inline __m512 exp512(__m512 x) {
 }
 
 /* softmax_row, 16 lanes. */
-AVX512 static float softmax_row512(float *s, int64_t n, float *max_out) {
+AVX512 static float softmax_row512(float *s, int64_t n) {
     __m512 m = _mm512_set1_ps(-INFINITY);
     for (int64_t t = 0; t < n; t += 16) {
         const __mmask16 lanes = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
         m = _mm512_mask_max_ps(m, lanes, m, _mm512_maskz_loadu_ps(lanes, s + t));
     }
-    *max_out = _mm512_reduce_max_ps(m);
-    const __m512 top = _mm512_set1_ps(*max_out);
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < n; t += 16) {
         const __mmask16 lanes = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
@@ -356,9 +345,7 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
     int64_t seen_all = 0; /* the most positions any row weighs */
     for (int64_t r = 0; r < rows; r++) {
         seen[r] = seen[r] ? seen[r] : T; /* a row that sees nothing weighs every key alike, as SDPA does */
-        float top;
-        sums[r] = softmax_row512(scores + r * T, seen[r], &top);
-        if (v.stats) v.stats[2 * r] = top, v.stats[2 * r + 1] = sums[r];
+        sums[r] = softmax_row512(scores + r * T, seen[r]);
         seen_all = seen[r] > seen_all ? seen[r] : seen_all;
         memset(v.out + r * D, 0, sizeof(float) * D);
     }
@@ -427,41 +414,19 @@ static int avx512_path(const llmc_cq_attention_args *a) { return (void)a, 0; }
 static int block_avx512(const llmc_cq_attention_args *a, cq_views v) { return (void)a, (void)v, 1; }
 #endif
 
-/* One (batch, KV head, block of query rows), or one split of its past keys. */
+/* One (batch, KV head, block of query rows). */
 static void cq_block(void *arg, size_t i) {
     cq_job *job = (cq_job *)arg;
     const llmc_cq_attention_args *a = job->a;
-    const int64_t split = (int64_t)i % job->splits, unit = (int64_t)i / job->splits; /* unit: (b, h, block) */
-    const int64_t b = unit / (a->H * job->blocks), h = (unit / job->blocks) % a->H;
-    const int64_t r0 = (unit % job->blocks) * ROW_BLOCK, rows = a->R - r0 < ROW_BLOCK ? a->R - r0 : ROW_BLOCK;
-    if (r0 == 0 && split == 0 && job->encode[0]) { /* one task per (b, h) encodes that head's S tokens */
+    const int64_t b = (int64_t)i / (a->H * job->blocks), h = ((int64_t)i / job->blocks) % a->H;
+    const int64_t r0 = ((int64_t)i % job->blocks) * ROW_BLOCK, rows = a->R - r0 < ROW_BLOCK ? a->R - r0 : ROW_BLOCK;
+    cq_views v = views(a, b, h, r0, rows);
+    if (r0 == 0 && job->encode[0]) { /* one task per (b, h) and encoding job covers that head's S tokens */
         encode_task(job->encode[0], (size_t)(b * a->H + h));
         encode_task(job->encode[1], (size_t)(b * a->H + h));
     }
-    /* a split sees past keys [p0, p1) as its whole past, and the new keys only if it is the last */
-    llmc_cq_attention_args sub = *a;
-    if (job->splits > 1) {
-        const int64_t p0 = split * job->chunk, p1 = split == job->splits - 1 ? a->P : p0 + job->chunk;
-        const int64_t capacity = a->codes_capacity ? a->codes_capacity : a->P;
-        sub.codes_capacity = capacity;
-        sub.key_codes = a->key_codes + p0 * a->Gk;
-        sub.value_codes = a->value_codes + p0 * a->Gv;
-        sub.cos = a->cos + p0 * a->rot;
-        sub.signed_sin = a->signed_sin + p0 * a->rot;
-        sub.bias = a->bias + p0;
-        sub.P = p1 - p0;
-        if (split != job->splits - 1) { /* no new keys: they are at index P - p0 + s of the last split's view */
-            sub.S = 0;
-        }
-    }
-    cq_views v = views(&sub, b, h, r0, rows);
-    if (job->splits > 1) {
-        const int64_t at = unit * job->splits + split;
-        v.stats = job->stats + at * ROW_BLOCK * 2;
-    }
     if (!a->heads_last) {
-        if (job->splits > 1) v.out = job->partial + (unit * job->splits + split) * ROW_BLOCK * a->D;
-        if (job->fast ? block_avx512(&sub, v) : block_portable(&sub, v)) job->failed = 1;
+        if (job->fast ? block_avx512(a, v) : block_portable(a, v)) job->failed = 1;
         return;
     }
     /* q and out as [B, S, Hq * D]: the block's rows gathered into [rows, D] and its output scattered back */
@@ -484,88 +449,22 @@ static void cq_block(void *arg, size_t i) {
         }
     }
     v.q = rows_q;
-    v.out = job->splits > 1 ? job->partial + (unit * job->splits + split) * ROW_BLOCK * D : rows_out;
-    if (job->fast ? block_avx512(&sub, v) : block_portable(&sub, v)) job->failed = 1;
-    if (job->splits == 1)
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = ((b * S + s) * Hq + h * G + g) * D;
-            memcpy(a->out + at, rows_out + r * D, sizeof(float) * D);
-        }
+    v.out = rows_out;
+    if (job->fast ? block_avx512(a, v) : block_portable(a, v)) job->failed = 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t g = (r0 + r) / S, s = (r0 + r) % S, at = ((b * S + s) * Hq + h * G + g) * D;
+        memcpy(a->out + at, rows_out + r * D, sizeof(float) * D);
+    }
     free(rows_q);
     free(rows_out);
 }
 
-/* The splits of each (batch, head, row block) combined: out = Σ_i w_i o_i / Σ_i w_i with w_i = sum_i e^(max_i - M),
-   M the largest maximum (a split whose keys the row cannot see has a maximum near the float minimum: w_i = 0). */
-static void merge_task(void *arg, size_t i) {
-    const cq_job *job = (const cq_job *)arg;
-    const llmc_cq_attention_args *a = job->a;
-    const int64_t unit = (int64_t)i, D = a->D, S = a->S, G = a->R / S, Hq = a->H * G;
-    const int64_t b = unit / (a->H * job->blocks), h = (unit / job->blocks) % a->H;
-    const int64_t r0 = (unit % job->blocks) * ROW_BLOCK, rows = a->R - r0 < ROW_BLOCK ? a->R - r0 : ROW_BLOCK;
-    for (int64_t r = 0; r < rows; r++) {
-        float top = -INFINITY, weights[64], total = 0.0f;
-        for (int64_t k = 0; k < job->splits; k++) {
-            const float m = job->stats[((unit * job->splits + k) * ROW_BLOCK + r) * 2];
-            top = m > top ? m : top;
-        }
-        for (int64_t k = 0; k < job->splits; k++) {
-            const float *st = job->stats + ((unit * job->splits + k) * ROW_BLOCK + r) * 2;
-            weights[k] = st[1] * expf(st[0] - top);
-            total += weights[k];
-        }
-        float *out = a->heads_last ? a->out + ((b * S + (r0 + r) % S) * Hq + h * G + (r0 + r) / S) * D
-                                   : a->out + ((b * a->H + h) * a->R + r0 + r) * D;
-        for (int64_t d = 0; d < D; d++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < job->splits; k++)
-                acc += weights[k] * job->partial[((unit * job->splits + k) * ROW_BLOCK + r) * D + d];
-            out[d] = acc / total;
-        }
-    }
-}
-
-/* How many splits of the past a decode step takes: enough tasks for the threads (at least 8, a guess: the op is
-   not told how many threads run it), each over at least SPLIT_KEYS past keys; 1 for a prompt or chunk. */
-enum { SPLIT_TASKS = 8, SPLIT_KEYS = 64, MAX_SPLITS = 64 };
-static int64_t split_count(const llmc_cq_attention_args *a, int64_t blocks) {
-    const int64_t units = a->B * a->H * blocks;
-    if (a->S != 1 || units >= SPLIT_TASKS) return 1;
-    int64_t n = (SPLIT_TASKS + units - 1) / units;
-    if (n > a->P / SPLIT_KEYS) n = a->P / SPLIT_KEYS;
-    return n < 1 ? 1 : n > MAX_SPLITS ? MAX_SPLITS : n;
-}
-
-/* Runs the tasks of `job` (its splits set), merging split results; returns 0, or 2 when out of memory. */
-static int run_blocks(cq_job *job, parallel_fn parallel, void *context) {
-    const llmc_cq_attention_args *a = job->a;
-    const int64_t units = a->B * a->H * job->blocks;
-    job->splits = split_count(a, job->blocks);
-    job->chunk = a->P / job->splits;
-    if (job->splits > 1) {
-        job->partial = (float *)malloc(sizeof(float) * units * job->splits * ROW_BLOCK * a->D);
-        job->stats = (float *)malloc(sizeof(float) * units * job->splits * ROW_BLOCK * 2);
-        if (!job->partial || !job->stats) {
-            free(job->partial);
-            free(job->stats);
-            return 2;
-        }
-    }
-    parallel(context, cq_block, (size_t)(units * job->splits), job);
-    if (job->splits > 1) {
-        if (!job->failed) parallel(context, merge_task, (size_t)units, job);
-        free(job->partial);
-        free(job->stats);
-    }
-    return job->failed ? 2 : 0;
-}
-
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context) {
-    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0, {NULL, NULL},
-                  1, 0, NULL, NULL};
+    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0, {NULL, NULL}};
     if (a->R == 0 || a->B == 0 || a->H == 0) return 0;
     if (a->P + a->S == 0) return 1; /* no key at all: the caller checks the shapes */
-    return run_blocks(&job, parallel, context);
+    parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
+    return job.failed ? 2 : 0;
 }
 
 int llmc_cq_attention(const llmc_cq_attention_args *a) { return llmc_cq_attention_run(a, llmc_serial, NULL); }
@@ -714,13 +613,13 @@ int llmc_cq_cached_attention_run(const llmc_cq_attention_args *a, const llmc_cq_
                                  const llmc_cq_encode_args *values, parallel_fn parallel, void *context) {
     const int fast = llmc_has_avx512() && llmc_vq_isa_limit >= 1;
     encode_job k = {keys, keys->S, fast && keys->K % 16 == 0}, v = {values, values->S, fast && values->K % 16 == 0};
-    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0, {&k, &v},
-                  1, 0, NULL, NULL};
+    cq_job job = {a, (a->R + ROW_BLOCK - 1) / ROW_BLOCK, avx512_path(a) && llmc_vq_isa_limit >= 1, 0, {&k, &v}};
     if (a->B == 0 || a->H == 0) return 0;
     if (a->R == 0 || a->S == 0) { /* no attention: just the codes */
         llmc_cq_encode_run(keys, parallel, context);
         llmc_cq_encode_run(values, parallel, context);
         return 0;
     }
-    return run_blocks(&job, parallel, context);
+    parallel(context, cq_block, (size_t)(a->B * a->H * job.blocks), &job);
+    return job.failed ? 2 : 0;
 }
