@@ -42,14 +42,14 @@ def _max_logit_difference(folder_a, folder_b) -> float:
 
 
 def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, float_merged=0, in_attention=0,
-             packed=0):
+             packed=0, biased=0):
     """The fusion counts of a model without binary bases (their merges are tested in test_onnxruntime_qbb.py)."""
     return {"GroupQueryAttention": attention, "SimplifiedLayerNormalization": simple,
             "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
             "MatMulMerge": float_merges, "MatMulMerge.linears": float_merged,
             "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged,
             "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0,
-            "RotaryInAttention": in_attention, "PackedQKV": packed,
+            "RotaryInAttention": in_attention, "PackedQKV": packed, "BiasBeforeSplit": biased,
             "RotaryTables": 0}  # RoPE tables left as tensors: a code cache's (test_onnxruntime_cq.py)
 
 
@@ -61,7 +61,8 @@ def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, 
 # qkv_proj and gate_up_proj, so nothing is left to merge.
 EXPECTED_RTN4 = {"llama": _fusions(1, 4, 0, 4, 10, in_attention=2, packed=2),
                  "mistral": _fusions(1, 4, 0, 4, 10, in_attention=2, packed=2),
-                 "qwen2": _fusions(1, 4, 0, 4, 10, in_attention=2), "qwen3": _fusions(5, 4, 4, 4, 10),
+                 "qwen2": _fusions(1, 4, 0, 4, 10, in_attention=2, packed=2, biased=2),
+                 "qwen3": _fusions(5, 4, 4, 4, 10),
                  "phi3": _fusions(1, 4, 0, 0, 0, in_attention=2, packed=2)}
 
 
@@ -209,12 +210,13 @@ def test_group_query_attention_on_the_other_families(arch, tmp_path, one_thread)
     capped = arch == "gemma2"
     assert manifest["fusions"].get("GroupQueryAttention", 0) == (0 if capped else cm.program.num_layers)
     # the rotations move into the attention except where they are partial (StableLM, GPT-NeoX) or follow
-    # per-head q/k norms (Gemma 3, Qwen3-MoE); it reads q/k/v packed except after biases (StarCoder2) or
-    # norms of the whole projections (OLMo 2)
+    # per-head q/k norms (Gemma 3, Qwen3-MoE); it reads q/k/v packed (after their biases, added before the split:
+    # StarCoder2) except after norms of the whole projections (OLMo 2)
     rotating = {"gemma", "olmo2", "granite", "starcoder2", "mixtral"}
     assert manifest["fusions"]["RotaryInAttention"] == (cm.program.num_layers if arch in rotating else 0)
-    packed = {"gemma", "granite", "mixtral"}
+    packed = {"gemma", "granite", "starcoder2", "mixtral"}
     assert manifest["fusions"]["PackedQKV"] == (cm.program.num_layers if arch in packed else 0)
+    assert manifest["fusions"]["BiasBeforeSplit"] == (cm.program.num_layers if arch == "starcoder2" else 0)
     assert manifest["cache_buffers"] == ("concatenated" if capped else "shared")
     assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
 

@@ -27,6 +27,8 @@ applies the rewrites below in order, saves it in place and returns how many time
                                        rotates at each token's index in the cache buffer, which for a
                                        left-padded row is its position plus the row's padding; the scores,
                                        and so the logits, are the same up to float rounding (see the rule)
+    BiasBeforeSplit                    constant biases added to every part of a merge's Split (q/k/v with
+                                       biases) added, concatenated, before it (`biases_before_split`)
     RotaryTables                       the RoPE tables still computed as tensors (cos or sin of the
                                        positions times inv_freq: the cached keys' tables of a code cache
                                        and the query's that its attention op rotates with) gathered from
@@ -532,6 +534,55 @@ def merge_matmul(model) -> tuple[int, int]:
     return merges, layers
 
 
+def biases_before_split(model) -> int:
+    """Where each output of a merge's Split (`_replace_by_split`) is read by one Add of a constant bias of its
+    width and nothing else (q/k/v projections with biases: Qwen2, StarCoder2), add the biases, concatenated,
+    before the Split instead; returns how many Splits. The same additions, so the same values, and the
+    attention can then read the projection packed (PackedQKV, PackedCQ)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    moved = 0
+    for split in list(graph):
+        if split.op_type != "Split" or not (split.name or "").startswith("llmc_") or len(split.inputs) < 2:
+            continue
+        sizes = _const(split.inputs[1])
+        if sizes is None or len(sizes) != len(split.outputs):
+            continue
+        adds, biases = [], []
+        for out, width in zip(split.outputs, sizes.tolist()):
+            uses = list(out.uses())
+            if len(uses) != 1:
+                break
+            add, index = uses[0].node, uses[0].idx
+            bias = _const(add.inputs[1 - index]) if add.op_type == "Add" and add.domain in ("", "ai.onnx") else None
+            if bias is None or bias.shape != (width,) or any(id(o) in outputs for o in add.outputs):
+                break
+            adds.append(add)
+            biases.append(bias)
+        else:
+            tensor = ir.tensor(np.concatenate(biases))
+            value = ir.Value(name=f"{split.name}_bias", const_value=tensor, shape=ir.Shape(tensor.shape),
+                             type=ir.TensorType(tensor.dtype))
+            graph.register_initializer(value)
+            source = split.inputs[0]
+            add = ir.node("Add", [source, value], name=f"{split.name}_bias_add")
+            add.outputs[0].name, add.outputs[0].shape, add.outputs[0].type = f"{split.name}_biased", source.shape, \
+                source.type
+            graph.insert_before(split, [add])
+            split.replace_input_with(0, add.outputs[0])
+            old = [a.inputs[1 - list(split.outputs[i].uses())[0].idx] for i, a in enumerate(adds)]
+            for node, out in zip(adds, split.outputs):
+                node.outputs[0].replace_all_uses_with(out)
+            graph.remove(adds, safe=True)
+            for v in old:
+                if v.name in graph.initializers and not v.uses():
+                    del graph.initializers[v.name]
+            moved += 1
+    return moved
+
+
 def _const_or_cast(value) -> np.ndarray | None:
     """The constant behind `value`, or behind a Cast of a constant (cast here), as numpy; None otherwise."""
     import onnx_ir as ir
@@ -650,6 +701,7 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         merges, layers = merge_matmulnbits(model)
         float_merges, float_layers = merge_matmul(model)
         bases_merges, bases_layers, replaced = merge_binary_bases(model)
+        biased = biases_before_split(model)
         IdentityEliminationPass()(model)  # the values' head round trips (HeadsRoundTrip), between Split and attention
         rotary_in_attention, packed_qkv, packed_cq = _attention_rule_classes()
         in_attention = rotary_in_attention.rule().apply_to_model(model)
@@ -664,7 +716,8 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         counts.update({"MatMulMerge": float_merges, "MatMulMerge.linears": float_layers,
                        "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
                        "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers,
-                       "RotaryInAttention": in_attention, "PackedQKV": packed, "RotaryTables": tables})
+                       "RotaryInAttention": in_attention, "PackedQKV": packed, "RotaryTables": tables,
+                       "BiasBeforeSplit": biased})
         # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
         # they are stale; the model is not used after saving
         quiet = logging.getLogger("onnx_ir")
