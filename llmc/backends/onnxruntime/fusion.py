@@ -550,17 +550,18 @@ def biases_before_split(model) -> int:
         sizes = _const(split.inputs[1])
         if sizes is None or len(sizes) != len(split.outputs):
             continue
-        adds, biases = [], []
+        adds, biases, old = [], [], []
         for out, width in zip(split.outputs, sizes.tolist()):
             uses = list(out.uses())
             if len(uses) != 1:
                 break
-            add, index = uses[0].node, uses[0].idx
-            bias = _const(add.inputs[1 - index]) if add.op_type == "Add" and add.domain in ("", "ai.onnx") else None
+            add, other = uses[0].node, uses[0].node.inputs[1 - uses[0].idx]
+            bias = _const(other) if add.op_type == "Add" and add.domain in ("", "ai.onnx") else None
             if bias is None or bias.shape != (width,) or any(id(o) in outputs for o in add.outputs):
                 break
             adds.append(add)
             biases.append(bias)
+            old.append(other)
         else:
             tensor = ir.tensor(np.concatenate(biases))
             value = ir.Value(name=f"{split.name}_bias", const_value=tensor, shape=ir.Shape(tensor.shape),
@@ -572,7 +573,6 @@ def biases_before_split(model) -> int:
                 source.type
             graph.insert_before(split, [add])
             split.replace_input_with(0, add.outputs[0])
-            old = [a.inputs[1 - list(split.outputs[i].uses())[0].idx] for i, a in enumerate(adds)]
             for node, out in zip(adds, split.outputs):
                 node.outputs[0].replace_all_uses_with(out)
             graph.remove(adds, safe=True)

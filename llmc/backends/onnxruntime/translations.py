@@ -195,9 +195,10 @@ def cq_cached_attention_kernel(q, key, value, past_key_codes, past_value_codes, 
                                signed_sin, bias, scale, q_cos=None, q_signed_sin=None):
     """llmc::cq_cached_attention -> llmc.CQCachedAttention: CQAttention that also encodes the step's keys and values
     into the cache (cq_ort.c, vq_linear_ort.c), so one node per layer replaces the attention, two CQEncodes, the
-    head splits and joins around them and the two concatenations of the cache; q goes in as [B, S, Hq * D]. The encoding reads the codebooks the
-    attention reads (one copy); the centroids' squared norms come from the codebooks, initializers, so ONNX
-    Runtime folds them at load. With q_cos / q_signed_sin (q before RoPE), the op rotates q itself."""
+    head splits and joins around them and the two concatenations of the cache; q goes in as [B, S, Hq * D]. The
+    encoding reads the codebooks the attention reads (one copy); the centroids' squared norms come from the
+    codebooks, initializers, so ONNX Runtime folds them at load. With q_cos / q_signed_sin (q before RoPE), the
+    op rotates q itself."""
     def norms(books):
         return op.ReduceSumSquare(books, op.Constant(value_ints=[3]), keepdims=0)
 

@@ -763,9 +763,9 @@ static const OrtCustomOp cq_encode_op = {
    squared norms [H, G, K] (the search reads the codebooks the attention reads); cos, signed_sin
    [B|1, 1, >= T, rot]; bias [B|1, 1, R, T]; scale [1]; optionally q_cos, q_signed_sin [B|1, 1, S, rot], the
    tables of the step's positions, with which the op rotates q itself (q then before RoPE). Without key and
-   value, q is a packed projection [B, S, (Hq + 2 H) * D]: q, then the key, then the value. Outputs: out [B, S, Hq * D] and the present key / value
-   codes [B, H, max(C, T), G]:
-   the past's with the step's codes at [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
+   value, q is a packed projection [B, S, (Hq + 2 H) * D]: q, then the key, then the value. Outputs: out
+   [B, S, Hq * D] and the present key / value codes [B, H, max(C, T), G]: the past's with the step's codes at
+   [P, T). A present bound to its past's buffer (ONNX Runtime's IO binding)
    is that buffer written in place; any other is the past copied first. */
 enum { CQC_Q, CQC_K, CQC_V, CQC_KC, CQC_VC, CQC_KB, CQC_VB, CQC_KN, CQC_VN, CQC_COS, CQC_SIN, CQC_BIAS, CQC_SCALE,
        CQC_QCOS, CQC_QSIN, CQC_INPUTS };
@@ -781,7 +781,7 @@ static int cqc_output_type(const OrtCustomOp *op, size_t i) { return (void)op, i
 static size_t cqc_output_count(const OrtCustomOp *op) { return (void)op, 3; }
 
 static OrtStatus *cqc_invalid(const char *what) {
-    char message[400]; /* CreateStatus copies it */
+    char message[512]; /* CreateStatus copies it */
     strcpy(message, "CQCachedAttention: expected q [B, S, Hq*D], key/value [B, S, H*D] (or neither and q packed "
                     "[B, S, (Hq+2H)*D]), past codes [B, H, C, G], "
                     "codebooks [H, G, K <= 256, c] and their norms [H, G, K] with G * c = D, "
@@ -885,14 +885,14 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
     if (status) return status;
     /* the past's codes are read from the past input: positions [0, P), which the present's writes leave alone */
     const llmc_cq_attention_args args = {
-        .q = data[CQC_Q], .key_codes = data[CQC_KC], .key_new = key, .value_codes = data[CQC_VC], .value_new = value, .key_codebooks = data[CQC_KB], .value_codebooks = data[CQC_VB], .cos = data[CQC_COS],
+        .q = data[CQC_Q], .key_codes = data[CQC_KC], .key_new = key, .value_codes = data[CQC_VC], .value_new = value,
+        .key_codebooks = data[CQC_KB], .value_codebooks = data[CQC_VB], .cos = data[CQC_COS],
         .signed_sin = data[CQC_SIN], .bias = data[CQC_BIAS], .scale = *(const float *)data[CQC_SCALE], .B = B, .H = H,
         .R = R, .P = P, .S = S, .D = D, .Gk = kb[1], .Kk = kb[2], .ck = kb[3], .Gv = vb[1], .Kv = vb[2], .cv = vb[3],
         .rot = cs[3], .table_batch_stride = cs[0] == 1 ? 0 : cs[2] * cs[3], .bias_cols = T,
         .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * kv_stride,
         .new_head_stride = D, .new_token_stride = kv_stride, .codes_capacity = C, .heads_last = 1,
-        .q_token_stride = q[2],
-        .q_cos = data[CQC_QCOS], .q_signed_sin = data[CQC_QSIN],
+        .q_token_stride = q[2], .q_cos = data[CQC_QCOS], .q_signed_sin = data[CQC_QSIN],
         .q_table_batch_stride = rotate_q && qc[0] != 1 ? S * qc[3] : 0};
     if (llmc_cq_cached_attention_run(&args, &keys, &values, parallel_ort, context))
         return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
@@ -903,8 +903,8 @@ static void cqc_compute_v1(void *kernel, OrtKernelContext *context) { (void)cqc_
 
 static const OrtCustomOp cq_cached_attention_op = {
     OP_API_VERSION, create_kernel, cqc_name, op_provider, cqc_input_type, cqc_input_count, cqc_output_type,
-    cqc_output_count, cqc_compute_v1, kernel_destroy, cqc_input_characteristic, required, default_memory, one, zero, one, zero,
-    create_kernel_v2, cqc_compute,
+    cqc_output_count, cqc_compute_v1, kernel_destroy, cqc_input_characteristic, required, default_memory, one, zero,
+    one, zero, create_kernel_v2, cqc_compute,
 };
 
 /* llmc.BinaryBasesLinear (binary_bases_ort.c): x, signs, scales[, outlier index, outlier values] -> y. */
