@@ -553,10 +553,11 @@ def biases_before_split(model) -> int:
         adds, biases, old = [], [], []
         for out, width in zip(split.outputs, sizes.tolist()):
             uses = list(out.uses())
-            if len(uses) != 1:
+            add = uses[0].node if len(uses) == 1 else None
+            if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
                 break
-            add, other = uses[0].node, uses[0].node.inputs[1 - uses[0].idx]
-            bias = _const(other) if add.op_type == "Add" and add.domain in ("", "ai.onnx") else None
+            other = add.inputs[1 - uses[0].idx]
+            bias = _const(other)
             if bias is None or bias.shape != (width,) or any(id(o) in outputs for o in add.outputs):
                 break
             adds.append(add)
