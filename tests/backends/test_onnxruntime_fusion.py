@@ -339,19 +339,3 @@ def test_norm_rewrites_do_not_fire_on_layer_norm_families(tmp_path, one_thread):
     # rotations of a quarter of each head stay beside the attention
     assert manifest["parity"]["greedy_identical"] and manifest["parity"]["logits_max_abs_diff"] < 1e-4
     assert _ops(out)["LayerNormalization"] == 5
-
-
-def test_huge_pages_move_new_memory_and_keep_it():
-    """huge_pages_since collapses only regions allocated after its snapshot, and the contents stay (Linux 6.1+;
-    elsewhere it does nothing and says 0)."""
-    import numpy as np
-
-    from llmc.backends.onnxruntime.runtime import _anonymous_regions, huge_pages_since
-
-    before = _anonymous_regions()
-    block = np.arange(4 << 20, dtype=np.int32)  # 16 MB, its own mapping
-    moved = huge_pages_since(before)
-    if moved == 0:
-        pytest.skip("this kernel does not collapse memory into huge pages (MADV_COLLAPSE, Linux 6.1+)")
-    assert moved >= 8 << 20 and np.array_equal(block, np.arange(4 << 20, dtype=np.int32))
-    assert huge_pages_since(_anonymous_regions()) == 0  # nothing new since

@@ -47,44 +47,6 @@ _POSITIONS = ("this export's attention places each token at its index in the cac
               "(llmc.generation.position_ids_from_mask); export with fuse=false for other positions")
 
 
-_MADV_COLLAPSE = 25  # Linux 6.1+: back a range with huge pages now
-
-
-def _anonymous_regions() -> dict[int, int]:
-    """Start -> end of this process's writable memory regions that map no file (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return {}
-    regions = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) == 5 and parts[1].startswith("rw"):  # no path (not even [heap] or [stack])
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            regions[lo] = hi
-    return regions
-
-
-def huge_pages_since(before: dict[int, int]) -> int:
-    """Back the regions of `_anonymous_regions()` that are new or changed since `before` (what a session allocated:
-    its weights) with 2 MB pages, by madvise(MADV_COLLAPSE); returns the bytes collapsed. Best effort: 0 where
-    the kernel (before 6.1) or the platform cannot, and the memory's contents never change."""
-    import ctypes
-
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page, done = 2 << 20, 0
-    for lo, hi in _anonymous_regions().items():
-        start, end = -(-lo // page) * page, hi // page * page
-        if before.get(lo) != hi and end - start >= 2 * page and madvise(start, end - start, _MADV_COLLAPSE) == 0:
-            done += end - start
-    return done
-
-
 class OrtModel(Model):
     """An exported folder in an ONNX Runtime session, with the Model interface of every llmc runtime.
 
@@ -101,13 +63,9 @@ class OrtModel(Model):
     A folder whose attention rotates q and k itself (`"RotaryInAttention"` in the manifest's fusions) takes the
     positions llmc.generation.position_ids_from_mask gives (each row's tokens counted from its first) and raises
     ValueError on others.
-
-    With `huge_pages` (the default) the decode session's weights are moved onto 2 MB pages where Linux allows
-    (`huge_pages_since`; `huge_pages_bytes` says how much): a decode step reads every weight once.
     """
 
-    def __init__(self, folder: str, threads: int | None = None, prefill_session: bool = True,
-                 huge_pages: bool = True):
+    def __init__(self, folder: str, threads: int | None = None, prefill_session: bool = True):
         import onnxruntime as ort
 
         from llmc.tokenizer import load_tokenizer
@@ -133,11 +91,7 @@ class OrtModel(Model):
             if not os.path.isfile(self._library):
                 raise ArtifactError(f"{folder} is incomplete: its custom-op library {self._library} is missing; "
                                     "export the model again")
-        before = _anonymous_regions() if huge_pages else None
         self.session = self._open(model_path)
-        # the decode session's weights (ONNX Runtime's prepacked copies) on 2 MB pages where Linux allows: every
-        # decode step reads all of them, and with 4 KB pages an FP32 SmolLM2 step misses the TLB throughout
-        self.huge_pages_bytes = huge_pages_since(before) if huge_pages else 0
         # A second session on the last-position variant makes generation's prefill skip lm_head for
         # all but the last prompt token; it costs a second in-memory copy of the weights.
         prefill = self.manifest.get("prefill_file")
