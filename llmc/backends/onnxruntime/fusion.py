@@ -72,6 +72,16 @@ def _is(value, *expected) -> bool:
     return arr is not None and any(arr.reshape(-1).tolist() == list(e) for e in expected)
 
 
+def _angles(op, inv_freq, max_positions: int):
+    """Constant nodes of the RoPE angles [max_positions, d/2]: float32 positions x inv_freq, the float32 product torch
+    takes. Every input is a constant, so ONNX Runtime folds them (and the cos/sin of them) when it loads the session,
+    and the file holds no more than inv_freq."""
+    positions = op.Range(op.Constant(value_float=0.0), op.Constant(value_float=float(max_positions)),
+                         op.Constant(value_float=1.0))
+    return op.Mul(op.Unsqueeze(positions, op.Constant(value_ints=[1])),
+                  op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+
+
 def _rotary_rule_class():
     from onnxscript.rewriter import pattern
 
@@ -142,13 +152,7 @@ def _rotary_rule_class():
 
             key = inv_freq.name
             if key not in self._caches:
-                # angles [max_positions, d/2] = float32 positions x inv_freq, the float32 product torch takes;
-                # every input is a constant, so ONNX Runtime folds the caches when it loads the session and
-                # the file holds no more than inv_freq
-                positions = op.Range(op.Constant(value_float=0.0), op.Constant(value_float=float(self.max_positions)),
-                                     op.Constant(value_float=1.0))
-                angles = op.Mul(op.Unsqueeze(positions, op.Constant(value_ints=[1])),
-                                op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+                angles = _angles(op, inv_freq, self.max_positions)
                 self._caches[key] = (op.Cos(angles), op.Sin(angles))
                 for cache in self._caches[key]:  # known shapes, which RotaryInAttention checks
                     cache.shape, cache.type = ir.Shape([self.max_positions, x.shape[3] // 2]), x.type
@@ -198,11 +202,7 @@ def _rotary_tables_rule_class():
 
             key = (inv_freq.name, self.function)
             if key not in self._caches:
-                # the float32 angles torch takes (float positions x inv_freq), as in LlmcRotaryFusion's caches
-                rows = op.Range(op.Constant(value_float=0.0), op.Constant(value_float=float(self.max_positions)),
-                                op.Constant(value_float=1.0))
-                angles = op.Mul(op.Unsqueeze(rows, op.Constant(value_ints=[1])),
-                                op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+                angles = _angles(op, inv_freq, self.max_positions)
                 table = getattr(op, self.function)(op.Concat(angles, angles, axis=-1))
                 table.shape, table.type = ir.Shape([self.max_positions, 2 * _const(inv_freq).size]), \
                     ir.TensorType(ir.DataType.FLOAT)
@@ -317,6 +317,10 @@ def _attention_rule_classes():
         return op.GroupQueryAttention(q, k, v, past_key, past_value, seqlens, total, cos, sin, None, bias,
                                       _domain="com.microsoft", _allow_other_attributes=True, _outputs=["out", "pk", "pv"])
 
+    def split_on_last_axis(q) -> bool:
+        """Whether q, a Split's first output, is [batch, seq, hidden] split on its last axis."""
+        return q.shape is not None and q.shape.rank() == 3 and q.producer().attributes.get_int("axis", 0) in (-1, 2)
+
     def rewritten(op, out, inputs, **attributes):
         """A GroupQueryAttention with the attributes of the matched one (`out`'s producer), and `attributes`."""
         attrs = {a.name: a.value for a in out.producer().attributes.values()}
@@ -380,7 +384,7 @@ def _attention_rule_classes():
             attrs = out.producer().attributes
             parts = _const(sizes)
             head = pk.shape[-1] if pk.shape is not None and pk.shape.rank() == 4 else None
-            if q.shape is None or q.shape.rank() != 3 or q.producer().attributes.get_int("axis", 0) not in (-1, 2):
+            if not split_on_last_axis(q):
                 return result.fail("not a split of [batch, seq, hidden] on its last axis", q)
             if not isinstance(head, int) or parts is None or parts.tolist() != [
                     attrs.get_int("num_heads") * head, attrs.get_int("kv_num_heads") * head,
@@ -408,7 +412,7 @@ def _attention_rule_classes():
             result = pattern.MatchResult()
             parts = _const(sizes)
             books = kb.shape if kb.shape is not None and kb.shape.rank() == 4 else None
-            if q.shape is None or q.shape.rank() != 3 or q.producer().attributes.get_int("axis", 0) not in (-1, 2):
+            if not split_on_last_axis(q):
                 return result.fail("not a split of [batch, seq, hidden] on its last axis", q)
             if books is None or not all(isinstance(d, int) for d in books) or parts is None or len(parts) != 3:
                 return result.fail("unknown codebook or split sizes", sizes)
