@@ -18,9 +18,10 @@ greedy decode of `--new-tokens` tokens per row.
 - peak RSS of the process (VmHWM), model load included (llmc's process also holds torch and a second,
   last-position session for the prefill, with its own copy of the weights);
 - both engines run with `--threads` intra-op threads; llmc's time to first token includes making the
-  empty cache, genai's allocates it before the timer. llmc's process picks tokens as OrtModel.generate
-  does (llmc.generation.greedy, numpy's argmax; torch on one thread: its OpenMP workers spinning after
-  a parallel op slow the next ONNX Runtime step); genai picks tokens in its own C++ loop.
+  cache (room for the prompt and every new token), genai's allocates it before the timer. llmc decodes
+  as OrtModel.generate does: `OrtModel.greedy_tokens` (numpy between the steps) for an export with
+  shared cache buffers, else `step` and llmc.generation.greedy with torch on one thread; genai picks
+  tokens in its own C++ loop.
 A warm-up (a 16-token prompt and 4 steps) runs first in each process.
 
 `--ppl` also scores every engine on ppl-512x40 of WikiText-2 test (llmc folders through OrtModel, genai
@@ -48,6 +49,7 @@ from llmc.backends.onnxruntime import lower
 
 _LLMC = r"""
 import json, sys, time
+import numpy as np
 import torch
 from llmc.backends.onnxruntime import OrtModel
 from llmc.calibration import decode_inputs
@@ -58,6 +60,14 @@ model = OrtModel(folder, threads=threads)
 prefill = model.prefill_step if model.prefill_session is not None else model.step
 
 def run(ids, new):
+    if model.shared_buffers:  # what OrtModel.generate runs for greedy decoding
+        t0 = time.perf_counter()
+        steps = model.greedy_tokens(ids.tolist(), new)
+        tokens = [next(steps)]
+        t1 = time.perf_counter()
+        tokens += list(steps)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, np.stack(tokens, 1).tolist()
     B, P = ids.shape
     mask, pos = decode_inputs(ids)
     t0 = time.perf_counter()

@@ -121,12 +121,17 @@ def generate_tokens(step: typing.Callable, empty_cache: typing.Callable[[int], l
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
             pos = pos[:, -1:] + 1
             logits, cache = step(nxt[:, None], mask, pos, cache)
-    stop_set = set(stop.tolist())
-    rows = []
-    for row in out.tolist():
+    return cut_at_stop(out.tolist(), stop.tolist())
+
+
+def cut_at_stop(rows: list[list[int]], stop_ids: typing.Iterable[int]) -> list[list[int]]:
+    """Each row up to and with its first stop id (the padding after it dropped)."""
+    stop_set = set(stop_ids)
+    out = []
+    for row in rows:
         cut = next((j for j, tok in enumerate(row) if tok in stop_set), None)
-        rows.append(row if cut is None else row[: cut + 1])
-    return rows
+        out.append(row if cut is None else row[: cut + 1])
+    return out
 
 
 def sample_windows(step: typing.Callable, empty_cache: typing.Callable[[int], list], prompts: Tensor, length: int,

@@ -75,6 +75,13 @@ class Model:
         return (f"<{type(self).__name__}{where}: {len(layout)} cache tensors, "
                 f"tokenizer {'loaded' if self.tokenizer is not None else 'none'}>")
 
+    def _generate_tokens(self, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int, stop_ids: set[int],
+                         progress: bool) -> list[list[int]]:
+        """The new tokens of each prompt (`llmc.generation.generate_tokens` over `step`; a runtime may have a faster
+        loop for some settings)."""
+        return generate_tokens(self.step, self.empty_cache, prompts, cfg, pad_id, stop_ids,
+                               prefill_step=self.prefill_step, progress=progress)
+
     def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
         """The model's EOS ids (as its generation config lists them) plus the user's stop tokens."""
         ids = set() if ignore_eos else set(self.eos_ids)
@@ -112,7 +119,6 @@ class Model:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(self.tokenizer, "eos_token_id", None) or 0
-        rows = generate_tokens(self.step, self.empty_cache, token_lists, cfg, pad, self._stop_ids(stop, ignore_eos),
-                               prefill_step=self.prefill_step, progress=progress)
+        rows = self._generate_tokens(token_lists, cfg, pad, self._stop_ids(stop, ignore_eos), progress)
         out = rows if return_tokens else [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         return out[0] if single else out

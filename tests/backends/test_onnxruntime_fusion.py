@@ -10,7 +10,8 @@ import torch
 
 import llmc
 from llmc.backends.onnxruntime import OrtModel, lower
-from llmc.generation import left_pad, position_ids_from_mask
+from llmc.errors import ConfigError
+from llmc.generation import SamplingConfig, generate_tokens, left_pad, position_ids_from_mask
 from llmc.testing import FAMILY_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 31, 77], [150, 9, 33]]
@@ -122,6 +123,36 @@ def test_fuse_off_writes_the_plain_graph_and_agrees_with_fused(tiny_models, tmp_
     assert _max_logit_difference(plain, fused) < 1e-5
     a, b = OrtModel(plain), OrtModel(fused)
     assert a.generate(PROMPTS, 16, return_tokens=True) == b.generate(PROMPTS, 16, return_tokens=True)
+    with pytest.raises(ConfigError, match="fused lowering"):  # concatenated caches decode through step only
+        next(a.greedy_tokens(PROMPTS, 4))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # the attention rotates (positions unread); a graph's RoPE
+def test_greedy_tokens_decode_as_generate_tokens_over_step(arch, tiny_models, tmp_path, one_thread):
+    """OrtModel's numpy decode loop (cache allocated once, buffers bound once) gives generate_tokens' tokens:
+    left padding, rows stopping at different steps (padded after), all rows stopped before max_new_tokens."""
+    cm = llmc.compile(tiny_models[arch], tokenizer=tiny_tokenizer(), progress=False)
+    model = OrtModel(lower(cm.program, tmp_path / "m"))
+    assert model.shared_buffers and model._positions_at_index == (arch == "llama")
+
+    def reference(prompts, new, stop):
+        return generate_tokens(model.step, model.empty_cache, prompts, SamplingConfig(new), 0, stop,
+                               prefill_step=model.prefill_step)
+
+    free = reference(PROMPTS, 16, ())
+    assert [len(r) for r in free] == [16, 16] and free == cm.generate(PROMPTS, 16, return_tokens=True,
+                                                                       ignore_eos=True)
+    stop = {free[0][4], free[1][9]}
+    want = reference(PROMPTS, 16, stop)
+    assert all(len(r) < 16 for r in want) and len({len(r) for r in want}) == 2  # two stops, at different steps
+    steps = list(model.greedy_tokens(PROMPTS, 16, pad_id=0, stop_ids=stop))
+    assert all(s.dtype == np.int64 and s.shape == (2,) for s in steps)
+    assert len(steps) == max(len(r) for r in want)  # it ends when the last row stops
+    rows = np.stack(steps, 1).tolist()
+    assert [r[:len(w)] for r, w in zip(rows, want)] == want and all(set(r[len(w):]) <= {0} for r, w in zip(rows, want))
+    assert model.generate(PROMPTS, 16, return_tokens=True, stop=sorted(stop), ignore_eos=True) == want
+    assert [s.tolist() for s in model.greedy_tokens(PROMPTS[1:], 7)] == [[t] for t in reference(PROMPTS[1:], 7, ())[0]]
+    assert list(model.greedy_tokens(PROMPTS, 0)) == []
 
 
 def _chunked_steps(model):

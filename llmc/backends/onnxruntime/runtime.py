@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from llmc.errors import ArtifactError
+from llmc.errors import ArtifactError, ConfigError, NumericalError
 from llmc.fsutil import verify_folder
+from llmc.generation import cut_at_stop, left_pad, position_ids_from_mask
 from llmc.model import Model
+from llmc.progress import bar
 from llmc.trace import INPUT_NAMES, CacheTensor
 
 ONNX_MANIFEST = "llmc_onnx.json"
@@ -138,9 +141,11 @@ class OrtModel(Model):
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
 
     def generate(self, prompts, max_new_tokens: int = 20, **kwargs):
-        """`Model.generate`, with torch on one thread while it runs: ONNX Runtime's threads do the work, and
-        torch's OpenMP workers, woken by a parallel argmax over the vocabulary, would keep spinning on the same
-        cores through the next step (SmolLM2 4-bit at batch 8: 27.9 against 21.2 ms per step)."""
+        """`Model.generate`; greedy decoding of a folder with shared cache buffers runs `greedy_tokens` (numpy
+        alone between the steps), everything else `llmc.generation.generate_tokens` over `step`. Torch is on one
+        thread while it runs: ONNX Runtime's threads do the work, and torch's OpenMP workers, woken by a parallel
+        op, would keep spinning on the same cores through the next step (SmolLM2 4-bit at batch 8: 27.9 against
+        21.2 ms per step)."""
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -148,6 +153,82 @@ class OrtModel(Model):
         finally:
             torch.set_num_threads(previous)
             self._bound.clear()  # let the cache buffers go
+
+    def _generate_tokens(self, prompts, cfg, pad_id, stop_ids, progress):
+        if cfg.do_sample or not self.shared_buffers:
+            return super()._generate_tokens(prompts, cfg, pad_id, stop_ids, progress)
+        steps = list(self.greedy_tokens(prompts, cfg.max_new_tokens, pad_id, stop_ids, progress=progress))
+        return cut_at_stop(np.stack(steps, 1).tolist() if steps else [[] for _ in prompts], stop_ids)
+
+    def greedy_tokens(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, stop_ids=(),
+                      progress: bool = False) -> Iterator[np.ndarray]:
+        """Greedy decoding of token-id prompts, one step per item: yields each step's tokens, an int64 array [batch]
+        (`pad_id` for a row after its stop id), until `max_new_tokens` steps or every row has stopped. The tokens
+        and their order are `llmc.generation.generate_tokens`'s (left padding, Hugging Face's positions).
+
+        Between two steps only numpy runs (no torch): the cache is allocated once for the prompt and every new
+        token and stays bound, as past and present, to the decode and prefill sessions; the token, position and
+        logits arrays are bound once and rewritten in place. Needs a folder with shared cache buffers (the
+        fused lowering's, `self.shared_buffers`)."""
+        import onnxruntime as ort
+
+        if not self.shared_buffers:
+            raise ConfigError(f"{self.folder} has concatenated cache tensors ({ONNX_MANIFEST} cache_buffers); "
+                              "greedy_tokens needs an export with the fused lowering (fuse=true), or use generate")
+        if max_new_tokens <= 0:
+            return
+        ids, mask = (t.numpy() for t in left_pad(prompts, pad_id))
+        batch, width = ids.shape
+        total = width + max_new_tokens - 1  # the last token is never fed back
+        masks = np.ones((batch, total), np.int64)
+        masks[:, :width] = mask
+        stop = np.array(sorted(set(stop_ids)), np.int64)
+        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, c.shape[1], total, c.shape[3]), c.dtype))
+                 for c in self.cache_layout]
+
+        def bound(session, steps: int):
+            binding = session.io_binding()
+            for c, buffer in zip(self.cache_layout, cache):
+                binding.bind_ortvalue_input(c.input_name, buffer)
+                binding.bind_ortvalue_output(c.output_name, buffer)
+            logits = self._logits_array(session, batch, steps)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            return binding, logits
+
+        def pick(logits: np.ndarray, done: np.ndarray, step: int) -> np.ndarray:
+            last = logits[:, -1]
+            if not np.isfinite(last).all():
+                raise NumericalError(f"the model produced NaN or infinite logits (generating token {step}): its "
+                                     "weights may be corrupt (check the folder with `llmc verify DIR`) or a pass "
+                                     "broke the model")
+            tokens = np.where(done, pad_id, last.argmax(-1))
+            done |= np.isin(tokens, stop)
+            return tokens
+
+        with bar(total=max_new_tokens, desc="generating", unit="token", enabled=progress) as pbar:
+            session = self.prefill_session or self.session
+            binding, logits = bound(session, width)
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            binding.bind_cpu_input("position_ids", position_ids_from_mask(torch.from_numpy(mask)).numpy())
+            session.run_with_iobinding(binding)
+            done = np.zeros(batch, bool)
+            tokens = pick(logits, done, 1)
+            del binding, logits
+            binding, logits = bound(self.session, 1)
+            fed, positions = tokens[:, None].copy(), mask.sum(1, keepdims=True) - 1
+            binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(fed))
+            binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(positions))
+            for t in range(1, max_new_tokens + 1):
+                pbar.update(1)
+                yield tokens
+                if t == max_new_tokens or done.all():
+                    return
+                fed[:, 0] = tokens
+                positions += 1
+                binding.bind_cpu_input("attention_mask", np.ascontiguousarray(masks[:, :width + t]))
+                self.session.run_with_iobinding(binding)
+                tokens = pick(logits, done, t + 1)
 
     def step(self, input_ids, attention_mask, position_ids, past):
         """One decode step in ONNX Runtime (see `_run`)."""
