@@ -172,6 +172,8 @@ def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path)
     # Sin left, over constants, which the session folds at load
     assert manifest["fusions"]["RotaryTables"] == 4
     assert sum(n.op_type == "Cos" for n in graph.node) == sum(n.op_type == "Sin" for n in graph.node) == 1
+    # and the signed sins (rotate_half's) of both gathered from one signed table: the one Neg left is the table's
+    assert manifest["fusions"]["RotarySignedSin"] == 2 and sum(n.op_type == "Neg" for n in graph.node) == 1
     assert not any(n.op_type in ("ArgMin", "Concat") for n in graph.node if "present" in "".join(n.output))
     a, b = OrtModel(kernel), OrtModel(standard)
     for x, y in zip(_steps(a.step, a.empty_cache), _steps(b.step, b.empty_cache)):

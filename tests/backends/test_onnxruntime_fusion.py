@@ -51,7 +51,8 @@ def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, 
             "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged,
             "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0,
             "RotaryInAttention": in_attention, "PackedQKV": packed, "BiasBeforeSplit": biased,
-            "RotaryTables": 0}  # RoPE tables left as tensors: a code cache's (test_onnxruntime_cq.py)
+            "RotaryTables": 0, "RotarySignedSin": 0}  # RoPE tables left as tensors: a code cache's
+    # (test_onnxruntime_cq.py)
 
 
 # The tiny models have 2 layers: 5 RMSNorms (the first reads the embeddings, the other 4 follow a

@@ -33,6 +33,8 @@ applies the rewrites below in order, saves it in place and returns how many time
                                        positions times inv_freq: the cached keys' tables of a code cache
                                        and the query's that its attention op rotates with) gathered from
                                        constant tables of max_positions rows instead
+    RotarySignedSin                    the signed sin built from such gathered rows (rotate_half's
+                                       cat(-sin[:d/2], sin[d/2:])) gathered from a signed table instead
     PackedQKV                          a GroupQueryAttention whose q, k and v are the parts of one Split
                                        (a merged q/k/v projection) reads the merged tensor unsplit; so
                                        does an llmc.CQCachedAttention that rotates q itself (`PackedCQ`)
@@ -210,6 +212,53 @@ def _rotary_tables_rule_class():
             return op.Gather(self._caches[key], positions, axis=0)
 
     return RotaryTables
+
+
+def _signed_sin_rule_class():
+    from onnxscript.rewriter import pattern
+
+    class RotarySignedSin(pattern.RewriteRuleClassBase):
+        """cat(-rows[..., :d/2], rows[..., d/2:]) of the rows a RotaryTables Gather took from a sin table (the
+        traced rotate_half's signed sin, over every cached key each step at a code cache) -> the same Gather
+        from the signed table, computed by constant nodes from the sin table (folded at load). The same
+        values: a negation and a copy."""
+
+        def __init__(self, caches: dict):
+            super().__init__("RotarySignedSin", remove_nodes=False)  # the sin rows may have other readers
+            self._caches, self._signed = caches, {}
+
+        def pattern(self, op, table, positions, lo0, lo1, lo_ax, hi0, hi1, hi_ax):
+            rows = op.Gather(table, positions, axis=0)
+            return op.Concat(op.Neg(op.Slice(rows, lo0, lo1, lo_ax, _allow_other_inputs=True, _outputs=["lo"])),
+                             op.Slice(rows, hi0, hi1, hi_ax, _allow_other_inputs=True, _outputs=["hi"]), axis=-1)
+
+        def check(self, op, table, positions, lo0, lo1, lo_ax, hi0, hi1, hi_ax, lo, hi, **_):
+            result = pattern.MatchResult()
+            if not any(table is v for (_, function), v in self._caches.items() if function == "Sin"):
+                return result.fail("not a sin table of RotaryTables", table)
+            d = table.shape[1]
+            rank = 1 + positions.shape.rank() if positions.shape is not None else None
+            ends = (a := _const(hi1)) is not None and a.size == 1 and int(a.reshape(-1)[0]) >= d
+            steps = [v.producer().inputs[4] for v in (lo, hi) if len(v.producer().inputs) > 4]
+            if rank is None or not (_is(lo0, [0]) and _is(lo1, [d // 2]) and _is(hi0, [d // 2]) and ends
+                                    and _is(lo_ax, [-1], [rank - 1]) and _is(hi_ax, [-1], [rank - 1])
+                                    and all(_is(v, [1]) for v in steps)):
+                return result.fail("the slices are not the two halves of the last axis")
+            return result
+
+        def rewrite(self, op, table, positions, **_):
+            import onnx_ir as ir
+
+            if table.name not in self._signed:
+                d = table.shape[1]
+                half = lambda start, end: op.Slice(table, op.Constant(value_ints=[start]),  # noqa: E731
+                                                   op.Constant(value_ints=[end]), op.Constant(value_ints=[1]))
+                signed = op.Concat(op.Neg(half(0, d // 2)), half(d // 2, d), axis=1)
+                signed.shape, signed.type = ir.Shape(table.shape), table.type
+                self._signed[table.name] = signed
+            return op.Gather(self._signed[table.name], positions, axis=0)
+
+    return RotarySignedSin
 
 
 def _unit_rms_rule_class():
@@ -701,6 +750,7 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
         tables_rule, caches = _rotary_tables_rule_class(), {}
         tables = RewriteRuleSet([tables_rule.rule(function=f, max_positions=max_positions, caches=caches)
                                  for f in ("Cos", "Sin")]).apply_to_model(model)
+        signed_sin = _signed_sin_rule_class().rule(caches=caches).apply_to_model(model) if tables else 0
         round_trip, rotary_on_hidden = _heads_rule_classes()
         RewriteRuleSet([rotary_on_hidden.rule(), round_trip.rule()]).apply_to_model(model)
         merges, layers = merge_matmulnbits(model)
@@ -722,6 +772,7 @@ def fuse(model_path: str, max_positions: int) -> dict[str, int]:
                        "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": layers,
                        "BinaryBasesLinearMerge": bases_merges, "BinaryBasesLinearMerge.linears": bases_layers,
                        "RotaryInAttention": in_attention, "PackedQKV": packed, "RotaryTables": tables,
+                       "RotarySignedSin": signed_sin,
                        "BiasBeforeSplit": biased})
         # ir.save rewrites the data file the loaded tensors point into, then says (once per tensor) that
         # they are stale; the model is not used after saving
