@@ -56,15 +56,18 @@ class NumericalError(LlmcError):
 
 
 def check_finite(logits, where: str) -> None:
-    """Raise NumericalError when `logits` (a torch tensor) hold a NaN or an infinity."""
-    import torch
+    """Raise NumericalError when `logits` (a torch tensor or a numpy array) hold a NaN or an infinity."""
+    import numpy as np
 
-    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64, torch.float16):
-        import numpy as np
-
-        finite = bool(np.isfinite(logits.detach().numpy()).all())  # a vocabulary's logits: 6 against 100 us in torch
+    if isinstance(logits, np.ndarray):
+        finite = bool(np.isfinite(logits).all())
     else:
-        finite = bool(torch.isfinite(logits).all())
+        import torch
+
+        if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64, torch.float16):
+            finite = bool(np.isfinite(logits.detach().numpy()).all())  # a vocabulary's logits: 6 against 100 us in torch
+        else:
+            finite = bool(torch.isfinite(logits).all())
     if not finite:
         raise NumericalError(f"the model produced NaN or infinite logits ({where}): its weights may be corrupt "
                              "(check the folder with `llmc verify DIR`) or a pass broke the model")

@@ -11,7 +11,7 @@ import torch
 
 import llmc
 from llmc.cli import main
-from llmc.errors import ArtifactError, ConfigError, ModelLoadError, NumericalError
+from llmc.errors import ArtifactError, ConfigError, ModelLoadError, NumericalError, check_finite
 from llmc.eval import perplexity
 from llmc.fsutil import CHECKSUMS, verify_folder
 from llmc.testing import tiny_tokenizer
@@ -99,6 +99,12 @@ def test_nan_logits_are_an_error(tiny_models, tmp_path):
         perplexity(cm, torch.randint(3, 256, (300,)), "ppl-128x2", progress=False)
     folder = cm.save(tmp_path / "nan")
     assert main(["generate", folder, "hi", "--max-new-tokens", "2"]) == 1
+    import numpy as np  # numpy logits (OrtModel.greedy_tokens) are checked the same way
+
+    check_finite(np.zeros((2, 5), np.float32), "a step")
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(NumericalError, match=r"NaN or infinite logits \(a step\)"):
+            check_finite(np.array([[0.5, bad, 1.0]], np.float32), "a step")
 
 
 def test_api_takes_a_pass_string_and_finds_the_tokenizer(tiny_models, hf_folder):

@@ -154,6 +154,8 @@ def test_greedy_tokens_decode_as_generate_tokens_over_step(arch, tiny_models, tm
     assert model.generate(PROMPTS, 16, return_tokens=True, stop=sorted(stop), ignore_eos=True) == want
     assert [s.tolist() for s in model.greedy_tokens(PROMPTS[1:], 7)] == [[t] for t in reference(PROMPTS[1:], 7, ())[0]]
     assert list(model.greedy_tokens(PROMPTS, 0)) == []
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        next(model.greedy_tokens(PROMPTS, -1))
 
 
 def _chunked_steps(model):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from llmc.errors import ArtifactError, ConfigError, NumericalError
+from llmc.errors import ArtifactError, ConfigError, check_finite
 from llmc.fsutil import verify_folder
 from llmc.generation import cut_at_stop, left_pad, position_ids_from_mask
 from llmc.model import Model
@@ -175,7 +175,9 @@ class OrtModel(Model):
         if not self.shared_buffers:
             raise ConfigError(f"{self.folder} has concatenated cache tensors ({ONNX_MANIFEST} cache_buffers); "
                               "greedy_tokens needs an export with the fused lowering (fuse=true), or use generate")
-        if max_new_tokens <= 0:
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
             return
         ids, mask = (t.numpy() for t in left_pad(prompts, pad_id))
         batch, width = ids.shape
@@ -202,10 +204,7 @@ class OrtModel(Model):
 
         def pick(logits: np.ndarray, done: np.ndarray, step: int) -> np.ndarray:
             last = logits[:, -1]
-            if not np.isfinite(last).all():
-                raise NumericalError(f"the model produced NaN or infinite logits (generating token {step}): its "
-                                     "weights may be corrupt (check the folder with `llmc verify DIR`) or a pass "
-                                     "broke the model")
+            check_finite(last, f"generating token {step}")
             tokens = np.where(done, pad_id, last.argmax(-1))
             done |= np.isin(tokens, stop)
             return tokens
