@@ -458,3 +458,14 @@ def test_scalar_codes_round_trip_the_matmulnbits_layout():
         torch.testing.assert_close(q.weight(), nbits_dequantize(*packed, 64, bits, 16))
         for a, b in zip(scalar_to_packed(q), packed):
             assert torch.equal(a, b)
+
+
+def test_checkpoints_go_under_llmc_cache_by_default(tiny_models, tmp_path, monkeypatch):
+    """Without checkpoint_dir the calibration checkpoint lands in $LLMC_CACHE/pv_quant/<run> (as converted models
+    and the ORT ops do), not in ~/.cache whatever $LLMC_CACHE says."""
+    monkeypatch.setenv("LLMC_CACHE", str(tmp_path / "cache"))
+    spec = "pv_quant:format=scalar,bits=4,group=16,ft_epochs=0,tune_samples=0,steps=0"
+    llmc.compile(tiny_models["llama"], [spec], calibration=_calibration(2, 32), tokenizer=tiny_tokenizer(),
+                 progress=False)
+    runs = os.listdir(tmp_path / "cache" / "pv_quant")
+    assert len(runs) == 1 and os.listdir(tmp_path / "cache" / "pv_quant" / runs[0])

@@ -15,9 +15,9 @@ groupwise codes (2/3/4/8 bits, a scale and zero point per `group` inputs) initia
 act-order on the streamed XᵀX, tunes them the same way (scales as the continuous part, one weight
 per V-step group), and emits `llmc::nbits_linear` (MatMulNBits when exported to ONNX).
 
-Both long phases checkpoint under `checkpoint_dir` (by default `~/.cache/llmc/pv_quant/<run>`, the
-run named by a digest of the graph, the data and every option), so re-running an interrupted
-compile continues it; a finished phase is not repeated.
+Both long phases checkpoint under `checkpoint_dir` (by default `$LLMC_CACHE/pv_quant/<run>`, with
+`~/.cache/llmc` for an unset $LLMC_CACHE; the run named by a digest of the graph, the data and every
+option), so re-running an interrupted compile continues it; a finished phase is not repeated.
 """
 
 from __future__ import annotations
@@ -255,7 +255,9 @@ class PVQuant(Pass):
         run_id = tensor_digest(ctx.calibration,  # amp resolved: auto means different numerics on other CPUs
                                f"{model_digest} {sorted(config.items())} {ctx.seed} {tune_digest} "
                                f"amp={self.use_amp()}")[:16]
-        root = os.path.expanduser(self.checkpoint_dir or os.path.join("~", ".cache", "llmc", "pv_quant"))
+        from llmc.models import cache_dir
+
+        root = os.path.expanduser(self.checkpoint_dir or os.path.join(cache_dir(), "pv_quant"))
         folder = os.path.join(root, run_id)
         teacher = ctx.teacher
         if self.steps > 0 and teacher is None:

@@ -20,8 +20,8 @@ bit-packed signs and float16 scales. Three stages, each switchable (`stages`, a 
 
 `start=gptq` binarizes GPTQ's dequantized weights (`start_bits`, `start_group`, act-order, on the
 calibration XᵀX) instead of the FP ones, the paper's ablation. Stages 1-2 checkpoint after every
-decoder layer and stage 3 every 10 steps under `checkpoint_dir` (default `~/.cache/llmc/qbb_quant`),
-so re-running an interrupted compile continues it.
+decoder layer and stage 3 every 10 steps under `checkpoint_dir` (default `$LLMC_CACHE/qbb_quant`, with
+`~/.cache/llmc` for an unset $LLMC_CACHE), so re-running an interrupted compile continues it.
 """
 
 from __future__ import annotations
@@ -202,7 +202,9 @@ class QBBQuant(Pass):
         config.pop("checkpoint_dir")
         model_digest = graph_digest(gm)
         data = ctx.calibration if self.needs_data() else []
-        root = os.path.expanduser(self.checkpoint_dir or os.path.join("~", ".cache", "llmc", "qbb_quant"))
+        from llmc.models import cache_dir
+
+        root = os.path.expanduser(self.checkpoint_dir or os.path.join(cache_dir(), "qbb_quant"))
         stage12 = {k: config[k] for k in ("bases", "group", "stages", "refine", "rounds", "gd_steps", "gd_lr",
                                           "objective", "outliers", "start", "start_bits", "start_group",
                                           "targets")}
