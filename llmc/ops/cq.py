@@ -248,8 +248,8 @@ def cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tens
     folded into rows as `attention` takes them), key (before RoPE) and value [B, S, H * D], past codes [B, H, C, G]
     whose first P = T - S positions are the past (T = bias.shape[-1]: the past's length comes from the mask, so the
     codes may be a buffer with room to spare), cos / signed_sin [B|1, 1, T, Drot], bias [B|1, 1, R, T]
-    (R = Hq / H * S rows, as `attention`). With q_cos / q_signed_sin [B|1, 1, S, Drot] (the tables of the step's positions), q is
-    before RoPE and rotated here. Returns out [B, S, Hq * D] and the present codes [B, H, max(C, T), G]: the
+    (R = Hq / H * S rows, as `attention`). With q_cos / q_signed_sin [B|1, 1, S, Drot] (the tables of the step's
+    positions), q is before RoPE and rotated here. Returns out [B, S, Hq * D] and the present codes [B, H, max(C, T), G]: the
     past's, with the step's at [P, T)."""
     if (q_cos is None) != (q_signed_sin is None):
         raise ValueError("cq_cached_attention: q_cos and q_signed_sin go together")

@@ -44,15 +44,15 @@ def _max_logit_difference(folder_a, folder_b) -> float:
 
 def _fusions(simple, skip, rotary, merges, merged, attention=2, float_merges=0, float_merged=0, in_attention=0,
              packed=0, biased=0):
-    """The fusion counts of a model without binary bases (their merges are tested in test_onnxruntime_qbb.py)."""
+    """The fusion counts of a model without binary bases (their merges are tested in test_onnxruntime_qbb.py) nor
+    RoPE tables left as tensors (a code cache's: test_onnxruntime_cq.py)."""
     return {"GroupQueryAttention": attention, "SimplifiedLayerNormalization": simple,
             "SkipSimplifiedLayerNormalization": skip, "RotaryEmbedding": rotary,
             "MatMulMerge": float_merges, "MatMulMerge.linears": float_merged,
             "MatMulNBitsMerge": merges, "MatMulNBitsMerge.linears": merged,
             "BinaryBasesLinearMerge": 0, "BinaryBasesLinearMerge.linears": 0,
             "RotaryInAttention": in_attention, "PackedQKV": packed, "BiasBeforeSplit": biased,
-            "RotaryTables": 0, "RotarySignedSin": 0}  # RoPE tables left as tensors: a code cache's
-    # (test_onnxruntime_cq.py)
+            "RotaryTables": 0, "RotarySignedSin": 0}
 
 
 # The tiny models have 2 layers: 5 RMSNorms (the first reads the embeddings, the other 4 follow a

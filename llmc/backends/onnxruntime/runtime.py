@@ -185,19 +185,11 @@ class OrtModel(Model):
         masks = np.ones((batch, total), np.int64)
         masks[:, :width] = mask
         stop = np.array(sorted(set(stop_ids)), np.int64)
-        cache = []
-        for c in self.cache_layout:
-            # written now, so that its pages are mapped before the prompt runs: np.zeros' pages would be mapped
-            # (faulted in) by the decode steps, a few each step (SmolLM2 FP32 at batch 8: 94 MB, 23,000 faults)
-            buffer = np.empty((batch, c.shape[1], total, c.shape[3]), c.dtype)
-            buffer.fill(0)
-            cache.append(ort.OrtValue.ortvalue_from_numpy(buffer))
+        cache = self._buffers(self.empty_cache(batch), width, width, capacity=total)  # the prompt, room for all
 
         def bound(session, steps: int):
             binding = session.io_binding()
-            for c, buffer in zip(self.cache_layout, cache):
-                binding.bind_ortvalue_input(c.input_name, buffer)
-                binding.bind_ortvalue_output(c.output_name, buffer)
+            self._bind_cache(binding, cache)
             logits = self._logits_array(session, batch, steps)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
             return binding, logits
@@ -276,9 +268,7 @@ class OrtModel(Model):
             else:
                 past = self._buffers(past, total, input_ids.shape[1])
                 binding = session.io_binding()
-                for c, buffer in zip(self.cache_layout, past):
-                    binding.bind_ortvalue_input(c.input_name, buffer)
-                    binding.bind_ortvalue_output(c.output_name, buffer)
+                self._bind_cache(binding, past)
                 self._bound[id(session)] = (binding, past, min(map(_length, past)))
             for name, arr in inputs:
                 binding.bind_cpu_input(name, arr)
@@ -314,17 +304,24 @@ class OrtModel(Model):
         seq, vocab, dtype = self._logits_layout[id(session)]
         return np.empty((batch, seq if isinstance(seq, int) else steps, vocab), dtype=dtype)
 
-    def _buffers(self, past, total: int, steps: int) -> list:
+    def _bind_cache(self, binding, buffers) -> None:
+        """Bind each cache buffer as both its past input and its present output."""
+        for c, buffer in zip(self.cache_layout, buffers):
+            binding.bind_ortvalue_input(c.input_name, buffer)
+            binding.bind_ortvalue_output(c.output_name, buffer)
+
+    def _buffers(self, past, total: int, steps: int, capacity: int | None = None) -> list:
         """The cache as buffers that hold `total` positions: `past` itself when its tensors are such OrtValues,
-        else new buffers with the first total - steps positions of `past` copied in. A new buffer has room for
-        a quarter more (at least 64 positions), so a decode reallocates rarely; the positions past the valid
-        ones are never read (the graph takes the valid length from the mask)."""
+        else new buffers of `capacity` positions with the first total - steps positions of `past` copied in.
+        By default a new buffer has room for a quarter more (at least 64 positions), so a decode reallocates
+        rarely; the positions past the valid ones are never read (the graph takes the valid length from the
+        mask)."""
         import onnxruntime as ort
 
         if all(isinstance(t, ort.OrtValue) and _length(t) >= total for t in past):
             return list(past)
         keep = total - steps
-        capacity = total + max(64, total // 4)
+        capacity = max(capacity or total + max(64, total // 4), total)
         buffers = []
         for t in past:
             old = t.numpy() if isinstance(t, (ort.OrtValue, torch.Tensor)) else np.asarray(t)
@@ -332,7 +329,9 @@ class OrtModel(Model):
                 raise ValueError(f"the cache holds {old.shape[2]} positions, the mask says {keep}")
             new = np.empty((*old.shape[:2], capacity, *old.shape[3:]), dtype=old.dtype)
             new[:, :, :keep] = old[:, :, :keep]
-            new[:, :, keep:] = 0  # every page mapped now, not by the steps that reach it (see greedy_tokens)
+            # the rest written now, so that its pages are mapped before the prompt runs: np.zeros' pages would be
+            # faulted in by the decode steps, a few each step (SmolLM2 FP32 at batch 8: 94 MB, 23,000 faults)
+            new[:, :, keep:] = 0
             buffers.append(ort.OrtValue.ortvalue_from_numpy(new))
         return buffers
 

@@ -37,6 +37,7 @@ from llmc.calibration import graph_teacher, native_bf16, output_error
 from llmc.errors import ConfigError
 from llmc.fsutil import tensor_digest
 from llmc.graph import get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
+from llmc.models import cache_dir
 from llmc.ops.nbits_linear import SUPPORTED_BITS
 from llmc.ops.vq import bits_per_weight, store_codes
 from llmc.passes.pv_quant.aq import AQConfig
@@ -255,8 +256,6 @@ class PVQuant(Pass):
         run_id = tensor_digest(ctx.calibration,  # amp resolved: auto means different numerics on other CPUs
                                f"{model_digest} {sorted(config.items())} {ctx.seed} {tune_digest} "
                                f"amp={self.use_amp()}")[:16]
-        from llmc.models import cache_dir
-
         root = os.path.expanduser(self.checkpoint_dir or os.path.join(cache_dir(), "pv_quant"))
         folder = os.path.join(root, run_id)
         teacher = ctx.teacher

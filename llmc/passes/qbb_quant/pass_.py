@@ -41,6 +41,7 @@ from llmc.calibration import graph_teacher, load_checkpoint, native_bf16, save_c
 from llmc.errors import ConfigError, PassError
 from llmc.fsutil import tensor_digest
 from llmc.graph import attr_tensor, get_attr_tensor, graph_digest, module_fqn, remove_unused_attrs, set_attr_tensor
+from llmc.models import cache_dir
 from llmc.ops.binary_bases import bits_per_weight, pack_signs
 from llmc.ops.nbits_linear import SUPPORTED_BITS
 from llmc.ops.nbits_linear import dequantize as nbits_dequantize
@@ -202,8 +203,6 @@ class QBBQuant(Pass):
         config.pop("checkpoint_dir")
         model_digest = graph_digest(gm)
         data = ctx.calibration if self.needs_data() else []
-        from llmc.models import cache_dir
-
         root = os.path.expanduser(self.checkpoint_dir or os.path.join(cache_dir(), "qbb_quant"))
         stage12 = {k: config[k] for k in ("bases", "group", "stages", "refine", "rounds", "gd_steps", "gd_lr",
                                           "objective", "outliers", "start", "start_bits", "start_group",
