@@ -220,12 +220,16 @@ AVX512 static float softmax_row512(float *s, int64_t n) {
     return _mm512_reduce_add_ps(sum);
 }
 
-/* Centroids of groups g .. g+3 (4 floats each) picked by their codes: one register. */
+/* Centroids of groups g .. g+3 (4 floats each) picked by their codes: one register. The four codes are read as
+   one word and taken apart by shifts: a load per code would double the loads, which bound this decoding. */
 AVX512 static inline __m512 centroids4(const float *book, int64_t K, const uint8_t *codes, int64_t g) {
-    __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(book + (g * K + codes[g]) * 4));
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 1) * K + codes[g + 1]) * 4), 1);
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 2) * K + codes[g + 2]) * 4), 2);
-    return _mm512_insertf32x4(v, _mm_loadu_ps(book + ((g + 3) * K + codes[g + 3]) * 4), 3);
+    uint32_t c;
+    memcpy(&c, codes + g, sizeof c);
+    const float *b = book + g * K * 4;
+    __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(b + (c & 255) * 4));
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(b + (K + ((c >> 8) & 255)) * 4), 1);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(b + (2 * K + ((c >> 16) & 255)) * 4), 2);
+    return _mm512_insertf32x4(v, _mm_loadu_ps(b + (3 * K + (c >> 24)) * 4), 3);
 }
 
 /* One sum per vector: lane j of the result is the sum of the 16 lanes of acc[j]. Four levels of pairwise
@@ -252,8 +256,9 @@ AVX512 static inline __m512 sum16(const __m512 acc[16]) {
    all query rows); every row scores the block with D multiply-adds per key and one sum16 for all 16.
    New keys are rotated 16 at a time into transposed blocks kt [S/16][D][16], so a row scores 16 keys
    with D multiply-adds and no horizontal sums; a block of keys the row's mask hides entirely is not
-   computed. Past values are decoded 16 at a time too and accumulated into every row (skipping weights
-   that are exactly 0), then the new ones as they are. */
+   computed. Past values: at a decode step's few rows, each is decoded into registers and weighed into every row's
+   sums, held in registers too; with more rows, 16 at a time into a block that every row reads (skipping weights
+   that are exactly 0). Then the new values as they are. */
 AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const llmc_cq_attention_args *a, cq_views v,
                                                                          const int64_t NV) {
     const int64_t P = a->P, S = a->S, D = 16 * NV, T = v.T, rows = v.rows, HV = NV / 2;
@@ -350,7 +355,26 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
         memset(v.out + r * D, 0, sizeof(float) * D);
     }
     const int64_t past = P < seen_all ? P : seen_all;
-    for (int64_t t0 = 0; t0 < past; t0 += 16) { /* past values, 16 a block, into every row */
+    /* Past values (every row weighs all of them: seen[r] >= P). A few rows (a decode step's): each value is decoded
+       into registers and weighed into every row's sums, which stay in registers too (NV a row, at most 16 in all). */
+    enum { MAX_SUMS = 16 };
+    const int in_registers = rows * NV <= MAX_SUMS;
+    if (in_registers) {
+        __m512 o[MAX_SUMS];
+        for (int64_t i = 0; i < MAX_SUMS; i++) o[i] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < past; t++) {
+            __m512 x[8];
+            for (int64_t m = 0; m < NV; m++) x[m] = centroids4(v.vbook, a->Kv, v.vcodes + t * a->Gv, 4 * m);
+            for (int64_t r = 0; r < MAX_SUMS / NV && r < rows; r++) {
+                const __m512 w = _mm512_set1_ps(scores[r * T + t]);
+                for (int64_t m = 0; m < NV; m++) o[r * NV + m] = _mm512_fmadd_ps(w, x[m], o[r * NV + m]);
+            }
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t m = 0; m < NV; m++) _mm512_storeu_ps(v.out + r * D + 16 * m, o[r * NV + m]);
+    }
+    /* Otherwise 16 values at a time, decoded into a block that every row then reads. */
+    for (int64_t t0 = 0; !in_registers && t0 < past; t0 += 16) {
         const int64_t n = past - t0 < 16 ? past - t0 : 16;
         for (int64_t j = 0; j < n; j++)
             for (int64_t m = 0; m < NV; m++)
