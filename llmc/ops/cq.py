@@ -272,16 +272,18 @@ def cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tens
 @torch.library.custom_op("llmc::cq_cached_attention", mutates_args=())
 def cq_cached_attention(q: Tensor, key: Tensor, value: Tensor, past_key_codes: Tensor, past_value_codes: Tensor,
                         key_codebooks: Tensor, value_codebooks: Tensor, cos: Tensor, signed_sin: Tensor, bias: Tensor,
-                        scale: float, q_cos: Tensor | None = None,
-                        q_signed_sin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention over a CQ cache that also writes the step's codes into it (`cached_attention`)."""
+                        scale: float, q_cos: Tensor | None = None, q_signed_sin: Tensor | None = None,
+                        rope_halves: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention over a CQ cache that also writes the step's codes into it (`cached_attention`). rope_halves says
+    that every row of cos is two equal halves and every row of signed_sin a negated half and that half (RoPE's
+    tables), so that a kernel may read half of each row; the result is the same."""
     return cached_attention(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos,
                             signed_sin, bias, scale, q_cos, q_signed_sin)
 
 
 @cq_cached_attention.register_fake
 def _(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos, signed_sin, bias, scale,
-      q_cos=None, q_signed_sin=None):
+      q_cos=None, q_signed_sin=None, rope_halves=False):
     B, Hq, S, D = q.shape
     H, C = past_key_codes.shape[1:3]
     length = torch.sym_max(C, bias.shape[-1])

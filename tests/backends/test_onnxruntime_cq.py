@@ -1,6 +1,7 @@
 """llmc.CQAttention: the kernel against torch, the graph rewrite, and the export against the standard-op lowering."""
 
 import collections
+import ctypes
 import json
 import os
 
@@ -62,7 +63,35 @@ def test_kernel_equals_torch(isa, B, H, groups, P, S, D, c, bits, rot):
     case = list(_case(B, H, groups * S, P, S, D, c, bits, rot))
     if B == 2 and P == 300:
         case[9][1, :, :, :100] = torch.finfo(torch.float32).min  # left padding longer than a split
-    torch.testing.assert_close(custom_ops.cq_attention_reference()(*case), attention(*case), atol=2e-5, rtol=1e-4)
+    kernel = custom_ops.cq_attention_reference()
+    torch.testing.assert_close(kernel(*case), attention(*case), atol=2e-5, rtol=1e-4)
+    # RoPE's tables (_case's) repeat their halves: reading half of each row gives the same
+    torch.testing.assert_close(kernel(*case, rope_halves=True), attention(*case), atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.skipif(not custom_ops.available() or not ctypes.CDLL(custom_ops.library_path()).llmc_has_avx512(),
+                    reason="the portable path reads whole rows (no AVX-512 here)")
+def test_kernel_reads_half_tables_under_rope_halves():
+    """On the AVX-512 path, rope_halves reads the past keys' cos from the first half of each row and signed_sin from
+    the second (negated for the first): tables whose halves differ give the attention of tables rebuilt from those
+    halves, not of their own."""
+    custom_ops.set_isa_limit("avx512")
+    try:
+        case = list(_case(1, 2, 3, 40, 1, 64, 4, 8, 64))
+        g = torch.Generator().manual_seed(7)
+        cos, sin = (t + 0.3 * torch.randn(t.shape, generator=g) for t in case[7:9])  # halves no longer related
+        half = cos.shape[-1] // 2
+        rebuilt = list(case)
+        rebuilt[7] = torch.cat([cos[..., :half], cos[..., :half]], -1)
+        rebuilt[8] = torch.cat([-sin[..., half:], sin[..., half:]], -1)
+        rebuilt[7][..., 40:, :], rebuilt[8][..., 40:, :] = cos[..., 40:, :], sin[..., 40:, :]  # the new key: full rows
+        case[7], case[8] = cos, sin
+        out = custom_ops.cq_attention_reference()(*case, rope_halves=True)
+        torch.testing.assert_close(out, attention(*rebuilt), atol=2e-5, rtol=1e-4)
+        assert (out - attention(*case)).abs().max() > 1e-2
+    finally:
+        custom_ops.set_isa_limit(custom_ops.ISA_LEVELS[-1])
 
 
 @needs_kernel
@@ -107,6 +136,40 @@ def test_rewrite_takes_every_layer_and_computes_the_same(cq_llama):
 
     for a, b in zip(run(program.gm), run(fused)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _table(fn):
+    """The output node of fn(x [B, S, 8]) -> [B, 1, S, 16] exported with torch.export (aten ops, as traced graphs)."""
+    class Table(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    gm = torch.export.export(Table(), (torch.randn(2, 3, 8),)).graph_module
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+
+
+def _signed(s, h=8):
+    return torch.cat([-s[..., :h], s[..., h:]], -1)
+
+
+@pytest.mark.parametrize("fn,expected", [
+    (lambda x: torch.cat([x, x], -1).cos().unsqueeze(1), "same"),
+    (lambda x: (torch.cat([x, x], -1).cos() * 1.5).to(torch.float32).unsqueeze(1), "same"),
+    (lambda x: _signed(torch.cat([x, x], -1).sin() * 2.0).unsqueeze(1), "negated"),
+    (lambda x: torch.cat([x, x + 1], -1).cos().unsqueeze(1), None),  # halves of different values
+    (lambda x: torch.cat([x, x], 1).cos().unsqueeze(1), None),  # repeated along another dimension
+    (lambda x: _signed(torch.cat([x, x], -1).sin(), h=4).unsqueeze(1), None),  # split off the middle
+    (lambda x: _signed(torch.cat([x, x * 2], -1).sin()).unsqueeze(1), None),  # of a sin whose halves differ
+    (lambda x: torch.cat([x, x], -1).cos().exp().unsqueeze(1), None),  # an op not known to keep the halves
+])
+def test_rope_halves_are_known_from_the_graph(fn, expected):
+    """The proof behind rope_halves: the tables' construction, down to cat([f, f]) on the last dimension."""
+    from llmc.backends.onnxruntime.cq_attention import _halves
+
+    table = _table(fn)
+    assert _halves(table, 4, 16) == expected
+    if expected == "negated":  # only of a known width: the split must be at its half
+        assert _halves(table, 4, None) is None
 
 
 @pytest.mark.parametrize("spec", ["cq_kv:config=4c8b,tokens=512,window=2",
@@ -165,6 +228,8 @@ def test_export_reads_codes_and_equals_the_standard_lowering(cq_llama, tmp_path)
     # the split of the merged q/k/v projection (q is the packed projection, no key and value inputs)
     attention = [n for n in graph.node if n.op_type == "CQCachedAttention"]
     assert [(len(n.input), n.input[1], n.input[2]) for n in attention] == [(15, "", "")] * layers
+    # the key tables are RoPE's (cos of cat([f, f]), the signed sin of such a sin): the op reads half of each row
+    assert [onnx.helper.get_node_attr_value(n, "rope_halves") for n in attention] == [1] * layers
     assert not any(n.op_type in ("RotaryEmbedding", "Split") and attention[0].input[0] in n.output or
                    n.op_type == "RotaryEmbedding" for n in graph.node)
     assert manifest["fusions"]["PackedQKV"] == layers

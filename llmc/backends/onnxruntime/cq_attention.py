@@ -23,7 +23,9 @@ present then read the mask's length, so the graph can take the past's length fro
 (gqa.past_length_from_mask) and a runtime can bind one buffer per cache tensor as past and present.
 Where the query is rotated by the same RoPE (apply_rope with tables of the step's positions), the op takes
 q before its rotation and those tables, and rotates it while it gathers the query rows (one rotation node a
-layer fewer; the same formula, so the same values).
+layer fewer; the same formula, so the same values). Where the graph builds the key tables as RoPE does (cos of
+cat([f, f]), the signed sin from such a sin: `_halves`), the op is told so (rope_halves) and reads half of each
+table row: at a long context the tables are most of the bytes it reads besides the codes.
 A layer that normalizes its key heads first (StableLM) keeps cq_attention beside its encodings.
 """
 
@@ -195,7 +197,11 @@ def _cached_site(gm: fx.GraphModule, node: fx.Node, args: tuple):
     if out is None:
         return None
     q, q_tables = _unrotated(query[0], D, cos)
-    return out, kcat, vcat, (q, key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale, *q_tables)
+    # the key tables are [B|1, 1, T, Drot]; their width is the q tables' (the op checks), known where q has them
+    width = node_shape(q_tables[0])[3] if q_tables else None
+    halves = _halves(cos, 4, width) == "same" and _halves(sin, 4, width) == "negated"
+    return out, kcat, vcat, (q, key, value, kcodes, vcodes, kbook, vbook, cos, sin, bias, scale,
+                             *(q_tables or (None, None)), halves)
 
 
 def _unrotated(q: fx.Node, D: int, cos: fx.Node):
@@ -211,6 +217,50 @@ def _unrotated(q: fx.Node, D: int, cos: fx.Node):
             or (keys is not None and keys[3] != shapes[0][3]) or not all(map(_float32, (x, q_cos, q_sin))):
         return q, ()
     return x, (q_cos, q_sin)
+
+
+# ops that keep a tensor's last dimension as it is, element by element (with a number as their other operand)
+_ELEMENTWISE = (aten.neg.default, aten.clone.default, aten.alias.default, aten.to.dtype, aten._to_copy.default)
+_BY_NUMBER = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+
+def _half_slice(node, x, rank: int, start: int, end: int) -> bool:
+    """Whether node is x[..., start:end] on the last of x's `rank` dimensions (end None: to the end)."""
+    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in (-1, rank - 1):
+        return False
+    lo = node.args[2] if len(node.args) > 2 else 0
+    hi = node.args[3] if len(node.args) > 3 else None
+    return lo == start and (hi == end or (end is None and (hi is None or hi >= 2**31)))
+
+
+def _halves(node, rank: int, width: int | None) -> str | None:
+    """"same" when every row of the last dimension of node (a tensor of `rank` dimensions, `width` wide when not None)
+    is two equal halves, "negated" when its first half is its second negated, by the graph's construction (RoPE's
+    tables: cos(cat([f, f])), and llmc.trace.rope_tables' signed sin cat([-s[.., :h], s[.., h:]]) of such a sin s,
+    h = width / 2); else None (not known). Rank and width are passed down rather than read from traced shapes,
+    which the key tables cq_kv copies have not."""
+    last = (-1, rank - 1)
+    if is_call(node, aten.cat.default) and len(node.args[0]) == 2 and (node.args[1:] or (0,))[0] in last:
+        first, second = node.args[0]
+        if first is second:
+            return "same"
+        if not (is_call(first, aten.neg.default) and is_call(first.args[0], aten.slice.Tensor)):
+            return None
+        if width is None or width % 2:
+            return None
+        half, source = width // 2, first.args[0].args[0]  # the two parts have the width of source
+        if _half_slice(first.args[0], source, rank, 0, half) and _halves(source, rank, width) == "same" \
+                and any(_half_slice(second, source, rank, half, end) for end in (None, width)):
+            return "negated"
+        return None
+    if is_call(node, aten.cos.default, aten.sin.default):
+        return "same" if _halves(node.args[0], rank, width) == "same" else None
+    if is_call(node, *_ELEMENTWISE) or (is_call(node, *_BY_NUMBER, nargs=2)
+                                        and isinstance(node.args[1], (int, float))):
+        return _halves(node.args[0], rank, width)
+    if is_call(node, aten.unsqueeze.default, nargs=2) and node.args[1] not in last:
+        return _halves(node.args[0], rank - 1, width)
+    return None
 
 
 def _lengths_from_mask(gm: fx.GraphModule, cats: list) -> None:

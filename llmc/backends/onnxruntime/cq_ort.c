@@ -20,7 +20,10 @@
      key_codebooks    float [H, Gk, Kk, ck]  D = Gk * ck, Kk <= 256
      value_codebooks  float [H, Gv, Kv, cv]  D = Gv * cv
      cos, signed_sin  float [B|1, 1, Tt, rot]  RoPE tables of the key positions (Tt >= T = P + S; the first T are read):
-                                               rotated[d] = k[d] cos[d] + k[(d + rot/2) mod rot] signed_sin[d], d < rot
+                                               rotated[d] = k[d] cos[d] + k[(d + rot/2) mod rot] signed_sin[d], d < rot;
+                                               under rope_halves (RoPE's tables: cos[d + rot/2] = cos[d],
+                                               signed_sin[d] = -signed_sin[d + rot/2]) the AVX-512 path reads the
+                                               past keys' from the first half of cos and the second of signed_sin
      bias             float [B|1, 1, R, Tb]  additive mask (Tb >= T)
      scale            float [1]
    Output: out float [B, H, R, D] = softmax(q kᵀ scale + bias) v over the T keys, the first P decoded from
@@ -274,6 +277,7 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
         prefetch_all(v.vbook, a->Gv * a->Kv * 4);
     }
     const __m512 scale = _mm512_set1_ps(a->scale);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
     float decoded[16 * 128] __attribute__((aligned(64))); /* 16 decoded keys (or values) [16][D] */
     int64_t seen[ROW_BLOCK]; /* per row: the keys after seen[r] are all hidden (a causal prompt's later keys) */
     for (int64_t r = 0; r < rows; r++) seen[r] = P;
@@ -284,10 +288,22 @@ AVX512 static inline __attribute__((always_inline)) int block_avx512_nv(const ll
             __m512 k[8];
             for (int64_t m = 0; m < NV; m++) k[m] = centroids4(v.kbook, a->Kk, v.kcodes + t * a->Gk, 4 * m);
             const float *c = v.cos + t * D, *s = v.sin + t * D;
+            __m512 cos[8], sin[8];
+            if (a->rope_halves) { /* half the table bytes: cos's first half twice, signed_sin's second half negated */
+                for (int64_t m = 0; m < HV; m++) {
+                    cos[m] = cos[m + HV] = _mm512_loadu_ps(c + 16 * m);
+                    sin[m + HV] = _mm512_loadu_ps(s + D / 2 + 16 * m);
+                    sin[m] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sin[m + HV]), sign));
+                }
+            } else {
+                for (int64_t m = 0; m < NV; m++) {
+                    cos[m] = _mm512_loadu_ps(c + 16 * m);
+                    sin[m] = _mm512_loadu_ps(s + 16 * m);
+                }
+            }
             for (int64_t m = 0; m < NV; m++)
                 _mm512_store_ps(decoded + j * D + 16 * m,
-                                _mm512_fmadd_ps(k[(m + HV) % NV], _mm512_loadu_ps(s + 16 * m),
-                                                _mm512_mul_ps(k[m], _mm512_loadu_ps(c + 16 * m))));
+                                _mm512_fmadd_ps(k[(m + HV) % NV], sin[m], _mm512_mul_ps(k[m], cos[m])));
         }
         const __mmask16 lanes = n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
         for (int64_t r = 0; r < rows; r++) {

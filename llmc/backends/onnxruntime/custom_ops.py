@@ -120,13 +120,14 @@ class _CQAttentionArgs(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("new_batch_stride", "new_head_stride", "new_token_stride",
                                                  "codes_capacity", "heads_last")]  # 0: the default layouts
                 + [(n, ctypes.c_void_p) for n in ("q_cos", "q_signed_sin")]  # NULL: q rotated already
-                + [(n, ctypes.c_int64) for n in ("q_table_batch_stride", "q_token_stride")])
+                + [(n, ctypes.c_int64) for n in ("q_table_batch_stride", "q_token_stride", "rope_halves")])
 
 
 def cq_attention_reference():
     """llmc.CQAttention's kernel as a Python function of torch tensors, without ONNX Runtime (single thread; for
     tests): f(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos, signed_sin, bias,
-    scale) -> out, the arguments of llmc::cq_attention in its layouts (cq_ort.c)."""
+    scale, rope_halves=False) -> out, the arguments of llmc::cq_attention in its layouts (cq_ort.c); rope_halves:
+    the kernel may read half of each table row (llmc_cq_attention_args)."""
     import torch
 
     run = ctypes.CDLL(library_path()).llmc_cq_attention
@@ -134,7 +135,7 @@ def cq_attention_reference():
     run.restype = ctypes.c_int
 
     def f(q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks, cos, signed_sin, bias,
-          scale):
+          scale, rope_halves=False):
         q, kc, kn, kb, vc, vn, vb, cos, sin, bias = keep = [
             t.contiguous() for t in (q, key_codes, key_new, key_codebooks, value_codes, value_new, value_codebooks,
                                      cos, signed_sin, bias)]
@@ -145,6 +146,7 @@ def cq_attention_reference():
                                 kb.shape[3], vb.shape[1], vb.shape[2], vb.shape[3], cos.shape[3],
                                 0 if cos.shape[0] == 1 else cos.shape[2] * cos.shape[3], bias.shape[3],
                                 0 if bias.shape[0] == 1 else R * bias.shape[3], out.data_ptr())
+        args.rope_halves = int(rope_halves)
         status = run(ctypes.byref(args))
         del keep
         if status:

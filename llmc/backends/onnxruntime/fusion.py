@@ -455,7 +455,7 @@ def _attention_rule_classes():
         def pattern(self, op, x, sizes, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin):
             q, k, v = op.Split(x, sizes, _allow_other_attributes=True, _outputs=["q", "k", "v"])
             return op.CQCachedAttention(q, k, v, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin,
-                                        _domain="llmc", _outputs=["out", "pk", "pv"])
+                                        _domain="llmc", _allow_other_attributes=True, _outputs=["out", "pk", "pv"])
 
         def check(self, op, sizes, q, kb, **_):
             result = pattern.MatchResult()
@@ -470,9 +470,9 @@ def _attention_rule_classes():
                 return result.fail("the split is not q, k, v of the cache's heads", sizes)
             return result
 
-        def rewrite(self, op, x, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin, **_):
+        def rewrite(self, op, x, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin, out, **_):
             return op.CQCachedAttention(x, None, None, pkc, pvc, kb, vb, kn, vn, cos, sin, bias, scale, q_cos, q_sin,
-                                        _domain="llmc", _outputs=3)
+                                        **out.producer().attributes, _domain="llmc", _outputs=3)
 
     return RotaryInAttention, PackedQKV, PackedCQ
 

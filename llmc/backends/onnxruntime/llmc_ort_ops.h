@@ -49,6 +49,8 @@ typedef struct {
     int64_t q_table_batch_stride;      /* S * rot, or 0 when the tables broadcast over the batch */
     int64_t q_token_stride;            /* heads_last: floats from one token's q to the next (default H R / S D; more
                                           where q is the first part of a packed q/k/v) */
+    int64_t rope_halves; /* 1: every row of cos repeats its first rot/2 values and every row of signed_sin negates
+                            them (RoPE's tables), so only the first half of cos and the second of signed_sin are read */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);

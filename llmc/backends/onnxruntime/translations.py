@@ -107,7 +107,9 @@ def register_contrib_schemas() -> None:
                     P("scale", "T"), P("q_cos", "T", param_option=Opt), P("q_signed_sin", "T", param_option=Opt)],
             outputs=[P("out", "T"), P("present_key_codes", "T2"), P("present_value_codes", "T2")],
             type_constraints=[("T", ["tensor(float)"], "queries, keys, values, codebooks, tables, mask, output"),
-                              ("T2", ["tensor(uint8)"], "codes [B, H, C, G]")]))
+                              ("T2", ["tensor(uint8)"], "codes [B, H, C, G]")],
+            attributes=[A("rope_halves", INT, "1: the rows of cos repeat their first half and those of signed_sin "
+                                              "negate their second, so the op reads half of each", required=False)]))
     if not onnx.defs.has("BinaryBasesLinear", "llmc"):
         onnx.defs.register_schema(OpSchema(
             "BinaryBasesLinear", "llmc", 1,
@@ -192,20 +194,22 @@ def _heads_last(x):
 
 
 def cq_cached_attention_kernel(q, key, value, past_key_codes, past_value_codes, key_codebooks, value_codebooks, cos,
-                               signed_sin, bias, scale, q_cos=None, q_signed_sin=None):
+                               signed_sin, bias, scale, q_cos=None, q_signed_sin=None, rope_halves=False):
     """llmc::cq_cached_attention -> llmc.CQCachedAttention: CQAttention that also encodes the step's keys and values
     into the cache (cq_ort.c, vq_linear_ort.c), so one node per layer replaces the attention, two CQEncodes, the
     head splits and joins around them and the two concatenations of the cache; q goes in as [B, S, Hq * D]. The
     encoding reads the codebooks the attention reads (one copy); the centroids' squared norms come from the
     codebooks, initializers, so ONNX Runtime folds them at load. With q_cos / q_signed_sin (q before RoPE), the
-    op rotates q itself."""
+    op rotates q itself. rope_halves (an attribute, 0 or 1): the key tables' rows are RoPE's halves, of which the op
+    reads one."""
     def norms(books):
         return op.ReduceSumSquare(books, op.Constant(value_ints=[3]), keepdims=0)
 
     tables = () if q_cos is None else (q_cos, q_signed_sin)
     return LLMC.CQCachedAttention(_heads_last(q), key, value, past_key_codes, past_value_codes, key_codebooks,
                                   value_codebooks, norms(key_codebooks), norms(value_codebooks), cos, signed_sin, bias,
-                                  op.Constant(value_floats=[scale]), *tables, _outputs=3)
+                                  op.Constant(value_floats=[scale]), *tables, rope_halves=int(bool(rope_halves)),
+                                  _outputs=3)
 
 
 def cq_encode_kernel(x, codebooks):

@@ -499,8 +499,10 @@ enum {
     SLOT_GetDimensionsCount = 61,            /* 1 */
     SLOT_GetDimensions = 62,                 /* 1 */
     SLOT_GetTensorTypeAndShape = 65,         /* 1 */
+    SLOT_KernelInfoGetAttribute_int64 = 86,  /* 1 */
     SLOT_KernelContext_GetInput = 90,        /* 1 */
     SLOT_KernelContext_GetOutput = 91,       /* 1 */
+    SLOT_ReleaseStatus = 93,                 /* 1 */
     SLOT_ReleaseTensorTypeAndShapeInfo = 99, /* 1 */
     SLOT_KernelContext_ParallelFor = 274,    /* 17 */
 };
@@ -522,6 +524,8 @@ typedef OrtStatus *(*KernelContext_GetInput_t)(const OrtKernelContext *context, 
 typedef OrtStatus *(*KernelContext_GetOutput_t)(OrtKernelContext *context, size_t index, const int64_t *dims,
                                                 size_t rank, OrtValue **out);
 typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtShape *info);
+typedef OrtStatus *(*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo *info, const char *name, int64_t *out);
+typedef void (*ReleaseStatus_t)(OrtStatus *status);
 typedef OrtStatus *(*KernelContext_ParallelFor_t)(const OrtKernelContext *context, void (*fn)(void *, size_t),
                                                   size_t total, size_t num_batch, void *arg);
 
@@ -815,8 +819,34 @@ static OrtStatus *cqc_present(OrtKernelContext *context, size_t index, const uin
     return NULL;
 }
 
+/* A CQCachedAttention kernel: its node's rope_halves attribute (0 when absent), which says that each row of the
+   key tables repeats its first half (cos) or negates it (signed_sin), so the kernel reads half of every row. */
+typedef struct {
+    int64_t rope_halves;
+} cqc_kernel;
+
+static OrtStatus *cqc_create_kernel_v2(const OrtCustomOp *op, OrtApiTable api, const OrtKernelInfo *info,
+                                       void **kernel) {
+    (void)op, (void)api;
+    cqc_kernel *k = (cqc_kernel *)calloc(1, sizeof *k);
+    if (!k) return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
+    OrtStatus *absent = ORT(KernelInfoGetAttribute_int64)(info, "rope_halves", &k->rope_halves);
+    if (absent) { /* exports made before the attribute existed */
+        ORT(ReleaseStatus)(absent);
+        k->rope_halves = 0;
+    }
+    *kernel = k;
+    return NULL;
+}
+static void *cqc_create_kernel(const OrtCustomOp *op, OrtApiTable api, const OrtKernelInfo *info) {
+    void *kernel = NULL;
+    OrtStatus *status = cqc_create_kernel_v2(op, api, info, &kernel);
+    if (status) ORT(ReleaseStatus)(status);
+    return kernel;
+}
+static void cqc_destroy(void *kernel) { free(kernel); }
+
 static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
-    (void)kernel;
     void *data[CQC_INPUTS] = {NULL};
     int64_t dims[CQC_INPUTS][MAX_RANK];
     size_t rank[CQC_INPUTS] = {0};
@@ -893,7 +923,8 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
         .bias_batch_stride = bi[0] == 1 ? 0 : R * T, .out = out_data, .new_batch_stride = S * kv_stride,
         .new_head_stride = D, .new_token_stride = kv_stride, .codes_capacity = C, .heads_last = 1,
         .q_token_stride = q[2], .q_cos = data[CQC_QCOS], .q_signed_sin = data[CQC_QSIN],
-        .q_table_batch_stride = rotate_q && qc[0] != 1 ? S * qc[3] : 0};
+        .q_table_batch_stride = rotate_q && qc[0] != 1 ? S * qc[3] : 0,
+        .rope_halves = kernel && ((const cqc_kernel *)kernel)->rope_halves};
     if (llmc_cq_cached_attention_run(&args, &keys, &values, parallel_ort, context))
         return ORT(CreateStatus)(ORT_FAIL, "CQCachedAttention: out of memory");
     return NULL;
@@ -902,9 +933,9 @@ static OrtStatus *cqc_compute(void *kernel, OrtKernelContext *context) {
 static void cqc_compute_v1(void *kernel, OrtKernelContext *context) { (void)cqc_compute(kernel, context); }
 
 static const OrtCustomOp cq_cached_attention_op = {
-    OP_API_VERSION, create_kernel, cqc_name, op_provider, cqc_input_type, cqc_input_count, cqc_output_type,
-    cqc_output_count, cqc_compute_v1, kernel_destroy, cqc_input_characteristic, required, default_memory, one, zero,
-    one, zero, create_kernel_v2, cqc_compute,
+    OP_API_VERSION, cqc_create_kernel, cqc_name, op_provider, cqc_input_type, cqc_input_count, cqc_output_type,
+    cqc_output_count, cqc_compute_v1, cqc_destroy, cqc_input_characteristic, required, default_memory, one, zero,
+    one, zero, cqc_create_kernel_v2, cqc_compute,
 };
 
 /* llmc.BinaryBasesLinear (binary_bases_ort.c): x, signs, scales[, outlier index, outlier values] -> y. */
