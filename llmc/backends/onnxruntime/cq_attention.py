@@ -25,7 +25,7 @@ Where the query is rotated by the same RoPE (apply_rope with tables of the step'
 q before its rotation and those tables, and rotates it while it gathers the query rows (one rotation node a
 layer fewer; the same formula, so the same values). Where the graph builds the key tables as RoPE does (cos of
 cat([f, f]), the signed sin from such a sin: `_halves`), the op is told so (rope_halves) and reads half of each
-table row: at a long context the tables are most of the bytes it reads besides the codes.
+table row: at a long context the tables are most of the bytes it reads (512 bytes a key, against 32 of codes).
 A layer that normalizes its key heads first (StableLM) keeps cq_attention beside its encodings.
 """
 

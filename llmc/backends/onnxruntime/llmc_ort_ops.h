@@ -50,7 +50,8 @@ typedef struct {
     int64_t q_token_stride;            /* heads_last: floats from one token's q to the next (default H R / S D; more
                                           where q is the first part of a packed q/k/v) */
     int64_t rope_halves; /* 1: every row of cos repeats its first rot/2 values and every row of signed_sin negates
-                            them (RoPE's tables), so only the first half of cos and the second of signed_sin are read */
+                            them (RoPE's tables), so the AVX-512 path reads only the first half of each cos row and
+                            the second of each signed_sin row for the past keys */
 } llmc_cq_attention_args;
 
 int llmc_cq_attention_run(const llmc_cq_attention_args *a, parallel_fn parallel, void *context);
