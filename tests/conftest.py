@@ -7,6 +7,19 @@ os.environ.setdefault("LLMC_QUIET", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _pass_checkpoints_in_tmp(tmp_path, monkeypatch):
+    """pv_quant and qbb_quant checkpoint their calibration under llmc's cache when given no checkpoint_dir, and resume
+    from what they find there. In a test they use a folder of that test: it computes what it checks instead of
+    resuming a checkpoint another run left, and the user's cache stays as it was."""
+    from llmc.passes.pv_quant import pass_ as pv_quant
+    from llmc.passes.qbb_quant import pass_ as qbb_quant
+
+    root = str(tmp_path / "llmc-cache")
+    for module in (pv_quant, qbb_quant):
+        monkeypatch.setattr(module, "cache_dir", lambda: root)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls run faster on one thread, and much faster when another process holds the cores."""

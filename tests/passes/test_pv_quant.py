@@ -463,6 +463,10 @@ def test_scalar_codes_round_trip_the_matmulnbits_layout():
 def test_checkpoints_go_under_llmc_cache_by_default(tiny_models, tmp_path, monkeypatch):
     """Without checkpoint_dir the calibration checkpoint lands in $LLMC_CACHE/pv_quant/<run> (as converted models
     and the ORT ops do), not in ~/.cache whatever $LLMC_CACHE says."""
+    from llmc.models import cache_dir
+    from llmc.passes.pv_quant import pass_
+
+    monkeypatch.setattr(pass_, "cache_dir", cache_dir)  # the real one (conftest points the passes at the test's folder)
     monkeypatch.setenv("LLMC_CACHE", str(tmp_path / "cache"))
     spec = "pv_quant:format=scalar,bits=4,group=16,ft_epochs=0,tune_samples=0,steps=0"
     llmc.compile(tiny_models["llama"], [spec], calibration=_calibration(2, 32), tokenizer=tiny_tokenizer(),
