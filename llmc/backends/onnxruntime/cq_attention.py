@@ -58,9 +58,9 @@ def _coded_cat(node):
     return codes, codebooks, new
 
 
-def _channel_slice(node, x, start: int, end: int | None) -> bool:
-    """Whether node is x[..., start:end] (end None: to the end)."""
-    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in _LAST:
+def _channel_slice(node, x, start: int, end: int | None, last: tuple = _LAST) -> bool:
+    """Whether node is x[..., start:end] (end None: to the end) on x's last dimension, which `last` names."""
+    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in last:
         return False
     lo = node.args[2] if len(node.args) > 2 else 0
     hi = node.args[3] if len(node.args) > 3 else None
@@ -224,15 +224,6 @@ _ELEMENTWISE = (aten.neg.default, aten.clone.default, aten.alias.default, aten.t
 _BY_NUMBER = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
 
-def _half_slice(node, x, rank: int, start: int, end: int) -> bool:
-    """Whether node is x[..., start:end] on the last of x's `rank` dimensions (end None: to the end)."""
-    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in (-1, rank - 1):
-        return False
-    lo = node.args[2] if len(node.args) > 2 else 0
-    hi = node.args[3] if len(node.args) > 3 else None
-    return lo == start and (hi == end or (end is None and (hi is None or hi >= 2**31)))
-
-
 def _halves(node, rank: int, width: int | None) -> str | None:
     """"same" when every row of the last dimension of node (a tensor of `rank` dimensions, `width` wide when not None)
     is two equal halves, "negated" when its first half is its second negated, by the graph's construction (RoPE's
@@ -249,8 +240,8 @@ def _halves(node, rank: int, width: int | None) -> str | None:
         if width is None or width % 2:
             return None
         half, source = width // 2, first.args[0].args[0]  # the two parts have the width of source
-        if _half_slice(first.args[0], source, rank, 0, half) and _halves(source, rank, width) == "same" \
-                and any(_half_slice(second, source, rank, half, end) for end in (None, width)):
+        if _channel_slice(first.args[0], source, 0, half, last) and _halves(source, rank, width) == "same" \
+                and any(_channel_slice(second, source, half, end, last) for end in (None, width)):
             return "negated"
         return None
     if is_call(node, aten.cos.default, aten.sin.default):
